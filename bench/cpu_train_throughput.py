@@ -1,0 +1,101 @@
+"""CPU training throughput, tokens/s: lm.GPT against Hugging Face transformers' GPT2LMHeadModel.
+
+Both models have the same architecture (6 layers, 6 heads, d_model 384, GELU MLP, tied embeddings,
+learned positions), the same batches (B=8, T=256, character vocabulary) and the same AdamW
+optimizer, and both run in one process with the same thread count. Each does `--warmup` untimed
+steps, then `--steps` timed ones; the two alternate in rounds so drifts in machine load hit both.
+
+    .venv/bin/python bench/cpu_train_throughput.py [--steps 10] [--threads 2]
+
+Ends with one JSON line: {"bench", "unit", "lm", "peer", "peer_name", "speedup"}; speedup > 1
+means lm trains faster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+import lm
+
+
+def build_models(vocab_size: int, block_size: int):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    ours = lm.GPT(lm.ModelConfig(vocab_size=vocab_size, block_size=block_size, n_layer=6, n_head=6,
+                                 d_model=384, dropout=0.0))
+    hf_config = GPT2Config(vocab_size=vocab_size, n_positions=block_size, n_embd=384, n_layer=6, n_head=6,
+                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, activation_function="gelu")
+    try:
+        peer = GPT2LMHeadModel(hf_config, attn_implementation="sdpa")
+    except TypeError:
+        peer = GPT2LMHeadModel(hf_config)
+    return ours, peer
+
+
+def step_lm(model, opt, x, y):
+    _, loss = model(x, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def step_hf(model, opt, x, y):
+    loss = model(input_ids=x, labels=x).loss  # HF shifts labels inside; same next-token task
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def timed(fn, steps):
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per round (default: 10)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (default: 3)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--seq_len", type=int, default=256)
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    text = lm.load_corpus("pydoc")
+    tok = lm.CharTokenizer.train(text)
+    data = torch.tensor(tok.encode(text, parse_special=False))
+    ours, peer = build_models(tok.vocab_size, args.seq_len)
+    g = torch.Generator().manual_seed(0)
+    x, y = lm.get_batch(data, args.batch_size, args.seq_len, generator=g)
+    runs = {
+        "lm": (ours, step_lm, torch.optim.AdamW(ours.parameters(), lr=3e-4)),
+        "transformers": (peer, step_hf, torch.optim.AdamW(peer.parameters(), lr=3e-4)),
+    }
+    for model, step, opt in runs.values():
+        model.train()
+        timed(lambda: step(model, opt, x, y), args.warmup)
+
+    tokens = args.batch_size * args.seq_len * args.steps
+    rates = {name: [] for name in runs}
+    for _ in range(args.rounds):
+        for name, (model, step, opt) in runs.items():
+            rates[name].append(tokens / timed(lambda: step(model, opt, x, y), args.steps))
+    for name, values in rates.items():
+        print(f"{name:13s} {statistics.median(values):8.0f} tokens/s  (rounds: {[round(v) for v in values]})")
+    ours_rate, peer_rate = statistics.median(rates["lm"]), statistics.median(rates["transformers"])
+    print(json.dumps({"bench": "cpu_train_6L6H384_B8T256", "unit": "tokens/s", "lm": round(ours_rate, 1),
+                      "peer": round(peer_rate, 1), "peer_name": "transformers GPT2LMHeadModel",
+                      "speedup": round(ours_rate / peer_rate, 3)}))
+
+
+if __name__ == "__main__":
+    main()

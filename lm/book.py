@@ -1,0 +1,88 @@
+"""Helpers the book's notebooks use: show library source, draw plots that update while training.
+
+Nothing here is needed to use `lm`; it keeps the chapters short.
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import sys
+
+import numpy as np
+
+from .training import TrainHistory
+
+
+def in_colab() -> bool:
+    """True inside Google Colab."""
+    return "google.colab" in sys.modules
+
+
+def show_source(obj):
+    """The source code of a function or class of `lm`, syntax-highlighted for a notebook."""
+    from IPython.display import HTML
+    from pygments import highlight
+    from pygments.formatters import HtmlFormatter
+    from pygments.lexers import PythonLexer
+
+    source = inspect.getsource(obj)
+    module = inspect.getmodule(obj).__name__
+    formatter = HtmlFormatter(nowrap=False, cssclass="lm-source", style="friendly")
+    css = formatter.get_style_defs(".lm-source")
+    title = f"<div style='font-size:0.85em;color:#666'>source of <code>{module}.{obj.__qualname__}</code></div>"
+    return HTML(f"<style>{css}</style>{title}{highlight(source, PythonLexer(), formatter)}")
+
+
+def plot_history(history: TrainHistory, ax=None, smooth: int = 10):
+    """Training loss per step (raw and smoothed) and the evaluation losses, on one axis."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot(history.step, history.loss, color="#b0c4de", lw=0.8, label="batch loss")
+    if len(history.loss) >= smooth:
+        smoothed = np.convolve(history.loss, np.full(smooth, 1.0 / smooth), mode="valid")
+        ax.plot(history.step[smooth - 1 :], smoothed, color="#1f4e79", lw=1.5, label=f"mean of {smooth}")
+    if history.eval_step:
+        ax.plot(history.eval_step, history.train_loss, "o-", color="#2e8b57", ms=4, label="train (eval)")
+        ax.plot(history.eval_step, history.val_loss, "s-", color="#c0392b", ms=4, label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy loss (nats)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right", fontsize=8)
+    return ax
+
+
+class LivePlot:
+    """A loss plot that redraws in place each time it is called with a `TrainHistory`.
+
+    Pass it as `callback=` to `lm.train`; in a notebook the figure updates after every
+    evaluation, and the last drawing stays in the saved output.
+    """
+
+    def __init__(self, title: str = "training", figsize=(7, 3.5)):
+        from IPython.display import display
+
+        self.title = title
+        self.figsize = figsize
+        self.handle = display(self._placeholder(), display_id=True)
+
+    def _placeholder(self):
+        from IPython.display import Markdown
+
+        return Markdown(f"*{self.title}: waiting for the first evaluation...*")
+
+    def __call__(self, history: TrainHistory) -> None:
+        from IPython.display import Image
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=self.figsize, dpi=100)
+        ax = fig.add_subplot()
+        plot_history(history, ax=ax)
+        ax.set_title(self.title)
+        fig.tight_layout()
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png")
+        self.handle.update(Image(buffer.getvalue()))
+

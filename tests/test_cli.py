@@ -1,0 +1,217 @@
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import lm
+from lm.cli import build_parser, main
+from lm.data import read_tokens
+
+VERBS = ("prep", "train", "generate")
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN_FLAGS = ["--max_steps", "20", "--n_layer", "1", "--d_model", "32", "--n_head", "2", "--seq_len", "16",
+               "--batch_size", "4", "--eval_interval", "10", "--no_progress", "--device", "cpu"]
+
+
+def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(action.choices)
+
+
+def run_cli(*argv: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([*argv], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+
+
+# ---- parser ----------------------------------------------------------------------------------------
+def test_python_dash_m_help():
+    result = run_cli(sys.executable, "-m", "lm", "--help")
+    assert result.returncode == 0, result.stderr
+    for verb in VERBS:
+        assert verb in result.stdout
+
+
+def test_installed_script():
+    script = shutil.which("lm", path=str(Path(sys.executable).parent)) or shutil.which("lm")
+    if script is None:
+        pytest.skip("the lm console script is not installed")
+    result = run_cli(script, "--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"lm {lm.__version__}"
+
+
+def test_verbs_have_help(capsys):
+    for verb in VERBS:
+        with pytest.raises(SystemExit) as exit_:
+            main([verb, "--help"])
+        assert exit_.value.code == 0
+        assert f"usage: lm {verb}" in capsys.readouterr().out
+
+
+def test_every_option_has_help_text():
+    parser = build_parser()
+    verbs = subparsers(parser)
+    assert sorted(verbs) == sorted(VERBS)
+    checked = 0
+    for name, sub in [("lm", parser), *verbs.items()]:
+        for action in sub._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                continue
+            assert action.help and action.help.strip(), f"{name} {action.option_strings} has no help"
+            checked += 1
+    assert checked > 25
+
+
+def test_no_verb_is_an_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([])
+    assert exit_.value.code == 2
+
+
+@pytest.mark.parametrize("bad, hint", [("--max_stepz", "--max_steps"), ("--max-steps", "--max_steps"),
+                                       ("--learning_rate", None), ("--n_layers", "--n_layer")])
+def test_bad_flag(capsys, bad, hint):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--data_dir", "d", "--out_dir", "r", bad, "3"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments" in err and bad in err
+    if hint:
+        assert f"did you mean {hint}?" in err
+    else:
+        assert "did you mean" not in err
+
+
+def test_bad_flag_value(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "--ckpt", "x.pt", "--max_new_tokens", "many"])
+    assert exit_.value.code == 2
+    assert "invalid int value: 'many'" in capsys.readouterr().err
+
+
+# ---- end to end ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("To be, or not to be, that is the question.\n" * 40, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, corpus_file) -> Path:
+    out = tmp_path_factory.mktemp("data")
+    assert main(["prep", "--corpus", str(corpus_file), "--out_dir", str(out), "--val_fraction", "0.2"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, prepared) -> Path:
+    torch.set_num_threads(1)
+    runs = tmp_path_factory.mktemp("runs") / "r"
+    assert main(["train", "--data_dir", str(prepared), "--out_dir", str(runs), *TRAIN_FLAGS]) == 0
+    return runs
+
+
+def test_prep_writes_token_files(prepared, corpus_file):
+    text = corpus_file.read_text(encoding="utf-8")
+    assert sorted(p.name for p in prepared.iterdir()) == ["meta.json", "tokenizer.json", "train.bin", "val.bin"]
+    tok = lm.load_tokenizer(prepared / "tokenizer.json")
+    meta = json.loads((prepared / "meta.json").read_text())
+    assert meta["vocab_size"] == tok.vocab_size and meta["characters"] == len(text)
+    train_ids = read_tokens(prepared / "train.bin", tok.vocab_size)
+    val_ids = read_tokens(prepared / "val.bin", tok.vocab_size)
+    assert len(train_ids) == meta["train_tokens"] and len(val_ids) == meta["val_tokens"]
+    assert tok.decode(list(train_ids) + list(val_ids)) == text
+    assert len(val_ids) == int(0.2 * len(text))
+
+
+def test_train_writes_checkpoints(trained, prepared):
+    assert {"best.pt", "last.pt", "config.yaml"} <= {p.name for p in trained.iterdir()}
+    last = lm.load_checkpoint(trained / "last.pt")
+    assert last["step"] == 20
+    config = lm.ModelConfig.from_dict(last["config"])
+    assert (config.n_layer, config.d_model, config.n_head, config.block_size) == (1, 32, 2, 16)
+    assert config.vocab_size == lm.load_tokenizer(prepared / "tokenizer.json").vocab_size
+    assert last["train_config"]["batch_size"] == 4 and last["train_config"]["eval_interval"] == 10
+    import yaml
+    saved = yaml.safe_load((trained / "config.yaml").read_text())
+    assert lm.ModelConfig.from_dict(saved["model"]) == config
+
+
+def test_generate_prints_text(trained, capsys):
+    capsys.readouterr()
+    args = ["generate", "--ckpt", str(trained / "best.pt"), "--prompt", "To be", "--max_new_tokens", "10",
+            "--seed", "0", "--device", "cpu"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert first.startswith("To be") and len(first.rstrip("\n")) > len("To be")
+    assert main(args) == 0
+    assert capsys.readouterr().out == first  # same seed, same text
+    model = lm.load_model(trained / "best.pt", device="cpu")
+    expected = model.generate("To be", max_new_tokens=10, temperature=0.8, seed=0)
+    assert first == "To be" + expected + "\n"
+
+
+def test_train_refuses_to_overwrite(trained, prepared):
+    before = (trained / "last.pt").read_bytes()
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--data_dir", str(prepared), "--out_dir", str(trained), *TRAIN_FLAGS])
+    message = str(exit_.value.code)
+    assert "already holds a checkpoint (step 20)" in message and "--overwrite" in message
+    assert (trained / "last.pt").read_bytes() == before
+
+
+def test_train_overwrite(tmp_path, prepared, capsys):
+    out = tmp_path / "r"
+    args = ["train", "--data_dir", str(prepared), "--out_dir", str(out), *TRAIN_FLAGS]
+    args[args.index("--max_steps") + 1] = "5"
+    assert main(args) == 0
+    args[args.index("--max_steps") + 1] = "7"
+    assert main([*args, "--overwrite"]) == 0
+    assert lm.load_checkpoint(out / "last.pt")["step"] == 7
+
+
+def test_train_missing_data_dir(tmp_path):
+    missing = tmp_path / "nothing"
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--data_dir", str(missing), "--out_dir", str(tmp_path / "r"), *TRAIN_FLAGS])
+    message = str(exit_.value.code)
+    assert "no tokenizer.json" in message and "lm prep" in message and str(missing) in message
+
+
+def test_train_with_config_file(tmp_path, prepared):
+    config = tmp_path / "exp.yaml"
+    config.write_text("model:\n  n_layer: 1\n  d_model: 24\n  n_head: 3\ntrain:\n  max_steps: 4\n  eval_iters: 2\n")
+    out = tmp_path / "r"
+    assert main(["train", "--data_dir", str(prepared), "--out_dir", str(out), "--config", str(config),
+                 "--seq_len", "8", "--batch_size", "2", "--n_head", "2", "--no_progress", "--device", "cpu"]) == 0
+    ckpt = lm.load_checkpoint(out / "last.pt")
+    assert (ckpt["config"]["d_model"], ckpt["config"]["n_head"], ckpt["config"]["block_size"]) == (24, 2, 8)
+    assert ckpt["step"] == 4 and ckpt["train_config"]["eval_iters"] == 2
+
+
+def test_bad_settings_are_reported_not_raised(tmp_path, prepared, capsys):
+    args = ["train", "--data_dir", str(prepared), "--out_dir", str(tmp_path / "r"), *TRAIN_FLAGS]
+    args[args.index("--n_head") + 1] = "5"  # 32 is not divisible by 5
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lm train: error:") and "n_head=5" in err
+
+
+def test_generate_missing_checkpoint(tmp_path, capsys):
+    assert main(["generate", "--ckpt", str(tmp_path / "none.pt"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "lm generate: error:" in err and "does not exist" in err
+
+
+def test_prep_unknown_corpus(tmp_path, capsys):
+    assert main(["prep", "--corpus", "no-such-corpus", "--out_dir", str(tmp_path / "d")]) == 2
+    assert "unknown corpus 'no-such-corpus'" in capsys.readouterr().err

@@ -1,0 +1,337 @@
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lm import GPT, CharTokenizer, ModelConfig, SamplingError
+
+
+def randomize_(model: GPT) -> GPT:
+    """Give biases and norm parameters non-default values so comparisons exercise them too."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.normal_(mean=1.0 if "norm" in name else 0.0, std=0.1)
+    return model
+
+
+# ---- forward and loss ------------------------------------------------------------------------------
+def test_logits_shape_and_loss_equals_cross_entropy(tiny_model, tiny_config):
+    B, T, V = 3, 10, tiny_config.vocab_size
+    idx = torch.randint(0, V, (B, T))
+    targets = torch.randint(0, V, (B, T))
+    logits, loss = tiny_model(idx, targets)
+    assert logits.shape == (B, T, V)
+    torch.testing.assert_close(loss, F.cross_entropy(logits.reshape(B * T, V), targets.reshape(B * T)))
+    manual = -torch.log_softmax(logits, -1).gather(-1, targets[..., None]).mean()
+    torch.testing.assert_close(loss, manual)
+    assert tiny_model(idx)[1] is None
+
+
+def test_untrained_loss_is_close_to_uniform(tiny_model, tiny_config):
+    V = tiny_config.vocab_size
+    _, loss = tiny_model(torch.randint(0, V, (4, 16)), torch.randint(0, V, (4, 16)))
+    assert abs(loss.item() - math.log(V)) < 0.1
+
+
+def test_ignore_index(tiny_model, tiny_config):
+    V = tiny_config.vocab_size
+    idx, targets = torch.randint(0, V, (2, 8)), torch.randint(0, V, (2, 8))
+    masked = targets.clone()
+    masked[:, :5] = -100
+    logits, loss = tiny_model(idx, masked)
+    torch.testing.assert_close(loss, F.cross_entropy(logits[:, 5:].reshape(-1, V), targets[:, 5:].reshape(-1)))
+    assert not torch.isclose(loss, tiny_model(idx, targets)[1])
+
+
+def test_input_checks(tiny_model, tiny_config):
+    with pytest.raises(ValueError, match=f"exceeds block_size={tiny_config.block_size}"):
+        tiny_model(torch.zeros(1, tiny_config.block_size + 1, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\(B, T\)"):
+        tiny_model(torch.zeros(5, dtype=torch.long))
+    tiny_model(torch.zeros(1, tiny_config.block_size, dtype=torch.long))  # exactly block_size is fine
+
+
+def test_manual_and_sdpa_models_agree(tiny_config):
+    sdpa = randomize_(GPT(tiny_config))
+    manual = GPT(dataclasses.replace(tiny_config, attention="manual"))
+    manual.load_state_dict(sdpa.state_dict())
+    idx = torch.randint(0, tiny_config.vocab_size, (2, 16))
+    torch.testing.assert_close(manual(idx)[0], sdpa(idx)[0], atol=1e-5, rtol=1e-5)
+
+
+# ---- weight tying and size -------------------------------------------------------------------------
+def test_tied_weights_share_storage(tiny_config):
+    tied = GPT(tiny_config)
+    assert tied.lm_head.weight is tied.tok_emb.weight
+    assert tied.lm_head.weight.data_ptr() == tied.tok_emb.weight.data_ptr()
+    untied = GPT(dataclasses.replace(tiny_config, tie_weights=False))
+    assert untied.lm_head.weight.data_ptr() != untied.tok_emb.weight.data_ptr()
+    assert not torch.equal(untied.lm_head.weight, untied.tok_emb.weight)
+
+
+def unique_parameter_count(model: GPT) -> int:
+    seen, total = set(), 0
+    for tensor in model.state_dict().values():
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            total += tensor.numel()
+    return total
+
+
+@pytest.mark.parametrize("tie_weights", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_num_params(tiny_config, tie_weights, bias):
+    model = GPT(dataclasses.replace(tiny_config, tie_weights=tie_weights, bias=bias))
+    total = unique_parameter_count(model)
+    assert model.num_params(non_embedding=False) == total
+    lookup = model.pos_emb.weight.numel() + (0 if tie_weights else model.tok_emb.weight.numel())
+    assert model.num_params() == total - lookup
+
+
+@pytest.mark.parametrize("tie_weights", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_num_params_closed_form(tie_weights, bias):
+    V, Tmax, L, C, F_ = 101, 24, 3, 48, 80
+    config = ModelConfig(vocab_size=V, block_size=Tmax, n_layer=L, n_head=4, d_model=C, d_ff=F_,
+                         bias=bias, tie_weights=tie_weights)
+    b = 1 if bias else 0
+    norm = C + b * C
+    block = (norm + (C * 3 * C + b * 3 * C) + (C * C + b * C)  # norm1, qkv, attention projection
+             + norm + (C * F_ + b * F_) + (F_ * C + b * C))  # norm2, mlp fc, mlp projection
+    head = 0 if tie_weights else V * C
+    expected = V * C + Tmax * C + L * block + norm + head
+    model = GPT(config)
+    assert model.num_params(non_embedding=False) == expected
+    assert model.num_params() == expected - Tmax * C - (0 if tie_weights else V * C)
+
+
+def test_default_layout_is_twelve_c_squared_per_block():
+    C, L = 64, 2
+    model = GPT(ModelConfig(vocab_size=10, block_size=8, n_layer=L, n_head=4, d_model=C))
+    per_block = sum(p.numel() for p in model.blocks[0].parameters())
+    assert per_block == 12 * C * C + 13 * C
+
+
+# ---- initialisation --------------------------------------------------------------------------------
+def wide_model(init: str) -> GPT:
+    return GPT(ModelConfig(vocab_size=512, block_size=64, n_layer=8, n_head=4, d_model=128, init=init))
+
+
+def test_gpt2_init_statistics():
+    model = wide_model("gpt2")
+    residual_std = 0.02 / math.sqrt(2 * 8)
+    residual = torch.cat([torch.cat([b.attn.proj.weight.flatten(), b.mlp.proj.weight.flatten()])
+                          for b in model.blocks])
+    plain = torch.cat([torch.cat([b.attn.qkv.weight.flatten(), b.mlp.fc.weight.flatten()]) for b in model.blocks])
+    for values, std in [(residual, residual_std), (plain, 0.02), (model.tok_emb.weight.flatten(), 0.02),
+                        (model.pos_emb.weight.flatten(), 0.02)]:
+        assert values.std().item() == pytest.approx(std, rel=0.05)
+        assert abs(values.mean().item()) < 0.05 * std
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            assert torch.all(p == 0), name
+        elif "norm" in name:
+            assert torch.all(p == 1), name
+
+
+def test_xavier_uniform_init_bound():
+    model = wide_model("xavier_uniform")
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and module.weight is not model.tok_emb.weight:
+            fan_out, fan_in = module.weight.shape
+            bound = math.sqrt(6 / (fan_in + fan_out))
+            w = module.weight
+            assert w.abs().max().item() <= bound, name
+            assert w.abs().max().item() > 0.95 * bound, name  # fills the whole interval
+            assert w.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05), name
+
+
+def test_init_depends_on_the_seed_only(tiny_config):
+    torch.manual_seed(7)
+    a = GPT(tiny_config)
+    torch.manual_seed(7)
+    b = GPT(tiny_config)
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(pa, pb), name
+
+
+# ---- parity with Hugging Face transformers ---------------------------------------------------------
+@pytest.mark.parametrize("tie_weights", [True, False])
+def test_logits_match_hugging_face_gpt2(tie_weights):
+    transformers = pytest.importorskip("transformers")
+    config = ModelConfig(vocab_size=67, block_size=20, n_layer=2, n_head=4, d_model=32, tie_weights=tie_weights)
+    ours = GPT(config).eval()
+    with torch.no_grad():  # weights large enough that GELU inputs are O(1), where exact and tanh GELU differ
+        for name, p in ours.named_parameters():
+            p.normal_(mean=1.0 if "norm" in name and name.endswith("weight") else 0.0, std=0.3)
+    hf_config = transformers.GPT2Config(
+        vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.d_model,
+        n_layer=config.n_layer, n_head=config.n_head, activation_function="gelu",  # exact GELU, as F.gelu
+        layer_norm_epsilon=config.norm_eps, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        tie_word_embeddings=tie_weights, bos_token_id=0, eos_token_id=0, attn_implementation="eager",
+    )
+    hf = transformers.GPT2LMHeadModel(hf_config).eval()
+    assert hf.config._attn_implementation == "eager"
+
+    def copy(dst, src):
+        assert dst.shape == src.shape
+        dst.copy_(src)
+
+    with torch.no_grad():
+        t = hf.transformer
+        copy(t.wte.weight, ours.tok_emb.weight)
+        copy(t.wpe.weight, ours.pos_emb.weight)
+        for h, block in zip(t.h, ours.blocks):
+            for hf_norm, our_norm in [(h.ln_1, block.norm1), (h.ln_2, block.norm2)]:
+                copy(hf_norm.weight, our_norm.weight)
+                copy(hf_norm.bias, our_norm.bias)
+            # Conv1D stores weights [in, out], nn.Linear [out, in]
+            for conv, linear in [(h.attn.c_attn, block.attn.qkv), (h.attn.c_proj, block.attn.proj),
+                                 (h.mlp.c_fc, block.mlp.fc), (h.mlp.c_proj, block.mlp.proj)]:
+                copy(conv.weight, linear.weight.T)
+                copy(conv.bias, linear.bias)
+        copy(t.ln_f.weight, ours.norm_f.weight)
+        copy(t.ln_f.bias, ours.norm_f.bias)
+        if not tie_weights:
+            copy(hf.lm_head.weight, ours.lm_head.weight)
+    assert (hf.lm_head.weight.data_ptr() == t.wte.weight.data_ptr()) == tie_weights
+
+    idx = torch.randint(0, config.vocab_size, (3, config.block_size))
+    with torch.no_grad():
+        out = hf(idx, labels=idx)
+        logits, loss = ours(idx[:, :-1], idx[:, 1:])
+    torch.testing.assert_close(ours(idx)[0], out.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits, out.logits[:, :-1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss, out.loss, atol=1e-5, rtol=1e-5)  # HF shifts labels itself
+
+
+# ---- generation ------------------------------------------------------------------------------------
+def test_generate_from_tensor_keeps_the_prompt(tiny_model, tiny_config):
+    prompt = torch.randint(0, tiny_config.vocab_size, (2, 5))
+    before = prompt.clone()
+    out = tiny_model.generate(prompt, max_new_tokens=7, seed=0)
+    assert out.shape == (2, 12) and out.dtype == torch.long
+    assert torch.equal(out[:, :5], before) and torch.equal(prompt, before)
+    assert out.min() >= 0 and out.max() < tiny_config.vocab_size
+    assert torch.equal(tiny_model.generate(prompt, max_new_tokens=0), prompt)
+
+
+def greedy_reference(model: GPT, idx: torch.Tensor, n: int) -> torch.Tensor:
+    for _ in range(n):
+        with torch.no_grad():
+            logits, _ = model(idx[:, -model.config.block_size :])
+        idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return idx
+
+
+def test_temperature_zero_is_greedy(tiny_model, tiny_config):
+    prompt = torch.randint(0, tiny_config.vocab_size, (3, 10))
+    n = 12  # 10 + 12 > block_size 16: the context is cropped on the way
+    out = tiny_model.generate(prompt, max_new_tokens=n, temperature=0)
+    assert torch.equal(out, greedy_reference(tiny_model, prompt, n))
+    assert torch.equal(out, tiny_model.generate(prompt, max_new_tokens=n, temperature=0, top_k=3))
+
+
+def test_seeded_sampling_equals_a_multinomial_reference(tiny_model, tiny_config):
+    prompt = torch.randint(0, tiny_config.vocab_size, (2, 4))
+    temperature, top_k = 0.7, 5
+    out = tiny_model.generate(prompt, max_new_tokens=6, temperature=temperature, top_k=top_k, seed=123)
+    generator, idx = torch.Generator().manual_seed(123), prompt
+    for _ in range(6):
+        with torch.no_grad():
+            logits = tiny_model(idx)[0][:, -1] / temperature
+        kth = torch.topk(logits, top_k).values[:, -1:]
+        probs = torch.softmax(logits.masked_fill(logits < kth, float("-inf")), -1)
+        idx = torch.cat([idx, torch.multinomial(probs, 1, generator=generator)], dim=1)
+    assert torch.equal(out, idx)
+
+
+def test_context_longer_than_block_size_is_cropped(tiny_model, tiny_config):
+    long_prompt = torch.randint(0, tiny_config.vocab_size, (1, tiny_config.block_size + 9))
+    out = tiny_model.generate(long_prompt, max_new_tokens=4, temperature=0)
+    assert out.shape == (1, tiny_config.block_size + 13)
+    # the first new token is the greedy choice given the last block_size tokens only
+    cropped = long_prompt[:, -tiny_config.block_size :]
+    assert out[0, -4].item() == tiny_model(cropped)[0][0, -1].argmax().item()
+
+
+def test_text_prompt_needs_a_tokenizer(tiny_model):
+    with pytest.raises(ValueError, match="tokenizer"):
+        tiny_model.generate("hello", max_new_tokens=3)
+
+
+@pytest.mark.parametrize("prompt", [[1, 2, 3], torch.tensor([1, 2, 3]), torch.zeros(1, 0, dtype=torch.long)])
+def test_bad_prompts(tiny_model, prompt):
+    with pytest.raises(ValueError, match="prompt must be"):
+        tiny_model.generate(prompt, max_new_tokens=3)
+
+
+@pytest.mark.parametrize("kwargs", [{"temperature": -1.0}, {"top_k": 0}, {"max_new_tokens": -1}])
+def test_bad_generation_arguments(tiny_model, kwargs):
+    args = {"max_new_tokens": 3} | kwargs
+    with pytest.raises(SamplingError, match=next(iter(kwargs))):
+        tiny_model.generate(torch.zeros(1, 1, dtype=torch.long), **args)
+
+
+def test_text_generation_is_reproducible_with_a_seed(text_model):
+    a = text_model.generate("the ", max_new_tokens=30, seed=1, stop_at_eos=False)
+    b = text_model.generate("the ", max_new_tokens=30, seed=1, stop_at_eos=False)
+    c = text_model.generate("the ", max_new_tokens=30, seed=2, stop_at_eos=False)
+    assert isinstance(a, str) and a == b and a != c
+    assert len(text_model.tokenizer.encode(a)) == 30  # the continuation only, without the prompt
+
+
+def test_text_generation_with_empty_prompt(text_model):
+    text = text_model.generate("", max_new_tokens=5, temperature=0, stop_at_eos=False)
+    expected = greedy_reference(text_model, torch.tensor([[text_model.tokenizer.bos_id]]), 5)
+    assert text == text_model.tokenizer.decode(expected[0, 1:].tolist())
+
+
+class ScriptedGPT(GPT):
+    """A GPT whose next token is read from a script indexed by the context length."""
+
+    script: dict[int, int] = {}
+
+    def forward(self, idx, targets=None):
+        B, T = idx.shape
+        logits = torch.zeros(B, T, self.config.vocab_size)
+        logits[:, -1, self.script[T]] = 100.0
+        return logits, None
+
+
+def test_generation_stops_at_eos():
+    tok = CharTokenizer.train("ahix")
+    model = ScriptedGPT(ModelConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_head=1, d_model=8),
+                        tokenizer=tok)
+    h, i, x = (tok.stoi[c] for c in "hix")
+    model.script = {1: h, 2: i, 3: tok.eos_id, 4: x, 5: x, 6: x}
+    assert model.generate("a", max_new_tokens=5, temperature=0) == "hi"
+    assert model.generate("a", max_new_tokens=5, seed=0) == "hi"  # sampling, the same
+    assert model.generate("a", max_new_tokens=5, temperature=0, stop_at_eos=False) == "hi<EOS>xx"
+    assert model.generate("a", max_new_tokens=2, temperature=0) == "hi"
+    ids = model.generate(torch.tensor([[tok.stoi["a"]]]), max_new_tokens=5, temperature=0)  # tensors never stop
+    assert ids.shape == (1, 6)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_generate_restores_the_mode(tiny_model, training):
+    tiny_model.train(training)
+    tiny_model.generate(torch.zeros(1, 1, dtype=torch.long), max_new_tokens=2)
+    assert tiny_model.training is training
+    assert all(m.training is training for m in tiny_model.modules())
+
+
+def test_generate_runs_in_eval_mode(tiny_config):
+    """With dropout, a model left in train mode still generates deterministically (dropout off)."""
+    model = GPT(dataclasses.replace(tiny_config, dropout=0.5)).train()
+    prompt = torch.randint(0, tiny_config.vocab_size, (2, 4))
+    a = model.generate(prompt, max_new_tokens=6, temperature=0)
+    b = model.generate(prompt, max_new_tokens=6, temperature=0)
+    assert torch.equal(a, b)
+    model.eval()
+    assert torch.equal(a, greedy_reference(model, prompt, 6))

@@ -1,0 +1,218 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lm import GPT, CharTokenizer, ModelConfig, TrainConfig, TrainHistory, TrainingError, load_checkpoint, lr_at, train
+from lm.training import configure_optimizer
+
+
+# ---- learning-rate schedule ------------------------------------------------------------------------
+def reference_lr(step, lr, min_lr, warmup, max_steps):
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if step >= max_steps:
+        return min_lr
+    return min_lr + (lr - min_lr) * (1 + math.cos(math.pi * (step - warmup) / (max_steps - warmup))) / 2
+
+
+def test_lr_schedule_landmarks():
+    lr, min_lr, warmup, max_steps = 1e-3, 1e-4, 10, 110
+    schedule = [lr_at(s, lr, min_lr, warmup, max_steps) for s in range(max_steps + 5)]
+    assert schedule[0] == pytest.approx(lr / warmup)
+    assert all(b > a for a, b in zip(schedule[:warmup], schedule[1:warmup]))  # linear warmup rises
+    assert all(schedule[s] == pytest.approx(lr * (s + 1) / warmup) for s in range(warmup))
+    assert schedule[warmup - 1] == pytest.approx(lr) and schedule[warmup] == pytest.approx(lr)  # the peak
+    assert schedule[warmup + 50] == pytest.approx((lr + min_lr) / 2)  # cosine midpoint
+    assert all(b <= a for a, b in zip(schedule[warmup:], schedule[warmup + 1:]))  # then it only falls
+    assert schedule[max_steps] == pytest.approx(min_lr)
+    assert schedule[max_steps + 4] == min_lr
+    assert min(schedule) >= min_lr
+
+
+@pytest.mark.parametrize("warmup, max_steps", [(1, 20), (5, 40), (13, 100)])
+def test_lr_schedule_matches_reference_formula(warmup, max_steps):
+    for step in range(max_steps + 3):
+        assert lr_at(step, 6e-4, 6e-5, warmup, max_steps) == pytest.approx(
+            reference_lr(step, 6e-4, 6e-5, warmup, max_steps), rel=1e-12)
+
+
+@pytest.mark.parametrize("warmup, max_steps", [(2, 20), (5, 40), (13, 100)])
+def test_lr_schedule_matches_torch_schedulers(warmup, max_steps):
+    """Linear warmup then cosine annealing, as torch.optim.lr_scheduler composes them."""
+    lr, min_lr = 1e-3, 1e-4
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=lr)
+    scheduler = torch.optim.lr_scheduler.SequentialLR(optimizer, [
+        torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1 / warmup, end_factor=1.0, total_iters=warmup - 1),
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_steps - warmup, eta_min=min_lr),
+    ], milestones=[warmup])
+    for step in range(max_steps + 1):
+        assert lr_at(step, lr, min_lr, warmup, max_steps) == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-9)
+        optimizer.step()
+        scheduler.step()
+
+
+def test_no_warmup_starts_at_the_peak():
+    assert lr_at(0, 1e-3, 1e-4, 0, 100) == pytest.approx(1e-3)
+
+
+# ---- optimizer -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("tie_weights", [True, False])
+def test_no_weight_decay_on_biases_norms_and_embeddings(tiny_config, tie_weights):
+    config = ModelConfig(**{**tiny_config.to_dict(), "tie_weights": tie_weights})
+    model = GPT(config)
+    optimizer = configure_optimizer(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
+    assert isinstance(optimizer, torch.optim.AdamW)
+    by_id = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+    all_params = {id(p): name for name, p in model.named_parameters()}  # a tied tensor appears once
+    assert sorted(by_id) == sorted(all_params)
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(all_params)  # nothing twice
+    for name, p in model.named_parameters():
+        no_decay = (name.endswith("bias") or "norm" in name or name in ("tok_emb.weight", "pos_emb.weight"))
+        assert by_id[id(p)] == (0.0 if no_decay else 0.1), name
+    decayed = {all_params[i] for i, wd in by_id.items() if wd > 0}
+    linear_weights = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert decayed == linear_weights - ({"lm_head.weight"} if tie_weights else set())
+    assert optimizer.param_groups[0]["betas"] == (0.9, 0.95)
+
+
+# ---- training runs ---------------------------------------------------------------------------------
+def setup_run(text: str, seed: int = 0, **model_kwargs):
+    tok = CharTokenizer.train(text)
+    ids = torch.tensor(tok.encode(text))
+    split = int(0.9 * len(ids))
+    torch.manual_seed(seed)
+    config = ModelConfig(**{"vocab_size": tok.vocab_size, "block_size": 32, "n_layer": 2, "n_head": 2,
+                            "d_model": 32, **model_kwargs})
+    return GPT(config, tokenizer=tok), ids[:split], ids[split:]
+
+
+def quick_config(**overrides) -> TrainConfig:
+    settings = dict(max_steps=60, batch_size=8, lr=1e-2, warmup_steps=5, eval_interval=20, eval_iters=4,
+                    progress=False)
+    return TrainConfig(**{**settings, **overrides})
+
+
+def test_training_lowers_the_loss(pattern_text):
+    model, train_ids, val_ids = setup_run(pattern_text)
+    initial = math.log(model.config.vocab_size)
+    history = train(model, train_ids, val_ids, quick_config())
+    assert history.val_loss[0] < initial
+    assert history.val_loss[-1] < 0.25 * initial  # a repeated sentence is easy to learn
+    assert history.loss[-1] < 0.25 * history.loss[0]
+    assert history.best_val_loss == min(history.val_loss)  # tracked even without out_dir
+    assert not model.training
+
+
+def test_history_lengths_and_values(pattern_text):
+    model, train_ids, val_ids = setup_run(pattern_text)
+    seen = []
+    config = quick_config(max_steps=25, eval_interval=10)
+    history = train(model, train_ids, val_ids, config, callback=lambda h: seen.append(len(h.val_loss)))
+    assert isinstance(history, TrainHistory)
+    assert history.step == list(range(25))
+    assert len(history.loss) == len(history.lr) == len(history.grad_norm) == 25
+    assert history.eval_step == [9, 19, 24]  # every eval_interval steps and at the very end
+    assert len(history.train_loss) == len(history.val_loss) == 3
+    assert seen == [1, 2, 3]  # the callback ran after each evaluation
+    expected_lr = [lr_at(s, config.lr, config.final_lr, config.warmup_steps, config.max_steps) for s in range(25)]
+    assert history.lr == expected_lr
+    assert all(g > 0 and math.isfinite(g) for g in history.grad_norm)
+    assert history.tokens_per_second > 0
+
+
+def test_checkpoints_are_written(tmp_path, pattern_text):
+    model, train_ids, val_ids = setup_run(pattern_text)
+    history = train(model, train_ids, val_ids, quick_config(max_steps=30, eval_interval=10, out_dir=str(tmp_path)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
+    last, best = load_checkpoint(tmp_path / "last.pt"), load_checkpoint(tmp_path / "best.pt")
+    assert last["step"] == 30
+    assert best["best_val_loss"] == pytest.approx(min(history.val_loss))
+    assert best["step"] == 10 * (history.val_loss.index(min(history.val_loss)) + 1)
+    assert last["best_val_loss"] == pytest.approx(history.best_val_loss)
+    assert last["train_config"]["max_steps"] == 30 and last["optimizer"] is not None
+    # last.pt holds the final weights
+    final = {k: v.clone() for k, v in model.state_dict().items()}
+    assert all(torch.equal(final[k], v) for k, v in last["model"].items())
+
+
+def test_best_checkpoint_keeps_the_lowest_val_loss(tmp_path, pattern_text, monkeypatch):
+    """Scripted validation losses: best.pt must follow the minimum, not the latest."""
+    import lm.training
+
+    val_losses = iter([3.0, 1.0, 2.0, 1.5])
+    real = lm.training.estimate_loss
+
+    def scripted(model, data, *args, **kwargs):
+        return next(val_losses) if data is val_ids else real(model, data, *args, **kwargs)
+
+    model, train_ids, val_ids = setup_run(pattern_text)
+    monkeypatch.setattr(lm.training, "estimate_loss", scripted)
+    history = train(model, train_ids, val_ids, quick_config(max_steps=8, eval_interval=2, out_dir=str(tmp_path)))
+    assert history.val_loss == [3.0, 1.0, 2.0, 1.5] and history.best_val_loss == 1.0
+    best, last = load_checkpoint(tmp_path / "best.pt"), load_checkpoint(tmp_path / "last.pt")
+    assert best["step"] == 4 and best["best_val_loss"] == 1.0
+    assert last["step"] == 8 and last["best_val_loss"] == 1.0
+
+
+def test_same_seed_gives_the_same_losses(pattern_text):
+    torch.set_num_threads(1)  # CPU kernels are reproducible only at a fixed thread count
+    runs = []
+    for _ in range(2):
+        model, train_ids, val_ids = setup_run(pattern_text, seed=11)
+        runs.append(train(model, train_ids, val_ids, quick_config(max_steps=15, eval_interval=5, seed=3)))
+    assert runs[0].loss == runs[1].loss and runs[0].val_loss == runs[1].val_loss
+    model, train_ids, val_ids = setup_run(pattern_text, seed=11)
+    other = train(model, train_ids, val_ids, quick_config(max_steps=15, eval_interval=5, seed=4))
+    assert other.loss != runs[0].loss  # the seed picks the batches
+
+
+def test_train_on_numpy_memmap(tmp_path, pattern_text):
+    from lm.data import read_tokens, write_tokens
+
+    model, train_ids, val_ids = setup_run(pattern_text)
+    V = model.config.vocab_size
+    write_tokens(tmp_path / "train.bin", train_ids.tolist(), V)
+    write_tokens(tmp_path / "val.bin", val_ids.tolist(), V)
+    history = train(model, read_tokens(tmp_path / "train.bin", V), read_tokens(tmp_path / "val.bin", V),
+                    quick_config(max_steps=10, eval_interval=10))
+    assert len(history.val_loss) == 1 and math.isfinite(history.val_loss[0])
+
+
+def test_nan_loss_raises(pattern_text):
+    model, train_ids, val_ids = setup_run(pattern_text)
+    with torch.no_grad():
+        model.norm_f.weight[0] = float("nan")
+    with pytest.raises(TrainingError, match="nan at step 0.*lower lr"):
+        train(model, train_ids, val_ids, quick_config())
+
+
+def test_exploding_learning_rate_raises(pattern_text):
+    model, train_ids, val_ids = setup_run(pattern_text)
+    with pytest.raises(TrainingError, match="the loss became (nan|inf)"):
+        train(model, train_ids, val_ids, quick_config(lr=1e30, warmup_steps=0, grad_clip=0.0))
+
+
+def test_seq_len_longer_than_block_size(pattern_text):
+    model, train_ids, val_ids = setup_run(pattern_text)
+    with pytest.raises(TrainingError, match="block_size=32"):
+        train(model, train_ids, val_ids, quick_config(seq_len=64))
+
+
+@pytest.mark.parametrize("field, value", [
+    ("max_steps", 0), ("batch_size", -1), ("eval_interval", 0), ("eval_iters", 1.5),
+    ("warmup_steps", -1), ("lr", 0.0), ("lr", -1e-3), ("seq_len", 0),
+])
+def test_train_config_validation(field, value):
+    with pytest.raises(TrainingError, match=field):
+        TrainConfig(**{field: value})
+
+
+def test_train_config_defaults():
+    config = TrainConfig(lr=1e-3)
+    assert config.final_lr == pytest.approx(1e-4)
+    assert TrainConfig(lr=1e-3, min_lr=0.0).final_lr == 0.0
+    assert TrainConfig(**config.to_dict()) == config
