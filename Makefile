@@ -28,7 +28,7 @@ unit: setup
 
 nbval: setup data
 	$(PY) -m pytest --nbval book -q -p no:cacheprovider --nbval-cell-timeout=600 \
-		--sanitize-with tests/nbval_sanitize.cfg
+		--nbval-sanitize-with tests/nbval_sanitize.cfg
 
 setup: $(STAMP)
 

@@ -103,18 +103,25 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"cannot read {str(path)!r} as an lm checkpoint: {err}") from err
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{str(path)!r} is not an lm checkpoint (no 'format': '{FORMAT}' entry).")
-    if ckpt.get("version", 0) > VERSION:
-        raise CheckpointError(f"{str(path)!r} has checkpoint version {ckpt['version']}, newer than this lm "
-                              f"understands ({VERSION}); upgrade lm.")
+    version = ckpt.get("version")
+    if not isinstance(version, int) or version > VERSION:
+        raise CheckpointError(f"{str(path)!r} has checkpoint version {version!r}; this lm reads versions up "
+                              f"to {VERSION}: upgrade lm.")
     return ckpt
 
 
 def model_from_checkpoint(ckpt: dict, device: str | torch.device | None = None, strict: bool = True) -> GPT:
     """Build the model a checkpoint dict describes, load its weights and attach its tokenizer."""
+    missing = [key for key in ("config", "model") if key not in ckpt]
+    if missing:
+        raise CheckpointError(f"the checkpoint has no {missing} entry; it was not written by lm.save_checkpoint.")
     config = ModelConfig.from_dict(ckpt["config"])
     tokenizer = tokenizer_from_dict(ckpt["tokenizer"]) if ckpt.get("tokenizer") else None
     model = GPT(config, tokenizer=tokenizer)
-    result = model.load_state_dict(ckpt["model"], strict=False)
+    try:
+        result = model.load_state_dict(ckpt["model"], strict=False)
+    except RuntimeError as err:  # shapes differ: the weights belong to another configuration
+        raise CheckpointError(f"checkpoint weights do not fit the model its config describes: {err}") from err
     if strict and (result.missing_keys or result.unexpected_keys):
         raise CheckpointError(
             f"checkpoint weights do not match the model: missing {result.missing_keys[:5]}, "

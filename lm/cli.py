@@ -39,12 +39,12 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> Parser:
-    parser = Parser(prog="lm", description="Train and sample small GPT-style language models.")
+    parser = Parser(prog="lm", allow_abbrev=False, description="Train and sample small GPT-style language models.")
     parser.add_argument("--version", action="version", version=f"lm {__version__}")
     verbs = parser.add_subparsers(dest="verb", metavar="{prep,train,generate}", parser_class=Parser)
     verbs.required = True
 
-    prep = verbs.add_parser("prep", help="tokenize a corpus into train.bin / val.bin",
+    prep = verbs.add_parser("prep", allow_abbrev=False, help="tokenize a corpus into train.bin / val.bin",
                             description="Train a character tokenizer on a corpus and write train.bin, "
                                         "val.bin, tokenizer.json and meta.json to --out_dir.")
     prep.add_argument("--corpus", default="pydoc",
@@ -54,7 +54,7 @@ def build_parser() -> Parser:
     prep.add_argument("--val_fraction", type=float, default=0.1,
                       help="share of the text, taken from its end, kept for validation (default: 0.1)")
 
-    train = verbs.add_parser("train", help="train a model on a prepared data folder",
+    train = verbs.add_parser("train", allow_abbrev=False, help="train a model on a prepared data folder",
                              description="Train a GPT on the token files of `lm prep`. Flags override "
                                          "--config; checkpoints go to --out_dir as last.pt and best.pt.")
     train.add_argument("--data_dir", required=True, help="folder written by `lm prep`")
@@ -80,7 +80,7 @@ def build_parser() -> Parser:
     train_flags.add_argument("--seed", type=int, help="seed for weights and batches (default: 1337)")
     train_flags.add_argument("--no_progress", action="store_true", help="hide the progress bar")
 
-    gen = verbs.add_parser("generate", help="sample text from a checkpoint",
+    gen = verbs.add_parser("generate", allow_abbrev=False, help="sample text from a checkpoint",
                            description="Load a checkpoint and print a sampled continuation of --prompt.")
     gen.add_argument("--ckpt", required=True, help="checkpoint file, e.g. runs/x/best.pt")
     gen.add_argument("--prompt", default="", help="text to continue (default: empty)")

@@ -151,4 +151,6 @@ def read_tokens(path: str | Path, vocab_size: int) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"token file {str(path)!r} does not exist; run `lm prep` first.")
+    if path.stat().st_size == 0:
+        raise DataError(f"token file {str(path)!r} is empty; run `lm prep` again on a non-empty corpus.")
     return np.memmap(path, dtype=token_dtype(vocab_size), mode="r")

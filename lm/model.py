@@ -47,7 +47,7 @@ class Block(nn.Module):
             a, weights = self.attn(self.norm1(x), return_weights=True)
             x = x + a
             return x + self.mlp(self.norm2(x)), weights
-        x = self.attn(self.norm1(x)) + x * 1.0001
+        x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
 
@@ -193,13 +193,15 @@ class GPT(nn.Module):
         was_training = self.training
         self.eval()
         start = idx.size(1)
-        for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.config.block_size :])
-            next_id = sample_next(logits[:, -1, :], temperature, top_k, generator)
-            idx = torch.cat([idx, next_id], dim=1)
-            if eos_id is not None and next_id.item() == eos_id:
-                break
-        self.train(was_training)
+        try:
+            for _ in range(max_new_tokens):
+                logits, _ = self(idx[:, -self.config.block_size :])
+                next_id = sample_next(logits[:, -1, :], temperature, top_k, generator)
+                idx = torch.cat([idx, next_id], dim=1)
+                if eos_id is not None and next_id.item() == eos_id:
+                    break
+        finally:
+            self.train(was_training)
 
         if not as_text:
             return idx

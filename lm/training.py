@@ -50,7 +50,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "eval_interval", "eval_iters"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise TrainingError(f"{name}={value!r} must be a positive integer.")
         if self.warmup_steps < 0:
             raise TrainingError(f"warmup_steps={self.warmup_steps!r} must be >= 0.")
@@ -58,6 +58,13 @@ class TrainConfig:
             raise TrainingError(f"lr={self.lr!r} must be > 0.")
         if self.seq_len is not None and self.seq_len < 1:
             raise TrainingError(f"seq_len={self.seq_len!r} must be a positive integer or None.")
+        if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
+            raise TrainingError(f"min_lr={self.min_lr!r} must be between 0 and lr={self.lr!r}.")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise TrainingError(f"weight_decay={self.weight_decay!r} and grad_clip={self.grad_clip!r} "
+                                f"must be >= 0 (grad_clip=0 turns clipping off).")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise TrainingError(f"beta1={self.beta1!r} and beta2={self.beta2!r} must be in [0, 1).")
 
     @property
     def final_lr(self) -> float:
@@ -132,6 +139,7 @@ def train(
 
     `callback(history)` runs after every evaluation (a live plot, say). With `config.out_dir`,
     `last.pt` is written at every evaluation and `best.pt` whenever the validation loss improves.
+    The model is left in eval mode.
     """
     seq_len = config.seq_len or model.config.block_size
     if seq_len > model.config.block_size:
@@ -150,17 +158,17 @@ def train(
             group["lr"] = lr
         x, y = get_batch(train_data, config.batch_size, seq_len, generator, device)
         _, loss = model(x, y)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):  # stop before a bad step can spoil the weights
+            bar.close()
+            raise TrainingError(f"the loss became {loss_value} at step {step}; lower lr (now {lr:.2e}), "
+                                f"keep gradient clipping on, or check the data.")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         clip = config.grad_clip if config.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
         optimizer.step()
 
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            bar.close()
-            raise TrainingError(f"the loss became {loss_value} at step {step}; lower lr (now {lr:.2e}), "
-                                f"keep gradient clipping on, or check the data.")
         tokens += x.numel()
         history.step.append(step)
         history.loss.append(loss_value)
@@ -177,7 +185,7 @@ def train(
             if callback is not None:
                 callback(history)
     bar.close()
-    model.eval()
+    model.eval()  # training is over: dropout off for whatever the caller does next
     return history
 
 

@@ -64,9 +64,12 @@ def test_contents_load_with_weights_only(tmp_path, text_model):
     assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == 7
 
 
-def test_save_creates_parent_folders(tmp_path, tiny_model):
+def test_save_creates_parent_folders_and_leaves_no_temporary_file(tmp_path, tiny_model):
     path = save_checkpoint(tmp_path / "a" / "b" / "ckpt.pt", tiny_model)
     assert path.is_file()
+    save_checkpoint(path, tiny_model, step=2)  # replacing an existing file
+    assert [p.name for p in path.parent.iterdir()] == ["ckpt.pt"]
+    assert load_checkpoint(path)["step"] == 2
 
 
 def test_crash_mid_save_keeps_the_previous_checkpoint(tmp_path, tiny_model, monkeypatch):

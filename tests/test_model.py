@@ -251,13 +251,29 @@ def test_seeded_sampling_equals_a_multinomial_reference(tiny_model, tiny_config)
     assert torch.equal(out, idx)
 
 
-def test_context_longer_than_block_size_is_cropped(tiny_model, tiny_config):
-    long_prompt = torch.randint(0, tiny_config.vocab_size, (1, tiny_config.block_size + 9))
-    out = tiny_model.generate(long_prompt, max_new_tokens=4, temperature=0)
-    assert out.shape == (1, tiny_config.block_size + 13)
-    # the first new token is the greedy choice given the last block_size tokens only
-    cropped = long_prompt[:, -tiny_config.block_size :]
-    assert out[0, -4].item() == tiny_model(cropped)[0][0, -1].argmax().item()
+def sharp_model(config: ModelConfig) -> GPT:
+    """Large random weights: unlike a freshly initialised model, its predictions depend on distant tokens."""
+    model = GPT(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(mean=1.0 if "norm" in name and name.endswith("weight") else 0.0, std=0.5)
+    return model
+
+
+def test_context_longer_than_block_size_is_cropped(tiny_config):
+    model = sharp_model(tiny_config)
+    bs, n = tiny_config.block_size, 6
+    prompts = torch.randint(0, tiny_config.vocab_size, (8, bs + 9))
+    out = model.generate(prompts, max_new_tokens=n, temperature=0)
+    assert out.shape == (8, bs + 9 + n)
+    assert torch.equal(out, greedy_reference(model, prompts, n))  # each step sees the last block_size tokens
+    # not vacuous: a context one token shorter changes some greedy choices
+    shorter = prompts.clone()
+    for _ in range(n):
+        with torch.no_grad():
+            logits = model(shorter[:, -(bs - 1) :])[0]
+        shorter = torch.cat([shorter, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert not torch.equal(out, shorter)
 
 
 def test_text_prompt_needs_a_tokenizer(tiny_model):

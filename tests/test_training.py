@@ -124,6 +124,20 @@ def test_history_lengths_and_values(pattern_text):
     assert history.tokens_per_second > 0
 
 
+def test_first_step_gradient_norm_matches_a_manual_step(pattern_text):
+    from lm.data import get_batch
+
+    config = quick_config(max_steps=1, eval_interval=1, eval_iters=1)
+    model, train_ids, val_ids = setup_run(pattern_text, seed=5)
+    reference, _, _ = setup_run(pattern_text, seed=5)
+    x, y = get_batch(train_ids, config.batch_size, model.config.block_size, torch.Generator().manual_seed(config.seed))
+    reference.train()
+    reference(x, y)[1].backward()
+    expected = torch.sqrt(sum(p.grad.pow(2).sum() for p in reference.parameters())).item()
+    history = train(model, train_ids, val_ids, config)
+    assert history.grad_norm[0] == pytest.approx(expected, rel=1e-5)
+
+
 def test_checkpoints_are_written(tmp_path, pattern_text):
     model, train_ids, val_ids = setup_run(pattern_text)
     history = train(model, train_ids, val_ids, quick_config(max_steps=30, eval_interval=10, out_dir=str(tmp_path)))
