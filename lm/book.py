@@ -8,6 +8,7 @@ from __future__ import annotations
 import inspect
 import io
 import sys
+import textwrap
 
 import numpy as np
 
@@ -26,7 +27,7 @@ def show_source(obj):
     from pygments.formatters import HtmlFormatter
     from pygments.lexers import PythonLexer
 
-    source = inspect.getsource(obj)
+    source = textwrap.dedent(inspect.getsource(obj))
     module = inspect.getmodule(obj).__name__
     formatter = HtmlFormatter(nowrap=False, cssclass="lm-source", style="friendly")
     css = formatter.get_style_defs(".lm-source")

