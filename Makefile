@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DATA := data/shakespeare/train.bin data/pydoc/train.bin
+DATA := data/shakespeare/train.bin data/pydoc/train.bin data/cache/gpt2.tiktoken
 VENDOR := _vendor/.complete
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # Chapters measure and assert their own results; fix the thread count so runs are comparable.
@@ -47,6 +47,11 @@ data/shakespeare/train.bin: | $(STAMP)
 
 data/pydoc/train.bin: | $(STAMP)
 	$(PY) -m lm prep --corpus pydoc --out_dir data/pydoc
+
+# GPT-2's BPE ranks, from the openai-whisper source archive on PyPI (tiktoken's own download
+# needs a host the package registries do not include).
+data/cache/gpt2.tiktoken: | $(STAMP)
+	$(PY) -c "from lm.tokenizers import gpt2_ranks_path; print(gpt2_ranks_path())"
 
 vendor: $(VENDOR)
 

@@ -16,12 +16,14 @@ from .data import DataError, get_batch, load_corpus, train_val_split
 from .device import auto_device, resolve_device
 from .model import GPT
 from .sampling import SamplingError, sample_next, top_k_filter
-from .tokenizers import CharTokenizer, TokenizerError, load_tokenizer
+from .tokenizers import (
+    ByteBPETokenizer, CharTokenizer, SentencePieceTokenizer, TiktokenTokenizer, TokenizerError, load_tokenizer,
+)
 from .training import TrainConfig, TrainHistory, TrainingError, lr_at, train
 
 __all__ = [
-    "CharTokenizer", "CheckpointError", "ConfigError", "DataError", "GPT", "ModelConfig", "SamplingError",
+    "ByteBPETokenizer", "CharTokenizer", "CheckpointError", "ConfigError", "DataError", "GPT", "ModelConfig", "SamplingError",
     "TokenizerError", "TrainConfig", "TrainHistory", "TrainingError", "auto_device", "get_batch",
     "load_checkpoint", "load_corpus", "load_model", "load_tokenizer", "lr_at", "resolve_device",
-    "sample_next", "save_checkpoint", "top_k_filter", "train", "train_val_split",
+    "SentencePieceTokenizer", "TiktokenTokenizer", "sample_next", "save_checkpoint", "top_k_filter", "train", "train_val_split",
 ]

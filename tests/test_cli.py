@@ -215,3 +215,120 @@ def test_generate_missing_checkpoint(tmp_path, capsys):
 def test_prep_unknown_corpus(tmp_path, capsys):
     assert main(["prep", "--corpus", "no-such-corpus", "--out_dir", str(tmp_path / "d")]) == 2
     assert "unknown corpus 'no-such-corpus'" in capsys.readouterr().err
+
+
+# ---- prep --tokenizer / --vocab_size ---------------------------------------------------------------
+SP_TEXT = "".join(f"Line {i}: the quick brown fox jumps over the lazy dog, {i % 7} times.\n" for i in range(120))
+
+
+def prep_and_check(out: Path, corpus: Path, *flags: str) -> tuple[lm.Tokenizer, dict]:
+    """Run `lm prep` and check what every tokenizer must give: the token files decode to the corpus."""
+    assert main(["prep", "--corpus", str(corpus), "--out_dir", str(out), "--val_fraction", "0.2", *flags]) == 0
+    tok = lm.load_tokenizer(out / "tokenizer.json")
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["vocab_size"] == tok.vocab_size and meta["tokenizer_kind"] == tok.kind
+    train_ids = read_tokens(out / "train.bin", tok.vocab_size)
+    val_ids = read_tokens(out / "val.bin", tok.vocab_size)
+    assert train_ids.dtype == "uint16"
+    assert (len(train_ids), len(val_ids)) == (meta["train_tokens"], meta["val_tokens"])
+    assert tok.decode([*train_ids.tolist(), *val_ids.tolist()]) == corpus.read_text(encoding="utf-8")
+    return tok, meta
+
+
+@pytest.fixture(scope="module")
+def sp_corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("sp-corpus") / "corpus.txt"
+    path.write_text(SP_TEXT, encoding="utf-8")
+    return path
+
+
+def test_prep_help_names_the_tokenizers(capsys):
+    with pytest.raises(SystemExit):
+        main(["prep", "--help"])
+    out = capsys.readouterr().out
+    assert "--tokenizer {char,sentencepiece,gpt2,bpe}" in out and "--vocab_size" in out
+
+
+def test_prep_default_is_char(prepared):
+    meta = json.loads((prepared / "meta.json").read_text())
+    assert (meta["tokenizer"], meta["tokenizer_kind"]) == ("char", "char")
+
+
+def test_prep_unknown_tokenizer(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["prep", "--out_dir", str(tmp_path), "--tokenizer", "wordpiece"])
+    assert exit_.value.code == 2
+    assert "invalid choice: 'wordpiece'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["char", "gpt2"])
+def test_prep_vocab_size_only_for_trained_tokenizers(tmp_path, capsys, name):
+    assert main(["prep", "--out_dir", str(tmp_path / "d"), "--tokenizer", name, "--vocab_size", "500"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lm prep: error: --vocab_size") and f"--tokenizer {name}" in err
+    assert not (tmp_path / "d").exists()
+
+
+def test_prep_sentencepiece_vocab_too_large(tmp_path, sp_corpus, capsys):
+    args = ["prep", "--corpus", str(sp_corpus), "--out_dir", str(tmp_path / "d"), "--tokenizer", "sentencepiece"]
+    assert main(args) == 2  # the default 8000 is more than this little text can fill
+    err = capsys.readouterr().err
+    assert "lm prep: error: vocab_size=8000" in err and "at most" in err
+
+
+def test_prep_sentencepiece_default_vocab_size(tmp_path):
+    out = tmp_path / "d"
+    assert main(["prep", "--corpus", "pydoc", "--out_dir", str(out), "--tokenizer", "sentencepiece"]) == 0
+    assert json.loads((out / "meta.json").read_text())["vocab_size"] == 8000
+
+
+def test_prep_gpt2(tmp_path, corpus_file):
+    pytest.importorskip("tiktoken")
+    tok, meta = prep_and_check(tmp_path / "d", corpus_file, "--tokenizer", "gpt2")
+    assert isinstance(tok, lm.tokenizers.TiktokenTokenizer)
+    assert (meta["tokenizer"], meta["tokenizer_kind"], meta["vocab_size"]) == ("gpt2", "tiktoken", 50257)
+    assert read_tokens(tmp_path / "d" / "train.bin", 50257)[:4].tolist() == tok.encode("To be, or")
+    assert (tmp_path / "d" / "train.bin").stat().st_size == 2 * meta["train_tokens"]  # uint16
+
+
+def test_prep_removes_a_stale_sentencepiece_model(tmp_path, sp_corpus):
+    out = tmp_path / "d"
+    prep_and_check(out, sp_corpus, "--tokenizer", "sentencepiece", "--vocab_size", "360")
+    assert (out / "tokenizer.model").is_file()
+    prep_and_check(out, sp_corpus, "--tokenizer", "char")
+    assert not (out / "tokenizer.model").exists()
+
+
+def test_prep_bpe(tmp_path, sp_corpus):
+    bpe = pytest.importorskip("lm.tokenizers.bpe")
+    tok, meta = prep_and_check(tmp_path / "d", sp_corpus, "--tokenizer", "bpe", "--vocab_size", "360")
+    assert isinstance(tok, bpe.ByteBPETokenizer)
+    assert (meta["tokenizer"], meta["vocab_size"]) == ("bpe", tok.vocab_size)
+
+
+def test_sentencepiece_prep_train_generate(tmp_path, sp_corpus, capsys):
+    import sentencepiece as spm
+
+    data = tmp_path / "data"
+    tok, meta = prep_and_check(data, sp_corpus, "--tokenizer", "sentencepiece", "--vocab_size", "360")
+    assert sorted(p.name for p in data.iterdir()) == ["meta.json", "tokenizer.json", "tokenizer.model",
+                                                      "train.bin", "val.bin"]
+    assert (meta["tokenizer"], meta["vocab_size"]) == ("sentencepiece", 360)
+    library = spm.SentencePieceProcessor(model_file=str(data / "tokenizer.model"))  # seed 002's layout
+    assert library.encode(SP_TEXT) == tok.encode(SP_TEXT)
+    assert (library.unk_id(), library.bos_id(), library.eos_id(), library.pad_id()) == (0, 1, 2, 3)
+
+    runs = tmp_path / "runs"
+    flags = list(TRAIN_FLAGS)
+    flags[flags.index("--max_steps") + 1] = "10"
+    assert main(["train", "--data_dir", str(data), "--out_dir", str(runs), *flags]) == 0
+    ckpt = lm.load_checkpoint(runs / "last.pt")
+    assert ckpt["step"] == 10 and ckpt["config"]["vocab_size"] == 360
+    assert ckpt["tokenizer"]["kind"] == "sentencepiece"
+
+    capsys.readouterr()
+    assert main(["generate", "--ckpt", str(runs / "last.pt"), "--prompt", "Line 3:", "--max_new_tokens", "8",
+                 "--seed", "0", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    model = lm.load_model(runs / "last.pt", device="cpu")
+    assert out == "Line 3:" + model.generate("Line 3:", max_new_tokens=8, temperature=0.8, seed=0) + "\n"

@@ -351,3 +351,15 @@ def test_generate_runs_in_eval_mode(tiny_config):
     assert torch.equal(a, b)
     model.eval()
     assert torch.equal(a, greedy_reference(model, prompt, 6))
+
+
+def test_empty_text_prompt_starts_from_eos_when_the_tokenizer_has_no_bos():
+    from lm.tokenizers import TiktokenTokenizer
+
+    tok = TiktokenTokenizer()
+    assert tok.bos_id is None
+    config = ModelConfig(vocab_size=tok.vocab_size, block_size=8, n_layer=1, n_head=2, d_model=16)
+    model = GPT(config, tokenizer=tok).eval()
+    text = model.generate("", max_new_tokens=3, seed=0, temperature=0)
+    first = model(torch.tensor([[tok.eos_id]]))[0][0, -1].argmax().item()
+    assert text.startswith(tok.decode([first]))

@@ -1,15 +1,21 @@
 """Tokenizers: text to integer ids and back, all behind one interface (see `base.Tokenizer`).
 
 - `CharTokenizer`: one id per character, with special tokens (`char.py`).
+- `ByteBPETokenizer`: byte-level BPE trained from scratch, or loaded with GPT-2's ranks (`bpe.py`).
+- `SentencePieceTokenizer`: a trained sentencepiece BPE / unigram model (`sentencepiece.py`).
+- `TiktokenTokenizer`: GPT-2's tokenizer through tiktoken, offline (`tiktoken_gpt2.py`).
 - GPT-2's merge ranks, fetched offline through pip (`gpt2_ranks.py`).
 """
 
 from .base import TOKENIZERS, Tokenizer, TokenizerError, load_tokenizer, register, tokenizer_from_dict
+from .bpe import GPT4_PATTERN, ByteBPETokenizer
 from .char import SPECIAL_TOKENS, UNKNOWN_POLICIES, CharTokenizer
 from .gpt2_ranks import GPT2_PATTERN, GPT2_SPECIAL_TOKENS, gpt2_ranks_path, load_gpt2_ranks
+from .sentencepiece import SentencePieceTokenizer
+from .tiktoken_gpt2 import TiktokenTokenizer
 
 __all__ = [
-    "GPT2_PATTERN", "GPT2_SPECIAL_TOKENS", "SPECIAL_TOKENS", "TOKENIZERS", "UNKNOWN_POLICIES", "CharTokenizer",
-    "Tokenizer", "TokenizerError", "gpt2_ranks_path", "load_gpt2_ranks", "load_tokenizer", "register",
-    "tokenizer_from_dict",
+    "GPT2_PATTERN", "GPT2_SPECIAL_TOKENS", "GPT4_PATTERN", "SPECIAL_TOKENS", "TOKENIZERS", "UNKNOWN_POLICIES",
+    "ByteBPETokenizer", "CharTokenizer", "SentencePieceTokenizer", "TiktokenTokenizer", "Tokenizer",
+    "TokenizerError", "gpt2_ranks_path", "load_gpt2_ranks", "load_tokenizer", "register", "tokenizer_from_dict",
 ]

@@ -74,14 +74,14 @@ class Tokenizer:
         return ids
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), ensure_ascii=False, indent=1))
+        Path(path).write_text(json.dumps(self.to_dict(), ensure_ascii=False, indent=1), encoding="utf-8")
 
     @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":
         path = Path(path)
         if not path.is_file():
             raise TokenizerError(f"tokenizer file {str(path)!r} does not exist.")
-        return cls.from_dict(json.loads(path.read_text()))
+        return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
 
 
 def check_kind(data, kind: str) -> None:
@@ -104,4 +104,4 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     path = Path(path)
     if not path.is_file():
         raise TokenizerError(f"tokenizer file {str(path)!r} does not exist.")
-    return tokenizer_from_dict(json.loads(path.read_text()))
+    return tokenizer_from_dict(json.loads(path.read_text(encoding="utf-8")))

@@ -1,0 +1,110 @@
+"""Encoding throughput, MB/s of UTF-8 text, one thread: lm's pure-Python ByteBPETokenizer with
+GPT-2's ranks against tiktoken (Rust) with the same ranks, pattern and special token, and Hugging
+Face tokenizers (Rust) built from the same merges.
+
+The text is the whole Shakespeare corpus (~5.06M characters), encoded in one call with special
+tokens off (`encode(text, allowed_special="none")` / tiktoken's `encode_ordinary`); all three
+must produce the same ids. lm starts every round with an empty pre-token cache (a fresh
+tokenizer), so the cache only helps with words repeated inside the text, as in real use.
+Rounds alternate between the libraries; the fastest round of each counts.
+
+    .venv/bin/python bench/encode_throughput.py [--rounds 3]
+
+Ends with one JSON line: {"bench", "unit", "lm", "peer", "peer_name", "speedup"}; speedup =
+lm MB/s / tiktoken MB/s, so > 1 means lm encodes faster.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["RAYON_NUM_THREADS"] = "1"  # before tokenizers starts its thread pool
+os.environ["RAYON_RS_NUM_CPUS"] = "1"
+
+import argparse
+import json
+import time
+
+import tiktoken
+
+import lm
+from lm.tokenizers import GPT2_PATTERN, GPT2_SPECIAL_TOKENS, load_gpt2_ranks
+from lm.tokenizers.bpe import ByteBPETokenizer
+
+
+def gpt2_byte_chars() -> dict[int, str]:
+    """GPT-2's printable stand-in character for each byte, as Hugging Face's vocab files use."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def hf_gpt2(ours: ByteBPETokenizer):
+    """A Hugging Face byte-level BPE with GPT-2's vocabulary, from lm's tokens and merges."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    chars = gpt2_byte_chars()
+
+    def show(token: bytes) -> str:
+        return "".join(chars[b] for b in token)
+
+    vocab = {show(token): i for i, token in enumerate(ours.vocab)}
+    merges = [(show(ours.vocab[a]), show(ours.vocab[b])) for a, b in ours.merges]
+    tokenizer = Tokenizer(models.BPE(vocab, merges))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's own pattern
+    return tokenizer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (default: 3)")
+    args = parser.parse_args()
+
+    text = lm.load_corpus("shakespeare")
+    megabytes = len(text.encode("utf-8")) / 1e6
+    reference = tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=load_gpt2_ranks(),
+                                  special_tokens=GPT2_SPECIAL_TOKENS)
+    expected = reference.encode_ordinary(text)
+    try:
+        hf = hf_gpt2(ByteBPETokenizer.gpt2())
+    except ImportError:
+        hf = None
+
+    encoders = {
+        "lm": lambda tok: tok.encode(text, allowed_special="none"),
+        "tiktoken": lambda tok: reference.encode_ordinary(text),
+    }
+    if hf is not None:
+        encoders["hf tokenizers"] = lambda tok: hf.encode(text, add_special_tokens=False).ids
+    rates = {name: [] for name in encoders}
+    warm = []
+    for _ in range(args.rounds):
+        for name, encode in encoders.items():
+            tok = ByteBPETokenizer.gpt2()  # an empty cache for lm
+            start = time.perf_counter()
+            ids = encode(tok)
+            rates[name].append(megabytes / (time.perf_counter() - start))
+            assert ids == expected, f"{name} gives different ids from tiktoken"
+            if name == "lm":
+                start = time.perf_counter()
+                encode(tok)  # the same text again, every pre-token now cached
+                warm.append(megabytes / (time.perf_counter() - start))
+
+    print(f"{megabytes:.2f} MB of Shakespeare, {len(expected):,} GPT-2 tokens, same ids from every library")
+    for name, values in rates.items():
+        print(f"{name:14s} {max(values):6.2f} MB/s  (rounds: {[round(v, 2) for v in values]})")
+    print(f"{'lm, warm cache':14s} {max(warm):6.2f} MB/s  (the same text again)")
+    ours, peer = max(rates["lm"]), max(rates["tiktoken"])
+    print(json.dumps({"bench": "encode_gpt2_shakespeare", "unit": "MB/s", "lm": round(ours, 3),
+                      "peer": round(peer, 3), "peer_name": "tiktoken (1 thread)",
+                      "speedup": round(ours / peer, 3)}))
+
+
+if __name__ == "__main__":
+    main()

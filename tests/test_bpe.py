@@ -1,0 +1,488 @@
+"""`ByteBPETokenizer`: the fast trainer against a naive one, exact parity with tiktoken on GPT-2's
+ranks, special tokens, streaming, persistence and errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from collections import Counter
+
+import pytest
+import regex
+import tiktoken
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import lm
+from lm import TokenizerError, load_tokenizer
+from lm.data import DataError
+from lm.tokenizers import GPT2_PATTERN, GPT2_SPECIAL_TOKENS, gpt2_ranks_path, load_gpt2_ranks, tokenizer_from_dict
+from lm.tokenizers import bpe as bpe_module
+from lm.tokenizers.bpe import GPT4_PATTERN, ByteBPETokenizer, bytes_to_str, str_to_bytes
+
+TRICKY_TEXTS = [
+    "",
+    "Hello world",
+    "  leading spaces, trailing spaces   ",
+    "tabs\tand\nnewlines\n\n\nthree blank\r\nwindows\r\n",
+    "I'm sure you'll say it's what we'd've DONE'S, 'tis",
+    "numbers 1234567 3.14159 1,000,000 and 42nd",
+    "unicode: naïve café Straße ΑΒΓ Привет мир 日本語のテキスト 한국어",
+    "emoji 😀👍🏽 👨‍👩‍👧‍👦 🇫🇷 ❤️",
+    "symbols !!! ??? ... --- *** ### $$$ @@@ ~~~ <<<>>> {}[]() \\ / |",
+    "mixed123abc   \n  \t  x",
+    "<|endoftext|>",
+    "first document<|endoftext|>second document",
+    "<|endoftext|><|endoftext|> doubled",
+    "<|endoftext <|endoftext|> half a special token",
+    " " * 20 + "\n" * 5 + " ",
+    "\u00a0non-breaking\u2003em space\u3000ideographic",
+    "zero\u200bwidth joiner\u200d and combining e\u0301",
+]
+
+
+def merge(seq: list[int], pair: tuple[int, int], new: int) -> list[int]:
+    out, i = [], 0
+    while i < len(seq):
+        if i + 1 < len(seq) and (seq[i], seq[i + 1]) == pair:
+            out.append(new)
+            i += 2
+        else:
+            out.append(seq[i])
+            i += 1
+    return out
+
+
+def naive_train(text: str, num_merges: int, pattern: str | None = GPT2_PATTERN) -> list[tuple[int, int]]:
+    """Recount every pair after every merge; the most frequent wins, ties to the smallest pair."""
+    pieces = regex.findall(pattern, text) if pattern is not None else [text]
+    words = {piece: list(piece.encode("utf-8")) for piece in pieces}
+    freq = Counter(pieces)
+    merges = []
+    for _ in range(num_merges):
+        counts = Counter()
+        for piece, seq in words.items():
+            for pair in zip(seq, seq[1:]):
+                counts[pair] += freq[piece]
+        if not counts:
+            break
+        best = min(counts, key=lambda p: (-counts[p], p))
+        merges.append(best)
+        words = {piece: merge(seq, best, 255 + len(merges)) for piece, seq in words.items()}
+    return merges
+
+
+def naive_encode(text: str, merges: list[tuple[int, int]], pattern: str = GPT2_PATTERN) -> list[int]:
+    """Apply every merge in training order to each pre-token."""
+    ids = []
+    for piece in regex.findall(pattern, text):
+        seq = list(piece.encode("utf-8"))
+        for k, pair in enumerate(merges):
+            seq = merge(seq, pair, 256 + k)
+        ids += seq
+    return ids
+
+
+@pytest.fixture(scope="module")
+def corpus() -> str:
+    return lm.load_corpus("pydoc")[:60_000]
+
+
+@pytest.fixture(scope="module")
+def shakespeare() -> str:
+    return lm.load_corpus("shakespeare")
+
+
+@pytest.fixture(scope="module")
+def tok(corpus) -> ByteBPETokenizer:
+    return ByteBPETokenizer.train(corpus, vocab_size=600)
+
+
+@pytest.fixture(scope="module")
+def ranks() -> dict[bytes, int]:
+    try:
+        gpt2_ranks_path()
+    except DataError as err:  # neither cached nor reachable through pip
+        pytest.skip(f"GPT-2's ranks are not available: {err}")
+    return load_gpt2_ranks()
+
+
+@pytest.fixture(scope="module")
+def gpt2(ranks) -> ByteBPETokenizer:
+    return ByteBPETokenizer.gpt2()
+
+
+@pytest.fixture(scope="module")
+def reference(ranks) -> tiktoken.Encoding:
+    return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens=GPT2_SPECIAL_TOKENS)
+
+
+# ---- training ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("pattern", ["gpt2", "gpt4", None])
+def test_fast_trainer_equals_naive_trainer(corpus, pattern):
+    text = corpus[:6_000] if pattern is not None else corpus[:1_500]
+    fast = ByteBPETokenizer.train(text, vocab_size=256 + 150, special_tokens=(), pattern=pattern)
+    regex_ = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN, None: None}[pattern]
+    assert fast.merges == naive_train(text, 150, regex_)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.text(alphabet="aab \n'1é", min_size=1, max_size=120), st.integers(1, 40))
+def test_fast_trainer_equals_naive_trainer_on_ties_and_repeats(text, num_merges):
+    # a tiny alphabet gives many equal counts and overlapping pairs such as (a, a) in "aaa"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tiny texts run out of pairs before num_merges
+        fast = ByteBPETokenizer.train(text, vocab_size=256 + num_merges, special_tokens=())
+    assert fast.merges == naive_train(text, num_merges)
+
+
+def test_vocabulary_layout(tok):
+    assert tok.vocab_size == 600 and len(tok.merges) == 600 - 256 - 1
+    assert [tok.token_bytes(i) for i in range(256)] == [bytes([i]) for i in range(256)]
+    for k, (a, b) in enumerate(tok.merges):
+        assert a < 256 + k and b < 256 + k
+        assert tok.token_bytes(256 + k) == tok.token_bytes(a) + tok.token_bytes(b)
+    assert tok.special_tokens == {"<|endoftext|>": 599} and tok.eos_id == 599
+    assert tok.token_bytes(599) == b"<|endoftext|>"
+    assert tok.pattern == GPT2_PATTERN
+
+
+def test_training_is_deterministic_and_ignores_document_order(corpus):
+    lines = corpus.splitlines(keepends=True)
+    first = ByteBPETokenizer.train(lines, vocab_size=400)
+    assert ByteBPETokenizer.train(lines, vocab_size=400).merges == first.merges
+    # merges depend only on pre-token counts, and pre-tokens never span two strings
+    assert ByteBPETokenizer.train(lines[::-1], vocab_size=400).merges == first.merges
+
+
+def test_special_tokens_in_the_training_text_are_not_learned():
+    text = "<|endoftext|>".join(["hello there", "general kenobi"] * 50)
+    tok = ByteBPETokenizer.train(text, vocab_size=270)
+    learned = [tok.token_bytes(256 + k) for k in range(len(tok.merges))]
+    assert not any(b"|" in t or b"<" in t for t in learned)
+    assert tok.encode(text).count(tok.eos_id) == 99
+
+
+def test_train_stops_when_no_pairs_are_left():
+    with pytest.warns(UserWarning, match="only enough pairs for 2 merges"):
+        tok = ByteBPETokenizer.train("abc", vocab_size=1000)
+    assert tok.vocab_size == 256 + 2 + 1 and tok.encode("abc") == [257]
+
+
+def test_verbose_training_prints_progress(capsys):
+    ByteBPETokenizer.train("the cat sat on the mat " * 20, vocab_size=267, verbose=True)
+    out = capsys.readouterr().out
+    assert "merge 1/10: 'a' + 't' -> 256 'at' (60 times)" in out and "merge 10/10" in out
+
+
+# ---- encoding ------------------------------------------------------------------------------------
+def test_encode_applies_merges_in_training_order(tok, shakespeare):
+    text = shakespeare[10_000:14_000]
+    assert tok.encode(text) == naive_encode(text, tok.merges)
+
+
+def test_trained_tokenizer_matches_tiktoken_with_the_same_ranks(tok, corpus, shakespeare):
+    ranks = {tok.token_bytes(i): i for i in range(tok.vocab_size - 1)}
+    reference = tiktoken.Encoding(name="trained", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                                  special_tokens=tok.special_tokens)
+    for text in [*TRICKY_TEXTS, corpus[-5_000:], shakespeare[:5_000]]:
+        assert tok.encode(text) == reference.encode(text, allowed_special="all")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text())
+def test_round_trip_trained(tok, text):
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.decode(tok.encode(text, allowed_special="none")) == text
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text())
+def test_round_trip_gpt2(gpt2, text):
+    assert gpt2.decode(gpt2.encode(text)) == text
+
+
+def test_partial_utf8_decodes_with_replacement(gpt2):
+    ids = gpt2.encode("😀")
+    assert len(ids) > 1  # an emoji is several byte-level tokens in GPT-2
+    assert gpt2.decode(ids[:1]) == "\ufffd"
+    assert gpt2.decode_bytes(ids) == "😀".encode()
+    with pytest.raises(UnicodeDecodeError):
+        gpt2.decode(ids[:1], errors="strict")
+
+
+def test_encode_cache_is_bounded(monkeypatch, corpus):
+    tok = ByteBPETokenizer.train(corpus[:3_000], vocab_size=300)
+    monkeypatch.setattr(bpe_module, "CACHE_SIZE", 10)
+    words = " ".join(f"w{i}" for i in range(100))
+    assert tok.decode(tok.encode(words)) == words
+    assert len(tok._cache) <= 10
+
+
+# ---- GPT-2 ---------------------------------------------------------------------------------------
+def test_gpt2_ids_are_tiktoken_ranks(gpt2, ranks):
+    assert gpt2.vocab_size == 50257 and gpt2.special_tokens == {"<|endoftext|>": 50256}
+    assert gpt2.encode("!") == [0]  # rank 0 is the byte "!", not byte 0
+    inverse = {rank: token for token, rank in ranks.items()}
+    for i in (0, 1, 255, 256, 1000, 50255):
+        assert gpt2.token_bytes(i) == inverse[i]
+    assert gpt2.merges[0] == (220, 83)  # GPT-2's first merge: " " + "t"
+
+
+def test_gpt2_parity_with_tiktoken(gpt2, reference, shakespeare):
+    for text in TRICKY_TEXTS:
+        assert gpt2.encode(text) == reference.encode(text, allowed_special="all"), text
+        assert gpt2.encode(text, allowed_special="none") == reference.encode_ordinary(text), text
+    excerpt = shakespeare[:300_000]
+    assert gpt2.encode(excerpt) == reference.encode_ordinary(excerpt)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text() | st.text(alphabet=" \t\n\r'sdmtlvre0123456789aé😀.,!<|>endoftx", max_size=60))
+def test_gpt2_parity_with_tiktoken_on_any_text(gpt2, reference, text):
+    assert gpt2.encode(text) == reference.encode(text, allowed_special="all")
+
+
+def test_gpt2_round_trips_through_to_dict(gpt2, tmp_path):
+    data = gpt2.to_dict()
+    assert len(data["byte_order"]) == 256 and len(data["merges"]) == 50_000
+    assert data["merges"][0] == [" ", "t"]
+    again = tokenizer_from_dict(json.loads(json.dumps(data)))
+    assert again.vocab == gpt2.vocab and again.merges == gpt2.merges
+    assert again.special_tokens == gpt2.special_tokens
+    text = TRICKY_TEXTS[4] + TRICKY_TEXTS[7]
+    assert again.encode(text) == gpt2.encode(text)
+
+
+# ---- special tokens ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def overlapping(corpus) -> ByteBPETokenizer:
+    return ByteBPETokenizer.train(corpus[:5_000], vocab_size=300,
+                                  special_tokens=("<|end|>", "<|endoftext|>", "<|end"))
+
+
+def test_specials_take_the_ids_after_the_merges(overlapping):
+    assert overlapping.special_tokens == {"<|end|>": 297, "<|endoftext|>": 298, "<|end": 299}
+    assert overlapping.vocab_size == 300
+
+
+def test_overlapping_specials_match_longest_first(overlapping):
+    s = overlapping.special_tokens
+    ids = overlapping.encode("a<|endoftext|>b<|end|>c<|end d<|endoftext")
+    specials = [i for i in ids if i >= 297]
+    assert specials == [s["<|endoftext|>"], s["<|end|>"], s["<|end"], s["<|end"]]
+    assert overlapping.decode(ids) == "a<|endoftext|>b<|end|>c<|end d<|endoftext"
+
+
+def test_allowed_special_none_and_sets(overlapping):
+    text = "x<|endoftext|>y<|end|>z"
+    s = overlapping.special_tokens
+    ordinary = overlapping.encode(text, allowed_special="none")
+    assert not set(ordinary) & set(s.values())
+    assert ordinary == naive_encode(text, overlapping.merges)
+    only_end = overlapping.encode(text, allowed_special={"<|end|>"})
+    assert [i for i in only_end if i >= 297] == [s["<|end|>"]]
+    assert overlapping.decode(only_end) == overlapping.decode(ordinary) == text
+
+
+def test_disallowed_special_raises_naming_the_token(overlapping):
+    with pytest.raises(TokenizerError, match=r"'<\|endoftext\|>'.*allowed_special"):
+        overlapping.encode("a<|endoftext|>b", allowed_special="none", disallowed_special="all")
+    with pytest.raises(TokenizerError, match=r"'<\|end\|>'"):
+        overlapping.encode("a<|end|>", allowed_special={"<|endoftext|>"}, disallowed_special={"<|end|>"})
+    # allowed wins over disallowed, and text without the token is fine
+    assert overlapping.encode("a<|end|>", allowed_special="all", disallowed_special="all")
+    assert overlapping.encode("plain", allowed_special="none", disallowed_special="all")
+
+
+def test_unknown_special_name_lists_the_known_ones(overlapping):
+    with pytest.raises(TokenizerError, match=r"\['<\|bos\|>'\].*\['<\|end', '<\|endoftext\|>', '<\|end\|>'\]"):
+        overlapping.encode("hi", allowed_special={"<|bos|>"})
+    with pytest.raises(TokenizerError, match="must be 'all', 'none' or a set"):
+        overlapping.encode("hi", allowed_special="some")
+    with pytest.raises(TokenizerError, match="unknown special"):
+        overlapping.encode("hi", disallowed_special={"<|bos|>"})
+
+
+# ---- streaming -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("chunk_chars", [1, 200, 5_000])
+def test_encode_iter_equals_encode_on_shakespeare(gpt2, shakespeare, chunk_chars):
+    text = shakespeare[50_000:65_000] + "<|endoftext|>" + shakespeare[:5_000]
+    lines = text.splitlines(keepends=True)
+    assert list(gpt2.encode_iter(lines, chunk_chars=chunk_chars)) == gpt2.encode(text)
+
+
+def test_encoding_line_by_line_would_differ(gpt2):
+    # why encode_iter buffers: GPT-2's pattern splits a whitespace run depending on what follows
+    text = "To be  \n\n\nor not"
+    lines = text.splitlines(keepends=True)
+    assert sum((gpt2.encode(line) for line in lines), []) != gpt2.encode(text)
+    assert list(gpt2.encode_iter(lines, chunk_chars=1)) == gpt2.encode(text)
+
+
+@pytest.fixture(scope="module")
+def streaming_tokenizers(corpus) -> list[ByteBPETokenizer]:
+    specials = ("<|endoftext|>", "<|end|>", "<|end")
+    return [ByteBPETokenizer.train(corpus[:4_000], vocab_size=330, special_tokens=specials, pattern=p)
+            for p in ("gpt2", "gpt4", None)]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.text(alphabet=" \t\n\r'sltve1234aé.,!<|>endoftx", max_size=12), max_size=12),
+       st.integers(1, 30), st.sampled_from(["all", "none", frozenset({"<|end"})]))
+def test_encode_iter_equals_encode_on_any_lines(streaming_tokenizers, lines, chunk_chars, allowed):
+    for tok in streaming_tokenizers:
+        assert list(tok.encode_iter(lines, allowed, chunk_chars=chunk_chars)) == tok.encode("".join(lines), allowed)
+
+
+def test_encode_iter_keeps_memory_bounded(gpt2, shakespeare):
+    text = shakespeare[:40_000]
+    seen = []
+
+    def lines():
+        for line in text.splitlines(keepends=True):
+            seen.append(line)
+            yield line
+
+    stream = gpt2.encode_iter(lines(), chunk_chars=1_000)
+    first = [next(stream) for _ in range(100)]
+    assert len("".join(seen)) < 2_000  # ids come out long before the whole text is read
+    assert first + list(stream) == gpt2.encode(text)
+
+
+# ---- persistence ---------------------------------------------------------------------------------
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=20))
+def test_readable_bytes_round_trip(data):
+    assert str_to_bytes(bytes_to_str(data)) == data
+
+
+def test_readable_bytes_examples():
+    assert bytes_to_str(b" the") == " the"
+    assert bytes_to_str("é".encode()[:1]) == "\\xc3"
+    assert bytes_to_str(b"\\x41") == "\\\\x41"  # a literal backslash is doubled, so it stays unambiguous
+
+
+def test_save_load_round_trip(tmp_path):
+    text = ("naïve \\x41 backslash 😀 emoji 日本語 " * 30) + "<|endoftext|>" + "tabs\t\tand  spaces  \n" * 30
+    tok = ByteBPETokenizer.train(text, vocab_size=300, special_tokens=("<|endoftext|>", "<|pad|>"), pattern="gpt4")
+    path = tmp_path / "bpe.json"
+    tok.save(path)
+    saved = path.read_text(encoding="utf-8")
+    assert sum(line.startswith('  ["') for line in saved.splitlines()) == len(tok.merges)  # one merge a line
+    data = json.loads(saved)
+    assert data["kind"] == "bpe" and data["pattern"] == GPT4_PATTERN and "byte_order" not in data
+    assert data["special_tokens"] == {"<|endoftext|>": 298, "<|pad|>": 299}
+    for loaded in (ByteBPETokenizer.load(path), load_tokenizer(path), tokenizer_from_dict(data)):
+        assert isinstance(loaded, ByteBPETokenizer)
+        assert loaded.merges == tok.merges and loaded.vocab == tok.vocab
+        assert loaded.special_tokens == tok.special_tokens and loaded.pattern == tok.pattern
+        assert loaded.encode(text + "new text") == tok.encode(text + "new text")
+
+
+def test_to_dict_is_plain_data_for_checkpoints(tok):
+    data = tok.to_dict()
+    assert json.loads(json.dumps(data)) == data
+    buffer = io.BytesIO()
+    torch.save({"tokenizer": data}, buffer)
+    buffer.seek(0)
+    restored = torch.load(buffer, weights_only=True)["tokenizer"]
+    assert tokenizer_from_dict(restored).merges == tok.merges
+
+
+def test_pattern_none_round_trips(corpus):
+    tok = ByteBPETokenizer.train(corpus[:1_000], vocab_size=280, pattern=None)
+    again = tokenizer_from_dict(tok.to_dict())
+    assert again.pattern is None and again.encode(corpus[:300]) == tok.encode(corpus[:300])
+
+
+# ---- errors --------------------------------------------------------------------------------------
+def test_vocab_size_too_small():
+    with pytest.raises(TokenizerError, match="vocab_size=256 .* >= 257"):
+        ByteBPETokenizer.train("hello", vocab_size=256)
+    with pytest.raises(TokenizerError, match=">= 258"):
+        ByteBPETokenizer.train("hello", vocab_size=257, special_tokens=("<a>", "<b>"))
+    assert ByteBPETokenizer.train("hello", vocab_size=257).merges == []  # no merges: bytes + <|endoftext|>
+
+
+@pytest.mark.parametrize("text", ["", [], ["", ""], "<|endoftext|>"])
+def test_empty_training_corpus(text):
+    with pytest.raises(TokenizerError, match="empty"):
+        ByteBPETokenizer.train(text, vocab_size=300)
+
+
+def test_bad_special_tokens():
+    with pytest.raises(TokenizerError, match="duplicates"):
+        ByteBPETokenizer.train("hello", vocab_size=300, special_tokens=("<a>", "<a>"))
+    with pytest.raises(TokenizerError, match="non-empty"):
+        ByteBPETokenizer.train("hello", vocab_size=300, special_tokens=("",))
+
+
+def test_decode_out_of_range(tok):
+    with pytest.raises(TokenizerError, match="id 600 is out of range"):
+        tok.decode([1, 600])
+    with pytest.raises(TokenizerError, match="-1"):
+        tok.decode_bytes([-1])
+    with pytest.raises(TokenizerError, match="out of range"):
+        tok.token_bytes(10**6)
+
+
+def test_unassigned_id_between_ordinary_and_special():
+    vocab = [bytes([b]) for b in range(256)]
+    tok = ByteBPETokenizer(vocab, {"<|endoftext|>": 300})
+    assert tok.vocab_size == 301 and tok.decode([104, 300]) == "h<|endoftext|>"
+    with pytest.raises(TokenizerError, match="id 299 is not assigned"):
+        tok.decode([299])
+
+
+def test_unknown_pattern_name():
+    with pytest.raises(TokenizerError, match=r"unknown pattern name 'gpt3'.*\['gpt2', 'gpt4'\]"):
+        ByteBPETokenizer.train("hello", vocab_size=300, pattern="gpt3")
+
+
+def test_bad_custom_patterns():
+    with pytest.raises(TokenizerError, match="capturing groups"):
+        ByteBPETokenizer.train("hello", vocab_size=300, pattern=r"(\w+)|\s+")
+    with pytest.raises(TokenizerError, match="not a valid regular expression"):
+        ByteBPETokenizer.train("hello", vocab_size=300, pattern=r"[a-")
+    with pytest.raises(TokenizerError, match="skips some characters"):
+        ByteBPETokenizer.train("hello world", vocab_size=300, pattern=r"\w+")
+
+
+def test_custom_pattern_that_matches_everything():
+    tok = ByteBPETokenizer.train("hello world, hello there", vocab_size=265, pattern=r"\w+|\W")
+    assert tok.decode(tok.encode("hello, world")) == "hello, world"
+
+
+def test_encode_rejects_non_text(tok):
+    with pytest.raises(TokenizerError, match="bytes"):
+        tok.encode(b"hello")
+    with pytest.raises(TokenizerError, match="surrogate"):
+        tok.encode("bad \ud800 text")
+    with pytest.raises(TokenizerError, match="int"):
+        list(tok.encode_iter(["ok", 3]))
+
+
+def test_bad_saved_data():
+    with pytest.raises(TokenizerError, match="expected a 'bpe' tokenizer"):
+        ByteBPETokenizer.from_dict({"kind": "char"})
+    with pytest.raises(TokenizerError, match="lacks"):
+        ByteBPETokenizer.from_dict({"kind": "bpe", "pattern": None})
+    with pytest.raises(TokenizerError, match="no earlier merge"):
+        ByteBPETokenizer.from_dict({"kind": "bpe", "pattern": None, "special_tokens": {}, "merges": [["ab", "c"]]})
+    with pytest.raises(TokenizerError, match="file"):
+        ByteBPETokenizer.load("/nonexistent/bpe.json")
+
+
+def test_bad_ranks():
+    ranks = {bytes([b]): b for b in range(256)}
+    with pytest.raises(TokenizerError, match="without gaps"):
+        ByteBPETokenizer.from_tiktoken_ranks({**ranks, b"ab": 300}, special_tokens={})
+    shuffled = {**{bytes([b]): b + 1 for b in range(256)}, b"ab": 0}
+    with pytest.raises(TokenizerError, match="single bytes"):
+        ByteBPETokenizer.from_tiktoken_ranks(shuffled, special_tokens={})
+    with pytest.raises(TokenizerError, match="special ids must be"):
+        ByteBPETokenizer.from_tiktoken_ranks(ranks, special_tokens={"<|endoftext|>": 3})
