@@ -3,6 +3,7 @@
     import lm
     tok = lm.CharTokenizer.train(text)
     model = lm.GPT(lm.ModelConfig(vocab_size=tok.vocab_size), tokenizer=tok)
+    model = lm.GPT(lm.preset("rscalm-138m", n_layer=2))   # a seed's architecture, from lm.PRESETS
     history = lm.train(model, train_ids, val_ids, lm.TrainConfig(max_steps=300))
     print(model.generate("To be", max_new_tokens=100))
     model = lm.load_model("runs/x/best.pt", device="cpu")
@@ -10,11 +11,15 @@
 
 __version__ = "0.1.0"
 
+# Component modules register their classes (lm.registry) on import; the model looks them up by name.
+from . import attention, feedforward, norms, positions  # noqa: F401  (isort: skip)
 from .checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
 from .config import ConfigError, ModelConfig
 from .data import DataError, get_batch, load_corpus, train_val_split
 from .device import auto_device, resolve_device
 from .model import GPT
+from .presets import PRESETS, count_params, param_formula_rscalm, param_formula_seed000, preset
+from .registry import ATTENTION, FEEDFORWARD, NORMS, POSITIONS, Registry, RegistryError
 from .sampling import SamplingError, sample_next, top_k_filter
 from .tokenizers import (
     ByteBPETokenizer, CharTokenizer, SentencePieceTokenizer, TiktokenTokenizer, TokenizerError, load_tokenizer,
@@ -22,6 +27,8 @@ from .tokenizers import (
 from .training import TrainConfig, TrainHistory, TrainingError, lr_at, train
 
 __all__ = [
+    "ATTENTION", "FEEDFORWARD", "NORMS", "POSITIONS", "PRESETS", "Registry", "RegistryError",
+    "count_params", "param_formula_rscalm", "param_formula_seed000", "preset",
     "ByteBPETokenizer", "CharTokenizer", "CheckpointError", "ConfigError", "DataError", "GPT", "ModelConfig", "SamplingError",
     "TokenizerError", "TrainConfig", "TrainHistory", "TrainingError", "auto_device", "get_batch",
     "load_checkpoint", "load_corpus", "load_model", "load_tokenizer", "lr_at", "resolve_device",

@@ -95,7 +95,9 @@ TOKEN_COLOURS = ("#fde2e4", "#e2ece9", "#dfe7fd", "#fff1c1", "#e8dff5", "#d7f0f7
 
 def token_pieces(tokenizer, ids) -> list[str]:
     """Each id's own piece of text, for display. A byte-level token that holds only part of a
-    UTF-8 character is shown as its bytes in hex (e.g. `<F0 9F>`)."""
+    UTF-8 character is shown as its bytes in hex (e.g. `<F0 9F>`); SentencePiece shows its pieces."""
+    if hasattr(tokenizer, "id_to_piece"):  # SentencePiece names its pieces: "▁the", "<0xF0>"
+        return [tokenizer.id_to_piece(i) for i in ids]
     pieces = []
     for i in ids:
         raw = tokenizer.token_bytes(i) if hasattr(tokenizer, "token_bytes") else None
@@ -134,3 +136,96 @@ def show_tokens(text: str, tokenizers: dict):
     from IPython.display import HTML
 
     return HTML(tokens_html(text, tokenizers))
+
+
+# ---- attention -------------------------------------------------------------------------------
+def _position_label(piece: str) -> str:
+    """A token's text as an axis label: whitespace made visible, long pieces shortened."""
+    shown = {" ": "\u2423", "\n": "\u21b5", "\t": "\u21e5"}.get(piece, piece)
+    shown = shown.replace("\n", "\u21b5")
+    return shown if len(shown) <= 8 else shown[:7] + "\u2026"
+
+
+def plot_attention(weights, tokens, ax=None, title: str | None = None, labels: bool = True, cmap: str = "Blues"):
+    """Heatmap of one head's attention: row t is query position t, and shows how much of each
+    earlier (key) position it takes in. The upper triangle, which a causal head never reads, is
+    left blank.
+
+    weights: one (T, T) matrix (a tensor or array: pick a batch element and a head, `w[0, h]`).
+    tokens: T strings, one per position, for the axes. Returns the matplotlib Axes.
+    """
+    import matplotlib.pyplot as plt
+
+    if hasattr(weights, "detach"):
+        weights = weights.detach().float().cpu().numpy()
+    w = np.asarray(weights, dtype=float)
+    if w.ndim != 2 or w.shape[0] != w.shape[1]:
+        raise ValueError(f"weights must be one (T, T) matrix, got shape {w.shape}; "
+                         f"from a (B, H, T, T) tensor pick a batch element and a head, e.g. weights[0, h].")
+    T = w.shape[0]
+    if len(tokens) != T:
+        raise ValueError(f"got {len(tokens)} tokens for a {T} x {T} weight matrix; pass one label per position.")
+    if ax is None:
+        side = min(9.0, 2.5 + 0.12 * T)
+        _, ax = plt.subplots(figsize=(side, side))
+    future = np.triu(np.ones((T, T), dtype=bool), k=1)
+    ax.imshow(np.ma.masked_where(future, w), cmap=cmap, vmin=0.0, interpolation="nearest")
+    if labels:
+        names = [_position_label(t) for t in tokens]
+        size = 8 if T <= 40 else 6
+        ax.set_xticks(range(T), names, fontsize=size)
+        ax.set_yticks(range(T), names, fontsize=size)
+        ax.set_xlabel("key position (read from)")
+        ax.set_ylabel("query position (reading)")
+    else:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=9 if not labels else None)
+    return ax
+
+
+def plot_attention_grid(weights, tokens, batch_index: int = 0, size: float = 2.0):
+    """Every head of every layer in one figure: `weights` is the list that `GPT.attention_weights`
+    returns, one (B, H, T, T) tensor per layer. Rows are layers, columns heads. Returns the Figure."""
+    import matplotlib.pyplot as plt
+
+    if len(weights) == 0 or any(w.dim() != 4 for w in weights):
+        raise ValueError("weights must be a non-empty list of (B, H, T, T) tensors, one per layer, "
+                         "as GPT.attention_weights(idx) returns.")
+    n_layer, n_head = len(weights), weights[0].size(1)
+    fig, axes = plt.subplots(n_layer, n_head, figsize=(size * n_head, size * n_layer), squeeze=False)
+    for layer, w in enumerate(weights):
+        for head in range(w.size(1)):
+            plot_attention(w[batch_index, head], tokens, ax=axes[layer, head], labels=False,
+                           title=f"layer {layer}, head {head}")
+    fig.tight_layout()
+    return fig
+
+
+# ---- model size ------------------------------------------------------------------------------
+PARAM_GROUPS = ("embeddings", "attention", "feed-forward", "norms", "head")
+
+
+def param_breakdown(config) -> dict[str, int]:
+    """Where the parameters of `GPT(config)` live, from the config alone (nothing is built):
+
+        embeddings     token table V*C, plus the position table of learned positions
+        attention      every block's qkv and proj (and their biases)
+        feed-forward   every block's FFN: MLP, SwiGLU, or MoE router + experts
+        norms          two per block, plus the final norm of a pre-norm model
+        head           V*C for an untied output layer, 0 when it shares the token table
+
+    The values sum to `lm.count_params(config)`; each comes from the component's `param_count`.
+    """
+    from .registry import ATTENTION, FEEDFORWARD, NORMS, POSITIONS
+
+    C, V, L = config.d_model, config.vocab_size, config.n_layer
+    n_norms = 2 * L + (1 if config.norm_position == "pre" else 0)
+    return {
+        "embeddings": V * C + POSITIONS.get(config.pos).param_count(config),
+        "attention": L * ATTENTION.get(config.attention).param_count(config),
+        "feed-forward": L * FEEDFORWARD.get(config.ffn).param_count(config),
+        "norms": n_norms * NORMS.get(config.norm).param_count(config),
+        "head": 0 if config.tie_weights else V * C,
+    }

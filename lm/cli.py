@@ -16,6 +16,9 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .presets import PRESETS
+
+PRESET_NAMES = tuple(PRESETS)
 
 
 class Parser(argparse.ArgumentParser):
@@ -75,7 +78,15 @@ def build_parser() -> Parser:
     train.add_argument("--config", help="YAML/JSON file with 'model' and/or 'train' sections")
     train.add_argument("--overwrite", action="store_true", help="replace checkpoints already in --out_dir")
     train.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default: auto)")
-    model_flags = train.add_argument_group("model")
+    model_flags = train.add_argument_group("model", "start from --preset (or the small default) and change "
+                                                    "what the flags below name")
+    model_flags.add_argument("--preset", choices=PRESET_NAMES, metavar="NAME", help="a seed model's configuration: " + ", ".join(PRESET_NAMES))
+    model_flags.add_argument("--pos", help="position encoding: learned, sinusoidal, rope or none")
+    model_flags.add_argument("--norm", help="normalisation: layernorm, rmsnorm or scalenorm")
+    model_flags.add_argument("--attention", help="attention: sdpa, manual, sliding_window, linear or block_sparse")
+    model_flags.add_argument("--n_kv_heads", type=int, help="key/value heads (grouped-query attention; 1 = multi-query)")
+    model_flags.add_argument("--window", type=int, help="keys each query sees with --attention sliding_window")
+    model_flags.add_argument("--ffn", help="feed-forward: gelu, swiglu or moe")
     model_flags.add_argument("--n_layer", type=int, help="number of transformer blocks (default: 4)")
     model_flags.add_argument("--n_head", type=int, help="attention heads per block (default: 4)")
     model_flags.add_argument("--d_model", type=int, help="width of the residual stream (default: 128)")
@@ -156,6 +167,7 @@ def prep_tokenize(text: str, name: str, vocab_size: int | None = None):
 
 
 MODEL_DEFAULTS = {"n_layer": 4, "n_head": 4, "d_model": 128, "block_size": 128, "dropout": 0.0}
+MODEL_FLAGS = ("n_layer", "n_head", "d_model", "dropout", "pos", "norm", "attention", "n_kv_heads", "window", "ffn")
 
 
 def cmd_train(args) -> int:
@@ -183,8 +195,9 @@ def cmd_train(args) -> int:
         sections = yaml.safe_load(Path(args.config).read_text()) or {}
         if not isinstance(sections, dict) or set(sections) - {"model", "train"}:
             raise SystemExit(f"lm train: {args.config} must be a mapping with 'model' and/or 'train' sections.")
-    model_args = {**MODEL_DEFAULTS, **sections.get("model", {})}
-    for flag in ("n_layer", "n_head", "d_model", "dropout"):
+    base = PRESETS[args.preset] if args.preset else MODEL_DEFAULTS
+    model_args = {**base, **sections.get("model", {})}
+    for flag in MODEL_FLAGS:
         if getattr(args, flag) is not None:
             model_args[flag] = getattr(args, flag)
     if args.seq_len is not None:

@@ -1,9 +1,22 @@
-"""A decoder-only transformer (GPT): embeddings, a stack of pre-norm blocks, a language-model head.
+"""A decoder-only transformer (GPT), composed from a `ModelConfig`.
 
-    idx (B, T) -> token embedding + learned position embedding -> N x Block -> LayerNorm -> head
-    -> logits (B, T, V)
+    idx (B, T) -> token embedding (+ position embedding) -> N x Block -> final norm -> head -> logits (B, T, V)
 
-Each Block is  x = x + Attention(LayerNorm(x));  x = x + MLP(LayerNorm(x)).
+The config names each component and `lm.registry` maps the name to a class built as `cls(config)`:
+attention (`lm.attention`), positions (`lm.positions`), norms (`lm.norms`) and feed-forward
+networks (`lm.feedforward`). The default config is GPT-2: learned positions, LayerNorm, GELU MLP.
+
+Where the norms sit, `config.norm_position`:
+
+    "pre"   x = x + Attn(norm1(x));   x = x + FFN(norm2(x))     ... final norm_f before the head
+            GPT-2 and every large model since: the residual stream is a clean sum, so gradients
+            reach early layers undiminished and deep stacks train without warmup tricks.
+    "post"  x = norm1(x + Attn(x));   x = norm2(x + FFN(x))     ... no final norm
+            The original transformer (Vaswani et al. 2017) and GPT-1: each block's output is already
+            normalised, so a further norm before the head would be a second norm in a row.
+
+With `pos="rope"` nothing is added to the embeddings: one `RotaryEmbedding` is built for the model and
+passed to every attention layer, which rotates queries and keys by their positions.
 """
 
 from __future__ import annotations
@@ -13,49 +26,53 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from .attention import CausalSelfAttention
+from . import attention as _attention  # noqa: F401  (imported for its registrations)
 from .config import ModelConfig
+from .feedforward import MLP  # noqa: F401  (lm.model.MLP, the GPT-2 feed-forward, as before)
+from .norms import NORM_TYPES
+from .positions import build_positions
+from .registry import ATTENTION, FEEDFORWARD, NORMS
 from .sampling import check_sampling_args, sample_next
 
 
-class MLP(nn.Module):
-    """Position-wise feed-forward network: C -> d_ff -> GELU -> C."""
-
-    def __init__(self, config: ModelConfig):
-        super().__init__()
-        self.fc = nn.Linear(config.d_model, config.ffn_width, bias=config.bias)
-        self.proj = nn.Linear(config.ffn_width, config.d_model, bias=config.bias)
-        self.drop = nn.Dropout(config.dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.proj(F.gelu(self.fc(x))))
-
-
 class Block(nn.Module):
-    """One pre-norm transformer block: attention then MLP, each added to the residual stream."""
+    """One transformer block: attention then a feed-forward network, each with a residual connection
+    and a norm, placed before the sublayer ("pre") or after the residual sum ("post")."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.norm1 = nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
-        self.norm2 = nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
-        self.mlp = MLP(config)
+        self.pre_norm = config.norm_position == "pre"
+        self.norm1 = NORMS.get(config.norm)(config)
+        self.attn = ATTENTION.get(config.attention)(config)
+        self.norm2 = NORMS.get(config.norm)(config)
+        self.mlp = FEEDFORWARD.get(config.ffn)(config)
 
-    def forward(self, x: torch.Tensor, return_weights: bool = False):
-        if return_weights:
-            a, weights = self.attn(self.norm1(x), return_weights=True)
+    def forward(self, x: torch.Tensor, rope=None, attention_mask=None, return_weights: bool = False):
+        """x: (B, T, C) -> (B, T, C); with `return_weights`, also the attention weights (B, H, T, T)."""
+        if self.pre_norm:
+            a, weights = self._attend(self.norm1(x), rope, attention_mask, return_weights)
             x = x + a
-            return x + self.mlp(self.norm2(x)), weights
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+            x = x + self.mlp(self.norm2(x))
+        else:
+            a, weights = self._attend(x, rope, attention_mask, return_weights)
+            x = self.norm1(x + a)
+            x = self.norm2(x + self.mlp(x))
+        return (x, weights) if return_weights else x
+
+    def _attend(self, h, rope, attention_mask, return_weights):
+        if return_weights:
+            return self.attn(h, rope=rope, attention_mask=attention_mask, return_weights=True)
+        return self.attn(h, rope=rope, attention_mask=attention_mask), None
 
 
 class GPT(nn.Module):
-    """The whole model. `forward(idx, targets=None)` returns `(logits, loss)`.
+    """The whole model. `forward(idx, targets=None, attention_mask=None)` returns `(logits, loss)`.
 
     A tokenizer may be attached (`model.tokenizer = tok`, done by `lm.load_model`), so that
-    `generate` takes and returns text.
+    `generate` takes and returns text. State-dict names: tok_emb, pos_emb (learned positions only),
+    blocks.{i}.norm1 / attn / norm2 / mlp, norm_f (pre-norm only), lm_head (tied to tok_emb by default).
     """
 
     def __init__(self, config: ModelConfig, tokenizer=None):
@@ -63,20 +80,24 @@ class GPT(nn.Module):
         self.config = config
         self.tokenizer = tokenizer
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
-        self.pos_emb = nn.Embedding(config.block_size, config.d_model)
+        # pos_emb: a (T, C) table added to the embeddings, or None; rope: one RotaryEmbedding, or None
+        self.pos_emb, self.rope = build_positions(config)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.norm_f = nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
+        self.norm_f = NORMS.get(config.norm)(config) if config.norm_position == "pre" else nn.Identity()
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_weights:
             self.lm_head.weight = self.tok_emb.weight
+        self.aux_loss: torch.Tensor | None = None  # MoE load-balancing loss of the last forward
         self.reset_parameters()
 
     # ---- initialisation ------------------------------------------------------------------------
     def reset_parameters(self) -> None:
-        """GPT-2 init: N(0, 0.02) weights, zero biases, and the two projections that write into
-        the residual stream scaled by 1/sqrt(2 * n_layer) so its variance does not grow with depth.
-        "xavier_uniform" uses Xavier-uniform Linear weights instead (seed 000's setting)."""
+        """GPT-2 init: N(0, 0.02) weights, zero biases, norms at their identity-like start, and the
+        projections that write into the residual stream (attention's `proj`, the MLP's `proj`,
+        SwiGLU's `w3`, every MoE expert's output layer) scaled by 1/sqrt(2 * n_layer) so the
+        stream's variance does not grow with depth. "xavier_uniform" uses Xavier-uniform Linear
+        weights instead (seed 000's setting)."""
         std = 0.02
         for module in self.modules():
             if isinstance(module, nn.Linear):
@@ -88,26 +109,26 @@ class GPT(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+            elif isinstance(module, NORM_TYPES):
+                module.reset_parameters()
         if self.config.init == "gpt2":
             residual_std = std / math.sqrt(2 * self.config.n_layer)
             for block in self.blocks:
-                nn.init.normal_(block.attn.proj.weight, mean=0.0, std=residual_std)
-                nn.init.normal_(block.mlp.proj.weight, mean=0.0, std=residual_std)
+                for projection in [block.attn.proj, *block.mlp.residual_projections()]:
+                    nn.init.normal_(projection.weight, mean=0.0, std=residual_std)
 
     # ---- size ----------------------------------------------------------------------------------
     def num_params(self, non_embedding: bool = True) -> int:
         """Number of parameters (shared tensors counted once).
 
-        With `non_embedding`, lookup tables are left out: the position embedding, and the token
-        embedding unless it is tied to the output head (then it does real work as the head).
+        With `non_embedding`, lookup tables are left out: a learned position embedding, and the
+        token embedding unless it is tied to the output head (then it does real work as the head).
+        `lm.count_params(config)` gives the total without building the model.
         """
         n = sum(p.numel() for p in self.parameters())  # parameters() yields a tied tensor once
         if non_embedding:
-            n -= self.pos_emb.weight.numel()
+            if self.pos_emb is not None:
+                n -= sum(p.numel() for p in self.pos_emb.parameters())
             if not self.config.tie_weights:
                 n -= self.tok_emb.weight.numel()
         return n
@@ -117,26 +138,38 @@ class GPT(nn.Module):
         return self.tok_emb.weight.device
 
     # ---- forward -------------------------------------------------------------------------------
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None):
         """idx: (B, T) token ids. targets: (B, T) next-token ids, -100 where no loss is wanted.
+        attention_mask: optional, passed to every attention layer (see `lm.attention`).
 
-        Returns logits (B, T, V) and the mean cross-entropy loss (None without targets).
+        Returns logits (B, T, V) and the mean cross-entropy loss (None without targets). With
+        `ffn="moe"`, the load-balancing loss (mean over layers) is kept in `self.aux_loss` and, in
+        training mode, `moe_aux_loss_coef * aux_loss` is added to the loss; in eval mode the loss
+        stays the plain cross-entropy, so validation losses compare across architectures.
         """
         x = self._embed(idx)
+        recompute = self.config.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x)
+            if recompute:  # keep only each block's input; rebuild its activations during backward
+                x = checkpoint(block, x, self.rope, attention_mask, use_reentrant=False)
+            else:
+                x = block(x, self.rope, attention_mask)
         logits = self.lm_head(self.norm_f(x))
+        self.aux_loss = self._moe_aux_loss()
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+            if self.aux_loss is not None and self.training:
+                loss = loss + self.config.moe_aux_loss_coef * self.aux_loss
         return logits, loss
 
-    def attention_weights(self, idx: torch.Tensor) -> list[torch.Tensor]:
+    def attention_weights(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
         """The attention weights of every layer, each (B, H, T, T), for plotting."""
         x = self._embed(idx)
         weights = []
         for block in self.blocks:
-            x, w = block(x, return_weights=True)
+            x, w = block(x, self.rope, attention_mask, return_weights=True)
             weights.append(w)
         return weights
 
@@ -149,8 +182,14 @@ class GPT(nn.Module):
                 f"sequence length {T} exceeds block_size={self.config.block_size}; "
                 f"crop the input to its last {self.config.block_size} tokens."
             )
-        pos = torch.arange(T, device=idx.device)
-        return self.drop(self.tok_emb(idx) + self.pos_emb(pos))
+        x = self.tok_emb(idx)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(T)
+        return self.drop(x)
+
+    def _moe_aux_loss(self) -> torch.Tensor | None:
+        losses = [block.mlp.aux_loss for block in self.blocks if getattr(block.mlp, "aux_loss", None) is not None]
+        return torch.stack(losses).mean() if losses else None
 
     # ---- generation ----------------------------------------------------------------------------
     @torch.no_grad()

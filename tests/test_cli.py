@@ -198,6 +198,38 @@ def test_train_with_config_file(tmp_path, prepared):
     assert ckpt["step"] == 4 and ckpt["train_config"]["eval_iters"] == 2
 
 
+def test_train_from_a_preset_with_component_flags(tmp_path, prepared):
+    out = tmp_path / "r"
+    assert main(["train", "--data_dir", str(prepared), "--out_dir", str(out), "--preset", "modular-gpt",
+                 "--n_layer", "1", "--d_model", "32", "--n_head", "4", "--n_kv_heads", "2", "--seq_len", "8",
+                 "--batch_size", "2", "--max_steps", "3", "--eval_interval", "3", "--no_progress",
+                 "--device", "cpu"]) == 0
+    config = lm.load_checkpoint(out / "last.pt")["config"]
+    expected = {**lm.PRESETS["modular-gpt"], "n_layer": 1, "d_model": 32, "n_head": 4, "n_kv_heads": 2,
+                "block_size": 8, "vocab_size": lm.load_tokenizer(prepared / "tokenizer.json").vocab_size}
+    assert {key: config[key] for key in expected} == expected
+
+
+def test_component_flags_change_the_default_model(tmp_path, prepared):
+    out = tmp_path / "r"
+    args = ["train", "--data_dir", str(prepared), "--out_dir", str(out), *TRAIN_FLAGS,
+            "--pos", "rope", "--norm", "rmsnorm", "--ffn", "swiglu", "--attention", "sliding_window", "--window", "4"]
+    assert main(args) == 0
+    config = lm.load_checkpoint(out / "last.pt")["config"]
+    assert (config["pos"], config["norm"], config["ffn"], config["attention"], config["window"]) == (
+        "rope", "rmsnorm", "swiglu", "sliding_window", 4)
+
+
+def test_unknown_preset_and_component_are_clear_errors(tmp_path, prepared, capsys):
+    base = ["train", "--data_dir", str(prepared), "--out_dir", str(tmp_path / "r"), *TRAIN_FLAGS]
+    with pytest.raises(SystemExit) as exit_:
+        main(base + ["--preset", "gpt5"])
+    assert exit_.value.code == 2 and "invalid choice: 'gpt5'" in capsys.readouterr().err
+    assert main(base + ["--norm", "batchnorm"]) == 2
+    err = capsys.readouterr().err
+    assert "batchnorm" in err and "rmsnorm" in err
+
+
 def test_bad_settings_are_reported_not_raised(tmp_path, prepared, capsys):
     args = ["train", "--data_dir", str(prepared), "--out_dir", str(tmp_path / "r"), *TRAIN_FLAGS]
     args[args.index("--n_head") + 1] = "5"  # 32 is not divisible by 5

@@ -10,8 +10,12 @@ from lm import ConfigError, ModelConfig
 
 def custom_config() -> ModelConfig:
     # every field away from its default, so a round trip that drops a field is caught
-    return ModelConfig(vocab_size=77, block_size=33, n_layer=3, n_head=2, d_model=24, d_ff=50, dropout=0.25,
-                       bias=False, tie_weights=False, attention="manual", init="xavier_uniform", norm_eps=1e-6)
+    return ModelConfig(vocab_size=77, block_size=33, n_layer=3, n_head=6, d_model=24, d_ff=50, dropout=0.25,
+                       bias=False, tie_weights=False, pos="rope", rope_base=500000.0, norm="rmsnorm",
+                       norm_position="post", norm_eps=1e-6, attention="sliding_window", n_kv_heads=2, window=8,
+                       sparse_block=8, sparse_local=1, sparse_stride=2, sparse_pattern="full", ffn="moe",
+                       n_experts=4, moe_top_k=1, moe_expert="swiglu", moe_aux_loss_coef=0.05, init="xavier_uniform",
+                       gradient_checkpointing=True)
 
 
 def test_custom_config_differs_from_default_in_every_field():
@@ -122,3 +126,94 @@ def test_bad_dropout(dropout):
 def test_config_error_is_a_value_error():
     assert issubclass(ConfigError, ValueError)
     assert ModelConfig(d_model=96, n_head=3).head_dim == 32
+
+
+# ---- components --------------------------------------------------------------------------------------
+def test_defaults_are_gpt2s_components():
+    config = ModelConfig()
+    assert (config.pos, config.norm, config.norm_position, config.attention, config.ffn) == (
+        "learned", "layernorm", "pre", "sdpa", "gelu")
+    assert config.n_kv_heads is None and config.kv_heads == config.n_head
+    assert not config.gradient_checkpointing
+
+
+def test_a_config_written_before_the_component_fields_still_loads():
+    old = {"vocab_size": 65, "block_size": 64, "n_layer": 2, "n_head": 2, "d_model": 32, "d_ff": None,
+           "dropout": 0.0, "bias": True, "tie_weights": True, "attention": "sdpa", "init": "gpt2", "norm_eps": 1e-5}
+    config = ModelConfig.from_dict(old)
+    assert config == ModelConfig(**old) and config.pos == "learned" and config.ffn == "gelu"
+
+
+@pytest.mark.parametrize("field, value, known", [
+    ("pos", "alibi", ["learned", "none", "rope", "sinusoidal"]),
+    ("norm", "batchnorm", ["layernorm", "rmsnorm", "scalenorm"]),
+    ("norm_position", "sandwich", ["post", "pre"]),
+    ("attention", "flash", ["block_sparse", "linear", "manual", "sdpa", "sliding_window"]),
+    ("ffn", "relu", ["gelu", "moe", "swiglu"]),
+    ("moe_expert", "moe", ["gelu", "swiglu"]),
+    ("sparse_pattern", "random", ["local_strided", "full"]),
+])
+def test_unknown_component_lists_the_known_names(field, value, known):
+    with pytest.raises(ConfigError) as err:
+        ModelConfig(**{field: value})
+    assert f"{field}={value!r}" in str(err.value) and str(known) in str(err.value)
+
+
+def test_every_registered_name_is_accepted():
+    choices = ModelConfig.component_choices()
+    for name in choices["pos"]:
+        ModelConfig(pos=name)
+    for name in choices["norm"]:
+        ModelConfig(norm=name)
+    for name in choices["attention"]:
+        ModelConfig(attention=name, window=8)
+    for name in choices["ffn"]:
+        ModelConfig(ffn=name)
+
+
+@pytest.mark.parametrize("n_kv_heads", [5, 8, 24])
+def test_kv_heads_must_divide_heads_and_the_valid_ones_are_listed(n_kv_heads):
+    with pytest.raises(ConfigError) as err:
+        ModelConfig(d_model=96, n_head=12, n_kv_heads=n_kv_heads)
+    message = str(err.value)
+    assert f"n_kv_heads={n_kv_heads}" in message and "n_head=12" in message
+    assert "[1, 2, 3, 4, 6, 12]" in message
+    for valid in (1, 2, 3, 4, 6, 12, None):
+        assert ModelConfig(d_model=96, n_head=12, n_kv_heads=valid).kv_heads == (valid or 12)
+
+
+def test_sliding_window_needs_a_window():
+    with pytest.raises(ConfigError, match="window"):
+        ModelConfig(attention="sliding_window")
+    with pytest.raises(ConfigError, match="window=0"):
+        ModelConfig(attention="sliding_window", window=0)
+    assert ModelConfig(attention="sliding_window", window=1).window == 1
+
+
+def test_top_k_cannot_exceed_the_experts():
+    with pytest.raises(ConfigError, match="moe_top_k=3 exceeds n_experts=2"):
+        ModelConfig(ffn="moe", n_experts=2, moe_top_k=3)
+    ModelConfig(ffn="moe", n_experts=2, moe_top_k=2)
+
+
+def test_rope_needs_an_even_head_dim():
+    with pytest.raises(ConfigError, match="head_dim.*even") as err:
+        ModelConfig(d_model=36, n_head=4, pos="rope")  # head_dim 9
+    assert "36 / 4 = 9" in str(err.value)
+    ModelConfig(d_model=36, n_head=4, pos="learned")  # fine without RoPE
+    ModelConfig(d_model=36, n_head=3, pos="rope")  # head_dim 12
+
+
+@pytest.mark.parametrize("field, value", [("rope_base", 1.0), ("rope_base", -5.0), ("norm_eps", 0.0),
+                                          ("norm_eps", "small"), ("moe_aux_loss_coef", -0.1),
+                                          ("bias", 1), ("tie_weights", "yes"), ("gradient_checkpointing", None),
+                                          ("n_experts", 0), ("moe_top_k", 0), ("sparse_block", 0),
+                                          ("sparse_local", -1), ("sparse_stride", -1), ("n_kv_heads", 0)])
+def test_bad_values_are_named(field, value):
+    with pytest.raises(ConfigError, match=field):
+        ModelConfig(**{field: value})
+
+
+def test_zero_local_blocks_and_stride_are_allowed():
+    config = ModelConfig(attention="block_sparse", sparse_local=0, sparse_stride=0)
+    assert (config.sparse_local, config.sparse_stride) == (0, 0)

@@ -1,0 +1,211 @@
+"""Position encodings: how a model knows where each token is.
+
+Attention by itself is blind to order: permute the tokens and every output is permuted the same
+way. Four ways to tell the model about positions, chosen by `ModelConfig.pos`:
+
+- "learned": a trainable (block_size, C) table added to the token embeddings (GPT-2);
+- "sinusoidal": the fixed sine/cosine table of "Attention Is All You Need", added the same way;
+- "rope": rotary position embedding (RoFormer, LLaMA). Nothing is added; instead every attention
+  layer rotates each query and key by an angle proportional to its position, so that the score
+  q_t . k_s depends on t - s only;
+- "none": no position information at all (a causal model can still infer some from the mask).
+
+    additive, rope = build_positions(config)
+    x = tok_emb(idx) + additive(T)        # when additive is not None
+    y = attn(x, rope=rope)                # when rope is not None: one RotaryEmbedding, every layer
+
+RoPE here follows the Hugging Face Llama convention exactly: the head dimension D is split into a
+first and a second half (`rotate_half`), not into interleaved (even, odd) pairs, so a LLaMA export
+is a plain weight copy with no permutation of the q/k projection rows.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .registry import POSITIONS
+
+
+# ---- sinusoidal --------------------------------------------------------------------------------
+def sinusoidal_table(T: int, C: int, offset: int = 0, base: float = 10000.0) -> torch.Tensor:
+    """(T, C) float32 table for positions offset .. offset+T-1:
+
+        PE[p, 2i]   = sin(p / base^(2i / C))
+        PE[p, 2i+1] = cos(p / base^(2i / C))
+
+    Sines and cosines are interleaved, as in Vaswani et al. (2017). For odd C the last column
+    is a sine.
+    """
+    position = torch.arange(offset, offset + T, dtype=torch.float32)[:, None]  # (T, 1)
+    inv_freq = base ** (-torch.arange(0, C, 2, dtype=torch.float32) / C)  # (ceil(C/2),)
+    angles = position * inv_freq  # (T, ceil(C/2))
+    table = torch.zeros(T, C)
+    table[:, 0::2] = torch.sin(angles)
+    table[:, 1::2] = torch.cos(angles[:, : C // 2])
+    return table
+
+
+@POSITIONS.register("learned")
+class LearnedPositionEmbedding(nn.Embedding):
+    """A trainable table of block_size position vectors (GPT-2). It *is* an `nn.Embedding`, so its
+    parameter is `<name>.weight` and the model's embedding initialisation applies to it."""
+
+    def __init__(self, config):
+        super().__init__(config.block_size, config.d_model)
+
+    @staticmethod
+    def param_count(config) -> int:
+        return config.block_size * config.d_model
+
+    def forward(self, T: int, offset: int = 0) -> torch.Tensor:
+        """Embeddings of positions offset .. offset+T-1: (T, C)."""
+        if offset + T > self.num_embeddings:
+            raise ValueError(
+                f"positions up to {offset + T - 1} requested but the learned table has {self.num_embeddings} "
+                f"(block_size); crop the input to block_size tokens or use pos='rope'/'sinusoidal'."
+            )
+        return self.weight[offset : offset + T]
+
+
+@POSITIONS.register("sinusoidal")
+class SinusoidalPositionEmbedding(nn.Module):
+    """The fixed sine/cosine table, kept as a non-persistent buffer (it is not learned, so it is not
+    saved in checkpoints) and grown on demand past block_size."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.d_model = config.d_model
+        self.register_buffer("table", sinusoidal_table(config.block_size, config.d_model), persistent=False)
+
+    @staticmethod
+    def param_count(config) -> int:
+        return 0
+
+    def forward(self, T: int, offset: int = 0) -> torch.Tensor:
+        """Encodings of positions offset .. offset+T-1: (T, C)."""
+        if offset + T > self.table.size(0):
+            self.table = sinusoidal_table(offset + T, self.d_model).to(self.table.device)
+        return self.table[offset : offset + T]
+
+
+@POSITIONS.register("none")
+class NoPositionEmbedding(nn.Module):
+    """No position information. `forward` returns None so the caller adds nothing; `build_positions`
+    returns (None, None) for this choice."""
+
+    def __init__(self, config=None):
+        super().__init__()
+
+    @staticmethod
+    def param_count(config) -> int:
+        return 0
+
+    def forward(self, T: int, offset: int = 0) -> None:
+        return None
+
+
+# ---- rotary ------------------------------------------------------------------------------------
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(..., D) -> (..., D): [x1, x2] -> [-x2, x1], with x1, x2 the first and second halves of D.
+
+    Together with `apply_rotary` this rotates each pair (x[i], x[i + D/2]) by an angle, the pairing
+    Hugging Face Llama uses (not the (x[2i], x[2i+1]) pairs of the RoFormer paper)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (..., T, D) by the angles whose cos and sin are given as (T, D) tables."""
+    return x * cos + rotate_half(x) * sin
+
+
+def rope_tables(
+    T: int, head_dim: int, base: float = 10000.0, offset: int = 0, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables (T, D), float32, for positions offset .. offset+T-1.
+
+    Pair i (of D/2) turns by angle p * base^(-2i/D) at position p: fast near i = 0, slow at the end.
+    Both halves of D repeat the same D/2 angles, to match `rotate_half`."""
+    # written as Hugging Face writes it, so the float32 tables match theirs bit for bit
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))  # (D/2,)
+    position = torch.arange(offset, offset + T, dtype=torch.float32, device=device)
+    angles = torch.outer(position, inv_freq)  # (T, D/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (T, D)
+    return angles.cos(), angles.sin()
+
+
+@POSITIONS.register("rope")
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding for one head size, shared by every attention layer of a model.
+
+        rope = RotaryEmbedding(head_dim, max_seq_len=block_size, base=rope_base)
+        q, k = rope(q, k)                 # q: (B, H, T, D), k: (B, H_kv, T, D), positions 0 .. T-1
+        q, k = rope(q, k, offset=n)       # positions n .. n+T-1 (new tokens after a KV cache of n)
+
+    cos/sin are cached as non-persistent float32 buffers (derived, so not in checkpoints), grown
+    when offset + T exceeds the cache, rebuilt in float32 if the module was cast to a lower
+    precision, and cast to q's dtype on use.
+    """
+
+    def __init__(self, head_dim: int, max_seq_len: int = 2048, base: float = 10000.0):
+        super().__init__()
+        if head_dim % 2 != 0:
+            raise ValueError(f"RoPE rotates pairs of channels, so head_dim={head_dim} must be even; "
+                             f"change d_model or n_head so that d_model // n_head is even.")
+        if base <= 1.0:
+            raise ValueError(f"rope_base={base} must be > 1 (10000.0 is the usual value).")
+        self.head_dim = head_dim
+        self.base = float(base)
+        cos, sin = rope_tables(max_seq_len, head_dim, self.base)
+        self.register_buffer("cos_cached", cos, persistent=False)
+        self.register_buffer("sin_cached", sin, persistent=False)
+
+    @staticmethod
+    def param_count(config) -> int:
+        return 0
+
+    @classmethod
+    def from_config(cls, config) -> "RotaryEmbedding":
+        return cls(config.d_model // config.n_head, max_seq_len=config.block_size,
+                   base=getattr(config, "rope_base", 10000.0))
+
+    def tables(self, T: int, offset: int = 0, dtype: torch.dtype = torch.float32):
+        """cos, sin (T, D) for positions offset .. offset+T-1, in `dtype`."""
+        end = offset + T
+        if end > self.cos_cached.size(0) or self.cos_cached.dtype != torch.float32:
+            length = max(end, self.cos_cached.size(0))
+            self.cos_cached, self.sin_cached = rope_tables(length, self.head_dim, self.base,
+                                                           device=self.cos_cached.device)
+        return self.cos_cached[offset:end].to(dtype), self.sin_cached[offset:end].to(dtype)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate q (..., T, D) and k (..., T, D) for positions offset .. offset+T-1."""
+        cos, sin = self.tables(q.size(-2), offset, q.dtype)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, base={self.base:g}, cached={self.cos_cached.size(0)}"
+
+
+# ---- building from a config --------------------------------------------------------------------
+def build_positions(config) -> tuple[nn.Module | None, RotaryEmbedding | None]:
+    """(additive, rope) for `config.pos`.
+
+    additive: a module with forward(T, offset=0) -> (T, C) that the model adds to the token
+    embeddings ("learned", "sinusoidal"), else None. rope: the one RotaryEmbedding the model passes
+    to every attention layer ("rope"), else None. "none" gives (None, None).
+    """
+    name = getattr(config, "pos", "learned")
+    cls = POSITIONS.get(name)  # an unknown name raises, listing the known ones
+    if cls is RotaryEmbedding:
+        return None, RotaryEmbedding.from_config(config)
+    if cls is NoPositionEmbedding:
+        return None, None
+    return cls(config), None
+
+
+__all__ = [
+    "LearnedPositionEmbedding", "NoPositionEmbedding", "RotaryEmbedding", "SinusoidalPositionEmbedding",
+    "apply_rotary", "build_positions", "rope_tables", "rotate_half", "sinusoidal_table",
+]
