@@ -565,10 +565,3 @@ class ByteBPETokenizer(Tokenizer):
         head = json.dumps(data, ensure_ascii=False, indent=1)[:-2]  # without the closing "\n}"
         lines = ",\n".join("  " + json.dumps(m, ensure_ascii=False) for m in merges)
         Path(path).write_text(f'{head},\n "merges": [\n{lines}\n ]\n}}\n', encoding="utf-8")
-
-    @classmethod
-    def load(cls, path: str | Path) -> "ByteBPETokenizer":
-        path = Path(path)
-        if not path.is_file():
-            raise TokenizerError(f"tokenizer file {str(path)!r} does not exist.")
-        return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
