@@ -481,7 +481,8 @@ class ByteBPETokenizer(Tokenizer):
                 except UnicodeEncodeError:
                     raise TokenizerError(f"the text holds a lone surrogate in {piece!r}, which is not valid Unicode; "
                                          f"clean it first, e.g. text.encode('utf-8', 'replace').decode().") from None
-                tokens = [ranks[part] for part in bpe(data, ranks)]
+                whole = ranks.get(data)  # a whole word that is one token (as tiktoken also checks first)
+                tokens = [whole] if whole is not None else [ranks[part] for part in bpe(data, ranks)]
                 if len(cache) >= CACHE_SIZE:
                     cache.clear()
                 cache[piece] = tokens
