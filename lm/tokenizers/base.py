@@ -18,6 +18,7 @@ class TokenizerError(ValueError):
 
 
 TOKENIZERS: dict[str, type["Tokenizer"]] = {}
+ENDOFTEXT = "<|endoftext|>"  # GPT-2's document separator
 
 
 def register(cls):
@@ -82,6 +83,22 @@ class Tokenizer:
         if not path.is_file():
             raise TokenizerError(f"tokenizer file {str(path)!r} does not exist.")
         return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+
+
+class EndOfTextSpecials:
+    """Special tokens as GPT-2 has them: `<|endoftext|>` ends (and separates) documents, and there
+    is no separate BOS or PAD token. Expects `self._specials`, a dict name -> id."""
+
+    bos_id = None
+    pad_id = None
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        return dict(self._specials)
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._specials.get(ENDOFTEXT)
 
 
 def check_kind(data, kind: str) -> None:

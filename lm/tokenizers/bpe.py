@@ -27,7 +27,7 @@ from typing import AbstractSet, Iterable, Iterator, Mapping, Sequence
 
 import regex
 
-from .base import Tokenizer, TokenizerError, check_kind, register
+from .base import ENDOFTEXT, EndOfTextSpecials, Tokenizer, TokenizerError, check_kind, register
 from .gpt2_ranks import GPT2_PATTERN, GPT2_SPECIAL_TOKENS, load_gpt2_ranks
 
 # GPT-4's pre-tokenizer (tiktoken's cl100k_base): case-insensitive contractions, numbers in groups
@@ -37,7 +37,6 @@ GPT4_PATTERN = (
     r"""\s+(?!\S)|\s"""
 )
 PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
-ENDOFTEXT = "<|endoftext|>"
 CACHE_SIZE = 100_000  # pre-tokens remembered by encode; the cache is emptied when it is full
 BYTES = [bytes([b]) for b in range(256)]
 NO_RANK = 2**63  # the rank of a pair that is not a token
@@ -231,7 +230,7 @@ def str_to_bytes(text: str) -> bytes:
 
 # ---- the tokenizer -------------------------------------------------------------------------------
 @register
-class ByteBPETokenizer(Tokenizer):
+class ByteBPETokenizer(EndOfTextSpecials, Tokenizer):
     """Byte-level BPE with a GPT-style pre-tokenizer and special tokens.
 
     `vocab[i]` is the bytes of token i for every ordinary id; ids 0..255 must be the 256 single
@@ -341,17 +340,6 @@ class ByteBPETokenizer(Tokenizer):
     @property
     def vocab_size(self) -> int:
         return len(self._id_bytes)
-
-    @property
-    def special_tokens(self) -> dict[str, int]:
-        return dict(self._specials)
-
-    @property
-    def eos_id(self) -> int | None:
-        return self._specials.get(ENDOFTEXT)
-
-    bos_id = None  # like GPT-2: <|endoftext|> ends documents; there is no separate <bos> or <pad>
-    pad_id = None
 
     @property
     def merges(self) -> list[tuple[int, int]]:

@@ -21,18 +21,17 @@ from typing import AbstractSet, Iterable
 import tiktoken
 
 from ..data import DataError
-from .base import Tokenizer, TokenizerError, check_kind, register
+from .base import EndOfTextSpecials, Tokenizer, TokenizerError, check_kind, register
 from .gpt2_ranks import GPT2_PATTERN, GPT2_SPECIAL_TOKENS, gpt2_ranks_path, load_gpt2_ranks
 
 OFFLINE_ENCODINGS = ("gpt2", "r50k_base")  # the same ranks, pattern and special token
 SOURCES = ("auto", "lm", "tiktoken")
-ENDOFTEXT = "<|endoftext|>"
 
 _ENCODINGS: dict[tuple[str, str], tiktoken.Encoding] = {}  # (name, ranks file) -> Encoding, per process
 
 
 @register
-class TiktokenTokenizer(Tokenizer):
+class TiktokenTokenizer(EndOfTextSpecials, Tokenizer):
     """GPT-2's tokenizer (or another tiktoken encoding) behind the `lm` tokenizer interface.
 
     GPT-2 has one special token, <|endoftext|> (id 50256), used both to end and to separate
@@ -61,17 +60,6 @@ class TiktokenTokenizer(Tokenizer):
     @property
     def vocab_size(self) -> int:
         return self._enc.n_vocab
-
-    @property
-    def special_tokens(self) -> dict[str, int]:
-        return dict(self._specials)
-
-    @property
-    def eos_id(self) -> int | None:
-        return self._specials.get(ENDOFTEXT)
-
-    bos_id = None
-    pad_id = None
 
     @property
     def encoding(self) -> tiktoken.Encoding:
