@@ -39,6 +39,7 @@ import time
 import torch
 
 import lm
+from _report import report
 from lm.registry import ATTENTION
 
 VARIANTS = {  # name -> ModelConfig overrides
@@ -158,9 +159,8 @@ def main() -> None:
         others = ", ".join(f"{n} {at_max['manual'] / ms:.1f}x" for n, ms in at_max.items() if n != "manual")
         print(f"speed-up over manual at T={T}: {others}")
     if "linear" in at_max and "manual" in at_max:
-        print(json.dumps({"bench": "attention_cost", "unit": f"ms fwd+bwd at T={T}", "lm": at_max["linear"],
-                          "peer": at_max["manual"], "peer_name": "manual softmax attention",
-                          "speedup": round(at_max["manual"] / at_max["linear"], 2)}))
+        report("attention_cost", f"ms fwd+bwd at T={T}", at_max["linear"], at_max["manual"],
+               "manual softmax attention", higher_is_better=False)
 
 
 if __name__ == "__main__":

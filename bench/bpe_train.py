@@ -25,10 +25,10 @@ os.environ["RAYON_RS_NUM_CPUS"] = "1"  # the older name of the same setting
 
 import argparse
 import io
-import json
 import time
 
 import lm
+from _report import report
 from lm.tokenizers.bpe import ByteBPETokenizer
 
 
@@ -81,9 +81,7 @@ def main() -> None:
     for name, values in seconds.items():
         print(f"{name:14s} {min(values):6.2f} s  (runs: {[round(v, 2) for v in values]})")
     ours, peer = min(seconds["lm"]), min(seconds["sentencepiece"])
-    print(json.dumps({"bench": "bpe_train_shakespeare_10k", "unit": "s", "lm": round(ours, 3),
-                      "peer": round(peer, 3), "peer_name": "sentencepiece bpe (1 thread)",
-                      "speedup": round(peer / ours, 3)}))
+    report("bpe_train_shakespeare_10k", "s", ours, peer, "sentencepiece bpe (1 thread)", higher_is_better=False)
 
 
 if __name__ == "__main__":

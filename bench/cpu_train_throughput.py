@@ -14,13 +14,13 @@ means lm trains faster.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
 
 import lm
+from _report import report
 
 
 def build_models(vocab_size: int, block_size: int):
@@ -92,9 +92,8 @@ def main() -> None:
     for name, values in rates.items():
         print(f"{name:13s} {statistics.median(values):8.0f} tokens/s  (rounds: {[round(v) for v in values]})")
     ours_rate, peer_rate = statistics.median(rates["lm"]), statistics.median(rates["transformers"])
-    print(json.dumps({"bench": "cpu_train_6L6H384_B8T256", "unit": "tokens/s", "lm": round(ours_rate, 1),
-                      "peer": round(peer_rate, 1), "peer_name": "transformers GPT2LMHeadModel",
-                      "speedup": round(ours_rate / peer_rate, 3)}))
+    report("cpu_train_6L6H384_B8T256", "tokens/s", ours_rate, peer_rate, "transformers GPT2LMHeadModel",
+           higher_is_better=True)
 
 
 if __name__ == "__main__":

@@ -22,12 +22,12 @@ os.environ["RAYON_NUM_THREADS"] = "1"  # before tokenizers starts its thread poo
 os.environ["RAYON_RS_NUM_CPUS"] = "1"
 
 import argparse
-import json
 import time
 
 import tiktoken
 
 import lm
+from _report import report
 from lm.tokenizers import GPT2_PATTERN, GPT2_SPECIAL_TOKENS, load_gpt2_ranks
 from lm.tokenizers.bpe import ByteBPETokenizer
 
@@ -101,9 +101,7 @@ def main() -> None:
         print(f"{name:14s} {max(values):6.2f} MB/s  (rounds: {[round(v, 2) for v in values]})")
     print(f"{'lm, warm cache':14s} {max(warm):6.2f} MB/s  (the same text again)")
     ours, peer = max(rates["lm"]), max(rates["tiktoken"])
-    print(json.dumps({"bench": "encode_gpt2_shakespeare", "unit": "MB/s", "lm": round(ours, 3),
-                      "peer": round(peer, 3), "peer_name": "tiktoken (1 thread)",
-                      "speedup": round(ours / peer, 3)}))
+    report("encode_gpt2_shakespeare", "MB/s", ours, peer, "tiktoken (1 thread)", higher_is_better=True)
 
 
 if __name__ == "__main__":
