@@ -1,8 +1,10 @@
 """CPU training throughput, tokens/s: lm.GPT against Hugging Face transformers' GPT2LMHeadModel.
 
 Both models have the same architecture (6 layers, 6 heads, d_model 384, GELU MLP, tied embeddings,
-learned positions), the same batches (B=8, T=256, character vocabulary) and the same AdamW
-optimizer, and both run in one process with the same thread count. Each does `--warmup` untimed
+learned positions), the same batches (B=8, T=256, character vocabulary, random windows of pydoc
+text), the same loss, gradient clipping and fused AdamW, and both run in one process with the same
+thread count. lm's side is one `lm.training.Trainer.train_step()`: the trainer users run, with its
+bookkeeping, not a hand-written loop. Each does `--warmup` untimed
 steps, then `--steps` timed ones; the two alternate in rounds so drifts in machine load hit both.
 
     .venv/bin/python bench/cpu_train_throughput.py [--steps 10] [--threads 2]
@@ -20,6 +22,8 @@ import time
 import torch
 
 import lm
+import lm.data
+import lm.training
 from _report import report
 
 
@@ -37,18 +41,15 @@ def build_models(vocab_size: int, block_size: int):
     return ours, peer
 
 
-def step_lm(model, opt, x, y):
-    _, loss = model(x, y)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-
-
-def step_hf(model, opt, x, y):
+def step_hf(model, opt, batches):
+    """The peer's training step: the same batches, loss, clipping and AdamW as lm's trainer."""
+    (x, y), = batches.next_step()
     loss = model(input_ids=x, labels=x).loss  # HF shifts labels inside; same next-token task
-    opt.zero_grad(set_to_none=True)
     loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
 
 
 def timed(fn, steps):
@@ -66,6 +67,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--seq_len", type=int, default=256)
+    parser.add_argument("--compile", action="store_true", help="lm.TrainConfig(compile=True) for lm")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -74,21 +76,23 @@ def main() -> None:
     tok = lm.CharTokenizer.train(text)
     data = torch.tensor(tok.encode(text, parse_special=False))
     ours, peer = build_models(tok.vocab_size, args.seq_len)
-    g = torch.Generator().manual_seed(0)
-    x, y = lm.get_batch(data, args.batch_size, args.seq_len, generator=g)
-    runs = {
-        "lm": (ours, step_lm, torch.optim.AdamW(ours.parameters(), lr=3e-4)),
-        "transformers": (peer, step_hf, torch.optim.AdamW(peer.parameters(), lr=3e-4)),
-    }
-    for model, step, opt in runs.values():
-        model.train()
-        timed(lambda: step(model, opt, x, y), args.warmup)
+    # lm: one optimizer step of its trainer (batch, forward, backward, clip, fused AdamW, bookkeeping)
+    trainer = lm.training.Trainer(ours, data, data, lm.TrainConfig(
+        max_steps=10**9, batch_size=args.batch_size, seq_len=args.seq_len, warmup_steps=0, progress=False,
+        compile=args.compile))
+    peer_batches = lm.data.Batches(data, args.batch_size, args.seq_len, seed=0)
+    peer_opt = lm.training.configure_optimizer(peer, 3e-4, 0.1)
+    runs = {"lm": trainer.train_step, "transformers": lambda: step_hf(peer, peer_opt, peer_batches)}
+    ours.train()
+    peer.train()
+    for step in runs.values():
+        timed(step, args.warmup)
 
     tokens = args.batch_size * args.seq_len * args.steps
     rates = {name: [] for name in runs}
     for _ in range(args.rounds):
-        for name, (model, step, opt) in runs.items():
-            rates[name].append(tokens / timed(lambda: step(model, opt, x, y), args.steps))
+        for name, step in runs.items():
+            rates[name].append(tokens / timed(step, args.steps))
     for name, values in rates.items():
         print(f"{name:13s} {statistics.median(values):8.0f} tokens/s  (rounds: {[round(v) for v in values]})")
     ours_rate, peer_rate = statistics.median(rates["lm"]), statistics.median(rates["transformers"])

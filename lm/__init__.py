@@ -15,8 +15,9 @@ __version__ = "0.1.0"
 from . import attention, feedforward, norms, positions  # noqa: F401  (isort: skip)
 from .checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
 from .config import ConfigError, ModelConfig
-from .data import DataError, get_batch, load_corpus, train_val_split
+from .data import DataError, get_batch, load_corpus, load_documents, train_val_split
 from .device import auto_device, resolve_device
+from .memory import find_batch_size, training_memory
 from .model import GPT
 from .presets import PRESETS, count_params, param_formula_rscalm, param_formula_seed000, preset
 from .registry import ATTENTION, FEEDFORWARD, NORMS, POSITIONS, Registry, RegistryError
@@ -33,4 +34,5 @@ __all__ = [
     "TokenizerError", "TrainConfig", "TrainHistory", "TrainingError", "auto_device", "get_batch",
     "load_checkpoint", "load_corpus", "load_model", "load_tokenizer", "lr_at", "resolve_device",
     "SentencePieceTokenizer", "TiktokenTokenizer", "sample_next", "save_checkpoint", "top_k_filter", "train", "train_val_split",
+    "find_batch_size", "load_documents", "training_memory",
 ]

@@ -12,6 +12,9 @@ A checkpoint is a dict of tensors and plain data (never pickled classes), so it 
     step, best_val_loss   where training stood
     train_config          the training settings, as a dict
     git_sha, timestamp    where the code and the time it was written, when known
+    trainer               written by lm.train, for resuming: the batch stream's position, RNG states,
+                          the learning-rate schedule, the history so far, early-stopping counters
+    ema                   the exponential moving average of the weights (a state_dict), or None
 """
 
 from __future__ import annotations
@@ -58,12 +61,16 @@ def save_checkpoint(
     best_val_loss: float | None = None,
     train_config: dict | None = None,
     extra: dict | None = None,
+    model_state: dict | None = None,
 ) -> Path:
-    """Write a checkpoint to `path` atomically: a crash mid-save leaves any earlier file whole."""
+    """Write a checkpoint to `path` atomically: a crash mid-save leaves any earlier file whole.
+
+    `model_state` replaces `model.state_dict()` (weights gathered from FSDP shards, say); `extra`
+    adds entries (the trainer's state for resuming, EMA weights)."""
     payload = {
         "format": FORMAT,
         "version": VERSION,
-        "model": model.state_dict(),
+        "model": model.state_dict() if model_state is None else model_state,
         "config": model.config.to_dict(),
         "tokenizer": model.tokenizer.to_dict() if model.tokenizer is not None else None,
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
@@ -110,8 +117,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return ckpt
 
 
-def model_from_checkpoint(ckpt: dict, device: str | torch.device | None = None, strict: bool = True) -> GPT:
-    """Build the model a checkpoint dict describes, load its weights and attach its tokenizer."""
+def model_from_checkpoint(ckpt: dict, device: str | torch.device | None = None, strict: bool = True,
+                          ema: bool = True) -> GPT:
+    """Build the model a checkpoint dict describes, load its weights and attach its tokenizer.
+
+    When training kept an EMA of the weights, the averaged weights are loaded (`ema=False`: the
+    trained weights themselves)."""
     missing = [key for key in ("config", "model") if key not in ckpt]
     if missing:
         raise CheckpointError(f"the checkpoint has no {missing} entry; it was not written by lm.save_checkpoint.")
@@ -119,7 +130,8 @@ def model_from_checkpoint(ckpt: dict, device: str | torch.device | None = None, 
     tokenizer = tokenizer_from_dict(ckpt["tokenizer"]) if ckpt.get("tokenizer") else None
     model = GPT(config, tokenizer=tokenizer)
     try:
-        result = model.load_state_dict(ckpt["model"], strict=False)
+        weights = ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"]
+        result = model.load_state_dict(weights, strict=False)
     except RuntimeError as err:  # shapes differ: the weights belong to another configuration
         raise CheckpointError(f"checkpoint weights do not fit the model its config describes: {err}") from err
     if strict and (result.missing_keys or result.unexpected_keys):
@@ -130,12 +142,14 @@ def model_from_checkpoint(ckpt: dict, device: str | torch.device | None = None, 
     return model.to(resolve_device(device))
 
 
-def load_model(path: str | Path, device: str | torch.device | None = None, strict: bool = True) -> GPT:
+def load_model(path: str | Path, device: str | torch.device | None = None, strict: bool = True,
+               ema: bool = True) -> GPT:
     """Load a trained model for inference: `lm.load_model("runs/x/best.pt", device="cpu")`.
 
     Returns the model in eval mode with its tokenizer attached, so
     `model.generate("prompt", max_new_tokens=100, temperature=0.8)` returns text.
-    `device=None` picks cuda, then mps, then cpu.
+    `device=None` picks cuda, then mps, then cpu. A run trained with an EMA of its weights loads the
+    averaged weights unless `ema=False`.
     """
-    model = model_from_checkpoint(load_checkpoint(path), device=device, strict=strict)
+    model = model_from_checkpoint(load_checkpoint(path), device=device, strict=strict, ema=ema)
     return model.eval()

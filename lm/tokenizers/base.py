@@ -33,6 +33,13 @@ class Tokenizer:
 
     kind = "base"
 
+    # Special ids, None where a kind has no such token; subclasses override them. `eos_id` ends a
+    # document, and `lm prep` writes it between documents: <EOS> (char), </s> (sentencepiece),
+    # <|endoftext|> (bpe, tiktoken).
+    bos_id: int | None = None
+    eos_id: int | None = None
+    pad_id: int | None = None
+
     # ---- to implement --------------------------------------------------------------------------
     def encode(self, text: str, **kwargs) -> list[int]:
         raise NotImplementedError

@@ -1,0 +1,102 @@
+"""Two processes on CPU (gloo) train like one process with the same global batch: DDP, FSDP, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import lm
+from lm import distributed
+from lm.cli import main as lm_main
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).parent))
+import dist_worker  # noqa: E402
+
+
+def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def single():
+    """One process, global batch 8."""
+    return dist_worker.run(batch_size=8)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_one(tmp_path, single, parallel):
+    out = tmp_path / "history.json"
+    torchrun("tests/dist_worker.py", str(out), "4", parallel)  # 2 processes x batch 4
+    both = json.loads(out.read_text())
+    assert both["step"] == single.step
+    assert both["loss"] == pytest.approx(single.loss, rel=1e-4)
+    assert both["grad_norm"] == pytest.approx(single.grad_norm, rel=1e-3)
+    assert both["val_loss"] == pytest.approx(single.val_loss, rel=1e-4)
+    assert both["tokens"] == single.tokens  # tokens of all processes together
+
+
+def test_fsdp_checkpoint_loads_and_resumes(tmp_path):
+    runs = tmp_path / "runs"
+    torchrun("tests/dist_worker.py", str(tmp_path / "a.json"), "4", "fsdp", str(runs))
+    ckpt = lm.load_checkpoint(runs / "last.pt")
+    assert ckpt["step"] == 8 and ckpt["trainer"]["world_size"] == 2
+    assert all(isinstance(v, torch.Tensor) and type(v) is torch.Tensor for v in ckpt["model"].values())  # gathered
+    model = lm.load_model(runs / "last.pt", device="cpu")  # the full model, in one process
+    assert model.num_params() > 0
+    torchrun("tests/dist_worker.py", str(tmp_path / "b.json"), "4", "fsdp", str(runs), str(runs / "last.pt"))
+    resumed = json.loads((tmp_path / "b.json").read_text())
+    assert resumed["step"] == list(range(12))
+    # the same 8 + 4 steps in one process: the continuation after the resume must agree
+    one = tmp_path / "one"
+    dist_worker.run(batch_size=8, out_dir=str(one))
+    reference = dist_worker.run(batch_size=8, max_steps=12, resume=one / "last.pt")
+    assert resumed["loss"][8:] == pytest.approx(reference.loss[8:], rel=1e-4)
+    assert resumed["val_loss"] == pytest.approx(reference.val_loss, rel=1e-4)
+
+
+def test_cli_under_torchrun_matches_one_process(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(dist_worker.TEXT + "\n")
+    data = tmp_path / "data"
+    assert lm_main(["prep", "--corpus", str(corpus), "--out_dir", str(data)]) == 0
+    flags = ["--data_dir", str(data), "--max_steps", "6", "--n_layer", "1", "--d_model", "32", "--n_head", "2",
+             "--seq_len", "16", "--eval_interval", "3", "--eval_iters", "2", "--lr", "1e-2", "--warmup_steps", "1",
+             "--no_progress", "--device", "cpu"]
+    result = torchrun("-m", "lm", "train", "--out_dir", str(tmp_path / "two"), "--batch_size", "4", *flags)
+    assert "2 processes (ddp)" in result.stdout
+    torch.set_num_threads(1)
+    assert lm_main(["train", "--out_dir", str(tmp_path / "one"), "--batch_size", "8", *flags]) == 0
+    one, two = (lm.load_checkpoint(tmp_path / d / "last.pt")["trainer"]["history"] for d in ("one", "two"))
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-4)
+    assert two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-4)
+
+
+def test_env_info_reads_torchrun_variables(monkeypatch):
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    info = distributed.env_info()
+    assert (info.rank, info.local_rank, info.world_size, info.is_main, info.enabled) == (3, 1, 4, False, True)
+    assert distributed.local_device("cpu") == torch.device("cpu")
+    monkeypatch.setenv("RANK", "x")
+    with pytest.raises(RuntimeError, match="must be integers"):
+        distributed.env_info()
+
+
+def test_single_process_has_no_process_group():
+    assert not distributed.env_info().enabled
+    value = torch.tensor(2.5)
+    assert distributed.all_mean(value) is value

@@ -1,0 +1,357 @@
+"""The trainer's features: accumulation, resuming, early stopping, mixed precision, EMA, metrics, compile."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import lm
+import lm.training
+from lm import GPT, CharTokenizer, ModelConfig, TrainConfig, TrainingError, load_checkpoint, load_model, train
+from lm.data import Batches, DataError, get_batch
+from lm.training import EMA, Trainer
+
+
+def setup_run(text: str, seed: int = 0, dropout: float = 0.0, **model_kwargs):
+    tok = CharTokenizer.train(text)
+    ids = torch.tensor(tok.encode(text))
+    split = int(0.9 * len(ids))
+    torch.manual_seed(seed)
+    config = ModelConfig(**{"vocab_size": tok.vocab_size, "block_size": 32, "n_layer": 2, "n_head": 2,
+                            "d_model": 32, "dropout": dropout, **model_kwargs})
+    return GPT(config, tokenizer=tok), ids[:split], ids[split:]
+
+
+def quick(**overrides) -> TrainConfig:
+    settings = dict(max_steps=20, batch_size=8, lr=1e-2, warmup_steps=3, eval_interval=5, eval_iters=2,
+                    progress=False)
+    return TrainConfig(**{**settings, **overrides})
+
+
+@pytest.fixture
+def corpus_text() -> str:
+    """Varied text (not a single repeated sentence), so batches differ and losses do too."""
+    words = "the king and queen of a small castle walked to the river at dawn while birds sang".split()
+    rng = np.random.default_rng(0)
+    return " ".join(rng.choice(words, size=900)) + "\n"
+
+
+# ---- batches ---------------------------------------------------------------------------------------
+def test_random_batches_match_get_batch(corpus_text):
+    ids = torch.arange(500)
+    batches = Batches(ids, 4, 16, seed=7)
+    generator = torch.Generator().manual_seed(7)
+    for _ in range(3):
+        [(x, y)] = batches.next_step()
+        ex, ey = get_batch(ids, 4, 16, generator)
+        assert torch.equal(x, ex) and torch.equal(y, ey)
+
+
+def test_global_batch_is_split_across_micro_batches_and_ranks():
+    ids = torch.arange(1000)
+    whole = Batches(ids, 8, 10, seed=3).next_step()[0][0]
+    accum = torch.cat([x for x, _ in Batches(ids, 4, 10, seed=3, grad_accum_steps=2).next_step()])
+    assert torch.equal(whole, accum)
+    ranks = [Batches(ids, 2, 10, seed=3, grad_accum_steps=2, rank=r, world_size=2).next_step() for r in range(2)]
+    interleaved = torch.cat([ranks[r][m][0] for m in range(2) for r in range(2)])
+    assert torch.equal(whole, interleaved)
+
+
+def test_epoch_sampling_sees_every_window_once_per_epoch():
+    ids = torch.arange(10 * 16 + 1)  # exactly 10 windows of 16 with their targets
+    batches = Batches(ids, 3, 16, seed=0, mode="epoch")
+    assert batches.n_windows == 10
+    starts = []
+    for _ in range(4):  # 12 windows: one epoch and two more
+        [(x, y)] = batches.next_step()
+        assert torch.equal(y, x + 1)
+        starts += x[:, 0].tolist()
+    assert sorted(starts[:10]) == list(range(0, 160, 16))
+    assert batches.epoch == 1 and batches.position == 2 and batches.epochs_done == pytest.approx(1.2)
+    assert starts[:10] != list(range(0, 160, 16))  # shuffled
+
+
+@pytest.mark.parametrize("mode", ["random", "epoch"])
+def test_batches_resume_from_their_state(mode):
+    ids = np.arange(3000, dtype=np.uint16)
+    a = Batches(ids, 5, 12, seed=1, mode=mode)
+    for _ in range(7):
+        a.next_step()
+    b = Batches(ids, 5, 12, seed=1, mode=mode)
+    b.load_state_dict(a.state_dict())
+    for _ in range(60):
+        assert torch.equal(a.next_step()[0][0], b.next_step()[0][0])
+
+
+def test_batch_errors():
+    with pytest.raises(DataError, match="sampling mode 'shuffle'"):
+        Batches(torch.arange(100), 2, 8, mode="shuffle")
+    with pytest.raises(DataError, match="too few for windows of seq_len=100"):
+        Batches(torch.arange(50), 2, 100)
+    with pytest.raises(DataError, match="same sampling mode"):
+        Batches(torch.arange(100), 2, 8, mode="epoch").load_state_dict(Batches(torch.arange(100), 2, 8).state_dict())
+
+
+# ---- accumulation ----------------------------------------------------------------------------------
+def test_gradient_accumulation_matches_one_big_batch(corpus_text):
+    torch.set_num_threads(1)
+    runs = {}
+    for batch, accum in [(8, 1), (4, 2), (2, 4)]:
+        model, train_ids, val_ids = setup_run(corpus_text, seed=3)
+        runs[accum] = train(model, train_ids, val_ids, quick(batch_size=batch, grad_accum_steps=accum))
+    for accum in (2, 4):
+        assert runs[accum].loss == pytest.approx(runs[1].loss, rel=1e-4)
+        assert runs[accum].grad_norm == pytest.approx(runs[1].grad_norm, rel=1e-3)
+        assert runs[accum].val_loss == pytest.approx(runs[1].val_loss, rel=1e-4)
+    assert runs[2].tokens == runs[1].tokens == 20 * 8 * 32
+
+
+# ---- resuming --------------------------------------------------------------------------------------
+class Stop(Exception):
+    pass
+
+
+def test_interrupted_and_resumed_run_gives_the_same_losses(tmp_path, corpus_text):
+    torch.set_num_threads(1)
+    config = quick(max_steps=20, eval_interval=5, out_dir=str(tmp_path / "full"))
+    model, train_ids, val_ids = setup_run(corpus_text, seed=2, dropout=0.1)  # dropout draws random numbers
+    full = train(model, train_ids, val_ids, config)
+
+    def stop_at_ten(history):
+        if history.eval_step[-1] == 9:
+            raise Stop
+
+    part = quick(max_steps=20, eval_interval=5, out_dir=str(tmp_path / "part"))
+    model, train_ids, val_ids = setup_run(corpus_text, seed=2, dropout=0.1)
+    with pytest.raises(Stop):
+        train(model, train_ids, val_ids, part, callback=stop_at_ten)
+    assert load_checkpoint(tmp_path / "part" / "last.pt")["step"] == 10
+
+    model, train_ids, val_ids = setup_run(corpus_text, seed=99, dropout=0.1)  # other weights: they get loaded
+    torch.manual_seed(12345)  # and another RNG state: it gets restored
+    resumed = train(model, train_ids, val_ids, part, resume=tmp_path / "part" / "last.pt")
+    assert resumed.step == list(range(20))
+    assert resumed.loss == full.loss  # bit for bit
+    assert resumed.val_loss == full.val_loss and resumed.lr == full.lr
+    assert resumed.best_val_loss == full.best_val_loss
+
+    rows = list(csv.DictReader(open(tmp_path / "part" / "metrics.csv")))
+    assert [int(r["step"]) for r in rows] == list(range(20))  # no duplicates from the first attempt
+    assert [float(r["loss"]) for r in rows] == pytest.approx(full.loss)
+
+
+def test_ctrl_c_saves_last_checkpoint_and_resume_continues(tmp_path, corpus_text, monkeypatch):
+    torch.set_num_threads(1)
+    config = quick(max_steps=16, eval_interval=8, out_dir=str(tmp_path))
+    model, train_ids, val_ids = setup_run(corpus_text, seed=4)
+    full = train(model, train_ids, val_ids, quick(max_steps=16, eval_interval=8))
+
+    real_next_step, calls = Batches.next_step, []
+
+    def interrupt_on_the_13th_step(self, device="cpu"):
+        calls.append(self.seed == config.seed)  # training batches, not the evaluation's
+        if sum(calls) == 13 and calls[-1]:
+            raise KeyboardInterrupt
+        return real_next_step(self, device)
+
+    monkeypatch.setattr(Batches, "next_step", interrupt_on_the_13th_step)
+    model, train_ids, val_ids = setup_run(corpus_text, seed=4)
+    with pytest.raises(KeyboardInterrupt):
+        train(model, train_ids, val_ids, config)
+    monkeypatch.setattr(Batches, "next_step", real_next_step)
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 12
+
+    model, train_ids, val_ids = setup_run(corpus_text, seed=0)
+    resumed = train(model, train_ids, val_ids, config, resume=tmp_path / "last.pt")
+    assert resumed.loss == full.loss and resumed.val_loss == full.val_loss
+
+
+def test_resume_needs_a_training_checkpoint(tmp_path, corpus_text):
+    model, train_ids, val_ids = setup_run(corpus_text)
+    lm.save_checkpoint(tmp_path / "weights.pt", model)
+    with pytest.raises(TrainingError, match="no trainer state"):
+        train(model, train_ids, val_ids, quick(), resume=tmp_path / "weights.pt")
+
+
+def test_checkpoint_holds_everything_to_resume(tmp_path, corpus_text):
+    model, train_ids, val_ids = setup_run(corpus_text)
+    train(model, train_ids, val_ids, quick(max_steps=5, out_dir=str(tmp_path), precision="fp16"))
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    state = ckpt["trainer"]
+    assert set(state) >= {"batches", "rng", "history", "scheduler", "evals_without_improvement"}
+    assert state["scheduler"] == {"name": "warmup_cosine", "lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 3,
+                                  "max_steps": 5}
+    assert state["history"]["step"] == [0, 1, 2, 3, 4]
+    assert ckpt["scaler"] is not None and ckpt["optimizer"]["state"]
+    assert ckpt["timestamp"] and ckpt["train_config"]["precision"] == "fp16"
+
+
+# ---- early stopping --------------------------------------------------------------------------------
+def test_early_stopping_with_patience_and_min_delta(corpus_text, monkeypatch):
+    scripted = iter([3.0, 2.0, 1.995, 1.99, 1.5, 1.6, 1.7, 1.8, 1.9])
+    real = lm.training.estimate_loss
+
+    def fake(model, data, *args, **kwargs):
+        return next(scripted) if data is val_ids else real(model, data, *args, **kwargs)
+
+    model, train_ids, val_ids = setup_run(corpus_text)
+    monkeypatch.setattr(lm.training, "estimate_loss", fake)
+    history = train(model, train_ids, val_ids, quick(max_steps=100, eval_interval=2, patience=2, min_delta=0.01))
+    # 1.995 and 1.99 improve on 2.0 by less than min_delta: two evaluations without progress -> stop
+    assert history.val_loss == [3.0, 2.0, 1.995, 1.99]
+    assert history.stopped_early and history.step[-1] == 7
+    assert history.best_val_loss == 1.99  # best.pt still follows any improvement
+
+
+def test_no_early_stop_without_patience(corpus_text):
+    model, train_ids, val_ids = setup_run(corpus_text)
+    history = train(model, train_ids, val_ids, quick(max_steps=10))
+    assert not history.stopped_early and len(history.step) == 10
+
+
+# ---- mixed precision -------------------------------------------------------------------------------
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_close_to_fp32(corpus_text, precision):
+    runs = {}
+    for p in ("fp32", precision):
+        model, train_ids, val_ids = setup_run(corpus_text, seed=1)
+        runs[p] = train(model, train_ids, val_ids, quick(max_steps=30, eval_interval=30, precision=p))
+        assert next(model.parameters()).dtype == torch.float32  # weights stay fp32; only compute is low
+    assert runs[precision].val_loss[-1] < 0.7 * math.log(model.config.vocab_size)
+    assert runs[precision].val_loss[-1] == pytest.approx(runs["fp32"].val_loss[-1], rel=0.1)
+    assert runs[precision].loss[0] == pytest.approx(runs["fp32"].loss[0], rel=0.02)
+
+
+def test_fp16_gradient_scaler_skips_overflowing_steps(corpus_text):
+    model, train_ids, val_ids = setup_run(corpus_text, seed=1)
+    trainer = Trainer(model, train_ids, val_ids, quick(precision="fp16"))
+    assert isinstance(trainer.scaler, torch.amp.GradScaler)
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**60)  # so large that fp16 gradients overflow
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer.train_step()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # step skipped
+    assert trainer.scaler.get_scale() < 2.0**60  # and the scale backed off
+
+
+def test_autocast_runs_matmuls_in_bf16():
+    seen = []
+    model = GPT(ModelConfig(vocab_size=16, block_size=8, n_layer=1, n_head=2, d_model=16))
+    model.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    with lm.training.autocast(torch.device("cpu"), "bf16"):
+        model(torch.zeros(1, 8, dtype=torch.long))
+    with lm.training.autocast(torch.device("cpu"), "fp32"):
+        model(torch.zeros(1, 8, dtype=torch.long))
+    assert seen == [torch.bfloat16, torch.float32]
+
+
+# ---- EMA -------------------------------------------------------------------------------------------
+def test_ema_matches_a_manual_average():
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, decay=0.9)
+    expected = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for k in range(1, 30):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update(model)
+        d = min(0.9, (1 + k) / (10 + k))
+        for n, p in model.named_parameters():
+            expected[n] = d * expected[n] + (1 - d) * p.detach()
+    for n, value in ema.shadow.items():
+        torch.testing.assert_close(value, expected[n])
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with ema.applied(model):
+        torch.testing.assert_close(model.weight, expected["weight"])
+    assert torch.equal(model.weight, weights["weight"])  # restored afterwards
+
+
+def test_ema_is_evaluated_saved_and_loaded(tmp_path, corpus_text):
+    model, train_ids, val_ids = setup_run(corpus_text)
+    history = train(model, train_ids, val_ids, quick(max_steps=20, ema_decay=0.9, out_dir=str(tmp_path)))
+    assert len(history.ema_val_loss) == len(history.val_loss) == 4
+    assert history.best_val_loss == min(history.ema_val_loss)  # best.pt follows the weights it serves
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert not torch.equal(ckpt["ema"]["blocks.0.attn.qkv.weight"], ckpt["model"]["blocks.0.attn.qkv.weight"])
+    averaged = load_model(tmp_path / "last.pt", device="cpu")
+    trained = load_model(tmp_path / "last.pt", device="cpu", ema=False)
+    assert torch.equal(averaged.blocks[0].attn.qkv.weight, ckpt["ema"]["blocks.0.attn.qkv.weight"])
+    assert torch.equal(trained.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
+
+
+# ---- metrics ---------------------------------------------------------------------------------------
+def test_metrics_csv(tmp_path, corpus_text):
+    model, train_ids, val_ids = setup_run(corpus_text)
+    history = train(model, train_ids, val_ids, quick(max_steps=10, out_dir=str(tmp_path)))
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert [int(r["step"]) for r in rows] == history.step
+    assert [float(r["loss"]) for r in rows] == pytest.approx(history.loss)
+    assert [float(r["lr"]) for r in rows] == pytest.approx(history.lr)
+    evals = [r for r in rows if r["val_loss"]]
+    assert [int(r["step"]) for r in evals] == history.eval_step == [4, 9]
+    assert [float(r["val_loss"]) for r in evals] == pytest.approx(history.val_loss)
+    assert int(rows[-1]["tokens"]) == history.tokens == 10 * 8 * 32
+
+
+def test_tensorboard_logs(tmp_path, corpus_text):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model, train_ids, val_ids = setup_run(corpus_text)
+    history = train(model, train_ids, val_ids, quick(max_steps=10, out_dir=str(tmp_path), tensorboard=True))
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    losses = [e.value for e in events.Scalars("train/loss")]
+    assert losses == pytest.approx(history.loss, rel=1e-6)
+    assert [e.step for e in events.Scalars("eval/val_loss")] == history.eval_step
+
+
+def test_progress_bar_shows_loss_lr_and_throughput(corpus_text, capsys):
+    model, train_ids, val_ids = setup_run(corpus_text)
+    train(model, train_ids, val_ids, quick(max_steps=5, progress=True))
+    err = capsys.readouterr().err
+    assert "training" in err and "loss=" in err and "lr=" in err and "tok_s=" in err
+
+
+# ---- settings --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("field, value", [
+    ("precision", "fp8"), ("grad_accum_steps", 0), ("patience", 0), ("min_delta", -1.0),
+    ("ema_decay", 1.0), ("sampling", "shuffle"), ("parallel", "tp"),
+])
+def test_new_settings_are_checked(field, value):
+    with pytest.raises(TrainingError, match=field):
+        TrainConfig(**{field: value})
+
+
+def test_train_config_from_dict_names_unknown_keys():
+    assert TrainConfig.from_dict({"lr": 1e-3}).lr == 1e-3
+    with pytest.raises(TrainingError, match=r"unknown training settings \['learning_rate'\]"):
+        TrainConfig.from_dict({"learning_rate": 1e-3})
+
+
+def test_epoch_sampling_trains(corpus_text):
+    model, train_ids, val_ids = setup_run(corpus_text)
+    history = train(model, train_ids, val_ids, quick(max_steps=30, sampling="epoch"))
+    assert history.val_loss[-1] < history.val_loss[0]
+
+
+def test_gradient_checkpointing_gives_the_same_losses(corpus_text):
+    torch.set_num_threads(1)
+    runs = []
+    for recompute in (False, True):
+        model, train_ids, val_ids = setup_run(corpus_text, seed=6, gradient_checkpointing=recompute)
+        runs.append(train(model, train_ids, val_ids, quick(max_steps=6)))
+    assert runs[1].loss == pytest.approx(runs[0].loss, rel=1e-5)
+
+
+def test_compiled_training_matches_eager(corpus_text):
+    torch.set_num_threads(1)
+    runs = []
+    for compiled in (False, True):
+        model, train_ids, val_ids = setup_run(corpus_text, seed=8)
+        runs.append(train(model, train_ids, val_ids, quick(max_steps=4, eval_interval=4, compile=compiled)))
+    assert runs[1].loss == pytest.approx(runs[0].loss, rel=1e-3)
+    assert runs[1].val_loss == pytest.approx(runs[0].val_loss, rel=1e-3)
