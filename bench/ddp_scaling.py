@@ -32,6 +32,7 @@ def worker(args) -> None:
     import lm
     from lm import distributed
 
+    parallel = args.parallel[0]
     torch.backends.cuda.matmul.allow_tf32 = True
     device = distributed.local_device("cuda")
     torch.cuda.set_device(device)
@@ -41,13 +42,13 @@ def worker(args) -> None:
     steps = args.warmup + args.steps
     config = lm.TrainConfig(max_steps=steps, batch_size=args.batch, seq_len=1024, lr=6e-4, warmup_steps=10,
                             eval_interval=steps, eval_iters=1, precision="bf16", compile=True,
-                            parallel=args.parallel, progress=False)
+                            parallel=parallel, progress=False)
     history = lm.train(model, data, data[:100_000], config)
     info = distributed.env_info()
     if info.is_main:
         timed = history.step_time[args.warmup:]
         tokens = args.batch * 1024 * info.world_size * len(timed)
-        result = {"nproc": info.world_size, "parallel": args.parallel, "batch_per_gpu": args.batch,
+        result = {"nproc": info.world_size, "parallel": parallel, "batch_per_gpu": args.batch,
                   "tokens_per_second": tokens / sum(timed), "step_ms": 1000 * sum(timed) / len(timed),
                   "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30,
                   "loss_first": history.loss[0], "loss_last": history.loss[-1]}

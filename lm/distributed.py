@@ -50,9 +50,9 @@ def launched_by_torchrun() -> bool:
 
 
 def local_device(device: str | torch.device) -> torch.device:
-    """Under torchrun each process uses its own GPU: "cuda" becomes cuda:LOCAL_RANK."""
+    """Under torchrun each process uses its own GPU: "cuda" becomes cuda:LOCAL_RANK (cuda:0 alone)."""
     device = torch.device(device)
-    if device.type == "cuda" and launched_by_torchrun():
+    if device.type == "cuda" and (device.index is None or launched_by_torchrun()):
         return torch.device("cuda", env_info().local_rank)
     return device
 
