@@ -229,3 +229,63 @@ def param_breakdown(config) -> dict[str, int]:
         "norms": n_norms * NORMS.get(config.norm).param_count(config),
         "head": 0 if config.tie_weights else V * C,
     }
+
+
+# ---- training --------------------------------------------------------------------------------
+def plot_lr_schedule(lr: float, min_lr: float, warmup_steps: int, max_steps: int, ax=None, label: str | None = None):
+    """The learning rate `lm.training.lr_at` gives at every step from 0 to `max_steps`, with its
+    landmarks: the end of warmup (where the peak `lr` is reached), the middle of the cosine (half-way
+    between `lr` and `min_lr`) and the floor `min_lr`. The schedule is the Axes' first line.
+    Returns the matplotlib Axes."""
+    import matplotlib.pyplot as plt
+
+    from .training import lr_at
+
+    if not (isinstance(max_steps, int) and max_steps >= 1 and isinstance(warmup_steps, int)
+            and 0 <= warmup_steps <= max_steps):
+        raise ValueError(f"need integers 0 <= warmup_steps <= max_steps and max_steps >= 1, got "
+                         f"warmup_steps={warmup_steps!r}, max_steps={max_steps!r}.")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 3))
+    steps = np.arange(max_steps + 1)
+    ax.plot(steps, [lr_at(int(s), lr, min_lr, warmup_steps, max_steps) for s in steps], color="#1f4e79",
+            lw=1.8, label=label or "learning rate")
+    if warmup_steps:
+        ax.axvline(warmup_steps - 1, color="#c0392b", ls="--", lw=1, label=f"end of warmup: step {warmup_steps - 1}")
+    middle = warmup_steps + (max_steps - warmup_steps) / 2
+    ax.plot([middle], [(lr + min_lr) / 2], "o", color="#2e8b57", ms=5, label="half-way down the cosine")
+    ax.axhline(min_lr, color="#999999", ls=":", label=f"min_lr = {min_lr:.1e}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("learning rate")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
+    return ax
+
+
+METRIC_INT_COLUMNS = ("step", "tokens")
+
+
+def read_metrics(path) -> dict[str, list]:
+    """The columns of a `metrics.csv` that `lm.train` writes to its out_dir, as lists:
+    `{"step": [0, 1, ...], "loss": [...], "val_loss": [None, ..., 2.51], ...}`.
+
+    One row per optimizer step. Steps and token counts are ints, the other values floats; a blank
+    cell is None (train_loss and val_loss are only filled at the steps that were evaluated)."""
+    import csv
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} does not exist; lm.train writes metrics.csv into "
+                                f"TrainConfig(out_dir=...), so train with an out_dir first.")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        columns: dict[str, list] = {name: [] for name in reader.fieldnames or ()}
+        for row in reader:
+            for name, text in row.items():
+                if text in ("", None):
+                    value = None
+                else:
+                    value = int(text) if name in METRIC_INT_COLUMNS else float(text)
+                columns[name].append(value)
+    return columns

@@ -1,4 +1,5 @@
-"""The book helpers that draw attention: shapes checked at the boundary, causal triangle left blank."""
+"""The book helpers that draw attention (shapes checked at the boundary, causal triangle left blank),
+the learning-rate schedule, and read back the metrics of a training run."""
 
 from __future__ import annotations
 
@@ -71,3 +72,62 @@ def test_plot_attention_grid_rejects_anything_but_a_list_of_4d_tensors():
         plot_attention_grid([torch.ones(3, 3)], ["a", "b", "c"])
     with pytest.raises(ValueError, match="attention_weights"):
         plot_attention_grid([], [])
+
+
+# ---- training helpers: the learning-rate plot and metrics.csv ------------------------------------
+def test_plot_lr_schedule_draws_lr_at_at_every_step_with_its_landmarks():
+    from lm.book import plot_lr_schedule
+    from lm.training import lr_at
+
+    ax = plot_lr_schedule(1e-3, 1e-4, warmup_steps=10, max_steps=100)
+    steps, rates = ax.get_lines()[0].get_data()
+    assert list(steps) == list(range(101))
+    np.testing.assert_allclose(rates, [lr_at(s, 1e-3, 1e-4, 10, 100) for s in range(101)])
+    lines = ax.get_lines()
+    assert any(list(line.get_xdata()) == [9, 9] for line in lines)  # warmup ends at step 9, at the peak
+    assert any(list(line.get_ydata()) == [1e-4, 1e-4] for line in lines)  # the floor
+    middle = [line for line in lines if list(line.get_xdata()) == [55.0]]
+    assert middle and middle[0].get_ydata()[0] == pytest.approx(5.5e-4)
+
+
+def test_plot_lr_schedule_without_warmup_and_on_a_given_axis():
+    from lm.book import plot_lr_schedule
+
+    _, ax = plt.subplots()
+    assert plot_lr_schedule(1.0, 0.0, warmup_steps=0, max_steps=4, ax=ax, label="cosine") is ax
+    assert ax.get_lines()[0].get_label() == "cosine"
+    np.testing.assert_allclose(ax.get_lines()[0].get_ydata(), [1.0, 0.5 + 0.5 * np.cos(np.pi / 4), 0.5,
+                                                               0.5 - 0.5 * np.cos(np.pi / 4), 0.0], atol=1e-12)
+
+
+@pytest.mark.parametrize("warmup_steps, max_steps", [(11, 10), (-1, 10), (0, 0)])
+def test_plot_lr_schedule_rejects_a_warmup_outside_the_run(warmup_steps, max_steps):
+    from lm.book import plot_lr_schedule
+
+    with pytest.raises(ValueError, match="warmup_steps"):
+        plot_lr_schedule(1e-3, 1e-4, warmup_steps, max_steps)
+
+
+def test_read_metrics_gives_back_what_lm_train_logged(tmp_path, tiny_model):
+    import lm
+    from lm.book import read_metrics
+
+    ids = torch.randint(0, tiny_model.config.vocab_size, (400,))
+    config = lm.TrainConfig(max_steps=6, batch_size=2, warmup_steps=2, eval_interval=3, eval_iters=1,
+                            progress=False, out_dir=str(tmp_path))
+    history = lm.train(tiny_model.train(), ids, ids[:100], config)
+    metrics = read_metrics(tmp_path / "metrics.csv")
+    assert metrics["step"] == history.step == list(range(6))
+    assert metrics["loss"] == history.loss and metrics["lr"] == history.lr  # floats survive the text exactly
+    assert all(isinstance(n, int) for n in metrics["tokens"]) and metrics["tokens"][-1] == history.tokens
+    evaluated = [s for s, v in zip(metrics["step"], metrics["val_loss"]) if v is not None]
+    assert evaluated == history.eval_step == [2, 5]
+    assert [v for v in metrics["val_loss"] if v is not None] == history.val_loss
+    assert metrics["ema_val_loss"] == [None] * 6  # no EMA in this run
+
+
+def test_read_metrics_says_how_to_get_the_file(tmp_path):
+    from lm.book import read_metrics
+
+    with pytest.raises(FileNotFoundError, match="out_dir"):
+        read_metrics(tmp_path / "metrics.csv")

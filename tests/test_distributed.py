@@ -91,6 +91,7 @@ def test_env_info_reads_torchrun_variables(monkeypatch):
     info = distributed.env_info()
     assert (info.rank, info.local_rank, info.world_size, info.is_main, info.enabled) == (3, 1, 4, False, True)
     assert distributed.local_device("cpu") == torch.device("cpu")
+    assert distributed.local_device("cuda") == torch.device("cuda", 1)  # each process its own GPU
     monkeypatch.setenv("RANK", "x")
     with pytest.raises(RuntimeError, match="must be integers"):
         distributed.env_info()
@@ -98,5 +99,7 @@ def test_env_info_reads_torchrun_variables(monkeypatch):
 
 def test_single_process_has_no_process_group():
     assert not distributed.env_info().enabled
+    assert distributed.local_device("cuda") == torch.device("cuda", 0)
+    assert distributed.local_device("cuda:1") == torch.device("cuda", 1)
     value = torch.tensor(2.5)
     assert distributed.all_mean(value) is value
