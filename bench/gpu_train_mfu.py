@@ -1,0 +1,290 @@
+"""GPU training throughput and MFU: lm.GPT (preset "gpt2-124m") against transformers' GPT2LMHeadModel.
+
+Both models are GPT-2 124M (12 layers, 12 heads of 64, d_model 768, T = 1024, GELU MLP, tied
+embeddings, learned positions, no dropout) and train on the same work, one after the other in one
+process, one micro-batch per optimizer step (no accumulation):
+
+    lm    lm's own trainer, `lm.training.Trainer(..., TrainConfig(precision="bf16", compile=True))`,
+          stepped with `train_step` (the step `lm.train` runs); times from `history.step_time`
+    peer  transformers' GPT2LMHeadModel (attn_implementation="sdpa"), torch.compile'd, in a loop that
+          does what `train_step` does: bf16 autocast, backward, loss.item(), clip at 1.0, step
+
+Same for both: the batches (`lm.data.Batches`, same seed, over random token ids: the speed of a step
+does not depend on what the ids are), bf16 autocast over float32 weights, torch.compile in the same
+mode, scaled_dot_product_attention (on an H100 with torch 2.11 it runs cuDNN's flash kernels), and
+fused AdamW with the same parameter groups (`lm.training.configure_optimizer`).
+
+Vocabulary: both models use vocab_size=50304 (`--vocab`), GPT-2's 50,257 padded up to a multiple of
+128 as nanoGPT does, so the output head's and the embedding's matrix products tile evenly on the
+tensor cores. The ids stay below 50,257; the 47 extra rows are never targets.
+
+MFU (model FLOPs utilisation), nanoGPT's / PaLM's estimate:
+
+    FLOPs per token = 6 N + 12 L H Q T
+    MFU             = tokens/s * FLOPs per token / 989e12      (H100 SXM dense bf16 peak)
+
+N is the parameter count of GPT-2 124M with its real 50,257-token vocabulary, position embeddings
+excluded (as nanoGPT's estimate_mfu does; the token embedding, tied to the head, is counted once):
+123,653,376. 6N counts the forward and backward matrix products of the weights; 12 L H Q T those of
+attention (QK^T and AV, forward and backward, as if not causal). L layers, H heads, Q head dim, T
+sequence length. Padding rows are not counted as useful work.
+
+Each run does `--warmup` untimed steps (the first compiles), then `--steps` timed ones; tokens/s is
+the timed tokens over the timed wall time. `--batch` takes several sizes; the closing JSON line
+compares lm and transformers at the batch size where lm is fastest, both at that same batch.
+
+    python bench/gpu_train_mfu.py --batch 16 32 64                 # sweep the micro-batch
+    python bench/gpu_train_mfu.py --batch 32 --no-peer --profile 3  # lm only, GPU time by kernel kind
+
+Measured on one H100 80GB HBM3 (torch 2.11.0+cu130, transformers 5.17.0), stored with settings and
+every run in book/data/gpu_train_mfu.json by
+
+    python bench/gpu_train_mfu.py --batch 64 --steps 20 --warmup 3 --out book/data/gpu_train_mfu.json
+
+    lm (Trainer)                   B=64  452,683 tokens/s  MFU 39.1%
+    transformers GPT2LMHeadModel   B=64  389,359 tokens/s  MFU 33.7%    speedup 1.16
+
+An earlier sweep (lm side then a plain loop of lm pieces) gave lm 37.2 / 39.7 / 40.1% MFU at
+B = 16 / 32 / 64, transformers 32.6 / 35.1 / 34.4%; without the vocabulary padding lm fell from 39.7%
+to 36.7% at B=32. The profile at B=32 (72 ms a step, 68 ms of it GPU busy): matrix products 32.5 ms,
+cuDNN attention 9.0 ms, Triton's fused elementwise / LayerNorm / GELU / cross-entropy kernels
+22.2 ms (cross-entropy over the 50,304 logits alone 5.7 ms), AdamW + clipping 2 ms.
+
+Ends with one JSON line: {"bench", "unit": "MFU", "lm", "peer", "peer_name", "speedup"}; speedup > 1
+means lm reaches the higher MFU (= the higher tokens/s, since the work per token is the same).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+
+import torch
+
+import lm
+from lm.data import Batches
+from lm.training import TrainConfig, Trainer, configure_optimizer
+from _report import report
+
+PEAK_FLOPS = 989e12  # H100 SXM dense bf16 (and H200: same chip)
+PEER_NAME = "transformers GPT2LMHeadModel"
+SEED = 1337  # of the batch stream: both models see the same windows
+
+
+# ---- the work and its FLOPs ----------------------------------------------------------------------
+def flops_per_token(config: lm.ModelConfig, T: int) -> tuple[int, int, int]:
+    """(FLOPs per token, N, attention term) for `config` at sequence length T; N without position
+    embeddings and with GPT-2's real vocabulary (padding rows are not useful work)."""
+    real = lm.preset("gpt2-124m", n_layer=config.n_layer, n_head=config.n_head, d_model=config.d_model,
+                     block_size=config.block_size)
+    N = lm.count_params(real) - real.block_size * real.d_model
+    L, H, Q = config.n_layer, config.n_head, config.head_dim
+    attention = 12 * L * H * Q * T
+    return 6 * N + attention, N, attention
+
+
+def peer_training(model, loss_of, data, batch: int, T: int, steps: int, warmup: int, profile: int = 0) -> dict:
+    """The peer's loop, step for step what `lm.training.Trainer.train_step` does: the same batches
+    (`lm.data.Batches`, same seed), bf16 autocast, backward, `loss.item()`, clipping at 1.0, fused
+    AdamW (`configure_optimizer`), `grad_norm.item()`. Returns the wall seconds of each step."""
+    model.train()
+    optimizer = configure_optimizer(model, lr=6e-4, weight_decay=0.1)
+    batches = Batches(data, batch, T, seed=SEED)
+
+    def step():
+        (x, y), = batches.next_step("cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = loss_of(x, y)
+        loss.backward()
+        loss.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        grad_norm.item()
+
+    torch.cuda.reset_peak_memory_stats()
+    step_time = []
+    for _ in range(warmup + steps):
+        t0 = time.perf_counter()
+        step()
+        step_time.append(time.perf_counter() - t0)
+    if profile:
+        print_profile(step, profile)
+    return {"step_time": step_time, "peak_gb": torch.cuda.max_memory_allocated() / 1e9}
+
+
+def print_profile(step, n: int) -> None:
+    """GPU kernel time per step, by kind of kernel and for the largest kernels (for finding speedups)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+        wall = (time.perf_counter() - t0) / n
+    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    us = {e.key: getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0) for e in kernels}
+    # attention first: cuDNN's attention kernels also have "sm90_" in their names
+    kinds = {"attention": ("flash", "fmha", "sdpa", "cudnn", "attn"), "matmul": ("gemm", "nvjet", "xmma", "cutlass", "sm90_"),
+             "optimizer": ("adam", "multi_tensor", "foreach"), "triton (fused elementwise, norms, loss)": ("triton",)}
+    totals = dict.fromkeys([*kinds, "other"], 0.0)
+    for name, t in us.items():
+        kind = next((k for k, keys in kinds.items() if any(key in name.lower() for key in keys)), "other")
+        totals[kind] += t
+    busy = sum(us.values()) / n / 1e3
+    print(f"  profile over {n} steps: wall {1e3 * wall:.1f} ms/step, GPU busy {busy:.1f} ms/step")
+    for kind, t in totals.items():
+        print(f"    {kind:42s} {t / n / 1e3:7.2f} ms/step")
+    for name, t in sorted(us.items(), key=lambda kv: -kv[1])[:25]:
+        print(f"    {t / n / 1e3:7.2f} ms  {name[:110]}")
+
+
+# ---- the two models ------------------------------------------------------------------------------
+def train_lm(config: lm.ModelConfig, data, batch: int, steps: int, warmup: int, compile_mode: str,
+             profile: int = 0) -> dict:
+    """lm's side: lm's own trainer, `lm.training.Trainer` with precision="bf16" and compile=True.
+
+    It runs `train_step` (what `lm.train` runs each step) warmup + steps times and reads the times
+    from `history.step_time`. (`lm.train` itself would also evaluate after its last step, which
+    recompiles the model for eval mode: time that has nothing to do with training speed.)"""
+    model = lm.GPT(config).cuda()
+    n = warmup + steps
+    train_config = TrainConfig(max_steps=n, batch_size=batch, lr=6e-4, warmup_steps=0, weight_decay=0.1,
+                               grad_clip=1.0, precision="bf16", compile=compile_mode == "default",
+                               eval_interval=n + 1, seed=SEED, progress=False)
+    trainer = Trainer(model, data, data, train_config)
+    if compile_mode not in ("default", "none"):  # the trainer compiles in the default mode only
+        trainer.wrapped = torch.compile(trainer.wrapped, mode=compile_mode)
+    torch.cuda.reset_peak_memory_stats()
+    trainer.wrapped.train()
+    for _ in range(n):
+        trainer.train_step()
+    if profile:
+        print_profile(trainer.train_step, profile)
+    return {"step_time": list(trainer.history.step_time[:n]), "peak_gb": torch.cuda.max_memory_allocated() / 1e9}
+
+
+def train_peer(config: lm.ModelConfig, data, batch: int, steps: int, warmup: int, compile_mode: str,
+               profile: int = 0) -> dict:
+    """transformers' side: GPT2LMHeadModel of the same config, sdpa attention, same optimizer."""
+    import transformers
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    transformers.logging.set_verbosity_error()
+    hf_config = GPT2Config(vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.d_model,
+                           n_layer=config.n_layer, n_head=config.n_head, activation_function="gelu",  # exact GELU, as lm
+                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False,
+                           bos_token_id=None, eos_token_id=None)
+    model = GPT2LMHeadModel._from_config(hf_config, attn_implementation="sdpa").cuda()
+    # Name the loss: otherwise transformers logs a warning inside forward, a torch.compile graph break.
+    model.loss_type = "ForCausalLM"
+    forward = model if compile_mode == "none" else torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
+    # labels = inputs: transformers shifts them inside (T - 1 targets per row, lm has T: same work)
+    return peer_training(model, lambda x, y: forward(input_ids=x, labels=x).loss, data, batch,
+                         config.block_size, steps, warmup, profile)
+
+
+def summarise(name: str, run: dict, batch: int, T: int, warmup: int, flops: int) -> dict:
+    timed = run["step_time"][warmup:]
+    tokens_per_s = batch * T * len(timed) / sum(timed)
+    return {"model": name, "batch": batch, "tokens_per_s": round(tokens_per_s), "mfu": tokens_per_s * flops / PEAK_FLOPS,
+            "step_ms": 1e3 * sum(timed) / len(timed), "first_step_s": run["step_time"][0], "peak_gb": run["peak_gb"]}
+
+
+def free_memory() -> None:
+    torch._dynamo.reset()
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+# ---- main ----------------------------------------------------------------------------------------
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, nargs="+", default=[32], help="micro-batch sizes (default: 32)")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per run (default: 30)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first, compile included (default: 5)")
+    parser.add_argument("--compile-mode", default="default",
+                        help="torch.compile mode: default, max-autotune-no-cudagraphs, max-autotune, or none")
+    parser.add_argument("--vocab", type=int, default=50304, help="vocab_size of both models (default: 50304)")
+    parser.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True,
+                        help="also train transformers' GPT2LMHeadModel (default: on)")
+    parser.add_argument("--sdpa-backend", default="auto", choices=["auto", "flash", "cudnn", "efficient"],
+                        help="restrict scaled_dot_product_attention to one kernel, for both models (default: auto)")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="after timing, profile this many more steps of each run and print kernel times")
+    parser.add_argument("--out", default=None, help="write device, settings and every run as JSON here")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("this benchmark needs a CUDA GPU (bf16 autocast, flash attention, fused AdamW).")
+
+    torch.backends.cuda.matmul.allow_tf32 = True  # for any float32 matmul left outside autocast
+    torch.backends.cudnn.allow_tf32 = True
+    config = lm.preset("gpt2-124m", vocab_size=args.vocab)
+    T = config.block_size
+    flops, N, attention = flops_per_token(config, T)
+    data = torch.randint(0, 50257, (1 << 22,), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+
+    device_name = torch.cuda.get_device_name()
+    print(f"device: {device_name}, torch {torch.__version__}, compile mode {args.compile_mode}, "
+          f"vocab_size {args.vocab} (both models), T {T}, bf16 autocast")
+    print(f"FLOPs per token = 6N + 12*L*H*Q*T = 6*{N:,} + 12*{config.n_layer}*{config.n_head}*{config.head_dim}*{T}"
+          f" = {6 * N:,} + {attention:,} = {flops:,}")
+    print("  N = parameters of GPT-2 124M (vocabulary 50,257), position embeddings excluded, tied head counted once")
+    print(f"MFU = tokens/s * {flops:,} / {PEAK_FLOPS:.3g} (H100 SXM dense bf16 peak)")
+
+    if args.sdpa_backend != "auto":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                   "efficient": SDPBackend.EFFICIENT_ATTENTION}[args.sdpa_backend]
+        sdpa_kernel([backend]).__enter__()  # for the whole process: both models, forward and backward
+    sides = [("lm", train_lm)] + ([(PEER_NAME, train_peer)] if args.peer else [])
+    results = []
+    record = {"bench": "gpu_train_mfu", "device_name": device_name, "torch": torch.__version__,
+              "compile_mode": args.compile_mode, "sdpa_backend": args.sdpa_backend, "vocab_size": args.vocab, "seq_len": T, "precision": "bf16 autocast",
+              "steps": args.steps, "warmup": args.warmup, "flops_per_token": flops, "n_params_mfu": N,
+              "peak_flops": PEAK_FLOPS, "runs": results}
+    if args.peer:
+        import transformers
+
+        record["transformers"] = transformers.__version__
+    for batch in args.batch:
+        for name, train_side in sides:
+            try:
+                run = train_side(config, data, batch, args.steps, args.warmup, args.compile_mode, args.profile)
+                row = summarise(name, run, batch, T, args.warmup, flops)
+            except torch.cuda.OutOfMemoryError:
+                row = {"model": name, "batch": batch, "error": "out of memory"}
+            free_memory()
+            results.append(row)
+            if "error" in row:
+                print(f"{name:30s} B={batch:3d}  out of memory", flush=True)
+            else:
+                print(f"{name:30s} B={batch:3d}  {row['tokens_per_s']:9,d} tokens/s  MFU {row['mfu']:6.1%}  "
+                      f"{row['step_ms']:7.1f} ms/step  first step {row['first_step_s']:5.1f} s  "
+                      f"peak {row['peak_gb']:5.1f} GB", flush=True)
+            if args.out:
+                with open(args.out, "w") as f:
+                    json.dump(record, f, indent=1)
+
+    ok = {(r["model"], r["batch"]): r for r in results if "error" not in r}
+    comparable = [r for (name, batch), r in ok.items() if name == "lm" and (not args.peer or (PEER_NAME, batch) in ok)]
+    if not comparable:
+        raise SystemExit("no batch size ran for both models; try smaller --batch values.")
+    best = max(comparable, key=lambda r: r["tokens_per_s"])
+    print(f"lm at B={best['batch']}: {best['tokens_per_s']:,} tokens/s, MFU {best['mfu']:.1%}")
+    if not args.peer:
+        return
+    peer = ok[(PEER_NAME, best["batch"])]
+    print(f"{PEER_NAME} at B={peer['batch']}: {peer['tokens_per_s']:,} tokens/s, MFU {peer['mfu']:.1%}")
+    record["compared_at_batch"] = best["batch"]
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(record, f, indent=1)
+    report("gpu_train_mfu", "MFU", best["mfu"], peer["mfu"], PEER_NAME, higher_is_better=True)
+
+
+if __name__ == "__main__":
+    main()
