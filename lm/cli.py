@@ -356,8 +356,11 @@ def cmd_train(args) -> int:
         budget = None if args.memory_budget is None else int(args.memory_budget * 2**30)
         found = find_batch_size(model, train_config.seq_len or model_config.block_size, device=device,
                                 memory_budget=budget, precision=train_config.precision)
-        train_config = TrainConfig.from_dict({**train_config.to_dict(), "batch_size": found})
-        say(f"--batch_size auto: {found} sequences fit" + (f" in {args.memory_budget} GiB" if budget else ""))
+        # leave an eighth free: the allocator fragments over a long run, and evaluation needs room too
+        chosen = max(1, found * 7 // 8) if found >= 8 else found
+        train_config = TrainConfig.from_dict({**train_config.to_dict(), "batch_size": chosen})
+        say(f"--batch_size auto: {found} sequences fit" + (f" in {args.memory_budget} GiB" if budget else "")
+            + (f"; training with {chosen}, leaving headroom" if chosen != found else ""))
     if main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(yaml.safe_dump(

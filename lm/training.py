@@ -298,7 +298,7 @@ class Trainer:
         self.step = 0
         self.history = TrainHistory()
         self.evals_without_improvement = 0
-        self._timed = (0, 0.0)  # tokens and seconds of the steps this Trainer ran, for tokens/s
+        self._timed = None  # tokens and seconds of the steps this Trainer ran, for tokens/s
         if resume is not None:
             self.load_state(load_checkpoint(resume) if isinstance(resume, (str, Path)) else resume)
 
@@ -350,8 +350,12 @@ class Trainer:
         h.grad_norm.append(grad_norm)
         h.step_time.append(seconds)
         h.tokens += self.batches.global_batch * self.seq_len
-        self._timed = (self._timed[0] + self.batches.global_batch * self.seq_len, self._timed[1] + seconds)
-        h.tokens_per_second = self._timed[0] / self._timed[1]
+        # tokens/s leaves out this run's first step (it compiles, and warms the allocator up) once there are others
+        first = self._timed is None
+        self._timed = (0, 0.0) if first else (self._timed[0] + self.batches.global_batch * self.seq_len,
+                                              self._timed[1] + seconds)
+        h.tokens_per_second = (self._timed[0] / self._timed[1] if self._timed[1] > 0
+                               else self.batches.global_batch * self.seq_len / seconds)
         self.step = step + 1
         return {"loss": loss_value, "lr": lr, "grad_norm": h.grad_norm[-1], "seconds": seconds}
 

@@ -578,6 +578,22 @@ def test_batch_size_auto_within_a_memory_budget(tmp_path, prepared, capsys):
     assert lm.load_checkpoint(out / "last.pt")["train_config"]["batch_size"] == 6
 
 
+def test_batch_size_auto_leaves_headroom_for_large_batches(tmp_path, prepared, capsys):
+    from lm.memory import training_memory
+
+    flags = [f for f in TRAIN_FLAGS]
+    flags[flags.index("--batch_size") + 1] = "auto"
+    torch.manual_seed(0)
+    model = lm.GPT(lm.ModelConfig(vocab_size=lm.load_tokenizer(prepared / "tokenizer.json").vocab_size,
+                                  block_size=16, n_layer=1, n_head=2, d_model=32))
+    need = [training_memory(model, b, 16)["total"] for b in (16, 17)]
+    budget = (need[0] + need[1]) / 2 / 2**30
+    assert main(["train", "--data_dir", str(prepared), "--out_dir", str(tmp_path / "r"), *flags, "--max_steps", "2",
+                 "--memory_budget", str(budget)]) == 0
+    assert "16 sequences fit" in capsys.readouterr().out
+    assert lm.load_checkpoint(tmp_path / "r" / "last.pt")["train_config"]["batch_size"] == 14
+
+
 def test_batch_size_auto_on_cpu_needs_a_budget(tmp_path, prepared, capsys):
     flags = [f for f in TRAIN_FLAGS]
     flags[flags.index("--batch_size") + 1] = "auto"

@@ -316,6 +316,13 @@ def test_progress_bar_shows_loss_lr_and_throughput(corpus_text, capsys):
     assert "training" in err and "loss=" in err and "lr=" in err and "tok_s=" in err
 
 
+def test_tokens_per_second_leaves_out_the_first_step(corpus_text):
+    model, train_ids, val_ids = setup_run(corpus_text)
+    history = train(model, train_ids, val_ids, quick(max_steps=6))
+    tokens = 8 * 32
+    assert history.tokens_per_second == pytest.approx(5 * tokens / sum(history.step_time[1:]))
+
+
 # ---- settings --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("field, value", [
     ("precision", "fp8"), ("grad_accum_steps", 0), ("patience", 0), ("min_delta", -1.0),
