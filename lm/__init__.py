@@ -18,10 +18,13 @@ from .config import ConfigError, ModelConfig
 from .data import DataError, get_batch, load_corpus, load_documents, train_val_split
 from .device import auto_device, resolve_device
 from .memory import find_batch_size, training_memory
+from .kv_cache import KVCache
 from .model import GPT
 from .presets import PRESETS, count_params, param_formula_rscalm, param_formula_seed000, preset
 from .registry import ATTENTION, FEEDFORWARD, NORMS, POSITIONS, Registry, RegistryError
-from .sampling import SamplingError, sample_next, top_k_filter
+from .sampling import (
+    SamplingConfig, SamplingError, choose_next, min_p_filter, process_logits, sample_next, top_k_filter, top_p_filter,
+)
 from .tokenizers import (
     ByteBPETokenizer, CharTokenizer, SentencePieceTokenizer, TiktokenTokenizer, TokenizerError, load_tokenizer,
 )
@@ -30,9 +33,10 @@ from .training import TrainConfig, TrainHistory, TrainingError, lr_at, train
 __all__ = [
     "ATTENTION", "FEEDFORWARD", "NORMS", "POSITIONS", "PRESETS", "Registry", "RegistryError",
     "count_params", "param_formula_rscalm", "param_formula_seed000", "preset",
-    "ByteBPETokenizer", "CharTokenizer", "CheckpointError", "ConfigError", "DataError", "GPT", "ModelConfig", "SamplingError",
+    "KVCache", "ByteBPETokenizer", "CharTokenizer", "CheckpointError", "ConfigError", "DataError", "GPT", "ModelConfig", "SamplingError",
     "TokenizerError", "TrainConfig", "TrainHistory", "TrainingError", "auto_device", "get_batch",
     "load_checkpoint", "load_corpus", "load_model", "load_tokenizer", "lr_at", "resolve_device",
     "SentencePieceTokenizer", "TiktokenTokenizer", "sample_next", "save_checkpoint", "top_k_filter", "train", "train_val_split",
     "find_batch_size", "load_documents", "training_memory",
+    "SamplingConfig", "choose_next", "min_p_filter", "process_logits", "top_p_filter",
 ]

@@ -297,6 +297,24 @@ def causal_linear_attention(
     return out.reshape(B, H, n * chunk, -1)[:, :, :T]
 
 
+def _with_key_padding(mask, key_mask, n, T):
+    """Hide padded keys from queries n .. n+T-1 (each query keeps itself, as `with_padding` does)."""
+    S = key_mask.size(1)
+    base = mask if mask is not None else torch.ones(T, S, dtype=torch.bool, device=key_mask.device)
+    itself = torch.arange(n, n + T, device=key_mask.device)[:, None] == torch.arange(S, device=key_mask.device)
+    return base & (key_mask[:, None, None, :] | itself)
+
+
+def _attend_over(q, keys, values, mask, use_sdpa: bool):
+    """Softmax attention of q (B, H, T, D) over keys/values (B, H_kv, S, D) under a boolean mask
+    (None: every key), for the cached path; no causal shortcut (T queries are the last of S)."""
+    if use_sdpa:
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=keys.size(1) != q.size(1))
+    n_rep = q.size(1) // keys.size(1)
+    full = mask if mask is not None else torch.ones(q.size(-2), keys.size(-2), dtype=torch.bool, device=q.device)
+    return masked_attention(q, repeat_kv(keys, n_rep), repeat_kv(values, n_rep), full)[0]
+
+
 # ---- modules -----------------------------------------------------------------------------------
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
@@ -344,18 +362,26 @@ class CausalSelfAttention(nn.Module):
         rope: RotaryEmbedding | None = None,
         attention_mask: torch.Tensor | None = None,
         return_weights: bool = False,
+        cache=None,
     ):
-        """x: (B, T, C) -> (B, T, C); with `return_weights`, also the (B, H, T, T) weights."""
+        """x: (B, T, C) -> (B, T, C); with `return_weights`, also the (B, H, T, T) weights.
+
+        With a layer `cache` (see `lm.kv_cache`), x holds only the new positions: their keys and
+        values are stored and the queries attend over everything cached."""
         B, T, C = x.shape
         H, H_kv, D = self.n_head, self.n_kv_heads, self.head_dim
         q, k, v = self.qkv(x).split([H * D, H_kv * D, H_kv * D], dim=2)
         q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, H_kv, D).transpose(1, 2)  # (B, H_kv, T, D)
         v = v.view(B, T, H_kv, D).transpose(1, 2)
+        offset = cache.offset if cache is not None else 0
         if rope is not None:
-            q, k = rope(q, k)  # before K/V heads are repeated: fewer heads to rotate
-        dropout_p = self.dropout if self.training else 0.0
-        y, weights = self.attend(q, k, v, attention_mask, dropout_p, return_weights)
+            q, k = rope(q, k, offset=offset)  # before K/V heads are repeated: fewer heads to rotate
+        if cache is not None:
+            y, weights = self.attend_cached(q, k, v, cache), None
+        else:
+            dropout_p = self.dropout if self.training else 0.0
+            y, weights = self.attend(q, k, v, attention_mask, dropout_p, return_weights)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         y = self.resid_drop(self.proj(y))
         return (y, weights) if return_weights else y
@@ -363,6 +389,29 @@ class CausalSelfAttention(nn.Module):
     def layout(self, T: int, device: torch.device) -> torch.Tensor | None:
         """(T, T) boolean mask of the keys each query may see, or None for plain causal attention."""
         return None
+
+    # ---- with a KV cache ---------------------------------------------------------------------
+    def new_layer_cache(self, owner, batch_size, max_len, device, dtype):
+        from .kv_cache import LayerCache
+
+        return LayerCache(owner, batch_size, self.n_kv_heads, max_len, self.head_dim, device, dtype)
+
+    def attend_cached(self, q, k, v, cache):
+        """New queries q (B, H, T, D) at positions n .. n+T-1 over all cached keys 0 .. n+T-1."""
+        n, T = cache.offset, q.size(-2)
+        keys, values = cache.append(k, v)
+        S = n + T
+        layout = self.layout(S, q.device)
+        if layout is not None:
+            mask = layout[n:S]
+        elif T > 1:
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=n)
+        else:
+            mask = None  # one new token sees every cached one
+        key_mask = cache.owner.key_mask
+        if key_mask is not None:
+            mask = _with_key_padding(mask, key_mask[:, :S], n, T)
+        return _attend_over(q, keys, values, mask, self.use_sdpa)
 
     def attend(self, q, k, v, attention_mask, dropout_p, return_weights):
         """q (B, H, T, D), k and v (B, H_kv, T, D) -> y (B, H, T, D) and weights (B, H, T, T) or None."""
@@ -412,6 +461,25 @@ class SlidingWindowAttention(CausalSelfAttention):
         y = local_block_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), block, n_prev, window=self.window,
                                   attention_mask=attention_mask, dropout_p=dropout_p)
         return y, None
+
+    def new_layer_cache(self, owner, batch_size, max_len, device, dtype):
+        from .kv_cache import LayerCache
+
+        slots = min(self.window, max_len)  # a rolling buffer: memory O(window), whatever the length
+        return LayerCache(owner, batch_size, self.n_kv_heads, slots, self.head_dim, device, dtype, rolling=True)
+
+    def attend_cached(self, q, k, v, cache):
+        n, T = cache.offset, q.size(-2)
+        keys, values, key_pos = cache.window(k, v)
+        distance = torch.arange(n, n + T, device=q.device)[:, None] - key_pos[None, :]
+        mask = (distance >= 0) & (distance < self.window)  # (T, kept + T)
+        key_mask = cache.owner.key_mask
+        if key_mask is not None:
+            real = key_mask[:, key_pos][:, None, None, :]
+            mask = mask & (real | (distance == 0))  # a padded query still sees itself
+        if T == 1 and key_mask is None:
+            mask = None  # every kept key is inside the window
+        return _attend_over(q, keys, values, mask, self.use_sdpa)
 
     def extra_repr(self) -> str:
         return f"window={self.window}"
@@ -488,6 +556,27 @@ class LinearAttention(CausalSelfAttention):
     """
 
     chunk = 64
+
+    def new_layer_cache(self, owner, batch_size, max_len, device, dtype):
+        from .kv_cache import LinearState
+
+        return LinearState(owner, batch_size, self.n_head, self.head_dim, device, dtype)
+
+    def attend_cached(self, q, k, v, cache, eps: float = 1e-6):
+        """Continue from the running state: out_t = phi(q_t) S_t / (phi(q_t) . z_t + eps)."""
+        n, T = cache.offset, q.size(-2)
+        n_rep = self.n_head // self.n_kv_heads
+        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+        phi_q, phi_k = elu_feature_map(q), elu_feature_map(k)
+        key_mask = cache.owner.key_mask
+        if key_mask is not None:
+            phi_k = phi_k * key_mask[:, None, n : n + T, None].to(phi_k.dtype)
+        scores = (phi_q @ phi_k.transpose(-2, -1)) * causal_mask(T, q.device)  # within the new tokens
+        num = scores @ v + phi_q @ cache.S
+        den = scores.sum(-1) + (phi_q @ cache.z.unsqueeze(-1)).squeeze(-1)
+        cache.S += phi_k.transpose(-2, -1) @ v
+        cache.z += phi_k.sum(-2)
+        return num / (den.unsqueeze(-1) + eps)
 
     def attend(self, q, k, v, attention_mask, dropout_p, return_weights):
         n_rep = self.n_head // self.n_kv_heads

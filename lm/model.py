@@ -34,7 +34,6 @@ from .feedforward import MLP  # noqa: F401  (lm.model.MLP, the GPT-2 feed-forwar
 from .norms import NORM_TYPES
 from .positions import build_positions
 from .registry import ATTENTION, FEEDFORWARD, NORMS
-from .sampling import check_sampling_args, sample_next
 
 
 class Block(nn.Module):
@@ -49,21 +48,24 @@ class Block(nn.Module):
         self.norm2 = NORMS.get(config.norm)(config)
         self.mlp = FEEDFORWARD.get(config.ffn)(config)
 
-    def forward(self, x: torch.Tensor, rope=None, attention_mask=None, return_weights: bool = False):
-        """x: (B, T, C) -> (B, T, C); with `return_weights`, also the attention weights (B, H, T, T)."""
+    def forward(self, x: torch.Tensor, rope=None, attention_mask=None, return_weights: bool = False, cache=None):
+        """x: (B, T, C) -> (B, T, C); with `return_weights`, also the attention weights (B, H, T, T).
+        `cache`: this layer's KV cache (`lm.kv_cache`), when x holds only new positions."""
         if self.pre_norm:
-            a, weights = self._attend(self.norm1(x), rope, attention_mask, return_weights)
+            a, weights = self._attend(self.norm1(x), rope, attention_mask, return_weights, cache)
             x = x + a
             x = x + self.mlp(self.norm2(x))
         else:
-            a, weights = self._attend(x, rope, attention_mask, return_weights)
+            a, weights = self._attend(x, rope, attention_mask, return_weights, cache)
             x = self.norm1(x + a)
             x = self.norm2(x + self.mlp(x))
         return (x, weights) if return_weights else x
 
-    def _attend(self, h, rope, attention_mask, return_weights):
+    def _attend(self, h, rope, attention_mask, return_weights, cache=None):
         if return_weights:
             return self.attn(h, rope=rope, attention_mask=attention_mask, return_weights=True)
+        if cache is not None:
+            return self.attn(h, rope=rope, cache=cache), None
         return self.attn(h, rope=rope, attention_mask=attention_mask), None
 
 
@@ -139,7 +141,7 @@ class GPT(nn.Module):
 
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None):
+                attention_mask: torch.Tensor | None = None, cache=None):
         """idx: (B, T) token ids. targets: (B, T) next-token ids, -100 where no loss is wanted.
         attention_mask: optional, passed to every attention layer (see `lm.attention`).
 
@@ -147,7 +149,12 @@ class GPT(nn.Module):
         `ffn="moe"`, the load-balancing loss (mean over layers) is kept in `self.aux_loss` and, in
         training mode, `moe_aux_loss_coef * aux_loss` is added to the loss; in eval mode the loss
         stays the plain cross-entropy, so validation losses compare across architectures.
+
+        With a `cache` (`lm.KVCache`), idx holds only the tokens after those already cached, at
+        positions cache.length onward, and attention_mask (if any) covers the whole sequence so far.
         """
+        if cache is not None:
+            return self._forward_cached(idx, targets, attention_mask, cache)
         x = self._embed(idx)
         recompute = self.config.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
@@ -164,6 +171,19 @@ class GPT(nn.Module):
                 loss = loss + self.config.moe_aux_loss_coef * self.aux_loss
         return logits, loss
 
+    def _forward_cached(self, idx, targets, attention_mask, cache):
+        T = idx.size(1)
+        cache.update_mask(attention_mask, T)
+        x = self._embed(idx, offset=cache.length)
+        for block, layer_cache in zip(self.blocks, cache.layers):
+            x = block(x, self.rope, cache=layer_cache)
+        cache.advance(T)
+        logits = self.lm_head(self.norm_f(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        return logits, loss
+
     def attention_weights(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
         """The attention weights of every layer, each (B, H, T, T), for plotting."""
         x = self._embed(idx)
@@ -173,18 +193,18 @@ class GPT(nn.Module):
             weights.append(w)
         return weights
 
-    def _embed(self, idx: torch.Tensor) -> torch.Tensor:
+    def _embed(self, idx: torch.Tensor, offset: int = 0) -> torch.Tensor:
         if idx.dim() != 2:
             raise ValueError(f"idx must be a (B, T) tensor of token ids, got shape {tuple(idx.shape)}.")
         T = idx.size(1)
-        if T > self.config.block_size:
+        if offset + T > self.config.block_size:
             raise ValueError(
-                f"sequence length {T} exceeds block_size={self.config.block_size}; "
+                f"sequence length {offset + T} exceeds block_size={self.config.block_size}; "
                 f"crop the input to its last {self.config.block_size} tokens."
             )
         x = self.tok_emb(idx)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(T)
+            x = x + self.pos_emb(T, offset)
         return self.drop(x)
 
     def _moe_aux_loss(self) -> torch.Tensor | None:
@@ -193,63 +213,72 @@ class GPT(nn.Module):
 
     # ---- generation ----------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(
-        self,
-        prompt,
-        max_new_tokens: int = 100,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        seed: int | None = None,
-        stop_at_eos: bool = True,
-    ):
-        """Sample a continuation.
+    def generate(self, prompt, max_new_tokens: int = 100, temperature: float = 1.0, top_k: int | None = None,
+                 seed: int | None = None, stop_at_eos: bool = True, *, top_p: float | None = None,
+                 min_p: float | None = None, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
+                 stop: str | list[str] | None = None, stop_tokens=None, use_cache: bool = True,
+                 return_logprobs: bool = False, attention_mask: torch.Tensor | None = None):
+        """Sample a continuation of `prompt`.
 
-        `prompt` is either text (needs an attached tokenizer; returns the generated text without
-        the prompt, stopping early at `<EOS>` when `stop_at_eos`) or a (B, T) tensor of ids
-        (returns the (B, T + max_new_tokens) ids, prompt included). The context is cropped to the
-        last `block_size` tokens at each step. `seed` makes the draw reproducible.
+        prompt: text (needs an attached tokenizer; returns the new text, without the prompt), a list
+        of texts (batched, left-padded; returns a list), or a (B, T) tensor of ids (returns
+        (B, T + new) ids, prompt included; `attention_mask` (B, T) marks real tokens if padded).
+
+        Sampling: temperature (0 = greedy), top_k, top_p, min_p, repetition_penalty,
+        no_repeat_ngram_size (see `lm.sampling`); `seed` makes the draw reproducible.
+        Stopping: after max_new_tokens; at the tokenizer's end-of-text token (text prompts, when
+        `stop_at_eos`); at any id in `stop_tokens`; at any string in `stop` (cut off before it).
+        `return_logprobs`: also return each new token's log-probability under the model.
+
+        With `use_cache` (default) a KV cache makes each new token cost one position; the ids are
+        the same as without it while the sequence fits in block_size. Beyond block_size, the
+        uncached loop feeds the last block_size tokens at every step, and the cached one starts a
+        fresh cache from the last 3/4 of block_size tokens whenever it is full (so it re-reads the
+        context once every block_size/4 tokens). Either way a prompt longer than block_size is read
+        from its last block_size tokens, and the returned ids still hold all of it.
         """
-        check_sampling_args(temperature, top_k, max_new_tokens)
-        as_text = isinstance(prompt, str)
-        if as_text:
-            if self.tokenizer is None:
-                raise ValueError("generate() got a text prompt but the model has no tokenizer; "
-                                 "set model.tokenizer = ... or pass a (B, T) tensor of ids.")
-            ids = self.tokenizer.encode(prompt)
-            if not ids:  # start from <BOS>, or from GPT-2's <|endoftext|> where there is no BOS
-                start_id = next((i for i in (self.tokenizer.bos_id, getattr(self.tokenizer, "eos_id", None))
-                                 if i is not None), None)
-                if start_id is None:
-                    raise ValueError("the prompt is empty and the tokenizer has no BOS or EOS token to start "
-                                     "from; give a non-empty prompt.")
-                ids = [start_id]
-            idx = torch.tensor([ids], dtype=torch.long, device=self.device)
-        elif isinstance(prompt, torch.Tensor) and prompt.dim() == 2 and prompt.size(1) > 0:
-            idx = prompt.to(self.device)
-        else:
-            raise ValueError("prompt must be a str or a non-empty (B, T) tensor of token ids.")
+        run = self._start_generation(prompt, max_new_tokens, temperature, top_k, seed, stop_at_eos, top_p, min_p,
+                                     repetition_penalty, no_repeat_ngram_size, stop, stop_tokens, use_cache,
+                                     attention_mask)
+        for _ in run.steps():
+            pass
+        return run.result(return_logprobs)
 
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(seed)
-        eos_id = getattr(self.tokenizer, "eos_id", None) if (as_text and stop_at_eos) else None
+    @torch.no_grad()
+    def stream(self, prompt: str, max_new_tokens: int = 100, temperature: float = 1.0, **kwargs):
+        """Yield the continuation of a text prompt piece by piece as it is generated.
 
-        was_training = self.training
-        self.eval()
-        start = idx.size(1)
-        try:
-            for _ in range(max_new_tokens):
-                logits, _ = self(idx[:, -self.config.block_size :])
-                next_id = sample_next(logits[:, -1, :], temperature, top_k, generator)
-                idx = torch.cat([idx, next_id], dim=1)
-                if eos_id is not None and next_id.item() == eos_id:
-                    break
-        finally:
-            self.train(was_training)
+        Only whole characters are yielded: when a character's UTF-8 bytes span several byte-level
+        tokens, it is held back until it is complete. Same arguments as `generate`;
+        "".join(model.stream(...)) equals model.generate(...) with the same seed."""
+        if not isinstance(prompt, str):
+            raise ValueError("stream() takes a text prompt; use generate() for ids or lists of prompts.")
+        run = self._start_generation(prompt, max_new_tokens, temperature, kwargs.pop("top_k", None),
+                                     kwargs.pop("seed", None), kwargs.pop("stop_at_eos", True),
+                                     kwargs.pop("top_p", None), kwargs.pop("min_p", None),
+                                     kwargs.pop("repetition_penalty", 1.0), kwargs.pop("no_repeat_ngram_size", 0),
+                                     kwargs.pop("stop", None), kwargs.pop("stop_tokens", None),
+                                     kwargs.pop("use_cache", True), None)
+        if kwargs:
+            raise TypeError(f"stream() got unexpected arguments {sorted(kwargs)}.")
+        sent = ""
+        for _ in run.steps():
+            text = run.texts()[0]
+            if text.endswith("\ufffd"):  # part of a multi-byte character: wait for the rest
+                continue
+            if len(text) > len(sent):
+                yield text[len(sent):]
+                sent = text
+        text = run.texts()[0]
+        if len(text) > len(sent):
+            yield text[len(sent):]
 
-        if not as_text:
-            return idx
-        new_ids = idx[0, start:].tolist()
-        if eos_id is not None and new_ids and new_ids[-1] == eos_id:
-            new_ids = new_ids[:-1]
-        return self.tokenizer.decode(new_ids)
+    def _start_generation(self, prompt, max_new_tokens, temperature, top_k, seed, stop_at_eos, top_p, min_p,
+                          repetition_penalty, no_repeat_ngram_size, stop, stop_tokens, use_cache, attention_mask):
+        from .generation import Generation
+
+        return Generation(self, prompt, max_new_tokens=max_new_tokens, seed=seed, stop_at_eos=stop_at_eos,
+                          sampling=dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                        repetition_penalty=repetition_penalty,
+                                        no_repeat_ngram_size=no_repeat_ngram_size),
+                          stop=stop, stop_tokens=stop_tokens, use_cache=use_cache, attention_mask=attention_mask)

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import sharp_model
 from lm import GPT, CharTokenizer, ModelConfig, SamplingError
 
 
@@ -251,20 +252,11 @@ def test_seeded_sampling_equals_a_multinomial_reference(tiny_model, tiny_config)
     assert torch.equal(out, idx)
 
 
-def sharp_model(config: ModelConfig) -> GPT:
-    """Large random weights: unlike a freshly initialised model, its predictions depend on distant tokens."""
-    model = GPT(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(mean=1.0 if "norm" in name and name.endswith("weight") else 0.0, std=0.5)
-    return model
-
-
 def test_context_longer_than_block_size_is_cropped(tiny_config):
     model = sharp_model(tiny_config)
     bs, n = tiny_config.block_size, 6
     prompts = torch.randint(0, tiny_config.vocab_size, (8, bs + 9))
-    out = model.generate(prompts, max_new_tokens=n, temperature=0)
+    out = model.generate(prompts, max_new_tokens=n, temperature=0, use_cache=False)
     assert out.shape == (8, bs + 9 + n)
     assert torch.equal(out, greedy_reference(model, prompts, n))  # each step sees the last block_size tokens
     # not vacuous: a context one token shorter changes some greedy choices
@@ -313,10 +305,13 @@ class ScriptedGPT(GPT):
 
     script: dict[int, int] = {}
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, attention_mask=None, cache=None):
         B, T = idx.shape
+        length = T if cache is None else cache.length + T  # with a KV cache, idx holds only new tokens
+        if cache is not None:
+            cache.advance(T)
         logits = torch.zeros(B, T, self.config.vocab_size)
-        logits[:, -1, self.script[T]] = 100.0
+        logits[:, -1, self.script[length]] = 100.0
         return logits, None
 
 
@@ -574,7 +569,9 @@ def test_composed_model_round_trips_through_a_checkpoint(tmp_path):
 def test_logits_match_hugging_face_llama(n_kv_heads, tie_weights):
     """An RSCaLM-style model (RoPE, RMSNorm, bias-free SwiGLU, GQA) is LLaMA: copying the weights
     over (q/k/v split from the fused qkv; gate = w1, up = w2, down = w3) gives the same logits."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
+    from hf_convert import llama_from_lm
+
     config = ModelConfig(vocab_size=71, block_size=24, n_layer=2, n_head=4, n_kv_heads=n_kv_heads, d_model=32,
                          d_ff=56, bias=False, tie_weights=tie_weights, pos="rope", rope_base=500.0, norm="rmsnorm",
                          norm_eps=1e-6, ffn="swiglu")
@@ -582,38 +579,9 @@ def test_logits_match_hugging_face_llama(n_kv_heads, tie_weights):
     with torch.no_grad():
         for name, p in ours.named_parameters():
             p.normal_(mean=1.0 if "norm" in name else 0.0, std=0.3)
-    hf_config = transformers.LlamaConfig(
-        vocab_size=config.vocab_size, hidden_size=config.d_model, intermediate_size=config.ffn_width,
-        num_hidden_layers=config.n_layer, num_attention_heads=config.n_head, num_key_value_heads=n_kv_heads,
-        max_position_embeddings=config.block_size, rms_norm_eps=config.norm_eps, rope_theta=config.rope_base,
-        tie_word_embeddings=tie_weights, attention_bias=False, mlp_bias=False, hidden_act="silu",
-        attention_dropout=0.0, bos_token_id=0, eos_token_id=0, pad_token_id=None, attn_implementation="eager",
-    )
-    hf = transformers.LlamaForCausalLM(hf_config).eval()
+    hf = llama_from_lm(ours)
     assert hf.config._attn_implementation == "eager"
-
-    def copy(dst, src):
-        assert dst.shape == src.shape
-        dst.copy_(src)
-
-    C, D = config.d_model, config.head_dim
-    with torch.no_grad():
-        m = hf.model
-        copy(m.embed_tokens.weight, ours.tok_emb.weight)
-        for layer, block in zip(m.layers, ours.blocks):
-            q, k, v = block.attn.qkv.weight.split([C, n_kv_heads * D, n_kv_heads * D])
-            copy(layer.self_attn.q_proj.weight, q)
-            copy(layer.self_attn.k_proj.weight, k)
-            copy(layer.self_attn.v_proj.weight, v)
-            copy(layer.self_attn.o_proj.weight, block.attn.proj.weight)
-            copy(layer.mlp.gate_proj.weight, block.mlp.w1.weight)
-            copy(layer.mlp.up_proj.weight, block.mlp.w2.weight)
-            copy(layer.mlp.down_proj.weight, block.mlp.w3.weight)
-            copy(layer.input_layernorm.weight, block.norm1.weight)
-            copy(layer.post_attention_layernorm.weight, block.norm2.weight)
-        copy(m.norm.weight, ours.norm_f.weight)
-        if not tie_weights:
-            copy(hf.lm_head.weight, ours.lm_head.weight)
+    m = hf.model
     assert (hf.lm_head.weight.data_ptr() == m.embed_tokens.weight.data_ptr()) == tie_weights
     assert sum(p.numel() for p in hf.parameters()) == ours.num_params(non_embedding=False)
 
