@@ -41,10 +41,11 @@ def build_models(vocab_size: int, block_size: int):
     return ours, peer
 
 
-def step_hf(model, opt, batches):
+def step_hf(model, opt, batches, precision="fp32"):
     """The peer's training step: the same batches, loss, clipping and AdamW as lm's trainer."""
     (x, y), = batches.next_step()
-    loss = model(input_ids=x, labels=x).loss  # HF shifts labels inside; same next-token task
+    with lm.training.autocast(torch.device("cpu"), precision):
+        loss = model(input_ids=x, labels=x).loss  # HF shifts labels inside; same next-token task
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
@@ -68,6 +69,8 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--seq_len", type=int, default=256)
     parser.add_argument("--compile", action="store_true", help="lm.TrainConfig(compile=True) for lm")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                        help="autocast for both (lm: TrainConfig(precision=...)); default fp32")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -79,10 +82,10 @@ def main() -> None:
     # lm: one optimizer step of its trainer (batch, forward, backward, clip, fused AdamW, bookkeeping)
     trainer = lm.training.Trainer(ours, data, data, lm.TrainConfig(
         max_steps=10**9, batch_size=args.batch_size, seq_len=args.seq_len, warmup_steps=0, progress=False,
-        compile=args.compile))
+        compile=args.compile, precision=args.precision))
     peer_batches = lm.data.Batches(data, args.batch_size, args.seq_len, seed=0)
     peer_opt = lm.training.configure_optimizer(peer, 3e-4, 0.1)
-    runs = {"lm": trainer.train_step, "transformers": lambda: step_hf(peer, peer_opt, peer_batches)}
+    runs = {"lm": trainer.train_step, "transformers": lambda: step_hf(peer, peer_opt, peer_batches, args.precision)}
     ours.train()
     peer.train()
     for step in runs.values():
