@@ -151,7 +151,18 @@ def build_parser() -> Parser:
     gen.add_argument("--max_new_tokens", type=int, default=200, help="tokens to generate (default: 200)")
     gen.add_argument("--temperature", type=float, default=0.8, help="sampling temperature, 0 = greedy (default: 0.8)")
     gen.add_argument("--top_k", type=int, default=None, help="sample only from the k most likely tokens")
+    gen.add_argument("--top_p", type=float, default=None, help="nucleus sampling: the smallest set of tokens "
+                                                               "holding this much probability")
+    gen.add_argument("--min_p", type=float, default=None, help="drop tokens less likely than min_p x the top one")
+    gen.add_argument("--repetition_penalty", type=float, default=1.0,
+                     help="> 1 makes tokens already in the text less likely (default: 1.0, off)")
+    gen.add_argument("--no_repeat_ngram_size", type=int, default=0,
+                     help="never repeat an n-gram of this many tokens (default: 0, off)")
+    gen.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                     help="stop before this text (repeat the flag for several)")
     gen.add_argument("--seed", type=int, default=None, help="seed for a reproducible sample")
+    gen.add_argument("--stream", action="store_true", help="print the text as it is generated")
+    gen.add_argument("--int8", action="store_true", help="weight-only int8 quantization (faster on CPU)")
     gen.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default: auto)")
     return parser
 
@@ -389,9 +400,24 @@ def cmd_generate(args) -> int:
     from .checkpoint import load_model
 
     model = load_model(args.ckpt, device=args.device)
-    text = model.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                          top_k=args.top_k, seed=args.seed)
-    print(args.prompt + text)
+    if args.int8:
+        from .quantize import quantize_int8
+
+        quantize_int8(model)
+    elif model.device.type == "cpu":
+        from .quantize import for_decoding
+
+        for_decoding(model)  # the same tokens, faster at batch 1
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                   no_repeat_ngram_size=args.no_repeat_ngram_size, stop=args.stop, seed=args.seed)
+    if args.stream:
+        print(args.prompt, end="", flush=True)
+        for piece in model.stream(args.prompt, **options):
+            print(piece, end="", flush=True)
+        print()
+        return 0
+    print(args.prompt + model.generate(args.prompt, **options))
     return 0
 
 

@@ -605,3 +605,30 @@ def test_batch_size_must_be_a_number_or_auto(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--data_dir", "d", "--out_dir", "o", "--batch_size", "lots"])
     assert "invalid batch size 'lots'" in capsys.readouterr().err
+
+
+def test_generate_streams_the_same_text(trained, capsys):
+    args = ["generate", "--ckpt", str(trained / "best.pt"), "--prompt", "To be", "--max_new_tokens", "15",
+            "--seed", "2", "--device", "cpu", "--top_p", "0.9", "--repetition_penalty", "1.2"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main([*args, "--stream"]) == 0
+    assert capsys.readouterr().out == plain
+
+
+def test_generate_int8_and_stop_text(trained, capsys):
+    args = ["generate", "--ckpt", str(trained / "best.pt"), "--prompt", "To be", "--max_new_tokens", "40",
+            "--temperature", "0", "--device", "cpu"]
+    assert main(args) == 0
+    full = capsys.readouterr().out
+    assert main([*args, "--int8"]) == 0
+    assert capsys.readouterr().out.startswith("To be")
+    stop = full[len("To be") + 3:][:2]
+    assert main([*args, "--stop", stop]) == 0
+    assert capsys.readouterr().out == full[: full.index(stop, len("To be"))] + "\n"
+
+
+def test_generate_bad_sampling_value(trained, capsys):
+    args = ["generate", "--ckpt", str(trained / "best.pt"), "--top_p", "2", "--device", "cpu"]
+    assert main(args) == 2
+    assert "top_p" in capsys.readouterr().err

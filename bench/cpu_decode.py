@@ -1,0 +1,93 @@
+"""CPU decode latency, ms per token at batch 1: lm's `generate` against transformers' `generate`.
+
+Seed 000's configuration (preset "roketmodel": 8 layers, d_model 512, 8 heads, d_ff 2048, learned
+positions, untied head, 256-token character vocabulary), random weights (speed does not depend on
+them), fp32, greedy decoding of `--new` tokens after a `--prompt`-token prompt, both with their KV
+cache; lm also without its cache. Transformers runs GPT2LMHeadModel with the same architecture
+(sdpa attention). Each side runs `--repeats` times, alternating; the median counts.
+
+    .venv/bin/python bench/cpu_decode.py [--threads 2] [--new 200] [--prompt 16]
+
+Ends with one JSON line: {"bench", "unit": "ms/token", "lm", "peer", "peer_name", "speedup"};
+speedup > 1 means lm is faster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import lm
+from _report import report
+
+
+def build(vocab: int, block: int):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = lm.preset("roketmodel", vocab_size=vocab, block_size=block, dropout=0.0)
+    ours = lm.GPT(config).eval()
+    hf_config = GPT2Config(vocab_size=vocab, n_positions=block, n_embd=config.d_model, n_layer=config.n_layer,
+                           n_head=config.n_head, n_inner=config.ffn_width, activation_function="gelu",
+                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=False,
+                           bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    peer = GPT2LMHeadModel._from_config(hf_config, attn_implementation="sdpa").eval()
+    return ours, peer
+
+
+def ms_per_token(fn, new: int) -> float:
+    start = time.perf_counter()
+    fn()
+    return 1000 * (time.perf_counter() - start) / new
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
+    parser.add_argument("--new", type=int, default=200, help="tokens to generate (default: 200)")
+    parser.add_argument("--prompt", type=int, default=16, help="prompt tokens (default: 16)")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs per side (default: 3)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    ours, peer = build(vocab=256, block=1024)
+    prompt = torch.randint(0, 256, (1, args.prompt))
+    n = args.new
+
+    import copy
+
+    from lm.quantize import for_decoding, quantize_int8
+
+    ours_fast = for_decoding(copy.deepcopy(ours))
+    ours_int8 = quantize_int8(copy.deepcopy(ours))
+    runs = {
+        "lm (KV cache)": lambda: ours_fast.generate(prompt, max_new_tokens=n, temperature=0),
+        "lm int8 (KV cache)": lambda: ours_int8.generate(prompt, max_new_tokens=n, temperature=0),
+        "lm, nn.Linear layout": lambda: ours.generate(prompt, max_new_tokens=n, temperature=0),
+        "lm (no cache)": lambda: ours.generate(prompt, max_new_tokens=n, temperature=0, use_cache=False),
+        "transformers (cache)": lambda: peer.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                                      use_cache=True, attention_mask=torch.ones_like(prompt)),
+    }
+    with torch.inference_mode():
+        ours_ids = runs["lm (KV cache)"]()
+        assert ours_ids.shape == (1, args.prompt + n)
+        assert torch.equal(ours_ids, runs["lm, nn.Linear layout"]())  # the layout changes speed, not tokens
+        for fn in runs.values():  # warm up
+            fn()
+        times = {name: [] for name in runs}
+        for _ in range(args.repeats):
+            for name, fn in runs.items():
+                times[name].append(ms_per_token(fn, n))
+    for name, values in times.items():
+        print(f"{name:22s} {statistics.median(values):7.2f} ms/token  (runs: {[round(v, 2) for v in values]})")
+    speedup_int8 = statistics.median(times["transformers (cache)"]) / statistics.median(times["lm int8 (KV cache)"])
+    print(f"int8 against transformers fp32: {speedup_int8:.2f}x")
+    report("cpu_decode_roketmodel_b1", "ms/token", statistics.median(times["lm (KV cache)"]),
+           statistics.median(times["transformers (cache)"]), "transformers GPT2LMHeadModel.generate (cache)",
+           higher_is_better=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Faster inference: weights laid out for decoding, and weight-only int8 quantization.
+
+Decoding one token at batch 1 reads every weight once and does little arithmetic with it, so its
+speed is set by how many bytes the weights take. Storing each Linear weight as int8 with one float
+scale per output row cuts those bytes by 4 (from fp32):
+
+    scale[o] = max_i |W[o, i]| / 127        q[o, i] = round(W[o, i] / scale[o])  in [-127, 127]
+    y = x @ (scale * q)^T + b                 (the error of each weight is at most scale[o] / 2)
+
+Activations stay in floating point ("weight-only"). Where torch has a fused int8 kernel
+(`_weight_int8pack_mm`, CPU) the product runs in bfloat16 straight from the int8 weights; elsewhere
+the weights are dequantized on the fly. `quantize_int8(model)` swaps every Linear except a head
+tied to the embedding (the embedding is a lookup, not a product), in place, for inference only.
+
+`for_decoding(model)` keeps float weights but stores each Linear's weight transposed, (in, out): at
+batch 1 the product x @ W^T then streams the weight in the order the CPU's BLAS reads fastest
+(measured on this project's CPU: 100 MB of fp32 weights in 5.0 ms instead of 7.2 ms).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: returns q (out, in) int8 and scale (out,) float32 with W ≈ scale[:, None] * q."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def _fused_kernel_available(device: torch.device) -> bool:
+    return device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+
+class Int8Linear(nn.Module):
+    """A Linear layer whose weight is stored as int8 with a float scale per output channel."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        q, scale = quantize_weight(linear.weight)
+        self.register_buffer("weight_int8", q.contiguous())
+        self.register_buffer("scale", scale)
+        self.register_buffer("scale_bf16", scale.to(torch.bfloat16))
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.fused = _fused_kernel_available(q.device)
+
+    def dequantized(self, dtype=torch.float32) -> torch.Tensor:
+        return self.weight_int8.to(dtype) * self.scale[:, None].to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and x.device.type == "cpu":
+            flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+            y = torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, self.scale_bf16)
+            y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, self.dequantized(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+
+class TransposedLinear(nn.Module):
+    """A Linear layer that keeps its weight transposed, (in, out) contiguous: y = x @ weight_t + b."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight_t", linear.weight.detach().t().contiguous())
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        y = flat @ self.weight_t if self.bias is None else torch.addmm(self.bias, flat, self.weight_t)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, transposed"
+
+
+def _swap_linears(model: nn.Module, make, skip_tied: bool) -> nn.Module:
+    tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)} if skip_tied else set()
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and id(child.weight) not in tied:
+                setattr(parent, name, make(child))
+    return model.eval()
+
+
+@torch.no_grad()
+def for_decoding(model: nn.Module) -> nn.Module:
+    """Swap every Linear for a TransposedLinear, in place (same outputs up to float rounding); returns
+    the model in eval mode. For inference only: train and save the original layout."""
+    return _swap_linears(model, TransposedLinear, skip_tied=False)
+
+
+@torch.no_grad()
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Replace the model's Linear layers by Int8Linear, in place, and return it (in eval mode).
+
+    A head whose weight is tied to the token embedding stays as it is. The result is for inference:
+    it cannot be trained, and checkpoints should be saved from the float model."""
+    return _swap_linears(model, Int8Linear, skip_tied=True)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the model's weights as stored (parameters and the int8 buffers; shared tensors once)."""
+    seen, total = set(), 0
+    weights = [b for n, b in model.named_buffers() if n.endswith(("weight_int8", ".scale", "weight_t", ".bias"))]
+    for t in list(model.parameters()) + weights:
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total

@@ -1,0 +1,87 @@
+"""Weight-only int8 and the decoding layout: exactness bounds, same tokens, smaller weights."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lm
+from lm.quantize import Int8Linear, TransposedLinear, for_decoding, quantize_int8, quantize_weight, weight_bytes
+
+from helpers import sharp_model
+
+
+def test_quantize_weight_error_is_at_most_half_a_step():
+    w = torch.randn(64, 48) * torch.logspace(-2, 1, 64)[:, None]  # rows of very different sizes
+    q, scale = quantize_weight(w)
+    assert q.dtype == torch.int8 and q.abs().max() == 127
+    error = (q.float() * scale[:, None] - w).abs()
+    assert (error <= scale[:, None] / 2 + 1e-7).all()  # per channel: each row has its own step
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_int8_linear_equals_the_dequantized_product(bias):
+    linear = nn.Linear(128, 96, bias=bias)
+    layer = Int8Linear(linear)
+    x = torch.randn(3, 5, 128)
+    reference = torch.nn.functional.linear(x, layer.dequantized(), linear.bias)
+    out = layer(x)
+    assert out.shape == (3, 5, 96)
+    # the fused CPU kernel multiplies in bfloat16: about 3 significant digits
+    torch.testing.assert_close(out, reference, atol=0.05, rtol=0.02)
+    layer.fused = False  # the portable path: dequantize, then an ordinary float product
+    torch.testing.assert_close(layer(x), reference, atol=1e-5, rtol=1e-5)
+
+
+def test_transposed_linear_is_exact():
+    linear = nn.Linear(64, 40)
+    x = torch.randn(2, 7, 64)
+    torch.testing.assert_close(TransposedLinear(linear)(x), linear(x), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("tie_weights", [True, False])
+def test_quantized_model_is_four_times_smaller_and_close(tie_weights):
+    torch.manual_seed(0)
+    model = lm.GPT(lm.ModelConfig(vocab_size=64, block_size=32, n_layer=2, n_head=4, d_model=64,
+                                  tie_weights=tie_weights)).eval()
+    q = quantize_int8(copy.deepcopy(model))
+    linears = [m for m in q.modules() if isinstance(m, nn.Linear)]
+    assert [type(m) for m in linears] == ([nn.Linear] if tie_weights else [])  # a tied head stays float
+    matrices = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, nn.Linear)
+                   and m.weight is not model.tok_emb.weight)
+    saved = weight_bytes(model) - weight_bytes(q)
+    assert saved > 0.7 * matrices  # 4 bytes -> 1 byte per weight, plus a scale per row
+    idx = torch.randint(0, 64, (2, 32))
+    with torch.no_grad():
+        a, b = model(idx)[0], q(idx)[0]
+    assert (a - b).abs().max() < 0.05 * a.abs().max()
+
+
+def test_decoding_layout_gives_the_same_tokens():
+    torch.manual_seed(0)
+    model = sharp_model(lm.ModelConfig(vocab_size=50, block_size=40, n_layer=2, n_head=4, d_model=32))
+    fast = for_decoding(copy.deepcopy(model))
+    prompt = torch.randint(0, 50, (2, 5))
+    assert torch.equal(fast.generate(prompt, max_new_tokens=30, temperature=0),
+                       model.generate(prompt, max_new_tokens=30, temperature=0))
+    assert not any(isinstance(m, nn.Linear) for m in fast.modules())
+
+
+def test_int8_generation_mostly_agrees_with_float(pattern_text):
+    """On a trained model, int8 greedy decoding follows the float model's choices."""
+    tok = lm.CharTokenizer.train(pattern_text)
+    ids = torch.tensor(tok.encode(pattern_text))
+    torch.manual_seed(0)
+    model = lm.GPT(lm.ModelConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=2, n_head=2, d_model=48),
+                   tokenizer=tok)
+    lm.train(model, ids, ids, lm.TrainConfig(max_steps=80, batch_size=8, lr=1e-2, warmup_steps=5, eval_interval=80,
+                                             eval_iters=2, progress=False))
+    q = quantize_int8(copy.deepcopy(model))
+    text = model.generate("the quick", max_new_tokens=40, temperature=0)
+    assert q.generate("the quick", max_new_tokens=40, temperature=0) == text
+    with torch.no_grad():
+        x, y = ids[None, :-1][:, :32], ids[None, 1:][:, :32]
+        assert q(x, y)[1].item() == pytest.approx(model(x, y)[1].item(), rel=0.02)
