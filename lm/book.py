@@ -289,3 +289,42 @@ def read_metrics(path) -> dict[str, list]:
                     value = int(text) if name in METRIC_INT_COLUMNS else float(text)
                 columns[name].append(value)
     return columns
+
+
+# ---- sampling --------------------------------------------------------------------------------
+def plot_next_token(probs, labels, ax=None, top: int = 20, title: str | None = None, color: str = "#1f4e79",
+                    order=None):
+    """Bar chart of a next-token distribution: the `top` most likely tokens, most likely first.
+
+    probs: V probabilities (a tensor or array; one row of a softmax). labels: a tokenizer (each id is
+    decoded to its text) or V strings. `order`: token ids to show instead of this distribution's own
+    top ones, so that several panels (e.g. before and after a filter) show the same tokens in the same
+    place. Whitespace is made visible (␣, ↵). Returns the matplotlib Axes."""
+    import matplotlib.pyplot as plt
+
+    if hasattr(probs, "detach"):
+        probs = probs.detach().float().cpu().numpy()
+    p = np.asarray(probs, dtype=float)
+    if p.ndim != 1:
+        raise ValueError(f"probs must be one distribution of shape (V,), got shape {p.shape}; "
+                         f"from a (B, V) tensor pick a row, e.g. probs[0].")
+    if order is None:
+        order = np.argsort(-p, kind="stable")[:top]
+    order = [int(i) for i in order]
+    if hasattr(labels, "decode"):
+        names = [labels.decode([i]) for i in order]
+    else:
+        if len(labels) != len(p):
+            raise ValueError(f"got {len(labels)} labels for {len(p)} probabilities; pass one label per token "
+                             f"or a tokenizer.")
+        names = [labels[i] for i in order]
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 2.8))
+    ax.bar(range(len(order)), p[order], color=color)
+    ax.set_xticks(range(len(order)), [_position_label(n) for n in names], fontsize=8)
+    ax.set_ylabel("probability")
+    ax.set_ylim(0, max(1e-9, float(p[order].max())) * 1.15)
+    ax.grid(axis="y", alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=9)
+    return ax

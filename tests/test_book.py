@@ -131,3 +131,33 @@ def test_read_metrics_says_how_to_get_the_file(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="out_dir"):
         read_metrics(tmp_path / "metrics.csv")
+
+
+def test_plot_next_token_shows_the_most_likely_tokens_first_with_visible_whitespace():
+    from lm.book import plot_next_token
+
+    probs = torch.tensor([0.1, 0.5, 0.0, 0.4])
+    ax = plot_next_token(probs, ["a", " ", "c", "\n"], top=3, title="next")
+    heights = [bar.get_height() for bar in ax.patches]
+    np.testing.assert_allclose(heights, [0.5, 0.4, 0.1])
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["\u2423", "\u21b5", "a"]
+    assert ax.get_title() == "next"
+
+
+def test_plot_next_token_keeps_a_given_order_and_decodes_with_a_tokenizer():
+    from lm.book import plot_next_token
+    from lm.tokenizers import CharTokenizer
+
+    tok = CharTokenizer.train("abc")
+    ax = plot_next_token(np.array([0.2, 0.3, 0.5]), tok, order=[0, 2])
+    assert [t.get_text() for t in ax.get_xticklabels()] == [tok.decode([0]), tok.decode([2])]
+    np.testing.assert_allclose([bar.get_height() for bar in ax.patches], [0.2, 0.5])
+
+
+@pytest.mark.parametrize("probs, labels, match", [(np.ones((2, 3)), ["a", "b", "c"], "shape \\(V,\\)"),
+                                                  (np.ones(3), ["a", "b"], "one label per token")])
+def test_plot_next_token_rejects_bad_input(probs, labels, match):
+    from lm.book import plot_next_token
+
+    with pytest.raises(ValueError, match=match):
+        plot_next_token(probs, labels)
