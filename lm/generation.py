@@ -18,13 +18,16 @@ from .sampling import SamplingConfig, SamplingError, choose_next
 
 
 class Generation:
-    def __init__(self, model, prompt, *, max_new_tokens: int, seed: int | None, stop_at_eos: bool,
-                 sampling: dict, stop=None, stop_tokens=None, use_cache: bool = True,
+    def __init__(self, model, prompt, *, max_new_tokens: int = 100, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+                 repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0, seed: int | None = None,
+                 stop_at_eos: bool = True, stop=None, stop_tokens=None, use_cache: bool = True,
                  attention_mask: torch.Tensor | None = None):
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
             raise SamplingError(f"max_new_tokens={max_new_tokens!r} must be a non-negative integer.")
         self.model, self.max_new_tokens, self.use_cache = model, max_new_tokens, use_cache
-        self.config = SamplingConfig(**sampling)
+        self.config = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                     repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
         self.tokenizer = model.tokenizer
         self.kind = "ids" if isinstance(prompt, torch.Tensor) else "texts" if isinstance(prompt, (list, tuple)) else "text"
         rows, mask = self._prompt_ids(prompt, attention_mask)

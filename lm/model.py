@@ -237,9 +237,12 @@ class GPT(nn.Module):
         context once every block_size/4 tokens). Either way a prompt longer than block_size is read
         from its last block_size tokens, and the returned ids still hold all of it.
         """
-        run = self._start_generation(prompt, max_new_tokens, temperature, top_k, seed, stop_at_eos, top_p, min_p,
-                                     repetition_penalty, no_repeat_ngram_size, stop, stop_tokens, use_cache,
-                                     attention_mask)
+        from .generation import Generation
+
+        run = Generation(self, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                         seed=seed, stop_at_eos=stop_at_eos, top_p=top_p, min_p=min_p,
+                         repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                         stop=stop, stop_tokens=stop_tokens, use_cache=use_cache, attention_mask=attention_mask)
         for _ in run.steps():
             pass
         return run.result(return_logprobs)
@@ -251,16 +254,11 @@ class GPT(nn.Module):
         Only whole characters are yielded: when a character's UTF-8 bytes span several byte-level
         tokens, it is held back until it is complete. Same arguments as `generate`;
         "".join(model.stream(...)) equals model.generate(...) with the same seed."""
+        from .generation import Generation
+
         if not isinstance(prompt, str):
             raise ValueError("stream() takes a text prompt; use generate() for ids or lists of prompts.")
-        run = self._start_generation(prompt, max_new_tokens, temperature, kwargs.pop("top_k", None),
-                                     kwargs.pop("seed", None), kwargs.pop("stop_at_eos", True),
-                                     kwargs.pop("top_p", None), kwargs.pop("min_p", None),
-                                     kwargs.pop("repetition_penalty", 1.0), kwargs.pop("no_repeat_ngram_size", 0),
-                                     kwargs.pop("stop", None), kwargs.pop("stop_tokens", None),
-                                     kwargs.pop("use_cache", True), None)
-        if kwargs:
-            raise TypeError(f"stream() got unexpected arguments {sorted(kwargs)}.")
+        run = Generation(self, prompt, max_new_tokens=max_new_tokens, temperature=temperature, **kwargs)
         sent = ""
         for _ in run.steps():
             text = run.texts()[0]
@@ -272,13 +270,3 @@ class GPT(nn.Module):
         text = run.texts()[0]
         if len(text) > len(sent):
             yield text[len(sent):]
-
-    def _start_generation(self, prompt, max_new_tokens, temperature, top_k, seed, stop_at_eos, top_p, min_p,
-                          repetition_penalty, no_repeat_ngram_size, stop, stop_tokens, use_cache, attention_mask):
-        from .generation import Generation
-
-        return Generation(self, prompt, max_new_tokens=max_new_tokens, seed=seed, stop_at_eos=stop_at_eos,
-                          sampling=dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                        repetition_penalty=repetition_penalty,
-                                        no_repeat_ngram_size=no_repeat_ngram_size),
-                          stop=stop, stop_tokens=stop_tokens, use_cache=use_cache, attention_mask=attention_mask)
