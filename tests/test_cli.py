@@ -561,36 +561,31 @@ def test_prep_empty_folder(tmp_path, capsys):
     assert not (tmp_path / "d").exists()
 
 
-def test_batch_size_auto_within_a_memory_budget(tmp_path, prepared, capsys):
+def train_with_auto_batch(prepared, out, fits: int) -> None:
+    """`lm train --batch_size auto` with a memory budget between the needs of `fits` and `fits + 1`
+    sequences of the TRAIN_FLAGS model (measured with lm.memory.training_memory)."""
     from lm.memory import training_memory
 
-    out = tmp_path / "r"
-    flags = [f for f in TRAIN_FLAGS]
+    flags = list(TRAIN_FLAGS)
     flags[flags.index("--batch_size") + 1] = "auto"
     torch.manual_seed(0)
     model = lm.GPT(lm.ModelConfig(vocab_size=lm.load_tokenizer(prepared / "tokenizer.json").vocab_size,
                                   block_size=16, n_layer=1, n_head=2, d_model=32))
-    need = [training_memory(model, b, 16)["total"] for b in (6, 7)]
-    budget = (need[0] + need[1]) / 2 / 2**30  # room for 6 sequences, not for 7
+    need = [training_memory(model, b, 16)["total"] for b in (fits, fits + 1)]
+    budget = (need[0] + need[1]) / 2 / 2**30
     assert main(["train", "--data_dir", str(prepared), "--out_dir", str(out), *flags, "--max_steps", "2",
                  "--memory_budget", str(budget)]) == 0
+
+
+def test_batch_size_auto_within_a_memory_budget(tmp_path, prepared, capsys):
+    train_with_auto_batch(prepared, tmp_path / "r", fits=6)
     assert "--batch_size auto: 6 sequences fit" in capsys.readouterr().out
-    assert lm.load_checkpoint(out / "last.pt")["train_config"]["batch_size"] == 6
+    assert lm.load_checkpoint(tmp_path / "r" / "last.pt")["train_config"]["batch_size"] == 6
 
 
 def test_batch_size_auto_leaves_headroom_for_large_batches(tmp_path, prepared, capsys):
-    from lm.memory import training_memory
-
-    flags = [f for f in TRAIN_FLAGS]
-    flags[flags.index("--batch_size") + 1] = "auto"
-    torch.manual_seed(0)
-    model = lm.GPT(lm.ModelConfig(vocab_size=lm.load_tokenizer(prepared / "tokenizer.json").vocab_size,
-                                  block_size=16, n_layer=1, n_head=2, d_model=32))
-    need = [training_memory(model, b, 16)["total"] for b in (16, 17)]
-    budget = (need[0] + need[1]) / 2 / 2**30
-    assert main(["train", "--data_dir", str(prepared), "--out_dir", str(tmp_path / "r"), *flags, "--max_steps", "2",
-                 "--memory_budget", str(budget)]) == 0
-    assert "16 sequences fit" in capsys.readouterr().out
+    train_with_auto_batch(prepared, tmp_path / "r", fits=16)
+    assert "16 sequences fit; training with 14" in capsys.readouterr().out
     assert lm.load_checkpoint(tmp_path / "r" / "last.pt")["train_config"]["batch_size"] == 14
 
 
