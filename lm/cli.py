@@ -370,7 +370,7 @@ def cmd_train(args) -> int:
         # leave an eighth free: the allocator fragments over a long run, and evaluation needs room too
         chosen = max(1, found * 7 // 8) if found >= 8 else found
         train_config = TrainConfig.from_dict({**train_config.to_dict(), "batch_size": chosen})
-        say(f"--batch_size auto: {found} sequences fit" + (f" in {args.memory_budget} GiB" if budget else "")
+        say(f"--batch_size auto: {found} sequences fit" + (f" in {args.memory_budget:g} GiB" if budget else "")
             + (f"; training with {chosen}, leaving headroom" if chosen != found else ""))
     if main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
