@@ -466,7 +466,7 @@ class SlidingWindowAttention(CausalSelfAttention):
         from .kv_cache import LayerCache
 
         slots = min(self.window, max_len)  # a rolling buffer: memory O(window), whatever the length
-        return LayerCache(owner, batch_size, self.n_kv_heads, slots, self.head_dim, device, dtype, rolling=True)
+        return LayerCache(owner, batch_size, self.n_kv_heads, slots, self.head_dim, device, dtype)
 
     def attend_cached(self, q, k, v, cache):
         n, T = cache.offset, q.size(-2)

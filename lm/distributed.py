@@ -78,11 +78,6 @@ def all_mean(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -27,8 +27,8 @@ class LayerCache:
     """One layer's stored keys and values: k, v (B, H_kv, S, D) with S = max_len (or the window)."""
 
     def __init__(self, owner: "KVCache", batch_size: int, n_kv_heads: int, slots: int, head_dim: int,
-                 device, dtype, rolling: bool = False):
-        self.owner, self.rolling, self.slots = owner, rolling, slots
+                 device, dtype):
+        self.owner, self.slots = owner, slots
         shape = (batch_size, n_kv_heads, slots, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
