@@ -55,7 +55,10 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused and x.device.type == "cpu":
             flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-            y = torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, self.scale_bf16)
+            # The kernel wants scales in its input's dtype; model.to(torch.float16) casts this buffer
+            # too, so convert back (free when it is still bfloat16).
+            scale = self.scale_bf16.to(torch.bfloat16)
+            y = torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, scale)
             y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.dequantized(x.dtype), self.bias)
@@ -108,10 +111,12 @@ def quantize_int8(model: nn.Module) -> nn.Module:
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of the model's weights as stored (parameters and the int8 buffers; shared tensors once)."""
+    """Bytes of the model's weights as stored: every tensor of its state dict, that is its parameters
+    and persistent buffers (Int8Linear's int8 weight, both copies of its scales and its bias;
+    TransposedLinear's weight and bias), shared tensors once. Derived tables (RoPE's cos and sin,
+    sinusoidal positions) are non-persistent buffers and not counted."""
     seen, total = set(), 0
-    weights = [b for n, b in model.named_buffers() if n.endswith(("weight_int8", ".scale", "weight_t", ".bias"))]
-    for t in list(model.parameters()) + weights:
+    for t in model.state_dict(keep_vars=True).values():  # keep_vars: the tensors themselves, so ids are stable
         if id(t) not in seen:
             seen.add(id(t))
             total += t.numel() * t.element_size()

@@ -199,6 +199,27 @@ def process_logits(
     return logits
 
 
+def _check_a_token_is_left(processed: torch.Tensor, config: SamplingConfig) -> None:
+    """Raise a SamplingError if some row of the processed (B, V) logits bans every token (all -inf).
+
+    Such a row has no distribution to draw from (its softmax is NaN) and no meaningful argmax.
+    Of the steps, only no_repeat_ngram sets finite logits to -inf whatever their size: the
+    penalty is finite and every filter keeps the row's most likely token. So the check runs only
+    when no_repeat_ngram is on, and the usual path pays no host sync for it (no_repeat_ngram
+    itself already syncs for every row).
+    """
+    n = config.no_repeat_ngram_size
+    if n == 0:
+        return
+    nothing_left = torch.isneginf(processed).all(dim=-1)
+    if bool(nothing_left.any()):
+        row = int(nothing_left.nonzero()[0])
+        raise SamplingError(
+            f"no_repeat_ngram_size={n} banned every token of row {row}: each of the {processed.size(-1)} "
+            f"tokens would repeat a {n}-gram already in that row's history. Lower no_repeat_ngram_size "
+            f"(0 turns it off) or generate fewer tokens (max_new_tokens).")
+
+
 def choose_next(
     logits: torch.Tensor,
     previous_ids: torch.Tensor,
@@ -214,8 +235,11 @@ def choose_next(
     logits): the model's score for the text, which does not change with the sampling settings.
     These are the `scores` the generation API reports. (Hugging Face's `output_scores` gives the
     processed logits instead; its `output_logits` the raw ones.)
+
+    Raises a SamplingError when no_repeat_ngram_size leaves a row no token to choose.
     """
     processed = process_logits(logits, previous_ids, config, mask)
+    _check_a_token_is_left(processed, config)
     if config.temperature == 0:
         next_ids = processed.argmax(dim=-1, keepdim=True)
     else:

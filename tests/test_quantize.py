@@ -85,3 +85,47 @@ def test_int8_generation_mostly_agrees_with_float(pattern_text):
     with torch.no_grad():
         x, y = ids[None, :-1][:, :32], ids[None, 1:][:, :32]
         assert q(x, y)[1].item() == pytest.approx(model(x, y)[1].item(), rel=0.02)
+
+
+def _stored_bytes(module: nn.Module) -> int:
+    """Every tensor the module keeps, parameters and buffers, shared ones once."""
+    tensors = {id(t): t for t in [*module.parameters(), *module.buffers()]}
+    return sum(t.nbytes for t in tensors.values())
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_weight_bytes_counts_every_tensor_a_swapped_layer_keeps(bias):
+    linear = nn.Linear(32, 24, bias=bias)
+    layer = Int8Linear(linear)
+    assert weight_bytes(layer) == _stored_bytes(layer) == 32 * 24 + 24 * (4 + 2) + bias * 24 * 4  # int8, 2 scales
+    transposed = TransposedLinear(linear)
+    assert weight_bytes(transposed) == _stored_bytes(transposed) == (32 + bias) * 24 * 4
+
+
+@pytest.mark.parametrize("tie_weights", [True, False])
+def test_weight_bytes_of_a_quantized_model_is_everything_it_stores(tie_weights):
+    # learned positions: the model has no derived buffers, so every tensor it keeps is a weight
+    model = lm.GPT(lm.ModelConfig(vocab_size=64, block_size=32, n_layer=2, n_head=4, d_model=64,
+                                  tie_weights=tie_weights)).eval()
+    for prepared in (quantize_int8(copy.deepcopy(model)), for_decoding(copy.deepcopy(model)), model):
+        assert weight_bytes(prepared) == _stored_bytes(prepared)
+    # RoPE's cos/sin tables are derived from the config, not weights
+    rope = lm.GPT(lm.ModelConfig(vocab_size=64, block_size=32, n_layer=2, n_head=4, d_model=64, pos="rope"))
+    q = quantize_int8(rope)
+    assert weight_bytes(q) == _stored_bytes(q) - sum(b.nbytes for b in q.rope.buffers()) < _stored_bytes(q)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cast_first", [True, False], ids=["cast-then-quantize", "quantize-then-cast"])
+def test_int8_model_runs_in_half_precision(dtype, cast_first):
+    """model.to(dtype) also casts the int8 layer's scales; the fused kernel still gets bfloat16 ones."""
+    torch.manual_seed(0)
+    model = lm.GPT(lm.ModelConfig(vocab_size=64, block_size=32, n_layer=2, n_head=4, d_model=64,
+                                  tie_weights=False)).eval()
+    q = quantize_int8(copy.deepcopy(model).to(dtype)) if cast_first else quantize_int8(copy.deepcopy(model)).to(dtype)
+    idx = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        a, b = model(idx)[0], q(idx)[0]
+    assert b.dtype == dtype
+    assert (a - b.float()).abs().max() < 0.05 * a.abs().max()
+    assert q.generate(idx[:, :4], max_new_tokens=8, temperature=0).shape == (2, 12)

@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lm import (
-    SamplingConfig, SamplingError, choose_next, min_p_filter, process_logits, sample_next, top_k_filter, top_p_filter,
+    GPT, ModelConfig, SamplingConfig, SamplingError, choose_next, min_p_filter, process_logits, sample_next,
+    top_k_filter, top_p_filter,
 )
 from lm.sampling import apply_temperature, check_sampling_args, no_repeat_ngram, repetition_penalty
 
@@ -420,6 +421,37 @@ def test_choose_next_accepts_half_precision_logits():
     next_ids, logprobs = choose_next(logits, random_history(), FULL, torch.Generator().manual_seed(0))
     assert logprobs.dtype == torch.float32
     torch.testing.assert_close(logprobs, torch.log_softmax(logits.float(), -1).gather(-1, next_ids))
+
+
+# V=3, n=2. Row 1 "a a b a c a": after "a", every 2-gram "a ?" has occurred, so every token is banned.
+# Row 0 "a a c a c a": "a a" and "a c" occurred, so only b (1) is left.
+ALL_BANNED = torch.tensor([[0, 0, 2, 0, 2, 0], [0, 0, 1, 0, 2, 0]])
+
+
+@pytest.mark.parametrize("config", [
+    SamplingConfig(temperature=0, no_repeat_ngram_size=2),
+    SamplingConfig(no_repeat_ngram_size=2),
+    SamplingConfig(temperature=0.7, top_k=2, top_p=0.9, min_p=0.1, repetition_penalty=1.3, no_repeat_ngram_size=2),
+], ids=["greedy", "sampled", "every-filter"])
+def test_a_row_with_every_token_banned_says_which_setting_to_change(config):
+    logits = torch.randn(2, 3)
+    assert torch.isneginf(process_logits(logits, ALL_BANNED, config)[1]).all()
+    with pytest.raises(SamplingError, match=r"no_repeat_ngram_size=2 banned every token of row 1.*"
+                                            r"Lower no_repeat_ngram_size"):
+        choose_next(logits, ALL_BANNED, config, torch.Generator().manual_seed(0))
+    # one token left is enough: row 0 alone has to take it
+    assert choose_next(logits[:1], ALL_BANNED[:1], config, torch.Generator().manual_seed(0))[0].item() == 1
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampled"])
+def test_generate_stops_with_a_sampling_error_when_no_token_is_left(temperature):
+    model = GPT(ModelConfig(vocab_size=6, block_size=16, n_layer=1, n_head=2, d_model=16)).eval()
+    prompt = torch.tensor([[0, 1, 2]])
+    # no_repeat_ngram_size=1 bans every token seen: after 3 new tokens, all 6 are used up
+    assert model.generate(prompt, 3, temperature, seed=0, no_repeat_ngram_size=1)[0, 3:].sort().values.tolist() \
+        == [3, 4, 5]
+    with pytest.raises(SamplingError, match="no_repeat_ngram_size=1 banned every token of row 0"):
+        model.generate(prompt, 4, temperature, seed=0, no_repeat_ngram_size=1)
 
 
 def test_sample_next_takes_top_p_and_min_p():
