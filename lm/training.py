@@ -321,11 +321,12 @@ class Trainer:
                 loss = loss / len(micro_batches)
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.detach().float()
-        loss_value = distributed.all_mean(total).item()
-        if not math.isfinite(loss_value):  # stop before a bad step can spoil the weights
-            raise TrainingError(f"the loss became {loss_value} at step {step}; lower lr (now {lr:.2e}), "
-                                f"keep gradient clipping on, try precision='bf16' instead of 'fp16', "
-                                f"or check the data.")
+        loss = distributed.all_mean(total)
+        # The fused AdamW can skip a bad update on the device, as GradScaler has it do, so the host need
+        # not wait before the step; other optimizers (and the fp16 scaler's path) must check first.
+        skip_on_device = self.scaler is None and bool(self.optimizer.defaults.get("fused"))
+        if not skip_on_device:
+            self._check_loss(loss.item(), step, lr)  # stop before a bad step can spoil the weights
         if self.scaler:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         clip = config.grad_clip if config.grad_clip > 0 else float("inf")
@@ -335,12 +336,26 @@ class Trainer:
         if self.scaler:
             self.scaler.step(self.optimizer)  # skipped when fp16 gradients overflowed
             self.scaler.update()
+        elif skip_on_device:
+            # 1.0 when the loss or the gradients are not finite: the kernel then leaves the weights,
+            # moments and step count as they were
+            self.optimizer.found_inf = (~torch.isfinite(loss + grad_norm)).float()
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
-            self.ema.update(self.model)
-        grad_norm = grad_norm.item()  # waits for the GPU to finish the step, so the time below is true
+            self.ema.update(self.model)  # a skipped step left the weights alone, so the average is safe
+        # the one wait for the GPU per step; it also makes the time below true
+        loss_value, grad_norm = torch.stack([loss, grad_norm.float()]).tolist()
+        self._check_loss(loss_value, step, lr)
+        if not math.isfinite(grad_norm) and self.scaler is None:  # fp16 overflows are the scaler's to skip
+            raise TrainingError(f"the gradient norm became {grad_norm} at step {step} while the loss was "
+                                f"{loss_value:.4f}; lower lr (now {lr:.2e}), keep gradient clipping on, "
+                                f"or check the data.")
         seconds = time.perf_counter() - t0
 
         h = self.history
@@ -358,6 +373,13 @@ class Trainer:
                                else self.batches.global_batch * self.seq_len / seconds)
         self.step = step + 1
         return {"loss": loss_value, "lr": lr, "grad_norm": h.grad_norm[-1], "seconds": seconds}
+
+    @staticmethod
+    def _check_loss(loss_value: float, step: int, lr: float) -> None:
+        if not math.isfinite(loss_value):
+            raise TrainingError(f"the loss became {loss_value} at step {step}; lower lr (now {lr:.2e}), "
+                                f"keep gradient clipping on, try precision='bf16' instead of 'fp16', "
+                                f"or check the data.")
 
     # ---- evaluation ----------------------------------------------------------------------------
     def evaluate(self) -> bool:

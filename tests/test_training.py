@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lm import GPT, CharTokenizer, ModelConfig, TrainConfig, TrainHistory, TrainingError, load_checkpoint, lr_at, train
-from lm.training import configure_optimizer
+from lm.training import Trainer, configure_optimizer
 
 
 # ---- learning-rate schedule ------------------------------------------------------------------------
@@ -202,6 +202,47 @@ def test_nan_loss_raises(pattern_text):
         model.norm_f.weight[0] = float("nan")
     with pytest.raises(TrainingError, match="nan at step 0.*lower lr"):
         train(model, train_ids, val_ids, quick_config())
+
+
+def training_state(trainer):
+    return ({n: p.detach().clone() for n, p in trainer.model.named_parameters()},
+            {n: {k: v.clone() for k, v in trainer.optimizer.state[p].items()}
+             for n, p in trainer.model.named_parameters()})
+
+
+def assert_same_state(a, b):
+    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+def poison(model, where):
+    """Make the next step non-finite: a NaN weight spoils the loss, a hook only the gradients."""
+    if where == "loss":
+        with torch.no_grad():
+            model.norm_f.weight[0] = float("nan")
+    else:
+        model.norm_f.weight.register_hook(lambda grad: torch.full_like(grad, float("nan")))
+
+
+@pytest.mark.parametrize("fused, where, message", [
+    (True, "loss", "the loss became nan at step 1.*lower lr"),
+    (True, "grad", "the gradient norm became nan at step 1"),
+    (False, "loss", "the loss became nan at step 1.*lower lr"),
+], ids=["fused-nan-loss", "fused-nan-grad", "unfused-nan-loss"])
+def test_non_finite_step_leaves_weights_and_optimizer_unchanged(pattern_text, fused, where, message):
+    model, train_ids, val_ids = setup_run(pattern_text)
+    trainer = Trainer(model, train_ids, val_ids, quick_config())
+    if not fused:  # the fallback: an optimizer that cannot skip a step on the device
+        trainer.optimizer = torch.optim.AdamW(
+            [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in trainer.optimizer.param_groups],
+            betas=(0.9, 0.95), fused=False)
+    assert bool(trainer.optimizer.defaults.get("fused")) == fused
+    trainer.train_step()  # a good step first, so the optimizer has moments and a step count to keep
+    poison(model, where)
+    before = training_state(trainer)
+    with pytest.raises(TrainingError, match=message):
+        trainer.train_step()
+    assert_same_state(training_state(trainer), before)
+    assert not hasattr(trainer.optimizer, "found_inf")
 
 
 def test_exploding_learning_rate_raises(pattern_text):
