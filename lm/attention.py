@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .positions import table_rows
 from .registry import ATTENTION
 
 if TYPE_CHECKING:  # only for type hints: config.py may import this package's registries
@@ -363,22 +364,24 @@ class CausalSelfAttention(nn.Module):
         attention_mask: torch.Tensor | None = None,
         return_weights: bool = False,
         cache=None,
+        static: bool = False,
     ):
         """x: (B, T, C) -> (B, T, C); with `return_weights`, also the (B, H, T, T) weights.
 
         With a layer `cache` (see `lm.kv_cache`), x holds only the new positions: their keys and
-        values are stored and the queries attend over everything cached."""
+        values are stored and the queries attend over everything cached. `static`: x is one new
+        token per row at the device position of a static cache (`attend_static`)."""
         B, T, C = x.shape
         H, H_kv, D = self.n_head, self.n_kv_heads, self.head_dim
         q, k, v = self.qkv(x).split([H * D, H_kv * D, H_kv * D], dim=2)
         q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, H_kv, D).transpose(1, 2)  # (B, H_kv, T, D)
         v = v.view(B, T, H_kv, D).transpose(1, 2)
-        offset = cache.offset if cache is not None else 0
+        offset = 0 if cache is None else cache.owner.position if static else cache.offset
         if rope is not None:
             q, k = rope(q, k, offset=offset)  # before K/V heads are repeated: fewer heads to rotate
         if cache is not None:
-            y, weights = self.attend_cached(q, k, v, cache), None
+            y, weights = (self.attend_static if static else self.attend_cached)(q, k, v, cache), None
         else:
             dropout_p = self.dropout if self.training else 0.0
             y, weights = self.attend(q, k, v, attention_mask, dropout_p, return_weights)
@@ -412,6 +415,22 @@ class CausalSelfAttention(nn.Module):
         if key_mask is not None:
             mask = _with_key_padding(mask, key_mask[:, :S], n, T)
         return _attend_over(q, keys, values, mask, self.use_sdpa)
+
+    def attend_static(self, q, k, v, cache):
+        """One new query per row, q (B, H, 1, D), at position p = the static cache's device position.
+
+        Its key and value go to slot p, and the query attends over every slot of the buffer,
+        masked to slots 0 .. p (and the layout's row p) that hold real tokens: no shape depends on
+        p, so the step can be replayed as a CUDA graph. Same result as `attend_cached`."""
+        owner, p = cache.owner, cache.owner.position
+        cache.write(k, v, p)
+        layout = self.layout(cache.slots, q.device)
+        if layout is None:
+            allowed = torch.arange(cache.slots, device=q.device) <= p
+        else:
+            allowed = layout.index_select(0, p.view(1))[0]
+        mask = (allowed & owner.key_mask[:, : cache.slots])[:, None, None, :]  # (B, 1, 1, S)
+        return _attend_over(q, cache.k, cache.v, mask, self.use_sdpa)
 
     def attend(self, q, k, v, attention_mask, dropout_p, return_weights):
         """q (B, H, T, D), k and v (B, H_kv, T, D) -> y (B, H, T, D) and weights (B, H, T, T) or None."""
@@ -480,6 +499,16 @@ class SlidingWindowAttention(CausalSelfAttention):
         if T == 1 and key_mask is None:
             mask = None  # every kept key is inside the window
         return _attend_over(q, keys, values, mask, self.use_sdpa)
+
+    def attend_static(self, q, k, v, cache):
+        """The rolling buffer with the position p on the device: the new key goes to slot p % W, and
+        slot j then holds position p - ((p - j) mod W) (negative: never filled)."""
+        owner, p, W = cache.owner, cache.owner.position, cache.slots
+        cache.write(k, v, p % W)
+        key_pos = p - (p - torch.arange(W, device=q.device)) % W
+        real = owner.key_mask.index_select(1, key_pos.clamp(min=0))  # (B, W)
+        mask = ((key_pos >= 0) & real)[:, None, None, :]
+        return _attend_over(q, cache.k, cache.v, mask, self.use_sdpa)
 
     def extra_repr(self) -> str:
         return f"window={self.window}"
@@ -564,13 +593,21 @@ class LinearAttention(CausalSelfAttention):
 
     def attend_cached(self, q, k, v, cache, eps: float = 1e-6):
         """Continue from the running state: out_t = phi(q_t) S_t / (phi(q_t) . z_t + eps)."""
-        n, T = cache.offset, q.size(-2)
+        return self._continue_state(q, k, v, cache, cache.offset, eps)
+
+    def attend_static(self, q, k, v, cache, eps: float = 1e-6):
+        """The state has a fixed size already: only the padding mask needs the device position."""
+        return self._continue_state(q, k, v, cache, cache.owner.position, eps)
+
+    def _continue_state(self, q, k, v, cache, n, eps):
+        T = q.size(-2)
         n_rep = self.n_head // self.n_kv_heads
         k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
         phi_q, phi_k = elu_feature_map(q), elu_feature_map(k)
         key_mask = cache.owner.key_mask
-        if key_mask is not None:
-            phi_k = phi_k * key_mask[:, None, n : n + T, None].to(phi_k.dtype)
+        if key_mask is not None:  # rows n .. n+T-1 of the (B, max_len) mask, n an int or a tensor
+            real = table_rows(key_mask.T, T, n).T
+            phi_k = phi_k * real[:, None, :, None].to(phi_k.dtype)
         scores = (phi_q @ phi_k.transpose(-2, -1)) * causal_mask(T, q.device)  # within the new tokens
         num = scores @ v + phi_q @ cache.S
         den = scores.sum(-1) + (phi_q @ cache.z.unsqueeze(-1)).squeeze(-1)

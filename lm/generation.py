@@ -7,14 +7,70 @@ One `Generation` holds the state of one call: the token buffer (preallocated for
 max_new_tokens), the padding mask of batched prompts, the KV cache, which rows have stopped, and
 the log-probabilities of the chosen tokens. `steps()` advances one token at a time, so `generate`
 runs it to the end and `stream` yields text as it goes.
+
+On CUDA the one-token steps replay a CUDA graph (`lm.cuda_graph`) unless `cuda_graph=False`; the
+loop itself never waits for the GPU unless something must be read back (stop tokens or strings,
+streaming), so Python can queue the next step while the GPU runs this one.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .cuda_graph import decoder_for, graph_unsupported
 from .kv_cache import KVCache
 from .sampling import SamplingConfig, SamplingError, choose_next
+
+
+class IncrementalText:
+    """The text of a growing list of token ids, decoding only the last few tokens per update.
+
+    Re-decoding all ids at every step costs O(n) per token, O(n^2) per generation. Instead keep two
+    marks: `prefix` (where the last decoded piece started) and `read` (how far text was taken). The
+    new text is decode(ids[prefix:]) minus decode(ids[prefix:read]): decoding from a token boundary
+    a little before the new ids keeps what tokenizers do at the start of a text (SentencePiece drops
+    a leading space) out of the difference. A piece that ends in U+FFFD is an incomplete UTF-8
+    character (its remaining bytes are in tokens still to come) and waits."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.text, self.prefix, self.read = tokenizer, "", 0, 0
+
+    def update(self, ids: list[int]) -> str:
+        """`ids`: all ids so far (the earlier ones unchanged); returns the text they add."""
+        before = self.tokenizer.decode(ids[self.prefix:self.read])
+        now = self.tokenizer.decode(ids[self.prefix:])
+        if len(now) <= len(before) or now.endswith("\ufffd"):
+            return ""
+        piece = now[len(before):]
+        self.text += piece
+        self.prefix, self.read = self.read, len(ids)
+        return piece
+
+
+def showable(pending: str, stops: list[str]) -> int:
+    """How many leading characters of `pending` (text not shown yet) a stream may show now:
+    everything before a stop string, and never an ending that could still grow into one."""
+    hits = [pending.find(s) for s in stops if s in pending]
+    if hits:
+        return min(hits)
+    for k in range(min(len(pending), max(map(len, stops), default=1) - 1), 0, -1):
+        if any(s.startswith(pending[-k:]) for s in stops):
+            return len(pending) - k
+    return len(pending)
+
+
+def stream_text(run: "Generation"):
+    """Yield the text of row 0 of `run` piece by piece as its steps run (see `GPT.stream`)."""
+    text, shown = IncrementalText(run.tokenizer), 0
+    for _ in run.steps():
+        text.update(run.new_ids(0))
+        ready = shown + showable(text.text[shown:], run.stop_strings)
+        if ready > shown:
+            yield text.text[shown:ready]
+            shown = ready
+    final = run.texts()[0]  # decoded whole and cut at a stop string, as generate returns it
+    if len(final) > shown:
+        yield final[shown:]
 
 
 class Generation:
@@ -22,7 +78,7 @@ class Generation:
                  top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
                  repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0, seed: int | None = None,
                  stop_at_eos: bool = True, stop=None, stop_tokens=None, use_cache: bool = True,
-                 attention_mask: torch.Tensor | None = None):
+                 attention_mask: torch.Tensor | None = None, cuda_graph: bool | None = None, compile: bool = False):
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
             raise SamplingError(f"max_new_tokens={max_new_tokens!r} must be a non-negative integer.")
         self.model, self.max_new_tokens, self.use_cache = model, max_new_tokens, use_cache
@@ -52,6 +108,18 @@ class Generation:
         if self.stop_strings and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer to decode the text; pass stop_tokens (ids) instead.")
         self.cache = None
+        self.cuda_graph, self.compile, self.graph = self._use_graph(cuda_graph, compile), compile, None
+        self.stop_texts = [IncrementalText(self.tokenizer) for _ in range(B)] if self.stop_strings else None
+
+    def _use_graph(self, cuda_graph, compile) -> bool:
+        """None: on CUDA whenever the model allows it. True: always (a clear error where it cannot)."""
+        reason = graph_unsupported(self.model) if self.use_cache else "use_cache=False decodes without a cache"
+        if cuda_graph and reason is not None:
+            raise ValueError(f"cuda_graph=True: {reason}; pass cuda_graph=None to choose automatically.")
+        if compile and not (cuda_graph or cuda_graph is None and reason is None):
+            raise ValueError(f"compile=True compiles the CUDA-graph decoding step, which is off here "
+                             f"({reason or 'cuda_graph=False'}).")
+        return reason is None if cuda_graph is None else bool(cuda_graph)
 
     # ---- prompt --------------------------------------------------------------------------------
     def _prompt_ids(self, prompt, attention_mask):
@@ -96,7 +164,9 @@ class Generation:
         if not self.use_cache:
             lo = max(0, L - block)
             return model(self.ids[:, lo:L], attention_mask=None if mask is None else mask[:, lo:L])[0]
-        if self.cache is None:
+        if self.cache is None and self.cuda_graph:
+            self.cache, self.graph = decoder_for(model, self.ids.size(0), block, self.compile)
+        elif self.cache is None:
             self.cache = KVCache(model, self.ids.size(0), max_len=block)
         cache = self.cache
         if cache.length == 0 or cache.length + 1 > block:  # prefill, or the cache is full: start afresh
@@ -104,6 +174,8 @@ class Generation:
             cache.reset()
             return model(self.ids[:, L - keep:L], attention_mask=None if mask is None else mask[:, L - keep:L],
                          cache=cache)[0]
+        if self.cuda_graph:  # the prompt's padding is in the cache's mask already; new tokens are real
+            return self.graph(self.ids[:, L - 1:L])
         return model(self.ids[:, L - 1:L], attention_mask=None if mask is None else mask[:, :L], cache=cache)[0]
 
     def steps(self):
@@ -124,14 +196,22 @@ class Generation:
                 if self.stop_ids.numel():
                     self.finished |= torch.isin(next_ids, self.stop_ids)
                 if self.stop_strings:
-                    for row, text in enumerate(self.texts(cut=False)):
-                        if any(s in text for s in self.stop_strings):
-                            self.finished[row] = True
+                    self._check_stop_strings()
                 yield step
-                if bool(self.finished.all()):
+                # reading `finished` waits for the GPU: only when something can stop a row early
+                if (self.stop_ids.numel() or self.stop_strings) and bool(self.finished.all()):
                     break
         finally:
             model.train(was_training)
+
+    def _check_stop_strings(self) -> None:
+        """Stop a row once its text holds a stop string; only the newly decoded end is searched."""
+        longest = max(len(s) for s in self.stop_strings)
+        for row, text in enumerate(self.stop_texts):
+            piece = text.update(self.new_ids(row))
+            tail = text.text[-(len(piece) + longest - 1):] if piece else ""
+            if any(s in tail for s in self.stop_strings):
+                self.finished[row] = True
 
     # ---- results -------------------------------------------------------------------------------
     def new_ids(self, row: int) -> list[int]:

@@ -16,6 +16,13 @@ variant chooses what it keeps (`new_layer_cache`):
 - sliding_window: a rolling buffer of the last `window` positions, so memory stays O(window);
 - linear: the running state S = sum phi(k) v^T and z = sum phi(k): O(1) in the length.
 RoPE rotates new keys at their absolute positions (offset = tokens already cached) before storing.
+
+Static shapes (`KVCache(..., static=True)`, for CUDA graphs). Slicing the buffers to the cached
+length gives every decoding step new shapes, and a CUDA graph replays fixed ones. A static cache
+also keeps the length on the device, `position` (a 0-d tensor), and its padding mask always
+exists, so that a one-token step (`GPT.decode_step`) can write its key and value into slot
+`position` and attend over *all* slots, masked to the filled ones: the same arithmetic at every
+position, captured once and replayed (`lm.cuda_graph`). Prefill stays the ordinary path.
 """
 
 from __future__ import annotations
@@ -47,6 +54,11 @@ class LayerCache:
         self.k[:, :, n : n + T] = k
         self.v[:, :, n : n + T] = v
         return self.k[:, :, : n + T], self.v[:, :, : n + T]
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, slot: torch.Tensor) -> None:
+        """Store one new position's key and value (B, H_kv, 1, D) in `slot`, a 0-d device tensor."""
+        self.k.index_copy_(2, slot.view(1), k)
+        self.v.index_copy_(2, slot.view(1), v)
 
     def window(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rolling buffer: the kept earlier keys (in order) plus the new ones, and their positions.
@@ -86,7 +98,7 @@ class KVCache:
     """
 
     def __init__(self, model, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None,
-                 device=None):
+                 device=None, static: bool = False):
         max_len = max_len or model.config.block_size
         device = device or model.device
         dtype = dtype or next(model.parameters()).dtype
@@ -94,6 +106,11 @@ class KVCache:
         self.layers = [block.attn.new_layer_cache(self, batch_size, max_len, device, dtype) for block in model.blocks]
         self.key_mask: torch.Tensor | None = None
         self._device = device
+        self.static = static
+        # static: the length mirrored on the device, and a padding mask that always exists
+        self.position = torch.zeros((), dtype=torch.long, device=device) if static else None
+        if static:
+            self.key_mask = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
 
     def update_mask(self, attention_mask: torch.Tensor | None, T: int) -> None:
         """Record which of the T new positions are real (before the layers run)."""
@@ -106,10 +123,17 @@ class KVCache:
 
     def advance(self, T: int) -> None:
         self.length += T
+        if self.static:
+            self.position.fill_(self.length)
 
     def reset(self) -> None:
         """Forget everything (buffers are reused; linear attention's running sums start from zero)."""
-        self.length, self.key_mask = 0, None
+        self.length = 0
+        if self.static:  # the same tensors stay, so a captured graph still reads them
+            self.position.zero_()
+            self.key_mask.fill_(True)
+        else:
+            self.key_mask = None
         for layer in self.layers:
             if isinstance(layer, LinearState):
                 layer.S.zero_()

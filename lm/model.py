@@ -48,24 +48,26 @@ class Block(nn.Module):
         self.norm2 = NORMS.get(config.norm)(config)
         self.mlp = FEEDFORWARD.get(config.ffn)(config)
 
-    def forward(self, x: torch.Tensor, rope=None, attention_mask=None, return_weights: bool = False, cache=None):
+    def forward(self, x: torch.Tensor, rope=None, attention_mask=None, return_weights: bool = False, cache=None,
+                static: bool = False):
         """x: (B, T, C) -> (B, T, C); with `return_weights`, also the attention weights (B, H, T, T).
-        `cache`: this layer's KV cache (`lm.kv_cache`), when x holds only new positions."""
+        `cache`: this layer's KV cache (`lm.kv_cache`), when x holds only new positions; `static`:
+        one token per row at the position a static cache keeps on the device (`GPT.decode_step`)."""
         if self.pre_norm:
-            a, weights = self._attend(self.norm1(x), rope, attention_mask, return_weights, cache)
+            a, weights = self._attend(self.norm1(x), rope, attention_mask, return_weights, cache, static)
             x = x + a
             x = x + self.mlp(self.norm2(x))
         else:
-            a, weights = self._attend(x, rope, attention_mask, return_weights, cache)
+            a, weights = self._attend(x, rope, attention_mask, return_weights, cache, static)
             x = self.norm1(x + a)
             x = self.norm2(x + self.mlp(x))
         return (x, weights) if return_weights else x
 
-    def _attend(self, h, rope, attention_mask, return_weights, cache=None):
+    def _attend(self, h, rope, attention_mask, return_weights, cache=None, static=False):
         if return_weights:
             return self.attn(h, rope=rope, attention_mask=attention_mask, return_weights=True)
         if cache is not None:
-            return self.attn(h, rope=rope, cache=cache), None
+            return self.attn(h, rope=rope, cache=cache, static=static), None
         return self.attn(h, rope=rope, attention_mask=attention_mask), None
 
 
@@ -184,6 +186,18 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return logits, loss
 
+    def decode_step(self, idx: torch.Tensor, cache) -> torch.Tensor:
+        """Logits (B, 1, V) of one new token per row, idx (B, 1), at the device position of a static
+        cache (`KVCache(..., static=True)`), whose slot it fills.
+
+        No shape and no Python value depends on the position, so the step can be captured once as
+        a CUDA graph and replayed for every token (`lm.cuda_graph`). The cache is not advanced:
+        the caller calls `cache.advance(1)`, outside any graph."""
+        x = self._embed(idx, offset=cache.position)
+        for block, layer_cache in zip(self.blocks, cache.layers):
+            x = block(x, self.rope, cache=layer_cache, static=True)
+        return self.lm_head(self.norm_f(x))
+
     def attention_weights(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
         """The attention weights of every layer, each (B, H, T, T), for plotting."""
         x = self._embed(idx)
@@ -193,11 +207,12 @@ class GPT(nn.Module):
             weights.append(w)
         return weights
 
-    def _embed(self, idx: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    def _embed(self, idx: torch.Tensor, offset=0) -> torch.Tensor:
+        """offset: an int, or a 0-d device tensor (a static cache's position, checked by its owner)."""
         if idx.dim() != 2:
             raise ValueError(f"idx must be a (B, T) tensor of token ids, got shape {tuple(idx.shape)}.")
         T = idx.size(1)
-        if offset + T > self.config.block_size:
+        if not isinstance(offset, torch.Tensor) and offset + T > self.config.block_size:
             raise ValueError(
                 f"sequence length {offset + T} exceeds block_size={self.config.block_size}; "
                 f"crop the input to its last {self.config.block_size} tokens."
@@ -217,7 +232,8 @@ class GPT(nn.Module):
                  seed: int | None = None, stop_at_eos: bool = True, *, top_p: float | None = None,
                  min_p: float | None = None, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
                  stop: str | list[str] | None = None, stop_tokens=None, use_cache: bool = True,
-                 return_logprobs: bool = False, attention_mask: torch.Tensor | None = None):
+                 return_logprobs: bool = False, attention_mask: torch.Tensor | None = None,
+                 cuda_graph: bool | None = None, compile: bool = False):
         """Sample a continuation of `prompt`.
 
         prompt: text (needs an attached tokenizer; returns the new text, without the prompt), a list
@@ -236,13 +252,18 @@ class GPT(nn.Module):
         fresh cache from the last 3/4 of block_size tokens whenever it is full (so it re-reads the
         context once every block_size/4 tokens). Either way a prompt longer than block_size is read
         from its last block_size tokens, and the returned ids still hold all of it.
+
+        On CUDA each one-token step replays a CUDA graph (`lm.cuda_graph`; `cuda_graph=None` picks
+        it whenever the model allows, False turns it off), with `compile=True` of a
+        torch.compile'd step. The tokens are the same either way.
         """
         from .generation import Generation
 
         run = Generation(self, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                          seed=seed, stop_at_eos=stop_at_eos, top_p=top_p, min_p=min_p,
                          repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-                         stop=stop, stop_tokens=stop_tokens, use_cache=use_cache, attention_mask=attention_mask)
+                         stop=stop, stop_tokens=stop_tokens, use_cache=use_cache, attention_mask=attention_mask,
+                         cuda_graph=cuda_graph, compile=compile)
         for _ in run.steps():
             pass
         return run.result(return_logprobs)
@@ -252,21 +273,12 @@ class GPT(nn.Module):
         """Yield the continuation of a text prompt piece by piece as it is generated.
 
         Only whole characters are yielded: when a character's UTF-8 bytes span several byte-level
-        tokens, it is held back until it is complete. Same arguments as `generate`;
+        tokens, it is held back until it is complete; so is an ending that may be the start of a
+        `stop` string. Each step decodes only its last few tokens. Same arguments as `generate`;
         "".join(model.stream(...)) equals model.generate(...) with the same seed."""
-        from .generation import Generation
+        from .generation import Generation, stream_text
 
         if not isinstance(prompt, str):
             raise ValueError("stream() takes a text prompt; use generate() for ids or lists of prompts.")
-        run = Generation(self, prompt, max_new_tokens=max_new_tokens, temperature=temperature, **kwargs)
-        sent = ""
-        for _ in run.steps():
-            text = run.texts()[0]
-            if text.endswith("\ufffd"):  # part of a multi-byte character: wait for the rest
-                continue
-            if len(text) > len(sent):
-                yield text[len(sent):]
-                sent = text
-        text = run.texts()[0]
-        if len(text) > len(sent):
-            yield text[len(sent):]
+        yield from stream_text(Generation(self, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                                          **kwargs))

@@ -46,6 +46,17 @@ def sinusoidal_table(T: int, C: int, offset: int = 0, base: float = 10000.0) -> 
     return table
 
 
+def table_rows(table: torch.Tensor, T: int, offset) -> torch.Tensor:
+    """Rows offset .. offset+T-1 of a (positions, ...) table.
+
+    `offset` is an int, or a 0-d long tensor on the table's device: then the rows are gathered on
+    the device and no shape depends on the position, so one decoding step can be captured as a
+    CUDA graph and replayed at every position (`lm.cuda_graph`)."""
+    if isinstance(offset, torch.Tensor):
+        return table.index_select(0, offset + torch.arange(T, device=table.device))
+    return table[offset : offset + T]
+
+
 @POSITIONS.register("learned")
 class LearnedPositionEmbedding(nn.Embedding):
     """A trainable table of block_size position vectors (GPT-2). It *is* an `nn.Embedding`, so its
@@ -58,14 +69,14 @@ class LearnedPositionEmbedding(nn.Embedding):
     def param_count(config) -> int:
         return config.block_size * config.d_model
 
-    def forward(self, T: int, offset: int = 0) -> torch.Tensor:
-        """Embeddings of positions offset .. offset+T-1: (T, C)."""
-        if offset + T > self.num_embeddings:
+    def forward(self, T: int, offset=0) -> torch.Tensor:
+        """Embeddings of positions offset .. offset+T-1: (T, C). offset: int or 0-d tensor."""
+        if not isinstance(offset, torch.Tensor) and offset + T > self.num_embeddings:
             raise ValueError(
                 f"positions up to {offset + T - 1} requested but the learned table has {self.num_embeddings} "
                 f"(block_size); crop the input to block_size tokens or use pos='rope'/'sinusoidal'."
             )
-        return self.weight[offset : offset + T]
+        return table_rows(self.weight, T, offset)
 
 
 @POSITIONS.register("sinusoidal")
@@ -82,11 +93,12 @@ class SinusoidalPositionEmbedding(nn.Module):
     def param_count(config) -> int:
         return 0
 
-    def forward(self, T: int, offset: int = 0) -> torch.Tensor:
-        """Encodings of positions offset .. offset+T-1: (T, C)."""
-        if offset + T > self.table.size(0):
+    def forward(self, T: int, offset=0) -> torch.Tensor:
+        """Encodings of positions offset .. offset+T-1: (T, C). offset: int or 0-d tensor (within
+        the table: a tensor offset never grows it)."""
+        if not isinstance(offset, torch.Tensor) and offset + T > self.table.size(0):
             self.table = sinusoidal_table(offset + T, self.d_model).to(self.table.device)
-        return self.table[offset : offset + T]
+        return table_rows(self.table, T, offset)
 
 
 @POSITIONS.register("none")
@@ -170,17 +182,19 @@ class RotaryEmbedding(nn.Module):
         return cls(config.d_model // config.n_head, max_seq_len=config.block_size,
                    base=getattr(config, "rope_base", 10000.0))
 
-    def tables(self, T: int, offset: int = 0, dtype: torch.dtype = torch.float32):
-        """cos, sin (T, D) for positions offset .. offset+T-1, in `dtype`."""
-        end = offset + T
-        if end > self.cos_cached.size(0) or self.cos_cached.dtype != torch.float32:
-            length = max(end, self.cos_cached.size(0))
+    def tables(self, T: int, offset=0, dtype: torch.dtype = torch.float32):
+        """cos, sin (T, D) for positions offset .. offset+T-1, in `dtype`. offset: int, or a 0-d
+        tensor (positions within the cached tables; nothing is rebuilt then)."""
+        length = self.cos_cached.size(0)
+        grow = not isinstance(offset, torch.Tensor) and offset + T > length
+        if grow or self.cos_cached.dtype != torch.float32:
+            length = offset + T if grow else length
             self.cos_cached, self.sin_cached = rope_tables(length, self.head_dim, self.base,
                                                            device=self.cos_cached.device)
-        return self.cos_cached[offset:end].to(dtype), self.sin_cached[offset:end].to(dtype)
+        return (table_rows(self.cos_cached, T, offset).to(dtype), table_rows(self.sin_cached, T, offset).to(dtype))
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate q (..., T, D) and k (..., T, D) for positions offset .. offset+T-1."""
+    def forward(self, q: torch.Tensor, k: torch.Tensor, offset=0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate q (..., T, D) and k (..., T, D) for positions offset .. offset+T-1 (int or 0-d tensor)."""
         cos, sin = self.tables(q.size(-2), offset, q.dtype)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
@@ -207,5 +221,5 @@ def build_positions(config) -> tuple[nn.Module | None, RotaryEmbedding | None]:
 
 __all__ = [
     "LearnedPositionEmbedding", "NoPositionEmbedding", "RotaryEmbedding", "SinusoidalPositionEmbedding",
-    "apply_rotary", "build_positions", "rope_tables", "rotate_half", "sinusoidal_table",
+    "apply_rotary", "build_positions", "rope_tables", "rotate_half", "sinusoidal_table", "table_rows",
 ]
