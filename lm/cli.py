@@ -163,6 +163,10 @@ def build_parser() -> Parser:
     gen.add_argument("--seed", type=int, default=None, help="seed for a reproducible sample")
     gen.add_argument("--stream", action="store_true", help="print the text as it is generated")
     gen.add_argument("--int8", action="store_true", help="weight-only int8 quantization (faster on CPU)")
+    gen.add_argument("--compile", action="store_true",
+                     help="on CUDA, torch.compile the decoding step before capturing it as a CUDA graph")
+    gen.add_argument("--no_cuda_graph", action="store_true",
+                     help="on CUDA, launch every kernel from Python instead of replaying a CUDA graph")
     gen.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default: auto)")
     return parser
 
@@ -410,7 +414,8 @@ def cmd_generate(args) -> int:
         for_decoding(model)  # the same tokens, faster at batch 1
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                   no_repeat_ngram_size=args.no_repeat_ngram_size, stop=args.stop, seed=args.seed)
+                   no_repeat_ngram_size=args.no_repeat_ngram_size, stop=args.stop, seed=args.seed,
+                   cuda_graph=False if args.no_cuda_graph else None, compile=args.compile)
     if args.stream:
         print(args.prompt, end="", flush=True)
         for piece in model.stream(args.prompt, **options):

@@ -160,6 +160,14 @@ def test_generate_prints_text(trained, capsys):
     assert first == "To be" + expected + "\n"
 
 
+def test_generate_compile_off_cuda_is_a_clear_error(trained, capsys):
+    args = ["generate", "--ckpt", str(trained / "best.pt"), "--max_new_tokens", "3", "--device", "cpu"]
+    assert main(args + ["--no_cuda_graph"]) == 0  # on a CPU the graph is off anyway
+    capsys.readouterr()
+    assert main(args + ["--compile"]) == 2
+    assert "compile=True compiles the CUDA-graph decoding step" in capsys.readouterr().err
+
+
 def test_train_resumes_in_an_existing_out_dir(tmp_path, prepared, capsys):
     out = tmp_path / "r"
     args = ["train", "--data_dir", str(prepared), "--out_dir", str(out), *TRAIN_FLAGS]
