@@ -36,19 +36,21 @@ compares lm and transformers at the batch size where lm is fastest, both at that
     python bench/gpu_train_mfu.py --batch 16 32 64                 # sweep the micro-batch
     python bench/gpu_train_mfu.py --batch 32 --no-peer --profile 3  # lm only, GPU time by kernel kind
 
-Measured on one H100 80GB HBM3 (torch 2.11.0+cu130, transformers 5.17.0), stored with settings and
-every run in book/data/gpu_train_mfu.json by
+Measured on one H200 (torch 2.11.0+cu130, transformers 5.17.0; same bf16 peak as the H100, 1.4x its
+memory bandwidth), stored with settings and every run in book/data/gpu_train_mfu.json by
 
-    python bench/gpu_train_mfu.py --batch 64 --steps 20 --warmup 3 --out book/data/gpu_train_mfu.json
+    python bench/gpu_train_mfu.py --batch 64 128 --steps 20 --warmup 3 --out book/data/gpu_train_mfu.json
 
-    lm (Trainer)                   B=64  452,683 tokens/s  MFU 39.1%
-    transformers GPT2LMHeadModel   B=64  389,359 tokens/s  MFU 33.7%    speedup 1.16
+    lm (Trainer)                   B=64   510,752 tokens/s  MFU 44.2%
+    transformers GPT2LMHeadModel   B=64   426,396 tokens/s  MFU 36.9%    speedup 1.20
+    lm (Trainer)                   B=128  506,784 tokens/s  MFU 43.8%    (transformers 38.2%)
 
-An earlier sweep (lm side then a plain loop of lm pieces) gave lm 37.2 / 39.7 / 40.1% MFU at
-B = 16 / 32 / 64, transformers 32.6 / 35.1 / 34.4%; without the vocabulary padding lm fell from 39.7%
-to 36.7% at B=32. The profile at B=32 (72 ms a step, 68 ms of it GPU busy): matrix products 32.5 ms,
-cuDNN attention 9.0 ms, Triton's fused elementwise / LayerNorm / GELU / cross-entropy kernels
-22.2 ms (cross-entropy over the 50,304 logits alone 5.7 ms), AdamW + clipping 2 ms.
+Other settings, lm at B=64: two host syncs per step (the trainer before it skipped bad steps on the
+device) 42.9%; FlashAttention-2 instead of cuDNN (--sdpa-backend flash) 41.1%; inductor's
+coordinate-descent tuning 43.3%. On an H100 with two syncs: lm 39.1%, transformers 33.7%. The
+profile at B=64 (131.5 ms a step, 123.5 ms of it GPU busy, with two syncs): matrix products 65.9 ms,
+cuDNN attention 17.6 ms, Triton's fused elementwise / LayerNorm / GELU / cross-entropy kernels
+35.3 ms (cross-entropy over the 50,304 logits 9.5 ms, GELU 9.2 ms), AdamW + clipping 1.5 ms.
 
 Ends with one JSON line: {"bench", "unit": "MFU", "lm", "peer", "peer_name", "speedup"}; speedup > 1
 means lm reaches the higher MFU (= the higher tokens/s, since the work per token is the same).

@@ -105,7 +105,8 @@ class _Kept:
 def decoder_for(model, batch_size: int, max_len: int, compile: bool = False) -> tuple[KVCache, GraphedStep]:
     """An empty static cache and its graphed step for `model`, reused from the last call when the
     batch size, length, compile setting and every parameter's and buffer's address are the same
-    (moving or casting the model gives new addresses, and so a new capture)."""
+    (moving or casting the model gives new addresses, and so a new capture). One generation at a
+    time per model: the next call resets the cache the last one used."""
     addresses = tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
     key = (batch_size, max_len, compile, addresses)
     kept = model.__dict__.setdefault("_graphed_decoder", _Kept())
