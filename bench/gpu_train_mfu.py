@@ -5,9 +5,10 @@ embeddings, learned positions, no dropout) and train on the same work, one after
 process, one micro-batch per optimizer step (no accumulation):
 
     lm    lm's own trainer, `lm.training.Trainer(..., TrainConfig(precision="bf16", compile=True))`,
-          stepped with `train_step` (the step `lm.train` runs); times from `history.step_time`
+          run with `fit` (the loop `lm.train` runs); times from `history.step_time`
     peer  transformers' GPT2LMHeadModel (attn_implementation="sdpa"), torch.compile'd, in a loop that
-          does what `train_step` does: bf16 autocast, backward, loss.item(), clip at 1.0, step
+          does what `train_step` does: bf16 autocast, backward, clip at 1.0, step, one read of
+          the loss and gradient norm
 
 Same for both: the batches (`lm.data.Batches`, same seed, over random token ids: the speed of a step
 does not depend on what the ids are), bf16 autocast over float32 weights, torch.compile in the same
@@ -39,18 +40,20 @@ compares lm and transformers at the batch size where lm is fastest, both at that
 Measured on one H200 (torch 2.11.0+cu130, transformers 5.17.0; same bf16 peak as the H100, 1.4x its
 memory bandwidth), stored with settings and every run in book/data/gpu_train_mfu.json by
 
-    python bench/gpu_train_mfu.py --batch 64 128 --steps 20 --warmup 3 --out book/data/gpu_train_mfu.json
+    python bench/gpu_train_mfu.py --batch 64 --steps 20 --warmup 3 --out book/data/gpu_train_mfu.json
 
-    lm (Trainer)                   B=64   510,752 tokens/s  MFU 44.2%
-    transformers GPT2LMHeadModel   B=64   426,396 tokens/s  MFU 36.9%    speedup 1.20
-    lm (Trainer)                   B=128  506,784 tokens/s  MFU 43.8%    (transformers 38.2%)
+    lm (Trainer.fit)               B=64   529,729 tokens/s  MFU 45.8%
+    transformers GPT2LMHeadModel   B=64   436,707 tokens/s  MFU 37.8%    speedup 1.21
 
-Other settings, lm at B=64: two host syncs per step (the trainer before it skipped bad steps on the
-device) 42.9%; FlashAttention-2 instead of cuDNN (--sdpa-backend flash) 41.1%; inductor's
-coordinate-descent tuning 43.3%. On an H100 with two syncs: lm 39.1%, transformers 33.7%. The
-profile at B=64 (131.5 ms a step, 123.5 ms of it GPU busy, with two syncs): matrix products 65.9 ms,
-cuDNN attention 17.6 ms, Triton's fused elementwise / LayerNorm / GELU / cross-entropy kernels
-35.3 ms (cross-entropy over the 50,304 logits 9.5 ms, GELU 9.2 ms), AdamW + clipping 1.5 ms.
+How lm got there, B=64, each a run of this script: `train_step` reading loss and gradient norm
+twice per step 42.9%; once per step (a non-finite step skipped on the device instead) 44.2%, and
+43.8% at B=128; `fit`, which also queues step k+1 before reading step k, 45.8%. Not better:
+FlashAttention-2 instead of cuDNN (--sdpa-backend flash) 41.1%; inductor's coordinate-descent
+tuning 43.3%. On an H100 with two reads a step: lm 39.1%, transformers 33.7%. The profile at B=64
+(131.5 ms a step, 123.5 ms of it GPU busy, with two reads): matrix products 65.9 ms, cuDNN
+attention 17.6 ms, Triton's fused elementwise / LayerNorm / GELU / cross-entropy kernels 35.3 ms
+(cross-entropy over the 50,304 logits 9.5 ms, GELU 9.2 ms), AdamW + clipping 1.5 ms. With `fit` a
+step takes 123.7 ms: the GPU no longer waits for the host.
 
 Ends with one JSON line: {"bench", "unit": "MFU", "lm", "peer", "peer_name", "speedup"}; speedup > 1
 means lm reaches the higher MFU (= the higher tokens/s, since the work per token is the same).
@@ -89,8 +92,10 @@ def flops_per_token(config: lm.ModelConfig, T: int) -> tuple[int, int, int]:
 
 def peer_training(model, loss_of, data, batch: int, T: int, steps: int, warmup: int, profile: int = 0) -> dict:
     """The peer's loop, step for step what `lm.training.Trainer.train_step` does: the same batches
-    (`lm.data.Batches`, same seed), bf16 autocast, backward, `loss.item()`, clipping at 1.0, fused
-    AdamW (`configure_optimizer`), `grad_norm.item()`. Returns the wall seconds of each step."""
+    (`lm.data.Batches`, same seed), bf16 autocast, backward, clipping at 1.0, fused AdamW
+    (`configure_optimizer`), then one read of the loss and the gradient norm. (lm's `fit` also
+    queues the next step before that read, which this plain loop does not.) Returns the wall
+    seconds of each step."""
     model.train()
     optimizer = configure_optimizer(model, lr=6e-4, weight_decay=0.1)
     batches = Batches(data, batch, T, seed=SEED)
@@ -100,11 +105,10 @@ def peer_training(model, loss_of, data, batch: int, T: int, steps: int, warmup: 
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = loss_of(x, y)
         loss.backward()
-        loss.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        grad_norm.item()
+        torch.stack([loss.detach().float(), grad_norm]).tolist()  # one wait per step, as lm's
 
     torch.cuda.reset_peak_memory_stats()
     step_time = []
@@ -148,22 +152,22 @@ def train_lm(config: lm.ModelConfig, data, batch: int, steps: int, warmup: int, 
              profile: int = 0) -> dict:
     """lm's side: lm's own trainer, `lm.training.Trainer` with precision="bf16" and compile=True.
 
-    It runs `train_step` (what `lm.train` runs each step) warmup + steps times and reads the times
-    from `history.step_time`. (`lm.train` itself would also evaluate after its last step, which
-    recompiles the model for eval mode: time that has nothing to do with training speed.)"""
+    It runs `Trainer.fit` (the loop `lm.train` runs, which starts each step before reading the
+    last one's loss) for warmup + steps steps and reads the times from `history.step_time`. Its
+    one evaluation, after the last step, is not timed (it recompiles the model for eval mode);
+    no checkpoints are written."""
     model = lm.GPT(config).cuda()
     n = warmup + steps
     train_config = TrainConfig(max_steps=n, batch_size=batch, lr=6e-4, warmup_steps=0, weight_decay=0.1,
                                grad_clip=1.0, precision="bf16", compile=compile_mode == "default",
-                               eval_interval=n + 1, seed=SEED, progress=False)
+                               eval_interval=n, eval_iters=1, seed=SEED, progress=False)
     trainer = Trainer(model, data, data, train_config)
     if compile_mode not in ("default", "none"):  # the trainer compiles in the default mode only
         trainer.wrapped = torch.compile(trainer.wrapped, mode=compile_mode)
     torch.cuda.reset_peak_memory_stats()
-    trainer.wrapped.train()
-    for _ in range(n):
-        trainer.train_step()
+    trainer.fit()
     if profile:
+        trainer.wrapped.train()
         print_profile(trainer.train_step, profile)
     return {"step_time": list(trainer.history.step_time[:n]), "peak_gb": torch.cuda.max_memory_allocated() / 1e9}
 

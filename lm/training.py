@@ -299,12 +299,21 @@ class Trainer:
         self.history = TrainHistory()
         self.evals_without_improvement = 0
         self._timed = None  # tokens and seconds of the steps this Trainer ran, for tokens/s
+        self._finished_at = 0.0  # when the last step's results were read
         if resume is not None:
             self.load_state(load_checkpoint(resume) if isinstance(resume, (str, Path)) else resume)
 
     # ---- one optimizer step --------------------------------------------------------------------
     def train_step(self) -> dict:
         """Run one optimizer step (all its micro-batches); returns its loss, lr, grad norm and time."""
+        return self._finish_step(self._start_step())
+
+    def _start_step(self) -> dict:
+        """Queue one whole optimizer step on the device and return without waiting for it (with the
+        fused AdamW; other optimizers wait once, before their step). `_finish_step` reads the result.
+
+        `fit` starts step k+1 before it finishes step k, so the GPU already has the next step's
+        work when the host waits for the last one, instead of idling while Python prepares it."""
         config, model, step = self.config, self.wrapped, self.step
         t0 = time.perf_counter()
         lr = lr_at(step, config.lr, config.final_lr, config.warmup_steps, config.max_steps)
@@ -349,14 +358,23 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update(self.model)  # a skipped step left the weights alone, so the average is safe
+        self.step = step + 1
+        return {"step": step, "lr": lr, "loss": loss, "grad_norm": grad_norm, "start": t0}
+
+    def _finish_step(self, queued: dict) -> dict:
+        """Wait for a step that `_start_step` queued, check it, and record it in the history."""
+        step, lr = queued["step"], queued["lr"]
         # the one wait for the GPU per step; it also makes the time below true
-        loss_value, grad_norm = torch.stack([loss, grad_norm.float()]).tolist()
+        loss_value, grad_norm = torch.stack([queued["loss"], queued["grad_norm"].float()]).tolist()
         self._check_loss(loss_value, step, lr)
         if not math.isfinite(grad_norm) and self.scaler is None:  # fp16 overflows are the scaler's to skip
             raise TrainingError(f"the gradient norm became {grad_norm} at step {step} while the loss was "
                                 f"{loss_value:.4f}; lower lr (now {lr:.2e}), keep gradient clipping on, "
                                 f"or check the data.")
-        seconds = time.perf_counter() - t0
+        # a step that started before the last one finished took from then till now
+        now = time.perf_counter()
+        seconds = now - max(queued["start"], self._finished_at)
+        self._finished_at = now
 
         h = self.history
         h.step.append(step)
@@ -371,7 +389,6 @@ class Trainer:
                                               self._timed[1] + seconds)
         h.tokens_per_second = (self._timed[0] / self._timed[1] if self._timed[1] > 0
                                else self.batches.global_batch * self.seq_len / seconds)
-        self.step = step + 1
         return {"loss": loss_value, "lr": lr, "grad_norm": h.grad_norm[-1], "seconds": seconds}
 
     @staticmethod
@@ -484,15 +501,23 @@ class Trainer:
         bar = _progress_bar(config.max_steps, config.progress and self.dist.is_main, initial=self.step)
         logger = MetricsLogger(self.out_dir, config.tensorboard, resume_step=self.step) if self.out_dir else None
         self.wrapped.train()
+        pending = []  # steps queued on the device whose results are not read yet, oldest first
+
+        def finish_oldest():
+            out = self._finish_step(pending[0])
+            if logger:
+                logger.log_step(pending[0]["step"], out, h.tokens)
+            pending.pop(0)
+            bar.update(1)
+            bar.set_postfix(loss=f"{out['loss']:.3f}", lr=f"{out['lr']:.1e}", tok_s=f"{h.tokens_per_second:,.0f}")
+
         try:
             while self.step < config.max_steps and not h.stopped_early:
-                out = self.train_step()
-                if logger:
-                    logger.log_step(self.step - 1, out, h.tokens)
-                bar.update(1)
-                bar.set_postfix(loss=f"{out['loss']:.3f}", lr=f"{out['lr']:.1e}",
-                                tok_s=f"{h.tokens_per_second:,.0f}")
+                pending.append(self._start_step())
+                if len(pending) > 1:  # read the previous step while the device runs this one
+                    finish_oldest()
                 if self.step % config.eval_interval == 0 or self.step == config.max_steps:
+                    finish_oldest()  # evaluation and checkpoints see this step's weights, nothing later
                     improved = self.evaluate()
                     h.stopped_early = self.should_stop_early
                     if logger:
@@ -502,6 +527,8 @@ class Trainer:
                     if self.callback is not None and self.dist.is_main:
                         self.callback(h)
         except KeyboardInterrupt:
+            while pending:  # the steps that were queued whole still count
+                self._finish_step(pending.pop(0))
             if config.out_dir and not self.dist.enabled and h.step and h.step[-1] == self.step - 1:
                 self.save(Path(config.out_dir) / "last.pt")  # resume with the same command
                 print(f"\ninterrupted: saved {config.out_dir}/last.pt at step {self.step}; run again to resume.")

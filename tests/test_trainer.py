@@ -170,6 +170,18 @@ def test_ctrl_c_saves_last_checkpoint_and_resume_continues(tmp_path, corpus_text
     assert resumed.loss == full.loss and resumed.val_loss == full.val_loss
 
 
+def test_fit_queues_the_next_step_before_reading_the_last(corpus_text, monkeypatch):
+    order = []
+    start, finish = Trainer._start_step, Trainer._finish_step
+    monkeypatch.setattr(Trainer, "_start_step", lambda self: order.append(("start", self.step)) or start(self))
+    monkeypatch.setattr(Trainer, "_finish_step", lambda self, q: order.append(("finish", q["step"])) or finish(self, q))
+    model, train_ids, val_ids = setup_run(corpus_text)
+    history = train(model, train_ids, val_ids, quick(max_steps=6, eval_interval=3))
+    assert order == [("start", 0), ("start", 1), ("finish", 0), ("start", 2), ("finish", 1), ("finish", 2),
+                     ("start", 3), ("start", 4), ("finish", 3), ("start", 5), ("finish", 4), ("finish", 5)]
+    assert history.step == list(range(6)) and history.eval_step == [2, 5]  # evaluations after their own step
+
+
 def test_resume_needs_a_training_checkpoint(tmp_path, corpus_text):
     model, train_ids, val_ids = setup_run(corpus_text)
     lm.save_checkpoint(tmp_path / "weights.pt", model)
