@@ -51,7 +51,7 @@ class GraphedStep:
             raise ValueError(f"cannot decode with a CUDA graph: {reason}; pass cuda_graph=False.")
         if not cache.static:
             raise ValueError("GraphedStep needs KVCache(..., static=True): the graph must read a fixed buffer.")
-        self.model, self.cache = model, cache
+        self.cache = cache
         self.token = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=model.device)
         self.step = torch.compile(model.decode_step, fullgraph=True, dynamic=False) if compile else model.decode_step
         self.graph: torch.cuda.CUDAGraph | None = None

@@ -106,11 +106,14 @@ class KVCache:
         self.layers = [block.attn.new_layer_cache(self, batch_size, max_len, device, dtype) for block in model.blocks]
         self.key_mask: torch.Tensor | None = None
         self._device = device
-        self.static = static
         # static: the length mirrored on the device, and a padding mask that always exists
         self.position = torch.zeros((), dtype=torch.long, device=device) if static else None
         if static:
             self.key_mask = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
+
+    @property
+    def static(self) -> bool:
+        return self.position is not None
 
     def update_mask(self, attention_mask: torch.Tensor | None, T: int) -> None:
         """Record which of the T new positions are real (before the layers run)."""

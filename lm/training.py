@@ -527,8 +527,8 @@ class Trainer:
                     if self.callback is not None and self.dist.is_main:
                         self.callback(h)
         except KeyboardInterrupt:
-            while pending:  # the steps that were queued whole still count
-                self._finish_step(pending.pop(0))
+            while pending:  # the steps that were queued whole still count, and are logged like the others
+                finish_oldest()
             if config.out_dir and not self.dist.enabled and h.step and h.step[-1] == self.step - 1:
                 self.save(Path(config.out_dir) / "last.pt")  # resume with the same command
                 print(f"\ninterrupted: saved {config.out_dir}/last.pt at step {self.step}; run again to resume.")
