@@ -3,7 +3,7 @@
 Both models have the same architecture (6 layers, 6 heads, d_model 384, GELU MLP, tied embeddings,
 learned positions), the same batches (B=8, T=256, character vocabulary, random windows of pydoc
 text), the same loss, gradient clipping and fused AdamW, and both run in one process with the same
-thread count. lm's side is one `lm.training.Trainer.train_step()`: the trainer users run, with its
+thread count. lm's side is one `lm.trainer.Trainer.train_step()`: the trainer users run, with its
 bookkeeping, not a hand-written loop. Each does `--warmup` untimed
 steps, then `--steps` timed ones; the two alternate in rounds so drifts in machine load hit both.
 
@@ -23,7 +23,8 @@ import torch
 
 import lm
 import lm.data
-import lm.training
+import lm.optim
+import lm.trainer
 from _report import report
 
 
@@ -44,7 +45,7 @@ def build_models(vocab_size: int, block_size: int):
 def step_hf(model, opt, batches, precision="fp32"):
     """The peer's training step: the same batches, loss, clipping and AdamW as lm's trainer."""
     (x, y), = batches.next_step()
-    with lm.training.autocast(torch.device("cpu"), precision):
+    with lm.trainer.autocast(torch.device("cpu"), precision):
         loss = model(input_ids=x, labels=x).loss  # HF shifts labels inside; same next-token task
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -80,11 +81,11 @@ def main() -> None:
     data = torch.tensor(tok.encode(text, parse_special=False))
     ours, peer = build_models(tok.vocab_size, args.seq_len)
     # lm: one optimizer step of its trainer (batch, forward, backward, clip, fused AdamW, bookkeeping)
-    trainer = lm.training.Trainer(ours, data, data, lm.TrainConfig(
+    trainer = lm.trainer.Trainer(ours, data, data, lm.TrainConfig(
         max_steps=10**9, batch_size=args.batch_size, seq_len=args.seq_len, warmup_steps=0, progress=False,
         compile=args.compile, precision=args.precision))
     peer_batches = lm.data.Batches(data, args.batch_size, args.seq_len, seed=0)
-    peer_opt = lm.training.configure_optimizer(peer, 3e-4, 0.1)
+    peer_opt = lm.optim.configure_optimizer(peer, 3e-4, 0.1)
     runs = {"lm": trainer.train_step, "transformers": lambda: step_hf(peer, peer_opt, peer_batches, args.precision)}
     ours.train()
     peer.train()

@@ -4,7 +4,7 @@ Both models are GPT-2 124M (12 layers, 12 heads of 64, d_model 768, T = 1024, GE
 embeddings, learned positions, no dropout) and train on the same work, one after the other in one
 process, one micro-batch per optimizer step (no accumulation):
 
-    lm    lm's own trainer, `lm.training.Trainer(..., TrainConfig(precision="bf16", compile=True))`,
+    lm    lm's own trainer, `lm.trainer.Trainer(..., TrainConfig(precision="bf16", compile=True))`,
           run with `fit` (the loop `lm.train` runs); times from `history.step_time`
     peer  transformers' GPT2LMHeadModel (attn_implementation="sdpa"), torch.compile'd, in a loop that
           does what `train_step` does: bf16 autocast, backward, clip at 1.0, step, one read of
@@ -13,7 +13,7 @@ process, one micro-batch per optimizer step (no accumulation):
 Same for both: the batches (`lm.data.Batches`, same seed, over random token ids: the speed of a step
 does not depend on what the ids are), bf16 autocast over float32 weights, torch.compile in the same
 mode, scaled_dot_product_attention (on an H100 with torch 2.11 it runs cuDNN's flash kernels), and
-fused AdamW with the same parameter groups (`lm.training.configure_optimizer`).
+fused AdamW with the same parameter groups (`lm.optim.configure_optimizer`).
 
 Vocabulary: both models use vocab_size=50304 (`--vocab`), GPT-2's 50,257 padded up to a multiple of
 128 as nanoGPT does, so the output head's and the embedding's matrix products tile evenly on the
@@ -70,7 +70,8 @@ import torch
 
 import lm
 from lm.data import Batches
-from lm.training import TrainConfig, Trainer, configure_optimizer
+from lm.optim import configure_optimizer
+from lm.trainer import TrainConfig, Trainer
 from _report import report
 
 PEAK_FLOPS = 989e12  # H100 SXM dense bf16 (and H200: same chip)
@@ -91,7 +92,7 @@ def flops_per_token(config: lm.ModelConfig, T: int) -> tuple[int, int, int]:
 
 
 def peer_training(model, loss_of, data, batch: int, T: int, steps: int, warmup: int, profile: int = 0) -> dict:
-    """The peer's loop, step for step what `lm.training.Trainer.train_step` does: the same batches
+    """The peer's loop, step for step what `lm.trainer.Trainer.train_step` does: the same batches
     (`lm.data.Batches`, same seed), bf16 autocast, backward, clipping at 1.0, fused AdamW
     (`configure_optimizer`), then one read of the loss and the gradient norm. (lm's `fit` also
     queues the next step before that read, which this plain loop does not.) Returns the wall
@@ -150,7 +151,7 @@ def print_profile(step, n: int) -> None:
 # ---- the two models ------------------------------------------------------------------------------
 def train_lm(config: lm.ModelConfig, data, batch: int, steps: int, warmup: int, compile_mode: str,
              profile: int = 0) -> dict:
-    """lm's side: lm's own trainer, `lm.training.Trainer` with precision="bf16" and compile=True.
+    """lm's side: lm's own trainer, `lm.trainer.Trainer` with precision="bf16" and compile=True.
 
     It runs `Trainer.fit` (the loop `lm.train` runs, which starts each step before reading the
     last one's loss) for warmup + steps steps and reads the times from `history.step_time`. Its

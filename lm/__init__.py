@@ -13,14 +13,17 @@ __version__ = "0.1.0"
 
 # Component modules register their classes (lm.registry) on import; the model looks them up by name.
 from . import attention, feedforward, norms, positions  # noqa: F401  (isort: skip)
+from . import quantize  # noqa: F401  (lm.quantize.quantize_int8, as the README shows)
 from .checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
 from .config import ConfigError, ModelConfig
-from .data import DataError, get_batch, load_corpus, load_documents, train_val_split
+from .corpora import load_corpus, load_documents
+from .data import DataError, get_batch, train_val_split
 from .device import auto_device, resolve_device
 from .memory import find_batch_size, training_memory
+from .generation import Decoder, GenerationConfig
 from .kv_cache import KVCache
 from .model import GPT
-from .presets import PRESETS, count_params, param_formula_rscalm, param_formula_seed000, preset
+from .presets import PRESETS, count_params, param_breakdown, param_formula_rscalm, param_formula_seed000, preset
 from .registry import ATTENTION, FEEDFORWARD, NORMS, POSITIONS, Registry, RegistryError
 from .sampling import (
     SamplingConfig, SamplingError, choose_next, min_p_filter, process_logits, sample_next, top_k_filter, top_p_filter,
@@ -28,12 +31,14 @@ from .sampling import (
 from .tokenizers import (
     ByteBPETokenizer, CharTokenizer, SentencePieceTokenizer, TiktokenTokenizer, TokenizerError, load_tokenizer,
 )
-from .training import TrainConfig, TrainHistory, TrainingError, lr_at, train
+from .optim import lr_at
+from .trainer import TrainConfig, TrainHistory, TrainingError
+from .training import train
 
 __all__ = [
     "ATTENTION", "FEEDFORWARD", "NORMS", "POSITIONS", "PRESETS", "Registry", "RegistryError",
-    "count_params", "param_formula_rscalm", "param_formula_seed000", "preset",
-    "KVCache", "ByteBPETokenizer", "CharTokenizer", "CheckpointError", "ConfigError", "DataError", "GPT", "ModelConfig", "SamplingError",
+    "count_params", "param_breakdown", "param_formula_rscalm", "param_formula_seed000", "preset",
+    "Decoder", "GenerationConfig", "KVCache", "ByteBPETokenizer", "CharTokenizer", "CheckpointError", "ConfigError", "DataError", "GPT", "ModelConfig", "SamplingError",
     "TokenizerError", "TrainConfig", "TrainHistory", "TrainingError", "auto_device", "get_batch",
     "load_checkpoint", "load_corpus", "load_model", "load_tokenizer", "lr_at", "resolve_device",
     "SentencePieceTokenizer", "TiktokenTokenizer", "sample_next", "save_checkpoint", "top_k_filter", "train", "train_val_split",

@@ -1,23 +1,24 @@
 """Helpers the book's notebooks use: show library source, draw plots that update while training.
 
-Nothing here is needed to use `lm`; it keeps the chapters short.
+Nothing here is needed to use `lm`; it keeps the chapters short. matplotlib and IPython come with
+the `book` extra (`pip install "lm[book]"`), so they are imported inside the helpers that draw.
 """
 
 from __future__ import annotations
 
+import csv
+import html
 import inspect
 import io
-import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 
-from .training import TrainHistory
-
-
-def in_colab() -> bool:
-    """True inside Google Colab."""
-    return "google.colab" in sys.modules
+# Chapter 5 draws the parameter breakdown; the one computation of it lives beside count_params.
+from .presets import PARAM_GROUPS, param_breakdown  # noqa: F401
+from .optim import lr_at
+from .trainer import TrainHistory
 
 
 def show_source(obj):
@@ -113,8 +114,6 @@ def token_pieces(tokenizer, ids) -> list[str]:
 
 def tokens_html(text: str, tokenizers: dict) -> str:
     """HTML that shows `text` split by each named tokenizer, one coloured box per token."""
-    import html
-
     rows = []
     for name, tokenizer in tokenizers.items():
         ids = tokenizer.encode(text)
@@ -203,43 +202,13 @@ def plot_attention_grid(weights, tokens, batch_index: int = 0, size: float = 2.0
     return fig
 
 
-# ---- model size ------------------------------------------------------------------------------
-PARAM_GROUPS = ("embeddings", "attention", "feed-forward", "norms", "head")
-
-
-def param_breakdown(config) -> dict[str, int]:
-    """Where the parameters of `GPT(config)` live, from the config alone (nothing is built):
-
-        embeddings     token table V*C, plus the position table of learned positions
-        attention      every block's qkv and proj (and their biases)
-        feed-forward   every block's FFN: MLP, SwiGLU, or MoE router + experts
-        norms          two per block, plus the final norm of a pre-norm model
-        head           V*C for an untied output layer, 0 when it shares the token table
-
-    The values sum to `lm.count_params(config)`; each comes from the component's `param_count`.
-    """
-    from .registry import ATTENTION, FEEDFORWARD, NORMS, POSITIONS
-
-    C, V, L = config.d_model, config.vocab_size, config.n_layer
-    n_norms = 2 * L + (1 if config.norm_position == "pre" else 0)
-    return {
-        "embeddings": V * C + POSITIONS.get(config.pos).param_count(config),
-        "attention": L * ATTENTION.get(config.attention).param_count(config),
-        "feed-forward": L * FEEDFORWARD.get(config.ffn).param_count(config),
-        "norms": n_norms * NORMS.get(config.norm).param_count(config),
-        "head": 0 if config.tie_weights else V * C,
-    }
-
-
 # ---- training --------------------------------------------------------------------------------
 def plot_lr_schedule(lr: float, min_lr: float, warmup_steps: int, max_steps: int, ax=None, label: str | None = None):
-    """The learning rate `lm.training.lr_at` gives at every step from 0 to `max_steps`, with its
+    """The learning rate `lm.optim.lr_at` gives at every step from 0 to `max_steps`, with its
     landmarks: the end of warmup (where the peak `lr` is reached), the middle of the cosine (half-way
     between `lr` and `min_lr`) and the floor `min_lr`. The schedule is the Axes' first line.
     Returns the matplotlib Axes."""
     import matplotlib.pyplot as plt
-
-    from .training import lr_at
 
     if not (isinstance(max_steps, int) and max_steps >= 1 and isinstance(warmup_steps, int)
             and 0 <= warmup_steps <= max_steps):
@@ -271,9 +240,6 @@ def read_metrics(path) -> dict[str, list]:
 
     One row per optimizer step. Steps and token counts are ints, the other values floats; a blank
     cell is None (train_loss and val_loss are only filled at the steps that were evaluated)."""
-    import csv
-    from pathlib import Path
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{str(path)!r} does not exist; lm.train writes metrics.csv into "

@@ -16,10 +16,12 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .data import DOCUMENT_SPLITS, SAMPLING
+from .corpora import DOCUMENT_SPLITS
+from .data import SAMPLING
 from .distributed import PARALLEL
 from .presets import PRESETS
-from .training import PRECISIONS
+from .tokenizers.prep import PREP_TOKENIZERS, VOCAB_DEFAULTS, prep_tokenize
+from .trainer import PRECISIONS
 
 PRESET_NAMES = tuple(PRESETS)
 
@@ -42,10 +44,6 @@ class Parser(argparse.ArgumentParser):
                 message += "\n  " + "\n  ".join(hints)
         self.print_usage(sys.stderr)
         self.exit(2, f"{self.prog}: error: {message}\nRun `{self.prog} --help` for every flag.\n")
-
-
-PREP_TOKENIZERS = ("char", "sentencepiece", "gpt2", "bpe")
-VOCAB_DEFAULTS = {"sentencepiece": 8000, "bpe": 1024}  # the tokenizers trained by `lm prep`
 
 
 def build_parser() -> Parser:
@@ -87,7 +85,8 @@ def build_parser() -> Parser:
                              description="Train a GPT on the token files of `lm prep`. Flags override "
                                          "--config; checkpoints go to --out_dir as last.pt and best.pt, metrics "
                                          "to metrics.csv. If --out_dir already holds last.pt, training resumes "
-                                         "from it (flags such as --max_steps may change; the model may not). "
+                                         "from it (flags such as --max_steps may change; the model may not, "
+                                         "except --dropout and --gradient_checkpointing). "
                                          "Under `torchrun --nproc_per_node=N` each process trains on its share "
                                          "of every batch (DDP, or --parallel fsdp).")
     train.add_argument("--data_dir", required=True, help="folder written by `lm prep`")
@@ -109,15 +108,21 @@ def build_parser() -> Parser:
     model_flags.add_argument("--d_model", type=int, help="width of the residual stream (default: 128)")
     model_flags.add_argument("--ffn_mult", type=float, help="feed-forward width as a multiple of d_model (default: 4)")
     model_flags.add_argument("--dropout", type=float, help="dropout probability (default: 0.0); may change on resume")
-    model_flags.add_argument("--seq_len", type=int, help="context length the model is built and trained for (default: 128)")
+    model_flags.add_argument("--block_size", type=int,
+                             help="the model's context: the most tokens it sees at once (default: the preset's, "
+                                  "else 128)")
     model_flags.add_argument("--gradient_checkpointing", action="store_true",
-                             help="recompute each block's activations in backward: less memory, ~30%% more time")
+                             help="recompute each block's activations in backward: less memory, more time")
     train_flags = train.add_argument_group("training")
     train_flags.add_argument("--batch_size", type=_batch_size, metavar="N|auto",
                              help="sequences per micro-batch and process (default: 32); auto: the largest that "
                                   "fits, found by trial steps on a GPU, or within --memory_budget on a CPU")
     train_flags.add_argument("--memory_budget", type=float, metavar="GiB",
                              help="with --batch_size auto: memory one training step may use, in GiB")
+    train_flags.add_argument("--seq_len", type=int,
+                             help="tokens per training window (default: block_size). On a new run without "
+                                  "--block_size, a --seq_len above the default block size sets block_size too, so "
+                                  "--seq_len 512 alone trains a model of context 512")
     train_flags.add_argument("--grad_accum_steps", type=int,
                              help="micro-batches per optimizer step; tokens per step = batch_size x seq_len x "
                                   "grad_accum_steps x processes (default: 1)")
@@ -172,7 +177,8 @@ def build_parser() -> Parser:
 
 
 def cmd_prep(args) -> int:
-    from .data import load_documents, train_val_split, write_tokens
+    from .corpora import load_documents
+    from .data import train_val_split, write_tokens
 
     if args.vocab_size is not None and args.tokenizer not in VOCAB_DEFAULTS:
         raise ValueError(f"--vocab_size is for the tokenizers trained on the corpus ({', '.join(VOCAB_DEFAULTS)}); "
@@ -202,47 +208,12 @@ def cmd_prep(args) -> int:
     return 0
 
 
-def prep_tokenize(documents, name: str, vocab_size: int | None = None, separator: bool = True):
-    """Build the tokenizer `name` (one of PREP_TOKENIZERS) on `documents` (a list of str, or one str),
-    encode each document on its own and pack them: doc 1, sep, doc 2, sep, ..., doc n.
-
-    The separator is the tokenizer's end-of-text id (`eos_id`); with `separator=False` the documents
-    follow each other directly, so one document gives exactly the ids of its whole text. Special
-    tokens written in a corpus stay ordinary text: a corpus is data, not a template.
-    Returns the tokenizer, the ids (an int64 array) and the separator's id (None without one).
-    """
-    from . import tokenizers
-    from .data import pack_documents
-
-    documents = [documents] if isinstance(documents, str) else list(documents)
-    vocab_size = vocab_size if vocab_size is not None else VOCAB_DEFAULTS.get(name)
-    if name == "char":  # the vocabulary: every character of every document
-        tokenizer = tokenizers.CharTokenizer.train("".join(documents))
-        encode = lambda doc: tokenizer.encode(doc, parse_special=False)  # noqa: E731
-    elif name == "sentencepiece":  # one sentence per line, as for a single text
-        tokenizer = tokenizers.SentencePieceTokenizer.train("\n".join(documents), vocab_size)
-        encode = tokenizer.encode
-    elif name == "gpt2":
-        tokenizer = tokenizers.TiktokenTokenizer("gpt2")
-        encode = lambda doc: tokenizer.encode(doc, allowed_special="none")  # noqa: E731
-    elif name == "bpe":  # no merge spans two documents
-        tokenizer = tokenizers.ByteBPETokenizer.train(documents, vocab_size, special_tokens=("<|endoftext|>",))
-        encode = lambda doc: tokenizer.encode(doc, allowed_special="none")  # noqa: E731
-    else:
-        raise ValueError(f"unknown tokenizer {name!r}; choose one of {PREP_TOKENIZERS}.")
-    separator_id = tokenizer.eos_id if separator else None
-    if separator and separator_id is None:
-        raise ValueError(f"the {name} tokenizer has no end-of-text token to put between documents; "
-                         f"pass --no_separator.")
-    return tokenizer, pack_documents((encode(doc) for doc in documents), separator_id), separator_id
-
-
 MODEL_DEFAULTS = {"n_layer": 4, "n_head": 4, "d_model": 128, "block_size": 128, "dropout": 0.0}
-MODEL_FLAGS = ("n_layer", "n_head", "d_model", "dropout", "pos", "norm", "attention", "n_kv_heads", "window", "ffn")
-TRAIN_FLAGS = ("batch_size", "grad_accum_steps", "max_steps", "warmup_steps", "lr", "min_lr", "weight_decay",
-               "grad_clip", "eval_interval", "eval_iters", "patience", "min_delta", "ema_decay", "sampling",
-               "parallel", "seed")
-RESUMABLE_MODEL_CHANGES = {"dropout", "gradient_checkpointing"}  # what may differ from the checkpoint's model
+MODEL_FLAGS = ("n_layer", "n_head", "d_model", "block_size", "dropout", "pos", "norm", "attention", "n_kv_heads",
+               "window", "ffn")
+TRAIN_FLAGS = ("batch_size", "seq_len", "grad_accum_steps", "max_steps", "warmup_steps", "lr", "min_lr",
+               "weight_decay", "grad_clip", "eval_interval", "eval_iters", "patience", "min_delta", "precision",
+               "ema_decay", "sampling", "parallel", "seed")
 
 
 def _batch_size(value: str):
@@ -267,10 +238,28 @@ def _read_sections(path: str | None) -> dict:
     return sections
 
 
+def _saved_run(out_dir: Path) -> dict | None:
+    """The model and training settings of the run in out_dir (its last.pt), which a resumed run keeps
+    unless flags change them; None when there is none. The library checks the checkpoint itself."""
+    from .checkpoint import load_checkpoint
+
+    path = out_dir / "last.pt"
+    if not path.is_file():
+        return None
+    try:  # mmap: only the settings are read here, not the weights (the Trainer loads those)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if not isinstance(ckpt, dict) or "config" not in ckpt:
+            raise ValueError(path)
+    except Exception:  # not a checkpoint lm wrote: load_checkpoint's error says what is wrong with it
+        ckpt = load_checkpoint(path)
+    return {"model": dict(ckpt["config"]), "train": dict(ckpt.get("train_config") or {})}
+
+
 def model_settings(args, sections: dict, vocab_size: int, base: dict | None = None) -> dict:
-    """The model's configuration: `base` (else the preset or the defaults), then --config's model
-    section, then flags. With an empty `base`, only what the user named explicitly."""
-    if base is None:
+    """The model's configuration: `base` (a resumed run's, else the preset or the defaults), then
+    --config's model section, then flags."""
+    fresh = base is None
+    if fresh:
         base = PRESETS[args.preset] if args.preset else MODEL_DEFAULTS
     elif args.preset:
         base = {**base, **PRESETS[args.preset]}
@@ -278,7 +267,8 @@ def model_settings(args, sections: dict, vocab_size: int, base: dict | None = No
     for flag in MODEL_FLAGS:
         if getattr(args, flag) is not None:
             settings[flag] = getattr(args, flag)
-    if args.seq_len is not None:
+    # `--seq_len 512` alone used to size the model too; a new run keeps that meaning
+    if fresh and args.block_size is None and args.seq_len is not None and args.seq_len > settings["block_size"]:
         settings["block_size"] = args.seq_len
     if args.ffn_mult is not None:
         settings["d_ff"] = int(args.ffn_mult * settings.get("d_model", base.get("d_model", 0)))
@@ -293,6 +283,8 @@ def train_settings(args, base: dict) -> dict:
     for flag in TRAIN_FLAGS:
         if getattr(args, flag) is not None:
             settings[flag] = getattr(args, flag)
+    if args.memory_budget is not None:
+        settings["memory_budget"] = int(args.memory_budget * 2**30)
     if args.compile is not None:
         settings["compile"] = bool(args.compile)
     if args.tensorboard:
@@ -300,25 +292,17 @@ def train_settings(args, base: dict) -> dict:
     return settings
 
 
-def resolve_precision(requested: str | None, device: torch.device) -> str:
-    if requested not in (None, "auto"):
-        return requested
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp32"
-
-
 def cmd_train(args) -> int:
     import yaml
 
     from . import distributed
-    from .checkpoint import load_checkpoint
     from .config import ModelConfig
     from .data import read_tokens
     from .device import resolve_device
     from .model import GPT
     from .tokenizers import load_tokenizer
-    from .training import TrainConfig, train
+    from .trainer import TrainConfig, Trainer
+    from .training import resolve_batch_size
 
     data_dir, out_dir = Path(args.data_dir), Path(args.out_dir)
     if not (data_dir / "tokenizer.json").is_file():
@@ -329,69 +313,38 @@ def cmd_train(args) -> int:
     main_process = distributed.env_info().is_main
     say = print if main_process else (lambda *a, **k: None)
 
-    resume = None
-    if (out_dir / "last.pt").exists() and not args.overwrite:
-        resume = load_checkpoint(out_dir / "last.pt")
-        saved_model = resume["config"]
-        wanted = model_settings(args, sections, tokenizer.vocab_size, base={})  # what the user named
-        wanted.pop("vocab_size")
-        if args.ffn_mult is not None and "d_model" not in wanted:
-            wanted["d_ff"] = int(args.ffn_mult * saved_model["d_model"])
-        changed = {k: (saved_model.get(k), v) for k, v in wanted.items()
-                   if k not in RESUMABLE_MODEL_CHANGES and saved_model.get(k, v) != v}
-        if changed:
-            detail = ", ".join(f"{k}: checkpoint {old!r}, now {new!r}" for k, (old, new) in sorted(changed.items()))
-            raise ValueError(f"{out_dir} holds a run of another model ({detail}); resume without those flags, "
-                             f"pass --overwrite to start again there, or choose another --out_dir.")
-        if resume.get("tokenizer") != tokenizer.to_dict():
-            raise ValueError(f"{out_dir}/last.pt was trained with another tokenizer than {data_dir}/tokenizer.json; "
-                             f"resume with the run's own --data_dir.")
-        model_args = {**saved_model, **{k: v for k, v in wanted.items() if k in RESUMABLE_MODEL_CHANGES}}
-        train_args = train_settings(args, {**resume.get("train_config", {}), **sections.get("train", {})})
-    else:
-        model_args = model_settings(args, sections, tokenizer.vocab_size)
-        train_args = train_settings(args, sections.get("train", {}))
-    precision = args.precision or ("auto" if resume is None else train_args.get("precision", "auto"))
-    train_args.update(out_dir=str(out_dir), progress=not args.no_progress and main_process,
-                      precision=resolve_precision(precision, device))
-
-    auto_batch = train_args.get("batch_size") == "auto"
-    if auto_batch:
-        if distributed.launched_by_torchrun():
-            raise ValueError("--batch_size auto runs alone; under torchrun give a number (find it first with "
-                             "one process and --batch_size auto).")
-        train_args.pop("batch_size")
-    model_config = ModelConfig.from_dict(model_args)
+    saved = None if args.overwrite else _saved_run(out_dir)  # a resumed run starts from its own settings
+    model_config = ModelConfig.from_dict(model_settings(args, sections, tokenizer.vocab_size,
+                                                        base=saved and saved["model"]))
+    train_args = train_settings(args, {**(saved["train"] if saved else {}), **sections.get("train", {})})
+    train_args.update(out_dir=str(out_dir), progress=not args.no_progress and main_process)
     train_config = TrainConfig.from_dict(train_args)
     torch.manual_seed(train_config.seed)
     model = GPT(model_config, tokenizer=tokenizer).to(device)
-    if auto_batch:
-        from .memory import find_batch_size
-
-        budget = None if args.memory_budget is None else int(args.memory_budget * 2**30)
-        found = find_batch_size(model, train_config.seq_len or model_config.block_size, device=device,
-                                memory_budget=budget, precision=train_config.precision)
-        # leave an eighth free: the allocator fragments over a long run, and evaluation needs room too
-        chosen = max(1, found * 7 // 8) if found >= 8 else found
-        train_config = TrainConfig.from_dict({**train_config.to_dict(), "batch_size": chosen})
-        say(f"--batch_size auto: {found} sequences fit" + (f" in {args.memory_budget:g} GiB" if budget else "")
-            + (f"; training with {chosen}, leaving headroom" if chosen != found else ""))
-    if main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(
-            {"model": model_config.to_dict(), "train": train_config.to_dict()}, sort_keys=False))
-    info = distributed.env_info()
-    where = f"{info.world_size} processes ({train_config.parallel})" if info.enabled else str(model.device)
-    say(f"model: {model.num_params() / 1e6:.2f}M parameters on {where}, {train_config.precision}")
-    if resume is not None:
-        if resume["step"] >= train_config.max_steps:
-            say(f"nothing to do: {out_dir}/last.pt is already at step {resume['step']}; raise --max_steps to go on.")
-            distributed.shutdown()
-            return 0
-        say(f"resuming from {out_dir}/last.pt at step {resume['step']} of {train_config.max_steps}")
     try:
-        history = train(model, read_tokens(data_dir / "train.bin", tokenizer.vocab_size),
-                        read_tokens(data_dir / "val.bin", tokenizer.vocab_size), train_config, resume=resume)
+        train_config, found = resolve_batch_size(model, train_config)
+        trainer = Trainer(model, read_tokens(data_dir / "train.bin", tokenizer.vocab_size),
+                          read_tokens(data_dir / "val.bin", tokenizer.vocab_size), train_config,
+                          resume=None if args.overwrite else "auto")
+        train_config = trainer.config  # with the precision resolved too
+        if found is not None:
+            budget = f" in {args.memory_budget:g} GiB" if args.memory_budget is not None else ""
+            headroom = (f"; training with {train_config.batch_size}, leaving headroom"
+                        if train_config.batch_size != found else "")
+            say(f"--batch_size auto: {found} sequences fit{budget}{headroom}")
+        if trainer.step >= train_config.max_steps:
+            say(f"nothing to do: {out_dir}/last.pt is already at step {trainer.step}; raise --max_steps to go on.")
+            return 0
+        if main_process:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "config.yaml").write_text(yaml.safe_dump(
+                {"model": model_config.to_dict(), "train": train_config.to_dict()}, sort_keys=False))
+        info = distributed.env_info()
+        where = f"{info.world_size} processes ({train_config.parallel})" if info.enabled else str(model.device)
+        say(f"model: {model.num_params() / 1e6:.2f}M parameters on {where}, {train_config.precision}")
+        if trainer.resumed_from is not None:
+            say(f"resuming from {out_dir}/last.pt at step {trainer.step} of {train_config.max_steps}")
+        history = trainer.fit()
     finally:
         distributed.shutdown()
     stop = " (stopped early: no improvement)" if history.stopped_early else ""
@@ -402,27 +355,25 @@ def cmd_train(args) -> int:
 
 def cmd_generate(args) -> int:
     from .checkpoint import load_model
+    from .generation import Decoder, GenerationConfig
 
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                              no_repeat_ngram_size=args.no_repeat_ngram_size, stop=args.stop or (), seed=args.seed,
+                              cuda_graph=False if args.no_cuda_graph else None, compile=args.compile)
     model = load_model(args.ckpt, device=args.device)
     if args.int8:
         from .quantize import quantize_int8
 
         quantize_int8(model)
-    elif model.device.type == "cpu":
-        from .quantize import for_decoding
-
-        for_decoding(model)  # the same tokens, faster at batch 1
-    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                   no_repeat_ngram_size=args.no_repeat_ngram_size, stop=args.stop, seed=args.seed,
-                   cuda_graph=False if args.no_cuda_graph else None, compile=args.compile)
+    decoder = Decoder(model)
     if args.stream:
         print(args.prompt, end="", flush=True)
-        for piece in model.stream(args.prompt, **options):
+        for piece in decoder.stream(args.prompt, config):
             print(piece, end="", flush=True)
         print()
         return 0
-    print(args.prompt + model.generate(args.prompt, **options))
+    print(args.prompt + decoder.generate(args.prompt, config))
     return 0
 
 
@@ -430,7 +381,7 @@ COMMANDS = {"prep": cmd_prep, "train": cmd_train, "generate": cmd_generate}
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .training import TrainingError
+    from .trainer import TrainingError
 
     args = build_parser().parse_args(argv)
     try:

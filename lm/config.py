@@ -2,6 +2,10 @@
 
 A config is plain data. It round-trips through dicts, YAML and JSON so that a checkpoint can store
 a snapshot of it and a reader can keep experiments in small text files.
+
+Every value is checked here, once, when a config is made; the modules that build components from
+it trust it. Component names are checked against `lm.registry`, the only part of `lm` this module
+imports: the components import the config, never the other way round.
 """
 
 from __future__ import annotations
@@ -13,6 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .registry import ATTENTION, FEEDFORWARD, NORMS, POSITIONS
+
+# Choices that are plain words rather than registered classes.
+INIT_CHOICES = ("gpt2", "xavier_uniform")
+NORM_POSITION_CHOICES = ("post", "pre")
+SPARSE_PATTERNS = ("local_strided", "full")  # block_sparse attention's layouts; "full" = causal attention
 
 
 class ConfigError(ValueError):
@@ -137,22 +148,17 @@ class ModelConfig:
 
     @staticmethod
     def component_choices() -> dict[str, list[str]]:
-        """The known names of every component field, read from the registries in `lm.registry`."""
-        # Components register themselves when their module is imported. Imported here, not at the top
-        # of the file, because those modules import this one.
-        from . import feedforward, norms, positions  # noqa: F401
-        from .attention import SPARSE_PATTERNS
-        from .registry import ATTENTION, FEEDFORWARD, NORMS, POSITIONS
-
+        """The known names of every component field. Component classes register themselves in
+        `lm.registry` when `lm` is imported, which Python does before it runs this module."""
         return {
             "pos": POSITIONS.names(),
             "norm": NORMS.names(),
-            "norm_position": sorted(NORM_POSITION_CHOICES),
+            "norm_position": list(NORM_POSITION_CHOICES),
             "attention": ATTENTION.names(),
             "sparse_pattern": list(SPARSE_PATTERNS),
             "ffn": FEEDFORWARD.names(),
             "moe_expert": [name for name in FEEDFORWARD.names() if name != "moe"],
-            "init": sorted(INIT_CHOICES),
+            "init": list(INIT_CHOICES),
         }
 
     # ---- round trips -------------------------------------------------------------------------
@@ -195,10 +201,6 @@ class ModelConfig:
             raise ConfigError(f"config file {str(path)!r} does not exist.")
         text = path.read_text()
         return cls.from_json(text) if _format_of(path) == "json" else cls.from_yaml(text)
-
-
-INIT_CHOICES = {"gpt2", "xavier_uniform"}
-NORM_POSITION_CHOICES = {"pre", "post"}
 
 
 def _is_int_at_least(value: Any, low: int) -> bool:

@@ -8,7 +8,9 @@ One step of AdamW training holds at its peak, for P bytes of parameters:
                   with the batch B (linearly) and with the window T (linearly, or faster)
 (plus `buffers`: tensors the model keeps that are not parameters, such as RoPE's tables).
 
-`training_memory` measures each part on one real step: nothing is taken from a formula.
+`training_memory` measures each part on one real step: nothing is taken from a formula. The step is
+the trainer's own (`lm.trainer.Trainer.train_step` on random tokens), so what is measured is what
+training runs: autocast, gradient scaling for fp16, clipping and the fused AdamW.
 `find_batch_size` searches for the largest batch (doubling, then bisecting):
 - on a GPU it runs real steps, and a batch fits when its step does not run out of memory;
 - on a CPU running out of memory cannot be caught (the operating system kills the process), so
@@ -34,11 +36,9 @@ import torch
 from torch import nn
 
 from .device import resolve_device
-from .training import PRECISIONS, autocast, check_precision, configure_optimizer
+from .trainer import PRECISIONS, TrainConfig, Trainer, check_precision
 
 log = logging.getLogger(__name__)
-
-PARTS = ("params", "buffers", "grads", "optimizer", "activations")
 
 
 # ---- measuring one step --------------------------------------------------------------------------
@@ -64,29 +64,50 @@ def _measure_step(model: nn.Module, batch_size: int, seq_len: int, precision: st
     buffers = {_storage_key(b): _storage_bytes(b) for b in model.buffers()}
     buffers = {key: n for key, n in buffers.items() if key not in params}
     saved: dict[tuple, int] = {}
+    grads: dict[tuple, int] = {}
+    in_forward = False  # only the model's forward pass saves activations; the rest of the step is not counted
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         key = _storage_key(tensor)
-        if key not in params and key not in buffers:
+        if in_forward and key not in params and key not in buffers:
             saved[key] = _storage_bytes(tensor)
         return tensor
 
-    device = _model_device(model)
-    x, y = _random_batch(model, batch_size, seq_len, device)
-    model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), autocast(device, precision):
-        _, loss = model(x, y)
-    loss.backward()
-    grads = {_storage_key(p.grad): _storage_bytes(p.grad) for p in model.parameters() if p.grad is not None}
-    optimizer = configure_optimizer(model, lr=1e-4, weight_decay=0.1)
-    optimizer.step()
-    state = {_storage_key(t): _storage_bytes(t) for s in optimizer.state.values() for t in s.values()
+    def forward_starts(*_):
+        nonlocal in_forward
+        in_forward = True
+
+    def forward_ends(*_):
+        nonlocal in_forward
+        in_forward = False
+
+    def count_grads(*_):  # just before the optimizer step, when every gradient exists
+        grads.update({_storage_key(p.grad): _storage_bytes(p.grad) for p in model.parameters() if p.grad is not None})
+
+    trainer = _trial_trainer(model, batch_size, seq_len, precision)
+    hooks = [model.register_forward_pre_hook(forward_starts), model.register_forward_hook(forward_ends),
+             trainer.optimizer.register_step_pre_hook(count_grads)]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            trainer.train_step()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    state = {_storage_key(t): _storage_bytes(t) for s in trainer.optimizer.state.values() for t in s.values()
              if isinstance(t, torch.Tensor)}
-    for p in model.parameters():
-        p.grad = None
     parts = {"params": sum(params.values()), "buffers": sum(buffers.values()), "grads": sum(grads.values()),
              "optimizer": sum(state.values()), "activations": sum(saved.values())}
     return {**parts, "total": sum(parts.values())}
+
+
+def _trial_trainer(model: nn.Module, batch_size: int, seq_len: int, precision: str) -> Trainer:
+    """A Trainer of `model` on random tokens whose `train_step()` is one training step at `batch_size`."""
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(model.config.vocab_size, (batch_size * (seq_len + 1) + 1,), generator=generator)
+    config = TrainConfig(max_steps=1, batch_size=batch_size, seq_len=seq_len, precision=precision, warmup_steps=0,
+                         progress=False)
+    model.train()
+    return Trainer(model, tokens, tokens, config)
 
 
 # ---- searching for the largest batch -------------------------------------------------------------
@@ -108,14 +129,13 @@ def find_batch_size(
     bisects between the last batch that fitted and the first that failed: about 2 log2(answer)
     trials. Every trial is logged (logger "lm.memory", level INFO).
 
-    - On CUDA (`device`, default: the model's device) each trial runs a real step: forward, backward,
-      gradient clipping and an AdamW step. A batch fits unless it raises torch.OutOfMemoryError
+    - On CUDA (`device`, default: the model's device) each trial runs the trainer's step: forward,
+      backward, gradient clipping and an AdamW step. A batch fits unless it raises torch.OutOfMemoryError
       and, with `memory_budget` (bytes), unless its peak allocated memory exceeds the budget.
     - Elsewhere (CPU, MPS) running out of memory cannot be caught, so `memory_budget` is required:
       a batch fits when `training_memory(...)["total"]` is at most the budget. That count leaves
-      out the step's short-lived temporaries (GPT-2 124M at seq_len 1024 on an H100 peaked at about
-      1.4x the counted total, in fp32 and bf16 alike), and the trial itself allocates the memory:
-      give a budget well below the machine's free memory.
+      out the step's short-lived temporaries, which raise the real peak above it, and the trial
+      itself allocates the memory: give a budget well below the machine's free memory.
     - `fits(batch_size) -> bool` replaces the measurement (for tests, or another criterion); then
       `model` and `seq_len` are not used.
 
@@ -204,7 +224,7 @@ def _fits_on_gpu(model: nn.Module, batch_size: int, seq_len: int, precision: str
     torch.cuda.reset_peak_memory_stats(device)
     ok = True
     try:
-        _train_step(model, batch_size, seq_len, precision)
+        _trial_trainer(model, batch_size, seq_len, precision).train_step()
         torch.cuda.synchronize(device)
     except torch.OutOfMemoryError:
         ok = False
@@ -216,17 +236,6 @@ def _fits_on_gpu(model: nn.Module, batch_size: int, seq_len: int, precision: str
     if ok and memory_budget is not None:
         ok = torch.cuda.max_memory_allocated(device) <= memory_budget
     return ok
-
-
-def _train_step(model: nn.Module, batch_size: int, seq_len: int, precision: str) -> None:
-    device = _model_device(model)
-    x, y = _random_batch(model, batch_size, seq_len, device)
-    model.train()
-    with autocast(device, precision):
-        _, loss = model(x, y)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    configure_optimizer(model, lr=1e-4, weight_decay=0.1).step()
 
 
 # ---- helpers -------------------------------------------------------------------------------------
@@ -254,12 +263,6 @@ def _unchanged(model: nn.Module):
             for p, grad in grads:
                 p.grad = grad
             model.train(was_training)
-
-
-def _random_batch(model: nn.Module, batch_size: int, seq_len: int, device: torch.device):
-    generator = torch.Generator().manual_seed(0)
-    xy = torch.randint(model.config.vocab_size, (batch_size, seq_len + 1), generator=generator)
-    return xy[:, :-1].contiguous().to(device), xy[:, 1:].contiguous().to(device)
 
 
 def _storage_key(tensor: torch.Tensor) -> tuple:

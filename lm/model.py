@@ -30,7 +30,6 @@ from torch.utils.checkpoint import checkpoint
 
 from . import attention as _attention  # noqa: F401  (imported for its registrations)
 from .config import ModelConfig
-from .feedforward import MLP  # noqa: F401  (lm.model.MLP, the GPT-2 feed-forward, as before)
 from .norms import NORM_TYPES
 from .positions import build_positions
 from .registry import ATTENTION, FEEDFORWARD, NORMS
@@ -48,27 +47,14 @@ class Block(nn.Module):
         self.norm2 = NORMS.get(config.norm)(config)
         self.mlp = FEEDFORWARD.get(config.ffn)(config)
 
-    def forward(self, x: torch.Tensor, rope=None, attention_mask=None, return_weights: bool = False, cache=None,
-                static: bool = False):
-        """x: (B, T, C) -> (B, T, C); with `return_weights`, also the attention weights (B, H, T, T).
-        `cache`: this layer's KV cache (`lm.kv_cache`), when x holds only new positions; `static`:
-        one token per row at the position a static cache keeps on the device (`GPT.decode_step`)."""
+    def forward(self, x: torch.Tensor, rope=None, attention_mask=None, cache=None) -> torch.Tensor:
+        """x: (B, T, C) -> (B, T, C), the residual stream with what attention and the FFN add to it.
+        `cache`: this layer's KV cache (`lm.kv_cache`), when x holds only new positions."""
         if self.pre_norm:
-            a, weights = self._attend(self.norm1(x), rope, attention_mask, return_weights, cache, static)
-            x = x + a
-            x = x + self.mlp(self.norm2(x))
-        else:
-            a, weights = self._attend(x, rope, attention_mask, return_weights, cache, static)
-            x = self.norm1(x + a)
-            x = self.norm2(x + self.mlp(x))
-        return (x, weights) if return_weights else x
-
-    def _attend(self, h, rope, attention_mask, return_weights, cache=None, static=False):
-        if return_weights:
-            return self.attn(h, rope=rope, attention_mask=attention_mask, return_weights=True)
-        if cache is not None:
-            return self.attn(h, rope=rope, cache=cache, static=static), None
-        return self.attn(h, rope=rope, attention_mask=attention_mask), None
+            x = x + self.attn(self.norm1(x), rope, attention_mask, cache)
+            return x + self.mlp(self.norm2(x))
+        x = self.norm1(x + self.attn(x, rope, attention_mask, cache))
+        return self.norm2(x + self.mlp(x))
 
 
 class GPT(nn.Module):
@@ -142,28 +128,36 @@ class GPT(nn.Module):
         return self.tok_emb.weight.device
 
     # ---- forward -------------------------------------------------------------------------------
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 attention_mask: torch.Tensor | None = None, cache=None):
         """idx: (B, T) token ids. targets: (B, T) next-token ids, -100 where no loss is wanted.
-        attention_mask: optional, passed to every attention layer (see `lm.attention`).
+        attention_mask: (B, T), True for real tokens and False for padding (see `lm.attention`).
 
         Returns logits (B, T, V) and the mean cross-entropy loss (None without targets). With
         `ffn="moe"`, the load-balancing loss (mean over layers) is kept in `self.aux_loss` and, in
         training mode, `moe_aux_loss_coef * aux_loss` is added to the loss; in eval mode the loss
         stays the plain cross-entropy, so validation losses compare across architectures.
 
-        With a `cache` (`lm.KVCache`), idx holds only the tokens after those already cached, at
-        positions cache.length onward, and attention_mask (if any) covers the whole sequence so far.
+        With a `cache` (`lm.KVCache`), idx holds only the tokens after those already cached and
+        attention_mask (if any) covers at least them. Generation needs only the next token's
+        scores, so without targets only the last position goes through the head: logits (B, 1, V).
         """
-        if cache is not None:
-            return self._forward_cached(idx, targets, attention_mask, cache)
-        x = self._embed(idx)
+        if idx.dim() != 2:
+            raise ValueError(f"idx must be a (B, T) tensor of token ids, got shape {tuple(idx.shape)}.")
+        T = idx.size(1)
+        offset = 0 if cache is None else cache.begin(T, attention_mask)
+        x = self.drop(self.embed(idx, offset))
+        layer_caches = [None] * len(self.blocks) if cache is None else cache.layers
         recompute = self.config.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        for block in self.blocks:
+        for block, layer_cache in zip(self.blocks, layer_caches):
             if recompute:  # keep only each block's input; rebuild its activations during backward
                 x = checkpoint(block, x, self.rope, attention_mask, use_reentrant=False)
             else:
-                x = block(x, self.rope, attention_mask)
+                x = block(x, self.rope, attention_mask, layer_cache)
+        if cache is not None:
+            cache.end(T)
+            if targets is None:
+                x = x[:, -1:]
         logits = self.lm_head(self.norm_f(x))
         self.aux_loss = self._moe_aux_loss()
         loss = None
@@ -173,44 +167,10 @@ class GPT(nn.Module):
                 loss = loss + self.config.moe_aux_loss_coef * self.aux_loss
         return logits, loss
 
-    def _forward_cached(self, idx, targets, attention_mask, cache):
-        T = idx.size(1)
-        cache.update_mask(attention_mask, T)
-        x = self._embed(idx, offset=cache.length)
-        for block, layer_cache in zip(self.blocks, cache.layers):
-            x = block(x, self.rope, cache=layer_cache)
-        cache.advance(T)
-        logits = self.lm_head(self.norm_f(x))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-        return logits, loss
-
-    def decode_step(self, idx: torch.Tensor, cache) -> torch.Tensor:
-        """Logits (B, 1, V) of one new token per row, idx (B, 1), at the device position of a static
-        cache (`KVCache(..., static=True)`), whose slot it fills.
-
-        No shape and no Python value depends on the position, so the step can be captured once as
-        a CUDA graph and replayed for every token (`lm.cuda_graph`). The cache is not advanced:
-        the caller calls `cache.advance(1)`, outside any graph."""
-        x = self._embed(idx, offset=cache.position)
-        for block, layer_cache in zip(self.blocks, cache.layers):
-            x = block(x, self.rope, cache=layer_cache, static=True)
-        return self.lm_head(self.norm_f(x))
-
-    def attention_weights(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """The attention weights of every layer, each (B, H, T, T), for plotting."""
-        x = self._embed(idx)
-        weights = []
-        for block in self.blocks:
-            x, w = block(x, self.rope, attention_mask, return_weights=True)
-            weights.append(w)
-        return weights
-
-    def _embed(self, idx: torch.Tensor, offset=0) -> torch.Tensor:
-        """offset: an int, or a 0-d device tensor (a static cache's position, checked by its owner)."""
-        if idx.dim() != 2:
-            raise ValueError(f"idx must be a (B, T) tensor of token ids, got shape {tuple(idx.shape)}.")
+    def embed(self, idx: torch.Tensor, offset=0) -> torch.Tensor:
+        """Token embeddings (B, T, C) of idx (B, T) at positions offset .. offset+T-1, plus the
+        position table's rows for additive positions. offset: an int, or a static cache's 0-d
+        device tensor (which the generation loop keeps below block_size)."""
         T = idx.size(1)
         if not isinstance(offset, torch.Tensor) and offset + T > self.config.block_size:
             raise ValueError(
@@ -220,65 +180,48 @@ class GPT(nn.Module):
         x = self.tok_emb(idx)
         if self.pos_emb is not None:
             x = x + self.pos_emb(T, offset)
-        return self.drop(x)
+        return x
 
     def _moe_aux_loss(self) -> torch.Tensor | None:
         losses = [block.mlp.aux_loss for block in self.blocks if getattr(block.mlp, "aux_loss", None) is not None]
         return torch.stack(losses).mean() if losses else None
 
+    @torch.no_grad()
+    def attention_weights(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The attention weights of every layer, each (B, H, T, T), for plotting.
+
+        One ordinary forward runs with a hook on every attention layer that keeps what it was
+        given; each layer's `weights` then recomputes its weights from that input, written out."""
+        inputs = []
+        hooks = [block.attn.register_forward_pre_hook(lambda module, args: inputs.append(args))
+                 for block in self.blocks]
+        try:
+            self(idx, attention_mask=attention_mask)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return [block.attn.weights(x, rope, mask) for block, (x, rope, mask, _) in zip(self.blocks, inputs)]
+
     # ---- generation ----------------------------------------------------------------------------
-    @torch.no_grad()
-    def generate(self, prompt, max_new_tokens: int = 100, temperature: float = 1.0, top_k: int | None = None,
-                 seed: int | None = None, stop_at_eos: bool = True, *, top_p: float | None = None,
-                 min_p: float | None = None, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
-                 stop: str | list[str] | None = None, stop_tokens=None, use_cache: bool = True,
-                 return_logprobs: bool = False, attention_mask: torch.Tensor | None = None,
-                 cuda_graph: bool | None = None, compile: bool = False):
-        """Sample a continuation of `prompt`.
+    def generate(self, prompt, config=None, *, attention_mask: torch.Tensor | None = None,
+                 return_logprobs: bool = False, **options):
+        """Sample a continuation of `prompt`; `lm.generation.Decoder.generate` explains every option.
 
-        prompt: text (needs an attached tokenizer; returns the new text, without the prompt), a list
-        of texts (batched, left-padded; returns a list), or a (B, T) tensor of ids (returns
-        (B, T + new) ids, prompt included; `attention_mask` (B, T) marks real tokens if padded).
+        prompt: text (needs an attached tokenizer; returns the new text), a list of texts (batched,
+        left-padded; returns a list), or a (B, T) tensor of ids (returns (B, T + new) ids).
+        config: a `lm.GenerationConfig`; keyword options (max_new_tokens=200, temperature=0.8,
+        top_k=40, ...) build one or change the given one.
 
-        Sampling: temperature (0 = greedy), top_k, top_p, min_p, repetition_penalty,
-        no_repeat_ngram_size (see `lm.sampling`); `seed` makes the draw reproducible.
-        Stopping: after max_new_tokens; at the tokenizer's end-of-text token (text prompts, when
-        `stop_at_eos`); at any id in `stop_tokens`; at any string in `stop` (cut off before it).
-        `return_logprobs`: also return each new token's log-probability under the model.
+        Each call starts afresh. On a GPU, where a CUDA graph is captured for the decoding step,
+        hold a `lm.Decoder(model)` instead: it keeps the graph between calls."""
+        from .generation import Decoder
 
-        With `use_cache` (default) a KV cache makes each new token cost one position; the ids are
-        the same as without it while the sequence fits in block_size. Beyond block_size, the
-        uncached loop feeds the last block_size tokens at every step, and the cached one starts a
-        fresh cache from the last 3/4 of block_size tokens whenever it is full (so it re-reads the
-        context once every block_size/4 tokens). Either way a prompt longer than block_size is read
-        from its last block_size tokens, and the returned ids still hold all of it.
+        return Decoder(self).generate(prompt, config, attention_mask=attention_mask,
+                                      return_logprobs=return_logprobs, **options)
 
-        On CUDA each one-token step replays a CUDA graph (`lm.cuda_graph`; `cuda_graph=None` picks
-        it whenever the model allows, False turns it off), with `compile=True` of a
-        torch.compile'd step. The tokens are the same either way.
-        """
-        from .generation import Generation
+    def stream(self, prompt: str, config=None, **options):
+        """Yield the continuation of a text prompt piece by piece as it is generated (whole
+        characters only); see `lm.generation.Decoder.stream`."""
+        from .generation import Decoder
 
-        run = Generation(self, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                         seed=seed, stop_at_eos=stop_at_eos, top_p=top_p, min_p=min_p,
-                         repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-                         stop=stop, stop_tokens=stop_tokens, use_cache=use_cache, attention_mask=attention_mask,
-                         cuda_graph=cuda_graph, compile=compile)
-        for _ in run.steps():
-            pass
-        return run.result(return_logprobs)
-
-    @torch.no_grad()
-    def stream(self, prompt: str, max_new_tokens: int = 100, temperature: float = 1.0, **kwargs):
-        """Yield the continuation of a text prompt piece by piece as it is generated.
-
-        Only whole characters are yielded: when a character's UTF-8 bytes span several byte-level
-        tokens, it is held back until it is complete; so is an ending that may be the start of a
-        `stop` string. Each step decodes only its last few tokens. Same arguments as `generate`;
-        "".join(model.stream(...)) equals model.generate(...) with the same seed."""
-        from .generation import Generation, stream_text
-
-        if not isinstance(prompt, str):
-            raise ValueError("stream() takes a text prompt; use generate() for ids or lists of prompts.")
-        yield from stream_text(Generation(self, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                                          **kwargs))
+        return Decoder(self).stream(prompt, config, **options)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .config import ModelConfig
 from .registry import POSITIONS
 
 
@@ -62,11 +63,11 @@ class LearnedPositionEmbedding(nn.Embedding):
     """A trainable table of block_size position vectors (GPT-2). It *is* an `nn.Embedding`, so its
     parameter is `<name>.weight` and the model's embedding initialisation applies to it."""
 
-    def __init__(self, config):
+    def __init__(self, config: ModelConfig):
         super().__init__(config.block_size, config.d_model)
 
     @staticmethod
-    def param_count(config) -> int:
+    def param_count(config: ModelConfig) -> int:
         return config.block_size * config.d_model
 
     def forward(self, T: int, offset=0) -> torch.Tensor:
@@ -84,13 +85,13 @@ class SinusoidalPositionEmbedding(nn.Module):
     """The fixed sine/cosine table, kept as a non-persistent buffer (it is not learned, so it is not
     saved in checkpoints) and grown on demand past block_size."""
 
-    def __init__(self, config):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         self.d_model = config.d_model
         self.register_buffer("table", sinusoidal_table(config.block_size, config.d_model), persistent=False)
 
     @staticmethod
-    def param_count(config) -> int:
+    def param_count(config: ModelConfig) -> int:
         return 0
 
     def forward(self, T: int, offset=0) -> torch.Tensor:
@@ -106,11 +107,11 @@ class NoPositionEmbedding(nn.Module):
     """No position information. `forward` returns None so the caller adds nothing; `build_positions`
     returns (None, None) for this choice."""
 
-    def __init__(self, config=None):
+    def __init__(self, config: ModelConfig | None = None):
         super().__init__()
 
     @staticmethod
-    def param_count(config) -> int:
+    def param_count(config: ModelConfig) -> int:
         return 0
 
     def forward(self, T: int, offset: int = 0) -> None:
@@ -174,13 +175,12 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin_cached", sin, persistent=False)
 
     @staticmethod
-    def param_count(config) -> int:
+    def param_count(config: ModelConfig) -> int:
         return 0
 
     @classmethod
-    def from_config(cls, config) -> "RotaryEmbedding":
-        return cls(config.d_model // config.n_head, max_seq_len=config.block_size,
-                   base=getattr(config, "rope_base", 10000.0))
+    def from_config(cls, config: ModelConfig) -> "RotaryEmbedding":
+        return cls(config.head_dim, max_seq_len=config.block_size, base=config.rope_base)
 
     def tables(self, T: int, offset=0, dtype: torch.dtype = torch.float32):
         """cos, sin (T, D) for positions offset .. offset+T-1, in `dtype`. offset: int, or a 0-d
@@ -203,15 +203,14 @@ class RotaryEmbedding(nn.Module):
 
 
 # ---- building from a config --------------------------------------------------------------------
-def build_positions(config) -> tuple[nn.Module | None, RotaryEmbedding | None]:
+def build_positions(config: ModelConfig) -> tuple[nn.Module | None, RotaryEmbedding | None]:
     """(additive, rope) for `config.pos`.
 
     additive: a module with forward(T, offset=0) -> (T, C) that the model adds to the token
     embeddings ("learned", "sinusoidal"), else None. rope: the one RotaryEmbedding the model passes
     to every attention layer ("rope"), else None. "none" gives (None, None).
     """
-    name = getattr(config, "pos", "learned")
-    cls = POSITIONS.get(name)  # an unknown name raises, listing the known ones
+    cls = POSITIONS.get(config.pos)
     if cls is RotaryEmbedding:
         return None, RotaryEmbedding.from_config(config)
     if cls is NoPositionEmbedding:

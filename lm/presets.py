@@ -3,11 +3,12 @@
     config = lm.preset("rscalm-138m")                 # a fresh ModelConfig
     config = lm.preset("roketmodel", vocab_size=tok.vocab_size, block_size=256)
     lm.count_params(config)                            # exact, without building the model: 137,841,408
+    lm.param_breakdown(config)                         # the same total, split into embeddings, attention, ...
 
-`count_params` is a closed form that must equal `GPT(config).num_params(non_embedding=False)`; the
-tests check that for every preset (built on the "meta" device, which allocates nothing) and for
-random configurations. Two seeds also state back-of-the-envelope formulas; they are here as written,
-so a reader can see what they leave out:
+`param_breakdown` is a closed form from the config alone, and `count_params` its sum; both must equal
+`GPT(config).num_params(non_embedding=False)`, which the tests check for every preset (built on the
+"meta" device, which allocates nothing) and for random configurations. Two seeds also state
+back-of-the-envelope formulas; they are here as written, so a reader can see what they leave out:
 
     param_formula_seed000   Emb + N * (MHA + FFN) + Head        biases and norms omitted (seed 000)
     param_formula_rscalm    V*C + L * (4C^2 + 3*C*H_ff) + C      tied head, norms approximated (seed 002)
@@ -18,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from .config import ConfigError, ModelConfig
+from .registry import ATTENTION, FEEDFORWARD, NORMS, POSITIONS
 
 # Each preset is the set of ModelConfig fields that differ from the defaults; `preset()` builds a new
 # config from it every time, so no caller can change another's.
@@ -67,27 +69,35 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
 
 
 # ---- parameter counts ------------------------------------------------------------------------------
-def count_params(config: ModelConfig) -> int:
-    """The exact number of parameters of `GPT(config)` (a tied head counted once), from the config
-    alone. Equals `GPT(config).num_params(non_embedding=False)`.
+PARAM_GROUPS = ("embeddings", "attention", "feed-forward", "norms", "head")
 
-        embeddings   V*C  (+ block_size*C for learned positions; sinusoidal, rope, none have none)
-        per block    2 norms + attention + feed-forward
-        attention    qkv: C -> (H + 2*H_kv)*D, proj: C -> C (+ biases); every variant has the same
-        head         V*C unless tied; a final norm with pre-norm
+
+def param_breakdown(config: ModelConfig) -> dict[str, int]:
+    """Where the parameters of `GPT(config)` live, from the config alone (nothing is built):
+
+        embeddings     token table V*C, plus the position table of learned positions (block_size*C)
+        attention      every block's qkv: C -> (H + 2*H_kv)*D and proj: C -> C, with their biases
+        feed-forward   every block's FFN: MLP, SwiGLU, or MoE router + experts
+        norms          two per block, plus the final norm of a pre-norm model
+        head           V*C for an untied output layer, 0 when it shares the token table
 
     Each component class states its own size as `cls.param_count(config)`.
     """
-    from .registry import ATTENTION, FEEDFORWARD, NORMS
-
     C, V, L = config.d_model, config.vocab_size, config.n_layer
-    embeddings = V * C + (config.block_size * C if config.pos == "learned" else 0)
-    norm = NORMS.get(config.norm).param_count(config)
-    attention = ATTENTION.get(config.attention).param_count(config)
-    block = 2 * norm + attention + FEEDFORWARD.get(config.ffn).param_count(config)
-    final_norm = norm if config.norm_position == "pre" else 0
-    head = 0 if config.tie_weights else V * C
-    return embeddings + L * block + final_norm + head
+    n_norms = 2 * L + (1 if config.norm_position == "pre" else 0)
+    return {
+        "embeddings": V * C + POSITIONS.get(config.pos).param_count(config),
+        "attention": L * ATTENTION.get(config.attention).param_count(config),
+        "feed-forward": L * FEEDFORWARD.get(config.ffn).param_count(config),
+        "norms": n_norms * NORMS.get(config.norm).param_count(config),
+        "head": 0 if config.tie_weights else V * C,
+    }
+
+
+def count_params(config: ModelConfig) -> int:
+    """The exact number of parameters of `GPT(config)` (a tied head counted once), from the config
+    alone: the sum of `param_breakdown(config)`. Equals `GPT(config).num_params(non_embedding=False)`."""
+    return sum(param_breakdown(config).values())
 
 
 def param_formula_seed000(config: ModelConfig) -> int:

@@ -12,9 +12,9 @@ Activations stay in floating point ("weight-only"). Where torch has a fused int8
 the weights are dequantized on the fly. `quantize_int8(model)` swaps every Linear except a head
 tied to the embedding (the embedding is a lookup, not a product), in place, for inference only.
 
-`for_decoding(model)` keeps float weights but stores each Linear's weight transposed, (in, out): at
-batch 1 the product x @ W^T then streams the weight in the order the CPU's BLAS reads fastest
-(measured on this project's CPU: 100 MB of fp32 weights in 5.0 ms instead of 7.2 ms).
+`for_decoding(model)` keeps float weights but stores each Linear's weight transposed in memory,
+(in, out) contiguous: at batch 1 the product x @ W^T then streams the weight in the order the
+CPU's BLAS reads fastest (bench/cpu_decode.py measures it).
 """
 
 from __future__ import annotations
@@ -67,24 +67,6 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
 
 
-class TransposedLinear(nn.Module):
-    """A Linear layer that keeps its weight transposed, (in, out) contiguous: y = x @ weight_t + b."""
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("weight_t", linear.weight.detach().t().contiguous())
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
-        y = flat @ self.weight_t if self.bias is None else torch.addmm(self.bias, flat, self.weight_t)
-        return y.reshape(*x.shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, transposed"
-
-
 def _swap_linears(model: nn.Module, make, skip_tied: bool) -> nn.Module:
     tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)} if skip_tied else set()
     for parent in list(model.modules()):
@@ -96,9 +78,16 @@ def _swap_linears(model: nn.Module, make, skip_tied: bool) -> nn.Module:
 
 @torch.no_grad()
 def for_decoding(model: nn.Module) -> nn.Module:
-    """Swap every Linear for a TransposedLinear, in place (same outputs up to float rounding); returns
-    the model in eval mode. For inference only: train and save the original layout."""
-    return _swap_linears(model, TransposedLinear, skip_tied=False)
+    """Store every Linear weight transposed in memory, in place, and return the model.
+
+    The weight keeps its shape (out, in), its values and its Parameter; only its strides change,
+    to those of a contiguous (in, out) matrix, so that `F.linear` computes x @ W^T from a matrix the
+    CPU's BLAS streams in the order it reads fastest at batch 1. Training, saving and loading work
+    as before. `generate` does this on a CPU; doing it twice changes nothing."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and module.weight.is_contiguous() and module.weight.dim() == 2:
+            module.weight.data = module.weight.data.t().contiguous().t()
+    return model
 
 
 @torch.no_grad()
@@ -112,8 +101,8 @@ def quantize_int8(model: nn.Module) -> nn.Module:
 
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of the model's weights as stored: every tensor of its state dict, that is its parameters
-    and persistent buffers (Int8Linear's int8 weight, both copies of its scales and its bias;
-    TransposedLinear's weight and bias), shared tensors once. Derived tables (RoPE's cos and sin,
+    and persistent buffers (Int8Linear's int8 weight, both copies of its scales and its bias), shared
+    tensors once. Derived tables (RoPE's cos and sin,
     sinusoidal positions) are non-persistent buffers and not counted."""
     seen, total = set(), 0
     for t in model.state_dict(keep_vars=True).values():  # keep_vars: the tensors themselves, so ids are stable

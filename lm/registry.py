@@ -6,6 +6,10 @@
     class ManualAttention(nn.Module): ...
 
     ATTENTION.get("manual")   # the class; an unknown name raises, listing the known ones
+
+The four component registries below are filled when `lm` imports the component modules;
+`lm.config` checks names against them. Tokenizers keep theirs (kind -> class) in
+`lm.tokenizers.TOKENIZERS`. This module imports nothing from `lm`.
 """
 
 from __future__ import annotations

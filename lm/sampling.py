@@ -61,22 +61,6 @@ class SamplingConfig:
                                 f"(0 means off).")
 
 
-def check_sampling_args(
-    temperature: float,
-    top_k: int | None,
-    max_new_tokens: int,
-    *,
-    top_p: float | None = None,
-    min_p: float | None = None,
-    repetition_penalty: float = 1.0,
-    no_repeat_ngram_size: int = 0,
-) -> None:
-    """Raise a SamplingError naming the first invalid generation argument."""
-    if not _is_int(max_new_tokens) or max_new_tokens < 0:
-        raise SamplingError(f"max_new_tokens={max_new_tokens!r} must be a non-negative integer.")
-    SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty, no_repeat_ngram_size)
-
-
 # --- Penalties: they look at the tokens each row has produced so far, previous_ids (B, t). ------------
 # `mask` (B, t) marks the real tokens; padding positions (False) are ignored.
 

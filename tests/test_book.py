@@ -77,7 +77,7 @@ def test_plot_attention_grid_rejects_anything_but_a_list_of_4d_tensors():
 # ---- training helpers: the learning-rate plot and metrics.csv ------------------------------------
 def test_plot_lr_schedule_draws_lr_at_at_every_step_with_its_landmarks():
     from lm.book import plot_lr_schedule
-    from lm.training import lr_at
+    from lm.optim import lr_at
 
     ax = plot_lr_schedule(1e-3, 1e-4, warmup_steps=10, max_steps=100)
     steps, rates = ax.get_lines()[0].get_data()

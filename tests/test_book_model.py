@@ -66,3 +66,7 @@ def test_tied_head_costs_nothing_and_untying_adds_one_table():
     assert tied["head"] == 0 and untied["head"] == 50257 * 768
     assert {k: v for k, v in tied.items() if k != "head"} == {k: v for k, v in untied.items() if k != "head"}
     assert tied["embeddings"] == (50257 + 1024) * 768  # tokens and learned positions
+
+
+def test_the_book_and_lm_share_one_breakdown():
+    assert lm.book.param_breakdown is lm.param_breakdown is lm.presets.param_breakdown

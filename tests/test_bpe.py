@@ -9,7 +9,6 @@ import warnings
 from collections import Counter
 
 import pytest
-import regex
 import tiktoken
 import torch
 from hypothesis import given, settings
@@ -21,6 +20,7 @@ from lm.data import DataError
 from lm.tokenizers import GPT2_PATTERN, GPT2_SPECIAL_TOKENS, gpt2_ranks_path, load_gpt2_ranks, tokenizer_from_dict
 from lm.tokenizers import bpe as bpe_module
 from lm.tokenizers.bpe import GPT4_PATTERN, ByteBPETokenizer, bytes_to_str, str_to_bytes
+from lm.tokenizers.naive_bpe import encode_naive, merge, pair_counts, train_naive
 
 TRICKY_TEXTS = [
     "",
@@ -41,48 +41,6 @@ TRICKY_TEXTS = [
     "\u00a0non-breaking\u2003em space\u3000ideographic",
     "zero\u200bwidth joiner\u200d and combining e\u0301",
 ]
-
-
-def merge(seq: list[int], pair: tuple[int, int], new: int) -> list[int]:
-    out, i = [], 0
-    while i < len(seq):
-        if i + 1 < len(seq) and (seq[i], seq[i + 1]) == pair:
-            out.append(new)
-            i += 2
-        else:
-            out.append(seq[i])
-            i += 1
-    return out
-
-
-def naive_train(text: str, num_merges: int, pattern: str | None = GPT2_PATTERN) -> list[tuple[int, int]]:
-    """Recount every pair after every merge; the most frequent wins, ties to the smallest pair."""
-    pieces = regex.findall(pattern, text) if pattern is not None else [text]
-    words = {piece: list(piece.encode("utf-8")) for piece in pieces}
-    freq = Counter(pieces)
-    merges = []
-    for _ in range(num_merges):
-        counts = Counter()
-        for piece, seq in words.items():
-            for pair in zip(seq, seq[1:]):
-                counts[pair] += freq[piece]
-        if not counts:
-            break
-        best = min(counts, key=lambda p: (-counts[p], p))
-        merges.append(best)
-        words = {piece: merge(seq, best, 255 + len(merges)) for piece, seq in words.items()}
-    return merges
-
-
-def naive_encode(text: str, merges: list[tuple[int, int]], pattern: str = GPT2_PATTERN) -> list[int]:
-    """Apply every merge in training order to each pre-token."""
-    ids = []
-    for piece in regex.findall(pattern, text):
-        seq = list(piece.encode("utf-8"))
-        for k, pair in enumerate(merges):
-            seq = merge(seq, pair, 256 + k)
-        ids += seq
-    return ids
 
 
 @pytest.fixture(scope="module")
@@ -120,23 +78,51 @@ def reference(ranks) -> tiktoken.Encoding:
                              special_tokens=GPT2_SPECIAL_TOKENS)
 
 
+# ---- the naive reference -------------------------------------------------------------------------
+def test_pair_counts_and_merge_by_hand():
+    assert pair_counts([1, 2, 3, 1, 2]) == Counter({(1, 2): 2, (2, 3): 1, (3, 1): 1})
+    counts = pair_counts([1, 2])
+    assert pair_counts([1, 2, 1], counts) is counts and counts == Counter({(1, 2): 2, (2, 1): 1})
+    assert merge([1, 2, 3, 1, 2], (1, 2), 256) == [256, 3, 256]
+    assert merge([7, 7, 7], (7, 7), 256) == [256, 7]  # left to right, no overlap
+    assert merge([], (1, 2), 256) == [] and merge([1], (1, 2), 256) == [1]
+
+
+def test_train_naive_by_hand():
+    merges = train_naive("low lower lowest", vocab_size=256 + 3)
+    assert merges == [(ord("l"), ord("o")), (256, ord("w")), (ord(" "), 257)]  # ties: smallest pair
+    assert encode_naive("lowest", merges) == [257, ord("e"), ord("s"), ord("t")]
+    assert train_naive(b"low lower lowest", 256 + 3) == merges  # bytes work too
+    assert train_naive("ab", 256 + 10) == [(ord("a"), ord("b"))]  # stops when no pair is left
+    assert train_naive("a b", 256 + 10, GPT2_PATTERN) == [(ord(" "), ord("b"))]  # never across pre-tokens
+
+
 # ---- training ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text", [t for t in TRICKY_TEXTS if len(t.encode("utf-8")) > 1])
+def test_fast_trainer_equals_naive_trainer_on_tricky_texts(text):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # short texts run out of pairs
+        fast = ByteBPETokenizer.train(text, vocab_size=256 + 30, special_tokens=(), pattern=None)
+    assert fast.merges == train_naive(text, 256 + 30)
+
+
 @pytest.mark.parametrize("pattern", ["gpt2", "gpt4", None])
 def test_fast_trainer_equals_naive_trainer(corpus, pattern):
     text = corpus[:6_000] if pattern is not None else corpus[:1_500]
     fast = ByteBPETokenizer.train(text, vocab_size=256 + 150, special_tokens=(), pattern=pattern)
     regex_ = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN, None: None}[pattern]
-    assert fast.merges == naive_train(text, 150, regex_)
+    assert fast.merges == train_naive(text, 256 + 150, regex_)
 
 
+@pytest.mark.parametrize("pattern", ["gpt2", None])
 @settings(max_examples=150, deadline=None)
 @given(st.text(alphabet="aab \n'1é", min_size=1, max_size=120), st.integers(1, 40))
-def test_fast_trainer_equals_naive_trainer_on_ties_and_repeats(text, num_merges):
+def test_fast_trainer_equals_naive_trainer_on_ties_and_repeats(pattern, text, num_merges):
     # a tiny alphabet gives many equal counts and overlapping pairs such as (a, a) in "aaa"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tiny texts run out of pairs before num_merges
-        fast = ByteBPETokenizer.train(text, vocab_size=256 + num_merges, special_tokens=())
-    assert fast.merges == naive_train(text, num_merges)
+        fast = ByteBPETokenizer.train(text, vocab_size=256 + num_merges, special_tokens=(), pattern=pattern)
+    assert fast.merges == train_naive(text, 256 + num_merges, GPT2_PATTERN if pattern else None)
 
 
 def test_vocabulary_layout(tok):
@@ -181,7 +167,7 @@ def test_verbose_training_prints_progress(capsys):
 # ---- encoding ------------------------------------------------------------------------------------
 def test_encode_applies_merges_in_training_order(tok, shakespeare):
     text = shakespeare[10_000:14_000]
-    assert tok.encode(text) == naive_encode(text, tok.merges)
+    assert tok.encode(text) == encode_naive(text, tok.merges, GPT2_PATTERN)
 
 
 def test_trained_tokenizer_matches_tiktoken_with_the_same_ranks(tok, corpus, shakespeare):
@@ -282,7 +268,7 @@ def test_allowed_special_none_and_sets(overlapping):
     s = overlapping.special_tokens
     ordinary = overlapping.encode(text, allowed_special="none")
     assert not set(ordinary) & set(s.values())
-    assert ordinary == naive_encode(text, overlapping.merges)
+    assert ordinary == encode_naive(text, overlapping.merges, GPT2_PATTERN)
     only_end = overlapping.encode(text, allowed_special={"<|end|>"})
     assert [i for i in only_end if i >= 297] == [s["<|end|>"]]
     assert overlapping.decode(only_end) == overlapping.decode(ordinary) == text

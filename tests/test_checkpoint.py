@@ -7,7 +7,7 @@ import torch
 
 import lm.checkpoint
 from lm import GPT, CheckpointError, ModelConfig, load_checkpoint, load_model, save_checkpoint
-from lm.training import configure_optimizer
+from lm.optim import configure_optimizer
 
 
 def trained_a_little(model: GPT) -> torch.optim.Optimizer:

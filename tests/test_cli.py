@@ -17,7 +17,7 @@ from lm.data import read_tokens
 
 VERBS = ("prep", "train", "generate")
 ROOT = Path(__file__).resolve().parent.parent
-TRAIN_FLAGS = ["--max_steps", "20", "--n_layer", "1", "--d_model", "32", "--n_head", "2", "--seq_len", "16",
+TRAIN_FLAGS = ["--max_steps", "20", "--n_layer", "1", "--d_model", "32", "--n_head", "2", "--block_size", "16",
                "--batch_size", "4", "--eval_interval", "10", "--no_progress", "--device", "cpu"]
 
 
@@ -141,9 +141,11 @@ def test_train_writes_checkpoints(trained, prepared):
     assert (config.n_layer, config.d_model, config.n_head, config.block_size) == (1, 32, 2, 16)
     assert config.vocab_size == lm.load_tokenizer(prepared / "tokenizer.json").vocab_size
     assert last["train_config"]["batch_size"] == 4 and last["train_config"]["eval_interval"] == 10
+    assert last["train_config"]["seq_len"] is None  # whole blocks
     import yaml
     saved = yaml.safe_load((trained / "config.yaml").read_text())
     assert lm.ModelConfig.from_dict(saved["model"]) == config
+    assert saved["train"] == last["train_config"] and saved["train"]["precision"] == "fp32"  # auto, resolved
 
 
 def test_generate_prints_text(trained, capsys):
@@ -221,9 +223,10 @@ def test_train_missing_data_dir(tmp_path, capsys):
 
 
 def test_train_takes_seed_002_flags(tmp_path, prepared):
-    """RSCaLM's training command, shrunk: every flag it uses is accepted and lands in the run."""
+    """RSCaLM's training command, shrunk: every flag it uses is accepted and lands in the run. Its
+    --seq_len, above the default block size of 128, sizes the model too."""
     out = tmp_path / "r"
-    assert main(["train", "--out_dir", str(out), "--data_dir", str(prepared), "--seq_len", "16",
+    assert main(["train", "--out_dir", str(out), "--data_dir", str(prepared), "--seq_len", "160",
                  "--batch_size", "2", "--grad_accum_steps", "2", "--n_layer", "1", "--n_head", "2",
                  "--d_model", "32", "--ffn_mult", "2", "--max_steps", "4", "--warmup_steps", "1", "--lr", "6e-4",
                  "--weight_decay", "0.1", "--dropout", "0.0", "--compile", "0", "--eval_interval", "4",
@@ -231,9 +234,24 @@ def test_train_takes_seed_002_flags(tmp_path, prepared):
     ckpt = lm.load_checkpoint(out / "last.pt")
     tc, mc = ckpt["train_config"], ckpt["config"]
     assert (tc["batch_size"], tc["grad_accum_steps"], tc["warmup_steps"], tc["lr"], tc["compile"]) == (2, 2, 1, 6e-4, False)
-    assert (mc["d_ff"], mc["block_size"], mc["n_layer"]) == (64, 16, 1)
+    assert (mc["d_ff"], mc["block_size"], mc["n_layer"], tc["seq_len"]) == (64, 160, 1, 160)
     assert tc["precision"] == "fp32"  # auto on a CPU
-    assert ckpt["trainer"]["history"]["tokens"] == 4 * 2 * 2 * 16
+    assert ckpt["trainer"]["history"]["tokens"] == 4 * 2 * 2 * 160
+
+
+def test_block_size_is_the_model_and_seq_len_the_window(tmp_path, prepared):
+    out = tmp_path / "r"
+    flags = [f for f in TRAIN_FLAGS if f not in ("--block_size", "16")]
+    assert main(["train", "--data_dir", str(prepared), "--out_dir", str(out), *flags, "--max_steps", "3",
+                 "--block_size", "64", "--seq_len", "32"]) == 0
+    ckpt = lm.load_checkpoint(out / "last.pt")
+    assert ckpt["config"]["block_size"] == 64 and ckpt["train_config"]["seq_len"] == 32
+    assert ckpt["trainer"]["history"]["tokens"] == 3 * 4 * 32  # steps x batch x window
+    small = tmp_path / "small"
+    assert main(["train", "--data_dir", str(prepared), "--out_dir", str(small), *flags, "--max_steps", "1",
+                 "--seq_len", "32"]) == 0  # below the default block size: the model keeps 128
+    ckpt = lm.load_checkpoint(small / "last.pt")
+    assert ckpt["config"]["block_size"] == 128 and ckpt["train_config"]["seq_len"] == 32
 
 
 @pytest.mark.parametrize("argv, expected", [([], None), (["--compile"], 1), (["--compile", "1"], 1),
@@ -256,19 +274,21 @@ def test_training_features_from_flags(tmp_path, prepared):
 
 def test_train_with_config_file(tmp_path, prepared):
     config = tmp_path / "exp.yaml"
-    config.write_text("model:\n  n_layer: 1\n  d_model: 24\n  n_head: 3\ntrain:\n  max_steps: 4\n  eval_iters: 2\n")
+    config.write_text("model:\n  n_layer: 1\n  d_model: 24\n  n_head: 3\n  block_size: 12\n"
+                      "train:\n  max_steps: 4\n  eval_iters: 2\n")
     out = tmp_path / "r"
     assert main(["train", "--data_dir", str(prepared), "--out_dir", str(out), "--config", str(config),
                  "--seq_len", "8", "--batch_size", "2", "--n_head", "2", "--no_progress", "--device", "cpu"]) == 0
     ckpt = lm.load_checkpoint(out / "last.pt")
-    assert (ckpt["config"]["d_model"], ckpt["config"]["n_head"], ckpt["config"]["block_size"]) == (24, 2, 8)
+    assert (ckpt["config"]["d_model"], ckpt["config"]["n_head"], ckpt["config"]["block_size"]) == (24, 2, 12)
+    assert ckpt["train_config"]["seq_len"] == 8
     assert ckpt["step"] == 4 and ckpt["train_config"]["eval_iters"] == 2
 
 
 def test_train_from_a_preset_with_component_flags(tmp_path, prepared):
     out = tmp_path / "r"
     assert main(["train", "--data_dir", str(prepared), "--out_dir", str(out), "--preset", "modular-gpt",
-                 "--n_layer", "1", "--d_model", "32", "--n_head", "4", "--n_kv_heads", "2", "--seq_len", "8",
+                 "--n_layer", "1", "--d_model", "32", "--n_head", "4", "--n_kv_heads", "2", "--block_size", "8",
                  "--batch_size", "2", "--max_steps", "3", "--eval_interval", "3", "--no_progress",
                  "--device", "cpu"]) == 0
     config = lm.load_checkpoint(out / "last.pt")["config"]
@@ -499,7 +519,7 @@ def test_prep_named_corpus_has_its_own_documents(tmp_path):
     out = tmp_path / "d"
     assert main(["prep", "--corpus", "pydoc", "--out_dir", str(out), "--val_fraction", "0.2"]) == 0
     tok, meta, ids = read_prep(out)
-    topics = lm.data.pydoc_topics()
+    topics = lm.corpora.pydoc_topics()
     assert meta["documents"] == len(topics) and ids.count(tok.eos_id) == len(topics) - 1
     assert tok.decode(ids) == "<EOS>".join(topics)
 

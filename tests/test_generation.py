@@ -1,15 +1,17 @@
-"""KV cache and generation: cached == uncached for every attention variant, padding, stops, streaming."""
+"""Generation (`lm.generation`): GenerationConfig, cached == uncached for every attention variant,
+the refill past block_size, padding, stops, logprobs, streaming, and generate's arguments."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
 import lm
-from lm import GPT, ModelConfig
-from lm.kv_cache import KVCache
+from lm import GPT, CharTokenizer, GenerationConfig, ModelConfig, SamplingError
+from lm.generation import IncrementalText, showable
 
 from helpers import sharp_model
 
@@ -30,22 +32,6 @@ VARIANTS = {
 def build(name: str, block_size: int = 40) -> GPT:
     torch.manual_seed(0)
     return sharp_model(ModelConfig(vocab_size=50, block_size=block_size, n_layer=2, n_head=4, d_model=32, **VARIANTS[name]))
-
-
-@pytest.mark.parametrize("name", VARIANTS)
-def test_cached_logits_equal_a_full_forward(name):
-    model = build(name)
-    idx = torch.randint(0, 50, (2, 30))
-    with torch.no_grad():
-        full = model(idx)[0]
-        cache = KVCache(model, batch_size=2)
-        pieces = [model(idx[:, :7], cache=cache)[0]]  # a prompt, then chunks of 3 and single tokens
-        for t in range(7, 22, 3):
-            pieces.append(model(idx[:, t:t + 3], cache=cache)[0])
-        for t in range(22, 30):
-            pieces.append(model(idx[:, t:t + 1], cache=cache)[0])
-    assert cache.length == 30
-    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -83,41 +69,28 @@ def test_generation_beyond_the_context_does_not_crash(name):
         assert out.shape == (2, 70) and torch.equal(out[:, :30], prompt)
 
 
-def test_cached_generation_beyond_the_context_refills_from_the_last_three_quarters():
-    model = build("mha", block_size=16)
-    prompt = torch.randint(0, 50, (1, 10))
-    out = model.generate(prompt, max_new_tokens=12, temperature=0)
-    # up to 16 positions the cache holds everything; the 8th new token would be the 17th position:
-    # the cache is full, so the model starts afresh from the last 12 (3/4 of block_size)
-    ids = prompt
-    for _ in range(8):
-        context = ids if ids.size(1) <= 16 else ids[:, -12:]
+def refill_reference(model, prompt, n, keep):
+    """Greedy decoding the way the cached loop reads the context: everything from the start of the
+    cache, and when that would exceed block_size, a new cache from the last `keep` tokens."""
+    block, ids = model.config.block_size, prompt
+    start = max(0, ids.size(1) - block)
+    for _ in range(n):
+        if ids.size(1) - start > block:
+            start = ids.size(1) - keep
         with torch.no_grad():
-            logits = model(context)[0]
+            logits = model(ids[:, start:])[0]
         ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(out[:, :18], ids)
+    return ids
 
 
-# ---- memory ----------------------------------------------------------------------------------------
-def test_cache_memory_follows_the_kv_heads_and_the_window():
-    def cache_bytes(**kw):
-        model = GPT(ModelConfig(vocab_size=50, block_size=256, n_layer=2, n_head=8, d_model=64, **kw))
-        return KVCache(model, batch_size=1).nbytes()
-
-    full = cache_bytes()
-    assert full == 2 * 2 * 8 * 256 * 8 * 4  # layers x (k, v) x heads x positions x head_dim x fp32
-    assert cache_bytes(n_kv_heads=2) * 4 == full  # GQA: 4 query heads share each stored head
-    assert cache_bytes(n_kv_heads=1) * 8 == full  # MQA
-    assert cache_bytes(attention="sliding_window", window=32) * 8 == full  # a rolling buffer of 32
-    assert cache_bytes(attention="linear") == 2 * 8 * (8 * 8 + 8) * 4  # a D x D state and a D sum per head
-
-
-def test_full_cache_says_what_to_do():
-    model = build("mha", block_size=8)
-    cache = KVCache(model, batch_size=1, max_len=8)
-    model(torch.zeros(1, 8, dtype=torch.long), cache=cache)
-    with pytest.raises((RuntimeError, ValueError), match="block_size|full"):
-        model(torch.zeros(1, 1, dtype=torch.long), cache=cache)
+def test_cached_generation_beyond_the_context_refills_from_the_last_three_quarters():
+    """block_size 16, a prompt of 10 and 40 new tokens: the cache fills up and starts afresh from
+    the last 12 tokens (3/4 of block_size) four times; every token after each refill is checked."""
+    model = build("mha", block_size=16)
+    prompt = torch.randint(0, 50, (2, 10))
+    out = model.generate(prompt, max_new_tokens=40, temperature=0)
+    assert torch.equal(out, refill_reference(model, prompt, 40, keep=12))
+    assert not torch.equal(out, refill_reference(model, prompt, 40, keep=8))  # keeping half differs
 
 
 # ---- batches of prompts of different lengths --------------------------------------------------------
@@ -202,11 +175,11 @@ class Scripted(GPT):
 
     script: list[int] = []
 
-    def forward(self, idx, targets=None, attention_mask=None, cache=None):
+    def forward(self, idx, targets=None, *, attention_mask=None, cache=None):
         B, T = idx.shape
-        end = T if cache is None else cache.length + T
+        end = T if cache is None else cache.begin(T, attention_mask) + T
         if cache is not None:
-            cache.advance(T)
+            cache.end(T)
         logits = torch.zeros(B, T, self.config.vocab_size)
         logits[:, -1, self.script[end - 1]] = 50.0
         return logits, None
@@ -240,3 +213,231 @@ def test_generation_leaves_no_trace():
     model.generate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=5)
     assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert math.isfinite(model(torch.zeros(1, 4, dtype=torch.long))[0].sum().item())
+
+
+# ---- moved from the model's tests: generate's arguments and results ------------------------------
+def test_generate_from_tensor_keeps_the_prompt(tiny_model, tiny_config):
+    prompt = torch.randint(0, tiny_config.vocab_size, (2, 5))
+    before = prompt.clone()
+    out = tiny_model.generate(prompt, max_new_tokens=7, seed=0)
+    assert out.shape == (2, 12) and out.dtype == torch.long
+    assert torch.equal(out[:, :5], before) and torch.equal(prompt, before)
+    assert out.min() >= 0 and out.max() < tiny_config.vocab_size
+    assert torch.equal(tiny_model.generate(prompt, max_new_tokens=0), prompt)
+
+
+def greedy_reference(model: GPT, idx: torch.Tensor, n: int) -> torch.Tensor:
+    for _ in range(n):
+        with torch.no_grad():
+            logits, _ = model(idx[:, -model.config.block_size :])
+        idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return idx
+
+
+def test_temperature_zero_is_greedy(tiny_model, tiny_config):
+    prompt = torch.randint(0, tiny_config.vocab_size, (3, 10))
+    n = 12  # 10 + 12 > block_size 16: the context is cropped on the way
+    out = tiny_model.generate(prompt, max_new_tokens=n, temperature=0)
+    assert torch.equal(out, greedy_reference(tiny_model, prompt, n))
+    assert torch.equal(out, tiny_model.generate(prompt, max_new_tokens=n, temperature=0, top_k=3))
+
+
+def test_seeded_sampling_equals_a_multinomial_reference(tiny_model, tiny_config):
+    prompt = torch.randint(0, tiny_config.vocab_size, (2, 4))
+    temperature, top_k = 0.7, 5
+    out = tiny_model.generate(prompt, max_new_tokens=6, temperature=temperature, top_k=top_k, seed=123)
+    generator, idx = torch.Generator().manual_seed(123), prompt
+    for _ in range(6):
+        with torch.no_grad():
+            logits = tiny_model(idx)[0][:, -1] / temperature
+        kth = torch.topk(logits, top_k).values[:, -1:]
+        probs = torch.softmax(logits.masked_fill(logits < kth, float("-inf")), -1)
+        idx = torch.cat([idx, torch.multinomial(probs, 1, generator=generator)], dim=1)
+    assert torch.equal(out, idx)
+
+
+def test_context_longer_than_block_size_is_cropped(tiny_config):
+    model = sharp_model(tiny_config)
+    bs, n = tiny_config.block_size, 6
+    prompts = torch.randint(0, tiny_config.vocab_size, (8, bs + 9))
+    out = model.generate(prompts, max_new_tokens=n, temperature=0, use_cache=False)
+    assert out.shape == (8, bs + 9 + n)
+    assert torch.equal(out, greedy_reference(model, prompts, n))  # each step sees the last block_size tokens
+    # not vacuous: a context one token shorter changes some greedy choices
+    shorter = prompts.clone()
+    for _ in range(n):
+        with torch.no_grad():
+            logits = model(shorter[:, -(bs - 1) :])[0]
+        shorter = torch.cat([shorter, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert not torch.equal(out, shorter)
+
+
+def test_text_prompt_needs_a_tokenizer(tiny_model):
+    with pytest.raises(ValueError, match="tokenizer"):
+        tiny_model.generate("hello", max_new_tokens=3)
+
+
+@pytest.mark.parametrize("prompt", [[1, 2, 3], torch.tensor([1, 2, 3]), torch.zeros(1, 0, dtype=torch.long)])
+def test_bad_prompts(tiny_model, prompt):
+    with pytest.raises(ValueError, match="prompt must be"):
+        tiny_model.generate(prompt, max_new_tokens=3)
+
+
+@pytest.mark.parametrize("kwargs", [{"temperature": -1.0}, {"top_k": 0}, {"max_new_tokens": -1}])
+def test_bad_generation_arguments(tiny_model, kwargs):
+    args = {"max_new_tokens": 3} | kwargs
+    with pytest.raises(SamplingError, match=next(iter(kwargs))):
+        tiny_model.generate(torch.zeros(1, 1, dtype=torch.long), **args)
+
+
+def test_text_generation_is_reproducible_with_a_seed(text_model):
+    a = text_model.generate("the ", max_new_tokens=30, seed=1, stop_at_eos=False)
+    b = text_model.generate("the ", max_new_tokens=30, seed=1, stop_at_eos=False)
+    c = text_model.generate("the ", max_new_tokens=30, seed=2, stop_at_eos=False)
+    assert isinstance(a, str) and a == b and a != c
+    assert len(text_model.tokenizer.encode(a)) == 30  # the continuation only, without the prompt
+
+
+def test_text_generation_with_empty_prompt(text_model):
+    text = text_model.generate("", max_new_tokens=5, temperature=0, stop_at_eos=False)
+    expected = greedy_reference(text_model, torch.tensor([[text_model.tokenizer.bos_id]]), 5)
+    assert text == text_model.tokenizer.decode(expected[0, 1:].tolist())
+
+
+class ScriptedGPT(GPT):
+    """A GPT whose next token is read from a script indexed by the context length."""
+
+    script: dict[int, int] = {}
+
+    def forward(self, idx, targets=None, *, attention_mask=None, cache=None):
+        B, T = idx.shape
+        length = T if cache is None else cache.begin(T, attention_mask) + T  # with a cache, idx holds new tokens
+        if cache is not None:
+            cache.end(T)
+        logits = torch.zeros(B, T, self.config.vocab_size)
+        logits[:, -1, self.script[length]] = 100.0
+        return logits, None
+
+
+def test_generation_stops_at_eos():
+    tok = CharTokenizer.train("ahix")
+    model = ScriptedGPT(ModelConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_head=1, d_model=8),
+                        tokenizer=tok)
+    h, i, x = (tok.stoi[c] for c in "hix")
+    model.script = {1: h, 2: i, 3: tok.eos_id, 4: x, 5: x, 6: x}
+    assert model.generate("a", max_new_tokens=5, temperature=0) == "hi"
+    assert model.generate("a", max_new_tokens=5, seed=0) == "hi"  # sampling, the same
+    assert model.generate("a", max_new_tokens=5, temperature=0, stop_at_eos=False) == "hi<EOS>xx"
+    assert model.generate("a", max_new_tokens=2, temperature=0) == "hi"
+    ids = model.generate(torch.tensor([[tok.stoi["a"]]]), max_new_tokens=5, temperature=0)  # tensors never stop
+    assert ids.shape == (1, 6)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_generate_restores_the_mode(tiny_model, training):
+    tiny_model.train(training)
+    tiny_model.generate(torch.zeros(1, 1, dtype=torch.long), max_new_tokens=2)
+    assert tiny_model.training is training
+    assert all(m.training is training for m in tiny_model.modules())
+
+
+def test_generate_runs_in_eval_mode(tiny_config):
+    """With dropout, a model left in train mode still generates deterministically (dropout off)."""
+    model = GPT(dataclasses.replace(tiny_config, dropout=0.5)).train()
+    prompt = torch.randint(0, tiny_config.vocab_size, (2, 4))
+    a = model.generate(prompt, max_new_tokens=6, temperature=0)
+    b = model.generate(prompt, max_new_tokens=6, temperature=0)
+    assert torch.equal(a, b)
+    model.eval()
+    assert torch.equal(a, greedy_reference(model, prompt, 6))
+
+
+def test_empty_text_prompt_starts_from_eos_when_the_tokenizer_has_no_bos():
+    from lm.tokenizers import TiktokenTokenizer
+
+    tok = TiktokenTokenizer()
+    assert tok.bos_id is None
+    config = ModelConfig(vocab_size=tok.vocab_size, block_size=8, n_layer=1, n_head=2, d_model=16)
+    model = GPT(config, tokenizer=tok).eval()
+    text = model.generate("", max_new_tokens=3, seed=0, temperature=0)
+    first = model(torch.tensor([[tok.eos_id]]))[0][0, -1].argmax().item()
+    assert text.startswith(tok.decode([first]))
+
+
+# ---- streaming pieces ------------------------------------------------------------------------------
+def test_incremental_text_equals_decoding_everything(char_tokenizer):
+    from lm.tokenizers import ByteBPETokenizer
+
+    text = "Héllo wörld — naïve café, ünïcödé " * 4
+    bpe = ByteBPETokenizer.train(text, vocab_size=285)
+    for tok in (char_tokenizer, bpe):
+        ids = tok.encode(text if tok is bpe else "the cat sat")
+        inc = IncrementalText(tok)
+        for n in range(1, len(ids) + 1):
+            inc.update(ids[:n])
+            assert tok.decode(ids[:n]).startswith(inc.text)
+        assert inc.text == tok.decode(ids)
+
+
+def test_showable_holds_back_what_may_become_a_stop_string():
+    assert showable("hello", []) == 5
+    assert showable("hello\n", ["\n\n"]) == 5  # the newline may be the start of the stop string
+    assert showable("hello\n\nworld", ["\n\n"]) == 5
+    assert showable("abcEN", ["END", "xx"]) == 3
+    assert showable("abc", ["END"]) == 3
+
+
+def test_stream_with_a_stop_string_equals_generate(char_tokenizer):
+    torch.manual_seed(0)
+    model = sharp_model(ModelConfig(vocab_size=char_tokenizer.vocab_size, block_size=64, n_layer=1, n_head=2,
+                                    d_model=16))
+    model.tokenizer = char_tokenizer
+    for seed in range(6):
+        kwargs = dict(max_new_tokens=40, temperature=1.0, seed=seed, stop=["e ", "t"])
+        pieces = list(model.stream("the", **kwargs))
+        assert "".join(pieces) == model.generate("the", **kwargs)
+        assert not any(s in "".join(pieces) for s in kwargs["stop"])
+
+
+# ---- GenerationConfig and Decoder --------------------------------------------------------------
+def test_generation_config_is_checked_once_where_it_is_made():
+    config = GenerationConfig(max_new_tokens=20, temperature=0.7, top_k=5, stop="\n")
+    assert config.stop == ("\n",) and config.sampling.top_k == 5
+    for bad, word in [(dict(temperature=-1), "temperature"), (dict(top_p=1.5), "top_p"),
+                      (dict(max_new_tokens=-1), "max_new_tokens"), (dict(stop=[""]), "stop"),
+                      (dict(stop_tokens=["x"]), "stop_tokens"), (dict(cuda_graph="yes"), "cuda_graph"),
+                      (dict(seed=1.5), "seed")]:
+        with pytest.raises(SamplingError, match=word):
+            GenerationConfig(**bad)
+
+
+def test_generation_config_build_changes_named_settings_and_refuses_unknown_ones():
+    base = GenerationConfig(max_new_tokens=20, temperature=0.7)
+    changed = GenerationConfig.build(base, top_p=0.9)
+    assert (changed.max_new_tokens, changed.temperature, changed.top_p) == (20, 0.7, 0.9)
+    assert base.top_p is None  # frozen: the original is untouched
+    with pytest.raises(SamplingError, match="unknown generation option.*'temprature'.*temperature"):
+        GenerationConfig.build(base, temprature=0.5)
+    with pytest.raises(SamplingError, match="max_new_tokens=50"):
+        GenerationConfig.build(50)  # generate(prompt, 50): the count must be named
+
+
+def test_a_config_and_keywords_give_the_same_text(char_tokenizer):
+    torch.manual_seed(0)
+    model = sharp_model(ModelConfig(vocab_size=char_tokenizer.vocab_size, block_size=32, n_layer=1, n_head=2,
+                                    d_model=16))
+    model.tokenizer = char_tokenizer
+    config = GenerationConfig(max_new_tokens=15, temperature=0.9, top_k=8, seed=5, stop_at_eos=False)
+    by_config = model.generate("the", config)
+    assert by_config == model.generate("the", max_new_tokens=15, temperature=0.9, top_k=8, seed=5, stop_at_eos=False)
+    assert by_config == lm.Decoder(model).generate("the", config)
+    assert "".join(lm.Decoder(model).stream("the", config)) == by_config
+    assert model.generate("the", config, seed=6) != by_config  # a keyword changes one setting of the config
+
+
+def test_attention_weights_leave_no_hooks_behind(tiny_model, tiny_config):
+    idx = torch.randint(0, tiny_config.vocab_size, (1, 6))
+    tiny_model.attention_weights(idx)
+    assert all(not block.attn._forward_pre_hooks for block in tiny_model.blocks)
+    logits = tiny_model(idx)[0]
+    assert logits.shape == (1, 6, tiny_config.vocab_size)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import lm
+import lm.trainer
 from lm.memory import find_batch_size, training_memory
 
 T = 16  # tiny_config's block_size
@@ -140,6 +141,16 @@ def test_activations_match_the_autograd_graph(tiny_config, components):
     assert measured == pytest.approx(saved_by_the_graph(model, 3, T), rel=0.02)
 
 
+def test_the_trial_step_is_the_trainers_step(tiny_model, monkeypatch):
+    """training_memory measures what training runs: lm.trainer.Trainer's own step, not a copy of it."""
+    steps = []
+    real = lm.trainer.Trainer.train_step
+    monkeypatch.setattr(lm.trainer.Trainer, "train_step", lambda self: steps.append(self.config) or real(self))
+    training_memory(tiny_model, 3, T, precision="bf16")
+    find_batch_size(tiny_model, T, memory_budget=10**9, max_batch_size=2)
+    assert [(c.batch_size, c.seq_len, c.precision) for c in steps] == [(3, T, "bf16"), (1, T, "fp32"), (2, T, "fp32")]
+
+
 def test_bf16_activations_are_smaller(tiny_model):
     fp32 = training_memory(tiny_model, 4, T)
     bf16 = training_memory(tiny_model, 4, T, precision="bf16")
@@ -227,10 +238,9 @@ def test_find_batch_size_on_cuda(tiny_config, caplog):
     assert_same(model, before)
     assert all(p.grad is None for p in model.parameters()) and model.device.type == "cuda"
     # the answer is right: a step at `best` stays within the budget, one at best + 1 does not
-    from lm.memory import _fits_on_gpu, _unchanged
-    with _unchanged(model):  # a trial step changes the weights; the search puts them back this way
-        assert _fits_on_gpu(model, best, 512, "fp32", budget)
-        assert not _fits_on_gpu(model, best + 1, 512, "fp32", budget)
+    assert find_batch_size(model, 512, memory_budget=budget, start=best, max_batch_size=best) == best
+    with pytest.raises(ValueError, match=f"not even batch size start={best + 1} fits within memory_budget"):
+        find_batch_size(model, 512, memory_budget=budget, start=best + 1, max_batch_size=best + 1)
     assert_same(model, before)
     # without a budget, the search runs until the card itself is out of memory, and recovers: every
     # tensor of the failed steps is freed

@@ -1,6 +1,8 @@
 """The project's set-up files agree with each other."""
 
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -52,3 +54,58 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     readme = (ROOT / "README.md").read_text()
     assert "make test" in ci and "make test" in readme
+
+
+# ---- the core package needs none of the book's extras ----------------------------------------------
+BOOK_ONLY = ("matplotlib", "ipywidgets", "IPython")
+
+WITHOUT_BOOK_EXTRAS = f"""
+import sys
+
+class Blocked:
+    # a meta path finder that makes the book's packages look uninstalled
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {BOOK_ONLY!r}:
+            raise ImportError(f"{{name}} is blocked: it belongs to the book extra")
+        return None
+
+sys.meta_path.insert(0, Blocked())
+
+import torch
+import lm
+
+text = "to be or not to be, that is the question. " * 20
+tok = lm.CharTokenizer.train(text)
+ids = torch.tensor(tok.encode(text))
+train_ids, val_ids = lm.train_val_split(ids)
+config = lm.ModelConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=2, d_model=16)
+model = lm.GPT(config, tokenizer=tok)
+config = lm.TrainConfig(max_steps=2, batch_size=2, eval_interval=1, eval_iters=1, warmup_steps=0,
+                        progress=False)
+history = lm.train(model, train_ids, val_ids, config)
+assert len(history.loss) == 2, history.loss
+assert isinstance(model.generate("to be", max_new_tokens=5), str)
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in {BOOK_ONLY!r})
+assert not loaded, loaded
+"""
+
+
+def test_lm_trains_and_generates_without_the_book_extras():
+    result = subprocess.run([sys.executable, "-c", WITHOUT_BOOK_EXTRAS], capture_output=True, text=True,
+                            cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_the_book_packages_are_an_extra_not_core_dependencies():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    core = {_split(r)[0] for r in project["dependencies"]}
+    book = {_split(r)[0] for r in project["optional-dependencies"]["book"]}
+    assert {"matplotlib", "ipywidgets", "ipython"} <= book
+    assert not core & {"matplotlib", "ipywidgets", "ipython", "pygments"}
+
+
+def test_import_lm_reaches_quantize():
+    result = subprocess.run([sys.executable, "-c", "import lm; print(lm.quantize.quantize_int8.__name__)"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "quantize_int8"

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import lm
-from lm.quantize import Int8Linear, TransposedLinear, for_decoding, quantize_int8, quantize_weight, weight_bytes
+from lm.quantize import Int8Linear, for_decoding, quantize_int8, quantize_weight, weight_bytes
 
 from helpers import sharp_model
 
@@ -36,10 +36,33 @@ def test_int8_linear_equals_the_dequantized_product(bias):
     torch.testing.assert_close(layer(x), reference, atol=1e-5, rtol=1e-5)
 
 
-def test_transposed_linear_is_exact():
+def test_decoding_layout_keeps_shapes_values_and_parameters():
     linear = nn.Linear(64, 40)
-    x = torch.randn(2, 7, 64)
-    torch.testing.assert_close(TransposedLinear(linear)(x), linear(x), atol=1e-6, rtol=1e-6)
+    weight, x = linear.weight, torch.randn(2, 7, 64)
+    before, values = linear(x), weight.detach().clone()
+    for_decoding(linear)
+    assert linear.weight is weight and weight.shape == (40, 64) and torch.equal(weight, values)
+    assert weight.stride() == (1, 40)  # a contiguous (in, out) matrix underneath
+    torch.testing.assert_close(linear(x), before, atol=1e-6, rtol=1e-6)
+    for_decoding(linear)  # twice: nothing more changes
+    assert weight.stride() == (1, 40)
+
+
+def test_generate_on_cpu_lays_the_weights_out_for_decoding():
+    """model.generate is as fast as the CLI: it lays the weights out itself, and the model still
+    trains and saves as before."""
+    torch.manual_seed(0)
+    model = lm.GPT(lm.ModelConfig(vocab_size=50, block_size=32, n_layer=2, n_head=4, d_model=32))
+    reference = copy.deepcopy(model)
+    model.generate(torch.zeros(1, 1, dtype=torch.long), max_new_tokens=2)
+    assert all(not m.weight.is_contiguous() for m in model.modules() if isinstance(m, nn.Linear))
+    idx = torch.randint(0, 50, (2, 16))
+    for m in (model, reference):
+        m.train()
+        m(idx, idx)[1].backward()
+    for (name, a), b in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5, msg=name)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
 
 
 @pytest.mark.parametrize("tie_weights", [True, False])
@@ -67,7 +90,6 @@ def test_decoding_layout_gives_the_same_tokens():
     prompt = torch.randint(0, 50, (2, 5))
     assert torch.equal(fast.generate(prompt, max_new_tokens=30, temperature=0),
                        model.generate(prompt, max_new_tokens=30, temperature=0))
-    assert not any(isinstance(m, nn.Linear) for m in fast.modules())
 
 
 def test_int8_generation_mostly_agrees_with_float(pattern_text):
@@ -94,11 +116,11 @@ def _stored_bytes(module: nn.Module) -> int:
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_weight_bytes_counts_every_tensor_a_swapped_layer_keeps(bias):
+def test_weight_bytes_counts_every_tensor_a_layer_keeps(bias):
     linear = nn.Linear(32, 24, bias=bias)
     layer = Int8Linear(linear)
     assert weight_bytes(layer) == _stored_bytes(layer) == 32 * 24 + 24 * (4 + 2) + bias * 24 * 4  # int8, 2 scales
-    transposed = TransposedLinear(linear)
+    transposed = for_decoding(linear)
     assert weight_bytes(transposed) == _stored_bytes(transposed) == (32 + bias) * 24 * 4
 
 

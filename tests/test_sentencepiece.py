@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import lm
 from lm import TokenizerError, load_tokenizer
-from lm.data import pydoc_corpus
+from lm.corpora import pydoc_corpus
 from lm.tokenizers import SentencePieceTokenizer, tokenizer_from_dict
 
 SPACE_MARK = "\u2581"

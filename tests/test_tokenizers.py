@@ -152,6 +152,11 @@ def test_load_errors(tmp_path):
         tokenizer_from_dict({"kind": "bpe"})
     with pytest.raises(TokenizerError, match="unknown tokenizer kind"):
         tokenizer_from_dict(["not", "a", "dict"])
+    known = r"known kinds are \['bpe', 'char', 'sentencepiece', 'tiktoken'\]"
+    with pytest.raises(TokenizerError, match=r"unknown tokenizer kind 'wordpiece'; " + known):
+        tokenizer_from_dict({"kind": "wordpiece"})
+    with pytest.raises(TokenizerError, match=r"unknown tokenizer kind \['char'\]"):
+        tokenizer_from_dict({"kind": ["char"]})
     with pytest.raises(TokenizerError, match="expected a 'char' tokenizer"):
         CharTokenizer.from_dict({"kind": "bpe", "chars": []})
 

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 import lm
+import lm.trainer
 import lm.training
 from lm import GPT, CharTokenizer, ModelConfig, TrainConfig, TrainingError, load_checkpoint, load_model, train
-from lm.data import Batches, DataError, get_batch
-from lm.training import EMA, Trainer
+from lm.data import Batches
+from lm.trainer import Trainer
 
 
 def setup_run(text: str, seed: int = 0, dropout: float = 0.0, **model_kwargs):
@@ -38,62 +39,6 @@ def corpus_text() -> str:
     words = "the king and queen of a small castle walked to the river at dawn while birds sang".split()
     rng = np.random.default_rng(0)
     return " ".join(rng.choice(words, size=900)) + "\n"
-
-
-# ---- batches ---------------------------------------------------------------------------------------
-def test_random_batches_match_get_batch(corpus_text):
-    ids = torch.arange(500)
-    batches = Batches(ids, 4, 16, seed=7)
-    generator = torch.Generator().manual_seed(7)
-    for _ in range(3):
-        [(x, y)] = batches.next_step()
-        ex, ey = get_batch(ids, 4, 16, generator)
-        assert torch.equal(x, ex) and torch.equal(y, ey)
-
-
-def test_global_batch_is_split_across_micro_batches_and_ranks():
-    ids = torch.arange(1000)
-    whole = Batches(ids, 8, 10, seed=3).next_step()[0][0]
-    accum = torch.cat([x for x, _ in Batches(ids, 4, 10, seed=3, grad_accum_steps=2).next_step()])
-    assert torch.equal(whole, accum)
-    ranks = [Batches(ids, 2, 10, seed=3, grad_accum_steps=2, rank=r, world_size=2).next_step() for r in range(2)]
-    interleaved = torch.cat([ranks[r][m][0] for m in range(2) for r in range(2)])
-    assert torch.equal(whole, interleaved)
-
-
-def test_epoch_sampling_sees_every_window_once_per_epoch():
-    ids = torch.arange(10 * 16 + 1)  # exactly 10 windows of 16 with their targets
-    batches = Batches(ids, 3, 16, seed=0, mode="epoch")
-    assert batches.n_windows == 10
-    starts = []
-    for _ in range(4):  # 12 windows: one epoch and two more
-        [(x, y)] = batches.next_step()
-        assert torch.equal(y, x + 1)
-        starts += x[:, 0].tolist()
-    assert sorted(starts[:10]) == list(range(0, 160, 16))
-    assert batches.epoch == 1 and batches.position == 2 and batches.epochs_done == pytest.approx(1.2)
-    assert starts[:10] != list(range(0, 160, 16))  # shuffled
-
-
-@pytest.mark.parametrize("mode", ["random", "epoch"])
-def test_batches_resume_from_their_state(mode):
-    ids = np.arange(3000, dtype=np.uint16)
-    a = Batches(ids, 5, 12, seed=1, mode=mode)
-    for _ in range(7):
-        a.next_step()
-    b = Batches(ids, 5, 12, seed=1, mode=mode)
-    b.load_state_dict(a.state_dict())
-    for _ in range(60):
-        assert torch.equal(a.next_step()[0][0], b.next_step()[0][0])
-
-
-def test_batch_errors():
-    with pytest.raises(DataError, match="sampling mode 'shuffle'"):
-        Batches(torch.arange(100), 2, 8, mode="shuffle")
-    with pytest.raises(DataError, match="too few for windows of seq_len=100"):
-        Batches(torch.arange(50), 2, 100)
-    with pytest.raises(DataError, match="same sampling mode"):
-        Batches(torch.arange(100), 2, 8, mode="epoch").load_state_dict(Batches(torch.arange(100), 2, 8).state_dict())
 
 
 # ---- accumulation ----------------------------------------------------------------------------------
@@ -170,16 +115,69 @@ def test_ctrl_c_saves_last_checkpoint_and_resume_continues(tmp_path, corpus_text
     assert resumed.loss == full.loss and resumed.val_loss == full.val_loss
 
 
-def test_fit_queues_the_next_step_before_reading_the_last(corpus_text, monkeypatch):
-    order = []
-    start, finish = Trainer._start_step, Trainer._finish_step
-    monkeypatch.setattr(Trainer, "_start_step", lambda self: order.append(("start", self.step)) or start(self))
-    monkeypatch.setattr(Trainer, "_finish_step", lambda self, q: order.append(("finish", q["step"])) or finish(self, q))
-    model, train_ids, val_ids = setup_run(corpus_text)
-    history = train(model, train_ids, val_ids, quick(max_steps=6, eval_interval=3))
-    assert order == [("start", 0), ("start", 1), ("finish", 0), ("start", 2), ("finish", 1), ("finish", 2),
-                     ("start", 3), ("start", 4), ("finish", 3), ("start", 5), ("finish", 4), ("finish", 5)]
+def test_evaluations_and_checkpoints_see_their_own_step(tmp_path, corpus_text):
+    """fit() queues step k + 1 before it reads step k; an evaluation must still see the weights of
+    exactly k steps. Warmup makes the first three learning rates the same for both runs."""
+    torch.set_num_threads(1)
+    at_first_eval = []
+    model, train_ids, val_ids = setup_run(corpus_text, seed=5)
+    history = train(model, train_ids, val_ids, quick(max_steps=6, eval_interval=3),
+                    callback=lambda h: at_first_eval.append({k: v.clone() for k, v in model.state_dict().items()}))
     assert history.step == list(range(6)) and history.eval_step == [2, 5]  # evaluations after their own step
+    three, _, _ = setup_run(corpus_text, seed=5)
+    short = train(three, train_ids, val_ids, quick(max_steps=3, eval_interval=3))
+    assert short.val_loss[0] == history.val_loss[0]
+    assert all(torch.equal(at_first_eval[0][k], v) for k, v in three.state_dict().items())
+
+
+def test_resume_auto_continues_from_last_pt(tmp_path, corpus_text, capsys):
+    torch.set_num_threads(1)
+    model, train_ids, val_ids = setup_run(corpus_text, seed=2, dropout=0.1)
+    straight = train(model, train_ids, val_ids, quick(max_steps=20, out_dir=str(tmp_path / "straight")),
+                     resume="auto")  # nothing to resume there: a fresh run
+
+    def stop_at_ten(history):
+        if history.eval_step[-1] == 9:
+            raise Stop
+
+    config = quick(max_steps=20, out_dir=str(tmp_path / "run"))
+    model, train_ids, val_ids = setup_run(corpus_text, seed=2, dropout=0.1)
+    with pytest.raises(Stop):
+        train(model, train_ids, val_ids, config, callback=stop_at_ten)
+    model, train_ids, val_ids = setup_run(corpus_text, seed=99, dropout=0.1)  # the checkpoint's weights win
+    resumed = train(model, train_ids, val_ids, config, resume="auto")
+    assert resumed.step == list(range(20))
+    assert resumed.loss == straight.loss and resumed.val_loss == straight.val_loss  # bit for bit
+
+    before = (tmp_path / "run" / "last.pt").read_bytes()
+    capsys.readouterr()
+    model, train_ids, val_ids = setup_run(corpus_text, seed=7, dropout=0.1)
+    again = train(model, train_ids, val_ids, config, resume="auto")  # already at max_steps
+    assert "nothing to do" in capsys.readouterr().out
+    assert again.loss == straight.loss and not model.training
+    assert (tmp_path / "run" / "last.pt").read_bytes() == before
+    assert all(torch.equal(v, load_model(tmp_path / "run" / "last.pt", device="cpu").state_dict()[k])
+               for k, v in model.state_dict().items())
+
+
+def test_resume_refuses_another_model_or_tokenizer(tmp_path, corpus_text):
+    config = quick(max_steps=5, out_dir=str(tmp_path))
+    model, train_ids, val_ids = setup_run(corpus_text)
+    train(model, train_ids, val_ids, config)
+    before = (tmp_path / "last.pt").read_bytes()
+    other, _, _ = setup_run(corpus_text, n_layer=1, d_model=48)
+    with pytest.raises(TrainingError, match=r"holds a run of another model \(d_model: checkpoint 32, now 48, "
+                                            r"n_layer: checkpoint 2, now 1\).*--overwrite.*another out_dir"):
+        Trainer(other, train_ids, val_ids, config, resume="auto")
+    with pytest.raises(TrainingError, match="n_layer: checkpoint 2, now 1"):
+        Trainer(setup_run(corpus_text, n_layer=1)[0], train_ids, val_ids, config, resume=tmp_path / "last.pt")
+    swapped = CharTokenizer.train(corpus_text.replace("a", "\u00e9"))  # as many characters, other ids
+    assert swapped.vocab_size == model.tokenizer.vocab_size
+    with pytest.raises(TrainingError, match="another tokenizer"):
+        Trainer(GPT(model.config, tokenizer=swapped), train_ids, val_ids, config, resume="auto")
+    assert (tmp_path / "last.pt").read_bytes() == before
+    more_dropout, _, _ = setup_run(corpus_text, dropout=0.2, gradient_checkpointing=True)  # these may change
+    assert Trainer(more_dropout, train_ids, val_ids, quick(max_steps=8, out_dir=str(tmp_path)), resume="auto").step == 5
 
 
 def test_resume_needs_a_training_checkpoint(tmp_path, corpus_text):
@@ -205,13 +203,13 @@ def test_checkpoint_holds_everything_to_resume(tmp_path, corpus_text):
 # ---- early stopping --------------------------------------------------------------------------------
 def test_early_stopping_with_patience_and_min_delta(corpus_text, monkeypatch):
     scripted = iter([3.0, 2.0, 1.995, 1.99, 1.5, 1.6, 1.7, 1.8, 1.9])
-    real = lm.training.estimate_loss
+    real = lm.trainer.estimate_loss
 
     def fake(model, data, *args, **kwargs):
         return next(scripted) if data is val_ids else real(model, data, *args, **kwargs)
 
     model, train_ids, val_ids = setup_run(corpus_text)
-    monkeypatch.setattr(lm.training, "estimate_loss", fake)
+    monkeypatch.setattr(lm.trainer, "estimate_loss", fake)
     history = train(model, train_ids, val_ids, quick(max_steps=100, eval_interval=2, patience=2, min_delta=0.01))
     # 1.995 and 1.99 improve on 2.0 by less than min_delta: two evaluations without progress -> stop
     assert history.val_loss == [3.0, 2.0, 1.995, 1.99]
@@ -253,34 +251,14 @@ def test_autocast_runs_matmuls_in_bf16():
     seen = []
     model = GPT(ModelConfig(vocab_size=16, block_size=8, n_layer=1, n_head=2, d_model=16))
     model.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
-    with lm.training.autocast(torch.device("cpu"), "bf16"):
+    with lm.trainer.autocast(torch.device("cpu"), "bf16"):
         model(torch.zeros(1, 8, dtype=torch.long))
-    with lm.training.autocast(torch.device("cpu"), "fp32"):
+    with lm.trainer.autocast(torch.device("cpu"), "fp32"):
         model(torch.zeros(1, 8, dtype=torch.long))
     assert seen == [torch.bfloat16, torch.float32]
 
 
 # ---- EMA -------------------------------------------------------------------------------------------
-def test_ema_matches_a_manual_average():
-    model = torch.nn.Linear(3, 2)
-    ema = EMA(model, decay=0.9)
-    expected = {n: p.detach().clone() for n, p in model.named_parameters()}
-    for k in range(1, 30):
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn_like(p))
-        ema.update(model)
-        d = min(0.9, (1 + k) / (10 + k))
-        for n, p in model.named_parameters():
-            expected[n] = d * expected[n] + (1 - d) * p.detach()
-    for n, value in ema.shadow.items():
-        torch.testing.assert_close(value, expected[n])
-    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
-    with ema.applied(model):
-        torch.testing.assert_close(model.weight, expected["weight"])
-    assert torch.equal(model.weight, weights["weight"])  # restored afterwards
-
-
 def test_ema_is_evaluated_saved_and_loaded(tmp_path, corpus_text):
     model, train_ids, val_ids = setup_run(corpus_text)
     history = train(model, train_ids, val_ids, quick(max_steps=20, ema_decay=0.9, out_dir=str(tmp_path)))
@@ -342,6 +320,57 @@ def test_tokens_per_second_leaves_out_the_first_step(corpus_text):
 ])
 def test_new_settings_are_checked(field, value):
     with pytest.raises(TrainingError, match=field):
+        TrainConfig(**{field: value})
+
+
+def test_precision_auto_is_fp32_on_cpu(tmp_path, corpus_text):
+    assert TrainConfig().precision == "auto"
+    assert lm.trainer.resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert lm.trainer.resolve_precision("bf16", torch.device("cpu")) == "bf16"
+    model, train_ids, val_ids = setup_run(corpus_text)
+    trainer = Trainer(model, train_ids, val_ids, quick(max_steps=5, precision="auto", out_dir=str(tmp_path)))
+    assert trainer.config.precision == "fp32" and trainer.scaler is None
+    trainer.fit()
+    assert load_checkpoint(tmp_path / "last.pt")["train_config"]["precision"] == "fp32"  # what it trained in
+
+
+def auto_batch_budget(model, fits: int) -> int:
+    """A memory budget between the needs of `fits` and `fits + 1` sequences of `model` at its block_size."""
+    from lm.memory import training_memory
+
+    T = model.config.block_size
+    return (training_memory(model, fits, T)["total"] + training_memory(model, fits + 1, T)["total"]) // 2
+
+
+@pytest.mark.parametrize("fits, chosen", [(5, 5), (16, 14)])  # from 8 sequences up, an eighth is left free
+def test_batch_size_auto_within_a_memory_budget(tmp_path, corpus_text, fits, chosen):
+    model, train_ids, val_ids = setup_run(corpus_text)
+    config = quick(max_steps=2, batch_size="auto", memory_budget=auto_batch_budget(model, fits), out_dir=str(tmp_path))
+    resolved, found = lm.training.resolve_batch_size(model, config)
+    assert (found, resolved.batch_size) == (fits, chosen)
+    history = train(model, train_ids, val_ids, config)  # lm.train resolves it the same way
+    assert history.tokens == 2 * chosen * 32
+    assert load_checkpoint(tmp_path / "last.pt")["train_config"]["batch_size"] == chosen
+
+
+def test_batch_size_auto_needs_a_budget_off_cuda_and_runs_alone(corpus_text, monkeypatch):
+    model, train_ids, val_ids = setup_run(corpus_text)
+    with pytest.raises(TrainingError, match="batch_size='auto' on cpu needs memory_budget"):
+        train(model, train_ids, val_ids, quick(batch_size="auto"))
+    with pytest.raises(TrainingError, match="Trainer needs a number for batch_size"):
+        Trainer(model, train_ids, val_ids, quick(batch_size="auto", memory_budget=2**30))
+    monkeypatch.setattr(lm.training.distributed, "env_info", lambda: lm.distributed.DistInfo(0, 0, 2))
+    with pytest.raises(TrainingError, match="runs alone; under torchrun give a number"):
+        train(model, train_ids, val_ids, quick(batch_size="auto", memory_budget=2**30))
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("batch_size", "big", "batch_size='big' must be a positive integer, or 'auto'"),
+    ("memory_budget", -1, "memory_budget=-1 must be a positive number of bytes"),
+    ("precision", "fp8", r"precision='fp8' is not one of \('auto', 'fp32'"),
+])
+def test_auto_settings_are_checked(field, value, match):
+    with pytest.raises(TrainingError, match=match):
         TrainConfig(**{field: value})
 
 

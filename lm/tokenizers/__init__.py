@@ -5,17 +5,20 @@
 - `SentencePieceTokenizer`: a trained sentencepiece BPE / unigram model (`sentencepiece.py`).
 - `TiktokenTokenizer`: GPT-2's tokenizer through tiktoken, offline (`tiktoken_gpt2.py`).
 - GPT-2's merge ranks, fetched offline through pip (`gpt2_ranks.py`).
+- The plain BPE that `ByteBPETokenizer`'s trainer is tested against (`naive_bpe.py`).
 """
 
-from .base import TOKENIZERS, Tokenizer, TokenizerError, load_tokenizer, register, tokenizer_from_dict
+from .base import TOKENIZERS, Tokenizer, TokenizerError, load_tokenizer, tokenizer_from_dict
 from .bpe import GPT4_PATTERN, ByteBPETokenizer
 from .char import SPECIAL_TOKENS, UNKNOWN_POLICIES, CharTokenizer
 from .gpt2_ranks import GPT2_PATTERN, GPT2_SPECIAL_TOKENS, gpt2_ranks_path, load_gpt2_ranks
+from .prep import PREP_TOKENIZERS, VOCAB_DEFAULTS, prep_tokenize
 from .sentencepiece import SentencePieceTokenizer
 from .tiktoken_gpt2 import TiktokenTokenizer
 
 __all__ = [
     "GPT2_PATTERN", "GPT2_SPECIAL_TOKENS", "GPT4_PATTERN", "SPECIAL_TOKENS", "TOKENIZERS", "UNKNOWN_POLICIES",
     "ByteBPETokenizer", "CharTokenizer", "SentencePieceTokenizer", "TiktokenTokenizer", "Tokenizer",
-    "TokenizerError", "gpt2_ranks_path", "load_gpt2_ranks", "load_tokenizer", "register", "tokenizer_from_dict",
+    "PREP_TOKENIZERS", "VOCAB_DEFAULTS", "TokenizerError", "gpt2_ranks_path", "load_gpt2_ranks", "load_tokenizer",
+    "prep_tokenize", "tokenizer_from_dict",
 ]

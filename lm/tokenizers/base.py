@@ -12,19 +12,17 @@ import json
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from ..registry import Registry
+
 
 class TokenizerError(ValueError):
     """Bad tokenizer input; the message names the value and what to do."""
 
 
-TOKENIZERS: dict[str, type["Tokenizer"]] = {}
+# kind -> class, so that `tokenizer_from_dict` / `load_tokenizer` can rebuild any saved tokenizer.
+# Each kind registers itself with `@TOKENIZERS.register(kind)`, the name its `to_dict()` stores.
+TOKENIZERS = Registry("tokenizer")
 ENDOFTEXT = "<|endoftext|>"  # GPT-2's document separator
-
-
-def register(cls):
-    """Class decorator: make a tokenizer kind loadable by `tokenizer_from_dict` / `load_tokenizer`."""
-    TOKENIZERS[cls.kind] = cls
-    return cls
 
 
 class Tokenizer:
@@ -118,9 +116,9 @@ def check_kind(data, kind: str) -> None:
 def tokenizer_from_dict(data: dict) -> Tokenizer:
     """Rebuild any `lm` tokenizer from its `to_dict()` form (as stored in checkpoints)."""
     kind = data.get("kind") if isinstance(data, dict) else None
-    if kind not in TOKENIZERS:
-        raise TokenizerError(f"unknown tokenizer kind {kind!r}; known kinds are {sorted(TOKENIZERS)}.")
-    return TOKENIZERS[kind].from_dict(data)
+    if not isinstance(kind, str) or kind not in TOKENIZERS:
+        raise TokenizerError(f"unknown tokenizer kind {kind!r}; known kinds are {TOKENIZERS.names()}.")
+    return TOKENIZERS.get(kind).from_dict(data)
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

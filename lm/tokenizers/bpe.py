@@ -27,7 +27,7 @@ from typing import AbstractSet, Iterable, Iterator, Mapping, Sequence
 
 import regex
 
-from .base import ENDOFTEXT, EndOfTextSpecials, Tokenizer, TokenizerError, check_kind, register
+from .base import ENDOFTEXT, TOKENIZERS, EndOfTextSpecials, Tokenizer, TokenizerError, check_kind
 from .gpt2_ranks import GPT2_PATTERN, GPT2_SPECIAL_TOKENS, load_gpt2_ranks
 
 # GPT-4's pre-tokenizer (tiktoken's cl100k_base): case-insensitive contractions, numbers in groups
@@ -121,6 +121,7 @@ def train_merges(word_counts: Mapping[bytes, int], num_merges: int, verbose: boo
       heap         (-count, pair), with stale entries fixed when they reach the top.
     A merge only touches the words in `where[pair]`, and in each of them only the neighbours of
     the merged pair change: (left, a) and (b, right) disappear, (left, new) and (new, right) appear.
+    `naive_bpe.train_naive` recounts everything instead; the tests check that both agree.
     """
     words = [list(w) for w in word_counts if len(w) > 1]
     counts = [word_counts[w] for w in word_counts if len(w) > 1]
@@ -229,7 +230,7 @@ def str_to_bytes(text: str) -> bytes:
 
 
 # ---- the tokenizer -------------------------------------------------------------------------------
-@register
+@TOKENIZERS.register("bpe")
 class ByteBPETokenizer(EndOfTextSpecials, Tokenizer):
     """Byte-level BPE with a GPT-style pre-tokenizer and special tokens.
 

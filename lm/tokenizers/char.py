@@ -7,13 +7,13 @@ import re
 import unicodedata
 from typing import Iterable
 
-from .base import Tokenizer, TokenizerError, check_kind, register
+from .base import TOKENIZERS, Tokenizer, TokenizerError, check_kind
 
 SPECIAL_TOKENS = ("<PAD>", "<BOS>", "<EOS>", "<SEP>", "<UNK>")
 UNKNOWN_POLICIES = ("error", "replace", "skip")
 
 
-@register
+@TOKENIZERS.register("char")
 class CharTokenizer(Tokenizer):
     """One token per character (after NFC normalisation), special tokens first.
 

@@ -15,7 +15,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from ..data import DataError, data_home, pip_download
+from ..corpora import data_home, pip_download
+from ..data import DataError
 
 WHISPER_PACKAGE = "openai-whisper==20250625"
 RANKS_MEMBER = "whisper/assets/gpt2.tiktoken"

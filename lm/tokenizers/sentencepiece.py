@@ -32,14 +32,14 @@ from typing import Iterable
 
 import sentencepiece as spm
 
-from .base import Tokenizer, TokenizerError, check_kind, register
+from .base import TOKENIZERS, Tokenizer, TokenizerError, check_kind
 
 SPECIAL_PIECES = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
 MODEL_TYPES = ("bpe", "unigram")
 SPACE_MARK = "\u2581"  # "▁": how sentencepiece writes a space inside a piece
 
 
-@register
+@TOKENIZERS.register("sentencepiece")
 class SentencePieceTokenizer(Tokenizer):
     """A sentencepiece model behind the `lm` tokenizer interface.
 

@@ -8,10 +8,9 @@ Where the ranks come from (`source`):
 - "auto" (default): "lm" for gpt2 / r50k_base, "tiktoken" for the others.
 
 Why "lm" first and tiktoken's download only on request: tiktoken fetches with `requests.get`
-without a timeout. Where the host is unreachable by name it fails fast (0.14 s measured here), but
-on a network that silently drops packets it waits for the operating system's connect timeout
-(minutes), which would freeze a notebook cell. The lm route gives the same ranks and never waits
-longer than pip's own timeouts.
+without a timeout. Where the host is unreachable by name it fails at once, but on a network that
+silently drops packets it waits for the operating system's connect timeout, which would freeze a
+notebook cell. The lm route gives the same ranks and never waits longer than pip's own timeouts.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from typing import AbstractSet, Iterable
 import tiktoken
 
 from ..data import DataError
-from .base import EndOfTextSpecials, Tokenizer, TokenizerError, check_kind, register
+from .base import TOKENIZERS, EndOfTextSpecials, Tokenizer, TokenizerError, check_kind
 from .gpt2_ranks import GPT2_PATTERN, GPT2_SPECIAL_TOKENS, gpt2_ranks_path, load_gpt2_ranks
 
 OFFLINE_ENCODINGS = ("gpt2", "r50k_base")  # the same ranks, pattern and special token
@@ -30,7 +29,7 @@ SOURCES = ("auto", "lm", "tiktoken")
 _ENCODINGS: dict[tuple[str, str], tiktoken.Encoding] = {}  # (name, ranks file) -> Encoding, per process
 
 
-@register
+@TOKENIZERS.register("tiktoken")
 class TiktokenTokenizer(EndOfTextSpecials, Tokenizer):
     """GPT-2's tokenizer (or another tiktoken encoding) behind the `lm` tokenizer interface.
 
