@@ -98,14 +98,15 @@ def save_checkpoint(
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Read a checkpoint dict. Only tensors and plain data are accepted (`weights_only=True`)."""
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
+    """Read a checkpoint dict. Only tensors and plain data are accepted (`weights_only=True`).
+    `mmap=True` maps the tensors instead of reading them (for a look at the settings alone)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist; train a model first (lm train) "
                               f"or check the path.")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:
         raise CheckpointError(f"cannot read {str(path)!r} as an lm checkpoint: {err}") from err
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:

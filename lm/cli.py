@@ -241,17 +241,15 @@ def _read_sections(path: str | None) -> dict:
 def _saved_run(out_dir: Path) -> dict | None:
     """The model and training settings of the run in out_dir (its last.pt), which a resumed run keeps
     unless flags change them; None when there is none. The library checks the checkpoint itself."""
-    from .checkpoint import load_checkpoint
+    from .checkpoint import CheckpointError, load_checkpoint
 
     path = out_dir / "last.pt"
     if not path.is_file():
         return None
-    try:  # mmap: only the settings are read here, not the weights (the Trainer loads those)
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        if not isinstance(ckpt, dict) or "config" not in ckpt:
-            raise ValueError(path)
-    except Exception:  # not a checkpoint lm wrote: load_checkpoint's error says what is wrong with it
-        ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, mmap=True)  # only the settings are read here; the Trainer loads the weights
+    if not isinstance(ckpt.get("config"), dict):
+        raise CheckpointError(f"{path} holds no model config, so the run cannot be resumed; pass --overwrite "
+                              f"to start again there, or choose another --out_dir.")
     return {"model": dict(ckpt["config"]), "train": dict(ckpt.get("train_config") or {})}
 
 

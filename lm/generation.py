@@ -234,18 +234,17 @@ class Generation:
     def __init__(self, decoder: Decoder, prompt, config: GenerationConfig, attention_mask: torch.Tensor | None):
         model = decoder.model
         self.decoder, self.model, self.config = decoder, model, config
-        self.max_new_tokens, self.use_cache = config.max_new_tokens, config.use_cache
         self.sampling = config.sampling
         self.tokenizer = model.tokenizer
         self.kind = "ids" if isinstance(prompt, torch.Tensor) else "texts" if isinstance(prompt, (list, tuple)) else "text"
         rows, mask = self._prompt_ids(prompt, attention_mask)
         B, T0 = rows.shape
         device = model.device
-        self.ids = torch.full((B, T0 + self.max_new_tokens), self._pad_id(), dtype=torch.long, device=device)
+        self.ids = torch.full((B, T0 + config.max_new_tokens), self._pad_id(), dtype=torch.long, device=device)
         self.ids[:, :T0] = rows.to(device)
         self.mask = None
         if mask is not None and not bool(mask.all()):
-            self.mask = torch.ones(B, T0 + self.max_new_tokens, dtype=torch.bool, device=device)
+            self.mask = torch.ones(B, T0 + config.max_new_tokens, dtype=torch.bool, device=device)
             self.mask[:, :T0] = mask.to(device).bool()
         self.start = self.length = T0
         self.finished = torch.zeros(B, dtype=torch.bool, device=device)
@@ -268,7 +267,7 @@ class Generation:
 
     def _use_graph(self, cuda_graph, compile) -> bool:
         """None: on CUDA whenever the model allows it. True: always (a clear error where it cannot)."""
-        reason = graph_unsupported(self.model) if self.use_cache else "use_cache=False decodes without a cache"
+        reason = graph_unsupported(self.model) if self.config.use_cache else "use_cache=False decodes without a cache"
         if cuda_graph and reason is not None:
             raise ValueError(f"cuda_graph=True: {reason}; pass cuda_graph=None to choose automatically.")
         if compile and not (cuda_graph or cuda_graph is None and reason is None):
@@ -317,7 +316,7 @@ class Generation:
         """Logits (B, 1 or T, V) whose last position scores the next token."""
         model, L, block = self.model, self.length, self.model.config.block_size
         mask = self.mask
-        if not self.use_cache:
+        if not self.config.use_cache:
             lo = max(0, L - block)
             return model(self.ids[:, lo:L], attention_mask=None if mask is None else mask[:, lo:L])[0]
         if self.cache is None:
@@ -340,7 +339,7 @@ class Generation:
         was_training = model.training
         model.eval()
         try:
-            for step in range(self.max_new_tokens):
+            for step in range(self.config.max_new_tokens):
                 logits = self._logits()[:, -1, :]
                 L = self.length
                 history_mask = None if self.mask is None else self.mask[:, :L]

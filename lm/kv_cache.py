@@ -122,7 +122,7 @@ class DynamicCache:
             return keys, values, None  # one new token sees every cached one
 
         def build():
-            query_pos = torch.arange(n, n + T, device=k.device)[:, None]
+            query_pos = self.cursor.new_positions(T, k.device)[:, None]
             key_pos = torch.arange(n + T, device=k.device)[None, :]
             return key_mask(query_pos, key_pos, pattern, None if real is None else real[:, : n + T])
 
@@ -249,7 +249,6 @@ class KVCache:
 
     def end(self, T: int) -> None:
         """The T new positions are stored in every layer: move the cursor past them."""
-        self.cursor.masks = {}
         if self.static:
             self.cursor.position.add_(T)  # on the device, so a captured graph advances it on replay
         else:

@@ -67,15 +67,6 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
 
 
-def _swap_linears(model: nn.Module, make, skip_tied: bool) -> nn.Module:
-    tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)} if skip_tied else set()
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and id(child.weight) not in tied:
-                setattr(parent, name, make(child))
-    return model.eval()
-
-
 @torch.no_grad()
 def for_decoding(model: nn.Module) -> nn.Module:
     """Store every Linear weight transposed in memory, in place, and return the model.
@@ -96,14 +87,19 @@ def quantize_int8(model: nn.Module) -> nn.Module:
 
     A head whose weight is tied to the token embedding stays as it is. The result is for inference:
     it cannot be trained, and checkpoints should be saved from the float model."""
-    return _swap_linears(model, Int8Linear, skip_tied=True)
+    tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and id(child.weight) not in tied:
+                setattr(parent, name, Int8Linear(child))
+    return model.eval()
 
 
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of the model's weights as stored: every tensor of its state dict, that is its parameters
     and persistent buffers (Int8Linear's int8 weight, both copies of its scales and its bias), shared
-    tensors once. Derived tables (RoPE's cos and sin,
-    sinusoidal positions) are non-persistent buffers and not counted."""
+    tensors once. Derived tables (RoPE's cos and sin, sinusoidal positions) are non-persistent buffers
+    and not counted."""
     seen, total = set(), 0
     for t in model.state_dict(keep_vars=True).values():  # keep_vars: the tensors themselves, so ids are stable
         if id(t) not in seen:

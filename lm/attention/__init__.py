@@ -25,7 +25,7 @@ sparse_block * sparse_stride.
 """
 
 from .kernels import (
-    attend, causal_linear_attention, elu_feature_map, linear_attention_weights, local_block_attention,
+    attend_over, causal_linear_attention, elu_feature_map, linear_attention_weights, local_block_attention,
     manual_causal_attention, masked_attention, repeat_kv, sdpa,
 )
 from .masks import (
@@ -35,7 +35,7 @@ from .masks import (
 from .modules import BlockSparseAttention, CausalSelfAttention, LinearAttention, SlidingWindowAttention
 
 __all__ = [
-    "BlockSparseAttention", "CausalSelfAttention", "LinearAttention", "SlidingWindowAttention", "attend",
+    "BlockSparseAttention", "CausalSelfAttention", "LinearAttention", "SlidingWindowAttention", "attend_over",
     "block_sparse", "block_sparse_layout", "block_sparse_mask", "causal", "causal_linear_attention", "causal_mask",
     "elu_feature_map", "linear_attention_weights", "local_block_attention", "manual_causal_attention",
     "masked_attention", "repeat_kv", "sdpa", "sliding_window", "sliding_window_mask", "with_padding",

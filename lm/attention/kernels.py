@@ -5,7 +5,7 @@ query head h uses key/value head h // (H / H_kv)); masks are boolean, True = may
 
 - `masked_attention`: softmax attention written out step by step, under any mask, with weights;
 - `sdpa`: the same through `F.scaled_dot_product_attention`, a fused kernel;
-- `attend`: either of them over the keys a KV cache returns (no causal shortcut);
+- `attend_over`: either of them over the keys a KV cache returns (no causal shortcut);
 - `local_block_attention`: causal attention that computes only nearby (and summary) blocks;
 - `causal_linear_attention`: linear attention in chunks, with no T x T matrix.
 """
@@ -212,8 +212,8 @@ def causal_linear_attention(
     return out.reshape(B, H, n * chunk, -1)[:, :, :T]
 
 
-def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
-           use_sdpa: bool = True) -> torch.Tensor:
+def attend_over(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+                use_sdpa: bool = True) -> torch.Tensor:
     """Softmax attention of q (B, H, T, D) over keys/values (B, H_kv, S, D) under a boolean mask
     broadcastable to (B, H, T, S) (None: every key), as a KV cache returns them. No causal shortcut:
     the T queries are not the first T of the S keys. `use_sdpa=False`: the written-out path."""
@@ -225,6 +225,6 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torc
 
 
 __all__ = [
-    "attend", "causal_linear_attention", "elu_feature_map", "linear_attention_weights", "local_block_attention",
+    "attend_over", "causal_linear_attention", "elu_feature_map", "linear_attention_weights", "local_block_attention",
     "manual_causal_attention", "masked_attention", "repeat_kv", "sdpa",
 ]

@@ -21,7 +21,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..registry import ATTENTION
 from .kernels import (
-    attend, causal_linear_attention, elu_feature_map, linear_attention_weights, local_block_attention,
+    attend_over, causal_linear_attention, elu_feature_map, linear_attention_weights, local_block_attention,
     masked_attention, repeat_kv, sdpa,
 )
 from .masks import block_sparse, causal, causal_mask, grid, sliding_window, with_padding
@@ -113,7 +113,7 @@ class CausalSelfAttention(nn.Module):
         """New queries over the cached keys: the cache stores k and v, and returns every key the
         queries may see with the mask (causality, this variant's pattern, padding)."""
         keys, values, mask = cache.update(k, v, self.allowed)
-        return attend(q, keys, values, mask, self.use_sdpa)
+        return attend_over(q, keys, values, mask, self.use_sdpa)
 
     def weights(self, x: torch.Tensor, rope=None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The attention weights (B, H, T, T) of x (B, T, C), written out; every row sums to 1."""
