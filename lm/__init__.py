@@ -5,6 +5,8 @@
     model = lm.GPT(lm.ModelConfig(vocab_size=tok.vocab_size), tokenizer=tok)
     model = lm.GPT(lm.preset("rscalm-138m", n_layer=2))   # a seed's architecture, from lm.PRESETS
     history = lm.train(model, train_ids, val_ids, lm.TrainConfig(max_steps=300))
+    lm.finetune(model, "chat.jsonl", lm.FinetuneConfig(lora_rank=8))   # answers only, early stopping
+    print(lm.evaluate(model, lm.glossary.examples("test")).table())   # exact match, token accuracy
     print(model.generate("To be", max_new_tokens=100))
     model = lm.load_model("runs/x/best.pt", device="cpu")
 """
@@ -18,6 +20,13 @@ from .checkpoint import CheckpointError, load_checkpoint, load_model, save_check
 from .config import ConfigError, ModelConfig
 from .corpora import load_corpus, load_documents
 from .data import DataError, get_batch, train_val_split
+from . import glossary, instructions  # noqa: F401  (lm.glossary.examples("train"), lm.instructions.TEMPLATES)
+from .evaluation import EvalResult, evaluate, normalize_answer
+from .finetuning import FinetuneConfig, finetune
+from .instructions import ChatTemplate, DataFormatError, Examples, chat_template, load_examples
+from . import classify, lora  # noqa: F401  (lm.lora.merge_lora, lm.classify.BagOfWords)
+from .classify import SequenceClassifier, classification_task, train_classifier
+from .lora import LoRAConfig, LoRAError, apply_lora, load_adapters, merge_lora, save_adapters, unmerge_lora
 from .device import auto_device, resolve_device
 from .memory import find_batch_size, training_memory
 from .generation import Decoder, GenerationConfig
@@ -44,4 +53,8 @@ __all__ = [
     "SentencePieceTokenizer", "TiktokenTokenizer", "sample_next", "save_checkpoint", "top_k_filter", "train", "train_val_split",
     "find_batch_size", "load_documents", "training_memory",
     "SamplingConfig", "choose_next", "min_p_filter", "process_logits", "top_p_filter",
+    "ChatTemplate", "DataFormatError", "EvalResult", "Examples", "FinetuneConfig", "chat_template", "evaluate",
+    "finetune", "load_examples", "normalize_answer",
+    "LoRAConfig", "LoRAError", "apply_lora", "load_adapters", "merge_lora", "save_adapters", "unmerge_lora",
+    "SequenceClassifier", "classification_task", "train_classifier",
 ]

@@ -72,6 +72,7 @@ def save_checkpoint(
         "version": VERSION,
         "model": model.state_dict() if model_state is None else model_state,
         "config": model.config.to_dict(),
+        "lora": lora_config.to_dict() if (lora_config := getattr(model, "lora_config", None)) is not None else None,
         "tokenizer": model.tokenizer.to_dict() if model.tokenizer is not None else None,
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scaler": scaler.state_dict() if scaler is not None else None,
@@ -130,6 +131,10 @@ def model_from_checkpoint(ckpt: dict, device: str | torch.device | None = None, 
     config = ModelConfig.from_dict(ckpt["config"])
     tokenizer = tokenizer_from_dict(ckpt["tokenizer"]) if ckpt.get("tokenizer") else None
     model = GPT(config, tokenizer=tokenizer)
+    if ckpt.get("lora"):  # a LoRA fine-tune: the same adapters go on before its weights
+        from .lora import LoRAConfig, apply_lora
+
+        apply_lora(model, LoRAConfig.from_dict(ckpt["lora"]))
     try:
         weights = ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"]
         result = model.load_state_dict(weights, strict=False)

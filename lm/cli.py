@@ -1,13 +1,16 @@
-"""Command line: `lm prep`, `lm train`, `lm generate` (also `python -m lm ...`).
+"""Command line: `lm prep`, `lm train`, `lm finetune`, `lm eval`, `lm generate` (also `python -m lm ...`).
 
     lm prep --corpus shakespeare --out_dir data/shakespeare
     lm train --data_dir data/shakespeare --out_dir runs/shakespeare --max_steps 2000
+    lm finetune --init_from runs/shakespeare/best.pt --data chat.jsonl --out_dir runs/chat --lora_rank 8
+    lm eval --ckpt runs/chat/best.pt --data test.jsonl --json
     lm generate --ckpt runs/shakespeare/best.pt --prompt "ROMEO:" --max_new_tokens 200
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import json
 import sys
@@ -21,9 +24,12 @@ from .data import SAMPLING
 from .distributed import PARALLEL
 from .presets import PRESETS
 from .tokenizers.prep import PREP_TOKENIZERS, VOCAB_DEFAULTS, prep_tokenize
-from .trainer import PRECISIONS
+from .finetuning import FinetuneConfig
+from .instructions import TEMPLATES
+from .trainer import PRECISIONS, TrainConfig
 
 PRESET_NAMES = tuple(PRESETS)
+TEMPLATE_NAMES = tuple(TEMPLATES.names())
 
 
 class Parser(argparse.ArgumentParser):
@@ -46,10 +52,53 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\nRun `{self.prog} --help` for every flag.\n")
 
 
+def add_training_flags(group, config_class) -> None:
+    """The trainer's flags; their help shows `config_class`'s defaults (TrainConfig or FinetuneConfig)."""
+    d = {f.name: f.default for f in dataclasses.fields(config_class)}
+    group.add_argument("--batch_size", type=_batch_size, metavar="N|auto",
+                       help=f"sequences per micro-batch and process (default: {d['batch_size']}); auto: the largest "
+                            f"that fits, found by trial steps on a GPU, or within --memory_budget on a CPU")
+    group.add_argument("--memory_budget", type=float, metavar="GiB",
+                       help="with --batch_size auto: memory one training step may use, in GiB")
+    group.add_argument("--seq_len", type=int,
+                       help="tokens per training window (default: block_size). On a new run without "
+                            "--block_size, a --seq_len above the default block size sets block_size too, so "
+                            "--seq_len 512 alone trains a model of context 512")
+    group.add_argument("--grad_accum_steps", type=int,
+                       help="micro-batches per optimizer step; tokens per step = batch_size x seq_len x "
+                            "grad_accum_steps x processes (default: 1)")
+    group.add_argument("--max_steps", type=int, help=f"optimizer steps (default: {d['max_steps']})")
+    group.add_argument("--warmup_steps", type=int, help=f"linear warmup steps (default: {d['warmup_steps']})")
+    group.add_argument("--lr", type=float, help=f"peak learning rate (default: {d['lr']:g})")
+    group.add_argument("--min_lr", type=float, help="learning rate at the end of the cosine (default: lr / 10)")
+    group.add_argument("--weight_decay", type=float,
+                       help=f"AdamW weight decay on matrices (default: {d['weight_decay']})")
+    group.add_argument("--grad_clip", type=float, help=f"max gradient norm, 0 for none (default: {d['grad_clip']})")
+    group.add_argument("--eval_interval", type=int,
+                       help=f"steps between evaluations and checkpoints (default: {d['eval_interval']})")
+    group.add_argument("--eval_iters", type=int, help=f"batches per loss estimate (default: {d['eval_iters']})")
+    group.add_argument("--patience", type=int, help="stop after this many evaluations without improvement "
+                                                    f"(default: {d['patience'] or 'never'})")
+    group.add_argument("--min_delta", type=float,
+                       help=f"the least val-loss drop that counts for --patience (default: {d['min_delta']:g})")
+    group.add_argument("--precision", choices=("auto",) + PRECISIONS, default=None,
+                       help="fp32, bf16 or fp16 (with loss scaling); auto: bf16 on GPUs that have it, "
+                            "else fp32 (default: auto)")
+    group.add_argument("--compile", type=int, nargs="?", const=1, choices=(0, 1),
+                       help="torch.compile the model: --compile or --compile 1 (default: 0)")
+    group.add_argument("--ema_decay", type=float, help="keep an EMA of the weights with this decay, e.g. 0.999")
+    group.add_argument("--sampling", choices=SAMPLING, help="random windows (examples), or epoch: each once per "
+                                                            f"pass (default: {d['sampling']})")
+    group.add_argument("--parallel", choices=PARALLEL, help="under torchrun: ddp or fsdp (default: ddp)")
+    group.add_argument("--tensorboard", action="store_true", help="also log to out_dir/tensorboard")
+    group.add_argument("--seed", type=int, help=f"seed for weights and batches (default: {d['seed']})")
+    group.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="lm", allow_abbrev=False, description="Train and sample small GPT-style language models.")
     parser.add_argument("--version", action="version", version=f"lm {__version__}")
-    verbs = parser.add_subparsers(dest="verb", metavar="{prep,train,generate}", parser_class=Parser)
+    verbs = parser.add_subparsers(dest="verb", metavar="{prep,train,finetune,eval,generate}", parser_class=Parser)
     verbs.required = True
 
     prep = verbs.add_parser("prep", allow_abbrev=False, help="tokenize a corpus into train.bin / val.bin",
@@ -113,41 +162,54 @@ def build_parser() -> Parser:
                                   "else 128)")
     model_flags.add_argument("--gradient_checkpointing", action="store_true",
                              help="recompute each block's activations in backward: less memory, more time")
-    train_flags = train.add_argument_group("training")
-    train_flags.add_argument("--batch_size", type=_batch_size, metavar="N|auto",
-                             help="sequences per micro-batch and process (default: 32); auto: the largest that "
-                                  "fits, found by trial steps on a GPU, or within --memory_budget on a CPU")
-    train_flags.add_argument("--memory_budget", type=float, metavar="GiB",
-                             help="with --batch_size auto: memory one training step may use, in GiB")
-    train_flags.add_argument("--seq_len", type=int,
-                             help="tokens per training window (default: block_size). On a new run without "
-                                  "--block_size, a --seq_len above the default block size sets block_size too, so "
-                                  "--seq_len 512 alone trains a model of context 512")
-    train_flags.add_argument("--grad_accum_steps", type=int,
-                             help="micro-batches per optimizer step; tokens per step = batch_size x seq_len x "
-                                  "grad_accum_steps x processes (default: 1)")
-    train_flags.add_argument("--max_steps", type=int, help="optimizer steps (default: 1000)")
-    train_flags.add_argument("--warmup_steps", type=int, help="linear warmup steps (default: 100)")
-    train_flags.add_argument("--lr", type=float, help="peak learning rate (default: 3e-4)")
-    train_flags.add_argument("--min_lr", type=float, help="learning rate at the end of the cosine (default: lr / 10)")
-    train_flags.add_argument("--weight_decay", type=float, help="AdamW weight decay on matrices (default: 0.1)")
-    train_flags.add_argument("--grad_clip", type=float, help="max gradient norm, 0 for none (default: 1.0)")
-    train_flags.add_argument("--eval_interval", type=int, help="steps between evaluations and checkpoints (default: 100)")
-    train_flags.add_argument("--eval_iters", type=int, help="batches per loss estimate (default: 20)")
-    train_flags.add_argument("--patience", type=int, help="stop after this many evaluations without improvement")
-    train_flags.add_argument("--min_delta", type=float, help="the least val-loss drop that counts for --patience (default: 0)")
-    train_flags.add_argument("--precision", choices=("auto",) + PRECISIONS, default=None,
-                             help="fp32, bf16 or fp16 (with loss scaling); auto: bf16 on GPUs that have it, "
-                                  "else fp32 (default: auto)")
-    train_flags.add_argument("--compile", type=int, nargs="?", const=1, choices=(0, 1),
-                             help="torch.compile the model: --compile or --compile 1 (default: 0)")
-    train_flags.add_argument("--ema_decay", type=float, help="keep an EMA of the weights with this decay, e.g. 0.999")
-    train_flags.add_argument("--sampling", choices=SAMPLING, help="random windows, or epoch: each window once "
-                                                                  "per pass (default: random)")
-    train_flags.add_argument("--parallel", choices=PARALLEL, help="under torchrun: ddp or fsdp (default: ddp)")
-    train_flags.add_argument("--tensorboard", action="store_true", help="also log to out_dir/tensorboard")
-    train_flags.add_argument("--seed", type=int, help="seed for weights and batches (default: 1337)")
-    train_flags.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    add_training_flags(train.add_argument_group("training"), TrainConfig)
+
+    ft = verbs.add_parser("finetune", allow_abbrev=False, help="fine-tune a checkpoint on instruction or chat data",
+                          description="Fine-tune the model of --init_from on --data (JSONL: chat {user, assistant}, "
+                                      "{messages: [...]}, Alpaca/Dolly {instruction, input|context, output|response} "
+                                      "or {question, answer}). The loss counts answer tokens only; a fresh optimizer "
+                                      "and schedule; early stopping on the held-out examples. Checkpoints go to "
+                                      "--out_dir as in `lm train` (and resume from its last.pt); with --lora_rank "
+                                      "only adapters train and --out_dir/adapters.safetensors holds them alone.")
+    ft.add_argument("--init_from", required=True, help="checkpoint to start from, e.g. runs/base/best.pt")
+    ft.add_argument("--data", required=True, help="JSONL file of examples, or 'glossary' (the book's data, train split)")
+    ft.add_argument("--val_data", help="JSONL of held-out examples (default: --val_fraction of --data; "
+                                       "for 'glossary', its val split)")
+    ft.add_argument("--out_dir", required=True, help="folder for last.pt, best.pt, metrics.csv (and adapters.safetensors)")
+    ft.add_argument("--overwrite", action="store_true", help="start again, replacing checkpoints in --out_dir")
+    ft.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default: auto)")
+    sft = ft.add_argument_group("fine-tuning")
+    sft.add_argument("--template", choices=TEMPLATE_NAMES, default=None,
+                     help="chat template: human (Human: ... / Assistant: ..., seed 001) or special "
+                          "(<BOS> ... <SEP> ... <EOS>, seed 000) (default: human)")
+    sft.add_argument("--packing", action="store_true", help="pack several examples per row, kept apart by a "
+                                                            "document mask (default: one per row, padded)")
+    sft.add_argument("--val_fraction", type=float, help="share of --data held out when there is no --val_data "
+                                                        "(default: 0.1)")
+    sft.add_argument("--lora_rank", type=int, help="train LoRA adapters of this rank instead of every weight")
+    sft.add_argument("--lora_alpha", type=float, help="LoRA scale numerator: updates are scaled by alpha / rank "
+                                                      "(default: 16)")
+    sft.add_argument("--lora_dropout", type=float, help="dropout on the adapters' input (default: 0)")
+    sft.add_argument("--lora_targets", nargs="+", metavar="NAME",
+                     help="layers to adapt, by name (default: qkv proj; also fc, w1, w2, w3)")
+    add_training_flags(ft.add_argument_group("training"), FinetuneConfig)
+
+    ev = verbs.add_parser("eval", allow_abbrev=False, help="score a checkpoint on question/answer data",
+                          description="Loss, perplexity and token accuracy (teacher-forced, answer tokens only), "
+                                      "exact match of greedy answers, and decoding speed, on --data. "
+                                      "Definitions: `help(lm.evaluation)`.")
+    ev.add_argument("--ckpt", required=True, help="checkpoint file, e.g. runs/chat/best.pt")
+    ev.add_argument("--data", required=True, help="JSONL of examples, or glossary:SPLIT (train, val, test, rephrased)")
+    ev.add_argument("--template", choices=TEMPLATE_NAMES, default=None,
+                    help="chat template (default: the one the checkpoint was fine-tuned with, else human)")
+    ev.add_argument("--batch_size", type=int, default=16, help="examples per batch (default: 16)")
+    ev.add_argument("--max_new_tokens", type=int, default=None,
+                    help="answer length limit (default: the longest reference answer + 8 tokens)")
+    ev.add_argument("--limit", type=int, default=None, help="score only the first N examples")
+    ev.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    ev.add_argument("--predictions", metavar="FILE", help="also write every prompt, reference and answer as JSONL")
+    ev.add_argument("--int8", action="store_true", help="weight-only int8 quantization")
+    ev.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default: auto)")
 
     gen = verbs.add_parser("generate", allow_abbrev=False, help="sample text from a checkpoint",
                            description="Load a checkpoint and print a sampled continuation of --prompt.")
@@ -375,7 +437,76 @@ def cmd_generate(args) -> int:
     return 0
 
 
-COMMANDS = {"prep": cmd_prep, "train": cmd_train, "generate": cmd_generate}
+def _examples(spec: str | None, default_split: str):
+    """--data: a JSONL path, or the book's glossary ("glossary" or "glossary:SPLIT")."""
+    if spec is None:
+        return None
+    if spec == "glossary" or spec.startswith("glossary:"):
+        from . import glossary
+
+        return glossary.examples(spec.partition(":")[2] or default_split)
+    return spec
+
+
+def cmd_finetune(args) -> int:
+    from .checkpoint import load_model
+    from .device import resolve_device
+    from .finetuning import finetune
+
+    out_dir = Path(args.out_dir)
+    saved = None if args.overwrite else _saved_run(out_dir)
+    settings = train_settings(args, dict(saved["train"]) if saved else {})
+    for flag in ("template", "val_fraction", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets"):
+        if getattr(args, flag) is not None:
+            settings[flag] = getattr(args, flag)
+    if args.packing:
+        settings["packing"] = True
+    settings.update(out_dir=str(out_dir), progress=not args.no_progress)
+    config = FinetuneConfig.from_dict(settings)
+    model = load_model(args.init_from, device=resolve_device(args.device))  # weights and tokenizer only
+    train = _examples(args.data, "train")
+    val = _examples(args.val_data, "val")
+    if val is None and args.data == "glossary":
+        val = _examples("glossary:val", "val")
+    torch.manual_seed(config.seed)
+    history = finetune(model, train, config, val_examples=val, resume=None if args.overwrite else "auto")
+    if not history.val_loss:
+        return 0
+    stop = " (stopped early: no improvement)" if history.stopped_early else ""
+    adapters = ", adapters in adapters.safetensors" if config.lora_rank else ""
+    print(f"done{stop}: train loss {history.train_loss[-1]:.4f}, val loss {history.val_loss[-1]:.4f}, "
+          f"best val {history.best_val_loss:.4f}, {history.tokens_per_second:,.0f} tokens/s; checkpoints in "
+          f"{out_dir}{adapters}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .checkpoint import load_checkpoint, load_model
+    from .evaluation import evaluate
+
+    template = args.template or (load_checkpoint(args.ckpt, mmap=True).get("train_config") or {}).get("template",
+                                                                                                      "human")
+    model = load_model(args.ckpt, device=args.device)
+    if args.int8:
+        from .quantize import quantize_int8
+
+        quantize_int8(model)
+    result = evaluate(model, _examples(args.data, "test"), template=template, batch_size=args.batch_size,
+                      max_new_tokens=args.max_new_tokens, limit=args.limit)
+    if args.predictions:
+        with open(args.predictions, "w", encoding="utf-8") as f:
+            for p in result.predictions:
+                f.write(json.dumps(p, ensure_ascii=False) + "\n")
+    if args.json:
+        print(json.dumps({"ckpt": str(args.ckpt), "data": args.data, "template": template, **result.to_dict()}))
+    else:
+        print(f"{args.ckpt} on {args.data} (template {template!r})")
+        print(result.table())
+    return 0
+
+
+COMMANDS = {"prep": cmd_prep, "train": cmd_train, "finetune": cmd_finetune, "eval": cmd_eval,
+            "generate": cmd_generate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -118,10 +118,20 @@ class Batches:
                             f"target; use more text or a smaller seq_len.")
         self.data, self.batch_size, self.seq_len, self.seed, self.mode = data, batch_size, seq_len, seed, mode
         self.grad_accum_steps, self.rank, self.world_size = grad_accum_steps, rank, world_size
-        self.generator = torch.Generator().manual_seed(seed)
+        # random mode draws window starts from [0, n - seq_len); epoch mode orders the non-overlapping
+        # windows, each with its shifted target
+        self._start_drawing(random_range=n - seq_len, n_windows=(n - 1) // seq_len)
+
+    def _start_drawing(self, random_range: int, n_windows: int) -> None:
+        self.generator = torch.Generator().manual_seed(self.seed)
         self.epoch, self.position = 0, 0  # "epoch" mode: which epoch, and how many windows of it were used
-        self.n_windows = (n - 1) // seq_len  # non-overlapping windows, each with its shifted target
+        self.random_range, self.n_windows = random_range, n_windows
         self._order = None
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens one optimizer step trains on, all processes together."""
+        return self.global_batch * self.seq_len
 
     @property
     def global_batch(self) -> int:
@@ -132,37 +142,44 @@ class Batches:
         """How many passes over the data so far (in "epoch" mode; random mode counts tokens drawn)."""
         return self.epoch + self.position / self.n_windows
 
-    def _starts(self) -> list[int]:
+    def _draw(self) -> list[int]:
+        """The next global batch: numbers drawn from [0, random_range), or window numbers in the
+        epoch's order."""
         if self.mode == "random":
-            return torch.randint(len(self.data) - self.seq_len, (self.global_batch,), generator=self.generator).tolist()
-        starts = []
-        while len(starts) < self.global_batch:
+            return torch.randint(self.random_range, (self.global_batch,), generator=self.generator).tolist()
+        drawn = []
+        while len(drawn) < self.global_batch:
             if self._order is None:  # the epoch's permutation depends only on (seed, epoch): resumable
                 g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
                 self._order = torch.randperm(self.n_windows, generator=g)
-            take = min(self.global_batch - len(starts), self.n_windows - self.position)
-            starts += (self._order[self.position : self.position + take] * self.seq_len).tolist()
+            take = min(self.global_batch - len(drawn), self.n_windows - self.position)
+            drawn += self._order[self.position : self.position + take].tolist()
             self.position += take
             if self.position == self.n_windows:
                 self.epoch, self.position, self._order = self.epoch + 1, 0, None
-        return starts
+        return drawn
+
+    def _starts(self) -> list[int]:
+        drawn = self._draw()
+        return drawn if self.mode == "random" else [w * self.seq_len for w in drawn]
+
+    def _mine(self, drawn: list, m: int) -> list:
+        """This process's share of micro-batch m of a global batch."""
+        chunk = (m * self.world_size + self.rank) * self.batch_size
+        return drawn[chunk : chunk + self.batch_size]
 
     def next_step(self, device: str | torch.device = "cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
         """This process's micro-batches (x, y) for the next optimizer step, `grad_accum_steps` of them."""
         starts = self._starts()
-        B, T, data = self.batch_size, self.seq_len, self.data
+        T, data = self.seq_len, self.data
         micro = []
         for m in range(self.grad_accum_steps):
-            chunk = (m * self.world_size + self.rank) * B
-            mine = starts[chunk : chunk + B]
+            mine = self._mine(starts, m)
             if isinstance(data, np.ndarray):
                 xy = torch.from_numpy(np.stack([data[s : s + T + 1] for s in mine]).astype(np.int64))
             else:
                 xy = torch.stack([data[s : s + T + 1] for s in mine]).long()
-            if torch.device(device).type == "cuda":
-                xy = xy.pin_memory().to(device, non_blocking=True)  # the copy overlaps the GPU's work
-            else:
-                xy = xy.to(device)
+            xy = to_device(xy, device)
             micro.append((xy[:, :-1].contiguous(), xy[:, 1:].contiguous()))
         return micro
 
@@ -177,3 +194,19 @@ class Batches:
         self.seed = state["seed"]
         self.generator.set_state(state["generator"])
         self.epoch, self.position, self._order = state["epoch"], state["position"], None
+
+
+def to_device(batch: torch.Tensor, device: str | torch.device) -> torch.Tensor:
+    """Move a batch to `device`; to a GPU through pinned memory, so the copy overlaps its work."""
+    if torch.device(device).type == "cuda":
+        return batch.pin_memory().to(device, non_blocking=True)
+    return batch.to(device)
+
+
+def batch_stream(data, batch_size: int, seq_len: int, **options) -> Batches:
+    """The batches of `data`: token ids (a tensor or array) give `Batches` of windows; an object
+    with its own `batches(batch_size, seq_len, **options)` (fine-tuning examples,
+    `lm.finetuning.SupervisedData`) gives its own stream."""
+    if hasattr(data, "batches"):
+        return data.batches(batch_size, seq_len, **options)
+    return Batches(data, batch_size, seq_len, **options)

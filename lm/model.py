@@ -131,7 +131,8 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 attention_mask: torch.Tensor | None = None, cache=None):
         """idx: (B, T) token ids. targets: (B, T) next-token ids, -100 where no loss is wanted.
-        attention_mask: (B, T), True for real tokens and False for padding (see `lm.attention`).
+        attention_mask: (B, T), True for real tokens and False for padding, or (B, T, T), True where
+        query i may see key j (packed documents); see `lm.attention`.
 
         Returns logits (B, T, V) and the mean cross-entropy loss (None without targets). With
         `ffn="moe"`, the load-balancing loss (mean over layers) is kept in `self.aux_loss` and, in
@@ -142,9 +143,36 @@ class GPT(nn.Module):
         attention_mask (if any) covers at least them. Generation needs only the next token's
         scores, so without targets only the last position goes through the head: logits (B, 1, V).
         """
+        x = self._residual_stream(idx, attention_mask, cache)
+        if cache is not None and targets is None:
+            x = x[:, -1:]
+        logits = self.lm_head(self.norm_f(x))
+        self.aux_loss = self._moe_aux_loss()
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+            if self.aux_loss is not None and self.training:
+                loss = loss + self.config.moe_aux_loss_coef * self.aux_loss
+        return logits, loss
+
+    def hidden_states(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, C): the residual stream after the final norm, what `lm_head` turns into logits; a
+        classification head (`lm.classify`) reads it instead. idx and attention_mask as in `forward`."""
+        return self.norm_f(self._residual_stream(idx, attention_mask))
+
+    def _residual_stream(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                         cache=None) -> torch.Tensor:
+        """idx (B, T) -> (B, T, C), the residual stream after the last block (before the final norm)."""
         if idx.dim() != 2:
             raise ValueError(f"idx must be a (B, T) tensor of token ids, got shape {tuple(idx.shape)}.")
         T = idx.size(1)
+        if attention_mask is not None and attention_mask.shape not in ((idx.size(0), T), (idx.size(0), T, T)):
+            if not (cache is not None and attention_mask.dim() == 2 and attention_mask.size(1) >= T):
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; give (B, T) = "
+                                 f"{tuple(idx.shape)} for padding, or (B, T, T) for packed documents.")
+        if cache is not None and attention_mask is not None and attention_mask.dim() == 3:
+            raise ValueError("a (B, T, T) document mask is for training on packed rows; generation with a "
+                             "cache takes a (B, T) padding mask.")
         offset = 0 if cache is None else cache.begin(T, attention_mask)
         x = self.drop(self.embed(idx, offset))
         layer_caches = [None] * len(self.blocks) if cache is None else cache.layers
@@ -156,16 +184,7 @@ class GPT(nn.Module):
                 x = block(x, self.rope, attention_mask, layer_cache)
         if cache is not None:
             cache.end(T)
-            if targets is None:
-                x = x[:, -1:]
-        logits = self.lm_head(self.norm_f(x))
-        self.aux_loss = self._moe_aux_loss()
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-            if self.aux_loss is not None and self.training:
-                loss = loss + self.config.moe_aux_loss_coef * self.aux_loss
-        return logits, loss
+        return x
 
     def embed(self, idx: torch.Tensor, offset=0) -> torch.Tensor:
         """Token embeddings (B, T, C) of idx (B, T) at positions offset .. offset+T-1, plus the

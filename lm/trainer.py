@@ -37,7 +37,7 @@ from torch import nn
 
 from . import distributed
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data import SAMPLING, Batches
+from .data import SAMPLING, batch_stream
 from .ema import EMA
 from .model import GPT
 from .optim import configure_optimizer, lr_at
@@ -191,13 +191,13 @@ def estimate_loss(model: nn.Module, data, batch_size: int, seq_len: int, iters: 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    batches = Batches(data, batch_size, seq_len, seed=seed, grad_accum_steps=grad_accum_steps,
-                      rank=dist_info.rank, world_size=dist_info.world_size)
+    batches = batch_stream(data, batch_size, seq_len, seed=seed, grad_accum_steps=grad_accum_steps,
+                           rank=dist_info.rank, world_size=dist_info.world_size)
     total = torch.zeros((), device=device)
     for _ in range(iters):
-        for x, y in batches.next_step(device):
+        for x, y, *mask in batches.next_step(device):
             with autocast(device, precision):
-                total += model(x, y)[1].float()
+                total += model(x, y, attention_mask=mask[0] if mask else None)[1].float()
     model.train(was_training)
     return distributed.all_mean(total / (iters * grad_accum_steps)).item()
 
@@ -272,9 +272,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if config.precision == "fp16" else None
         if config.compile:
             self.wrapped = torch.compile(self.wrapped)
-        self.batches = Batches(train_data, config.batch_size, self.seq_len, seed=config.seed, mode=config.sampling,
-                               grad_accum_steps=config.grad_accum_steps, rank=self.dist.rank,
-                               world_size=self.dist.world_size)
+        self.batches = batch_stream(train_data, config.batch_size, self.seq_len, seed=config.seed,
+                                    mode=config.sampling, grad_accum_steps=config.grad_accum_steps,
+                                    rank=self.dist.rank, world_size=self.dist.world_size)
         self.step = 0
         self.history = TrainHistory()
         self.evals_without_improvement = 0
@@ -326,14 +326,15 @@ class Trainer:
         lr = lr_at(step, config.lr, config.final_lr, config.warmup_steps, config.max_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        micro_batches = self.batches.next_step(self.device)
+        micro_batches = self.batches.next_step(self.device)  # (x, y), or (x, y, attention_mask)
+        tokens = self.batches.tokens_per_step
         total = torch.zeros((), device=self.device)
-        for i, (x, y) in enumerate(micro_batches):
+        for i, (x, y, *mask) in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
             with sync:  # DDP averages gradients across processes only after the last micro-batch
                 with autocast(self.device, config.precision):
-                    _, loss = model(x, y)
+                    _, loss = model(x, y, attention_mask=mask[0] if mask else None)
                 loss = loss / len(micro_batches)
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.detach().float()
@@ -366,7 +367,7 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.model)  # a skipped step left the weights alone, so the average is safe
         self.step = step + 1
-        return {"step": step, "lr": lr, "loss": loss, "grad_norm": grad_norm, "start": t0}
+        return {"step": step, "lr": lr, "loss": loss, "grad_norm": grad_norm, "start": t0, "tokens": tokens}
 
     def _finish_step(self, queued: dict) -> dict:
         """Wait for a step that `_start_step` queued, check it, and record it in the history."""
@@ -389,13 +390,12 @@ class Trainer:
         h.lr.append(lr)
         h.grad_norm.append(grad_norm)
         h.step_time.append(seconds)
-        h.tokens += self.batches.global_batch * self.seq_len
+        tokens = queued["tokens"]
+        h.tokens += tokens
         # tokens/s leaves out this run's first step (it compiles, and warms the allocator up) once there are others
         first = self._timed is None
-        self._timed = (0, 0.0) if first else (self._timed[0] + self.batches.global_batch * self.seq_len,
-                                              self._timed[1] + seconds)
-        h.tokens_per_second = (self._timed[0] / self._timed[1] if self._timed[1] > 0
-                               else self.batches.global_batch * self.seq_len / seconds)
+        self._timed = (0, 0.0) if first else (self._timed[0] + tokens, self._timed[1] + seconds)
+        h.tokens_per_second = self._timed[0] / self._timed[1] if self._timed[1] > 0 else tokens / seconds
         return {"loss": loss_value, "lr": lr, "grad_norm": h.grad_norm[-1], "seconds": seconds}
 
     @staticmethod

@@ -1,5 +1,6 @@
-"""Build a Hugging Face LlamaForCausalLM holding the weights of an lm GPT of LLaMA's architecture
-(RoPE, RMSNorm, bias-free SwiGLU, optional GQA): the reference for parity tests."""
+"""Hugging Face models holding the weights of an lm GPT, the references for parity tests:
+LlamaForCausalLM for LLaMA's architecture (RoPE, RMSNorm, bias-free SwiGLU, optional GQA), and
+any GPT-2 model class for GPT-2's (learned positions, LayerNorm, GELU MLP)."""
 
 from __future__ import annotations
 
@@ -41,5 +42,45 @@ def llama_from_lm(ours):
             copy(layer.post_attention_layernorm.weight, block.norm2.weight)
         copy(m.norm.weight, ours.norm_f.weight)
         if not config.tie_weights:
+            copy(hf.lm_head.weight, ours.lm_head.weight)
+    return hf
+
+
+def gpt2_from_lm(ours, model_class: str = "GPT2LMHeadModel", **config_changes):
+    """A transformers GPT-2 model (`model_class`: GPT2LMHeadModel, GPT2ForSequenceClassification, ...)
+    with `ours`'s backbone weights; a classification head is left to the caller."""
+    import transformers
+
+    config = ours.config
+    hf_config = transformers.GPT2Config(
+        vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.d_model,
+        n_layer=config.n_layer, n_head=config.n_head, activation_function="gelu",  # exact GELU, as F.gelu
+        layer_norm_epsilon=config.norm_eps, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        tie_word_embeddings=config.tie_weights, bos_token_id=0, eos_token_id=0, attn_implementation="eager",
+        **config_changes,
+    )
+    hf = getattr(transformers, model_class)(hf_config).eval()
+    assert hf.config._attn_implementation == "eager"
+
+    def copy(dst, src):
+        assert dst.shape == src.shape
+        dst.copy_(src)
+
+    with torch.no_grad():
+        t = hf.transformer
+        copy(t.wte.weight, ours.tok_emb.weight)
+        copy(t.wpe.weight, ours.pos_emb.weight)
+        for h, block in zip(t.h, ours.blocks):
+            for hf_norm, our_norm in [(h.ln_1, block.norm1), (h.ln_2, block.norm2)]:
+                copy(hf_norm.weight, our_norm.weight)
+                copy(hf_norm.bias, our_norm.bias)
+            # Conv1D stores weights [in, out], nn.Linear [out, in]
+            for conv, linear in [(h.attn.c_attn, block.attn.qkv), (h.attn.c_proj, block.attn.proj),
+                                 (h.mlp.c_fc, block.mlp.fc), (h.mlp.c_proj, block.mlp.proj)]:
+                copy(conv.weight, linear.weight.T)
+                copy(conv.bias, linear.bias)
+        copy(t.ln_f.weight, ours.norm_f.weight)
+        copy(t.ln_f.bias, ours.norm_f.bias)
+        if hasattr(hf, "lm_head") and not config.tie_weights:
             copy(hf.lm_head.weight, ours.lm_head.weight)
     return hf

@@ -15,7 +15,7 @@ import lm
 from lm.cli import build_parser, main
 from lm.data import read_tokens
 
-VERBS = ("prep", "train", "generate")
+VERBS = ("prep", "train", "finetune", "eval", "generate")
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_FLAGS = ["--max_steps", "20", "--n_layer", "1", "--d_model", "32", "--n_head", "2", "--block_size", "16",
                "--batch_size", "4", "--eval_interval", "10", "--no_progress", "--device", "cpu"]
@@ -655,3 +655,75 @@ def test_generate_bad_sampling_value(trained, capsys):
     args = ["generate", "--ckpt", str(trained / "best.pt"), "--top_p", "2", "--device", "cpu"]
     assert main(args) == 2
     assert "top_p" in capsys.readouterr().err
+
+
+# ---- fine-tuning and evaluation --------------------------------------------------------------------
+QA_WORDS = ["cat", "dog", "bird", "fish", "horse", "mouse", "tiger", "lion", "bear", "wolf", "fox", "owl"]
+
+
+@pytest.fixture(scope="module")
+def chat_base(tmp_path_factory) -> tuple[Path, Path]:
+    """A base checkpoint whose character vocabulary covers the chat data, and that data as JSONL."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("chat")
+    records = [{"user": f"What is {w}?", "assistant": f"{w} has {len(w)} letters."} for w in QA_WORDS]
+    data = root / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    corpus = root / "corpus.txt"
+    corpus.write_text("".join(f"Human: {r['user']}\nAssistant: {r['assistant']}\n\n" for r in records) * 6)
+    prepared = root / "data"
+    assert main(["prep", "--corpus", str(corpus), "--out_dir", str(prepared)]) == 0
+    base = root / "base"
+    flags = [*TRAIN_FLAGS, "--block_size", "64", "--pos", "rope"]
+    assert main(["train", "--data_dir", str(prepared), "--out_dir", str(base), *flags]) == 0
+    return base / "best.pt", data
+
+
+FT_FLAGS = ["--max_steps", "12", "--batch_size", "4", "--eval_interval", "6", "--eval_iters", "2", "--no_progress",
+            "--device", "cpu", "--lr", "3e-3"]
+
+
+def test_finetune_then_eval(chat_base, tmp_path, capsys):
+    base, data = chat_base
+    out = tmp_path / "ft"
+    assert main(["finetune", "--init_from", str(base), "--data", str(data), "--out_dir", str(out), *FT_FLAGS]) == 0
+    assert "done" in capsys.readouterr().out
+    last = lm.load_checkpoint(out / "last.pt")
+    assert last["step"] == 12 and last["train_config"]["template"] == "human"
+    assert last["train_config"]["patience"] == 5 and last["train_config"]["min_delta"] == 0.001  # seed 001
+    assert main(["eval", "--ckpt", str(out / "best.pt"), "--data", str(data), "--json", "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["examples"] == len(QA_WORDS) and 0 <= result["exact_match"] <= 1
+    assert {"loss", "perplexity", "token_accuracy", "ms_per_token", "tokens_per_second"} <= set(result)
+    model = lm.load_model(out / "best.pt", device="cpu")
+    direct = lm.evaluate(model, lm.load_examples(data))
+    assert result["loss"] == pytest.approx(direct.loss, rel=1e-5)
+    assert result["token_accuracy"] == pytest.approx(direct.token_accuracy)
+    assert main(["eval", "--ckpt", str(out / "best.pt"), "--data", str(data), "--device", "cpu",
+                 "--predictions", str(tmp_path / "p.jsonl")]) == 0
+    table = capsys.readouterr().out
+    assert "exact match" in table and "token accuracy" in table
+    assert len((tmp_path / "p.jsonl").read_text().splitlines()) == len(QA_WORDS)
+
+
+def test_finetune_resumes_in_its_out_dir(chat_base, tmp_path, capsys):
+    base, data = chat_base
+    out = tmp_path / "ft"
+    args = ["finetune", "--init_from", str(base), "--data", str(data), "--out_dir", str(out), *FT_FLAGS]
+    assert main(args) == 0
+    assert main(args) == 0  # same command again: nothing left to do
+    assert "nothing to do" in capsys.readouterr().out
+    assert main([*args, "--max_steps", "18"]) == 0
+    assert lm.load_checkpoint(out / "last.pt")["step"] == 18
+
+
+def test_finetune_bad_data_is_a_clear_error(chat_base, tmp_path, capsys):
+    base, _ = chat_base
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x", "completion": "y"}\n')
+    assert main(["finetune", "--init_from", str(base), "--data", str(bad), "--out_dir", str(tmp_path / "o"),
+                 *FT_FLAGS]) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl:1" in err and "match no format" in err and "Traceback" not in err
+    assert main(["eval", "--ckpt", str(tmp_path / "missing.pt"), "--data", str(bad)]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -164,43 +164,16 @@ def test_init_depends_on_the_seed_only(tiny_config):
 # ---- parity with Hugging Face transformers ---------------------------------------------------------
 @pytest.mark.parametrize("tie_weights", [True, False])
 def test_logits_match_hugging_face_gpt2(tie_weights):
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
+    from hf_convert import gpt2_from_lm
+
     config = ModelConfig(vocab_size=67, block_size=20, n_layer=2, n_head=4, d_model=32, tie_weights=tie_weights)
     ours = GPT(config).eval()
     with torch.no_grad():  # weights large enough that GELU inputs are O(1), where exact and tanh GELU differ
         for name, p in ours.named_parameters():
             p.normal_(mean=1.0 if "norm" in name and name.endswith("weight") else 0.0, std=0.3)
-    hf_config = transformers.GPT2Config(
-        vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.d_model,
-        n_layer=config.n_layer, n_head=config.n_head, activation_function="gelu",  # exact GELU, as F.gelu
-        layer_norm_epsilon=config.norm_eps, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        tie_word_embeddings=tie_weights, bos_token_id=0, eos_token_id=0, attn_implementation="eager",
-    )
-    hf = transformers.GPT2LMHeadModel(hf_config).eval()
-    assert hf.config._attn_implementation == "eager"
-
-    def copy(dst, src):
-        assert dst.shape == src.shape
-        dst.copy_(src)
-
-    with torch.no_grad():
-        t = hf.transformer
-        copy(t.wte.weight, ours.tok_emb.weight)
-        copy(t.wpe.weight, ours.pos_emb.weight)
-        for h, block in zip(t.h, ours.blocks):
-            for hf_norm, our_norm in [(h.ln_1, block.norm1), (h.ln_2, block.norm2)]:
-                copy(hf_norm.weight, our_norm.weight)
-                copy(hf_norm.bias, our_norm.bias)
-            # Conv1D stores weights [in, out], nn.Linear [out, in]
-            for conv, linear in [(h.attn.c_attn, block.attn.qkv), (h.attn.c_proj, block.attn.proj),
-                                 (h.mlp.c_fc, block.mlp.fc), (h.mlp.c_proj, block.mlp.proj)]:
-                copy(conv.weight, linear.weight.T)
-                copy(conv.bias, linear.bias)
-        copy(t.ln_f.weight, ours.norm_f.weight)
-        copy(t.ln_f.bias, ours.norm_f.bias)
-        if not tie_weights:
-            copy(hf.lm_head.weight, ours.lm_head.weight)
-    assert (hf.lm_head.weight.data_ptr() == t.wte.weight.data_ptr()) == tie_weights
+    hf = gpt2_from_lm(ours)
+    assert (hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()) == tie_weights
 
     idx = torch.randint(0, config.vocab_size, (3, config.block_size))
     with torch.no_grad():

@@ -22,6 +22,9 @@ def test_the_readme_has_python_examples():
 def test_readme_python_examples_run_as_written(tmp_path, monkeypatch, capsys):
     pytest.importorskip("torch")
     monkeypatch.chdir(tmp_path)
+    base = README.parent / "book" / "data" / "glossary_base.pt"  # the examples run from the repository root
+    (tmp_path / "book" / "data").mkdir(parents=True)
+    (tmp_path / "book" / "data" / "glossary_base.pt").symlink_to(base)
     namespace: dict = {}
     for number, code in enumerate(python_examples(), start=1):
         try:
@@ -29,5 +32,7 @@ def test_readme_python_examples_run_as_written(tmp_path, monkeypatch, capsys):
         except Exception as err:  # name the example, then fail with its own traceback
             raise AssertionError(f"README python example {number} failed: {err!r}\n{code}") from err
     assert (tmp_path / "runs" / "shakespeare" / "best.pt").is_file()
+    assert (tmp_path / "runs" / "glossary_lora" / "adapters.safetensors").is_file()
+    assert 0 <= namespace["result"].token_accuracy <= 1 and namespace["result"].examples == 10
     assert capsys.readouterr().out.strip(), "the examples print generated text"
     assert isinstance(namespace["text"], str) and namespace["config"].max_new_tokens == 100

@@ -22,6 +22,12 @@ at all in a causal model (padding comes after every real token). Absolute positi
 sinusoidal) shift under left padding; `block_sparse` blocks are laid out on absolute positions
 too, so it is exact under left padding only for pads that are a multiple of
 sparse_block * sparse_stride.
+
+Packing. A (B, T, T) `attention_mask` (True where query i may see key j; `document_mask` builds
+it from document ids) keeps several examples packed into one row apart. Softmax variants apply
+it through the masked path; linear attention has no T x T matrix to mask and refuses it. With RoPE
+a packed example's outputs equal those of the example alone; with absolute positions it sees
+the positions where it sits in the row.
 """
 
 from .kernels import (
@@ -29,14 +35,14 @@ from .kernels import (
     manual_causal_attention, masked_attention, repeat_kv, sdpa,
 )
 from .masks import (
-    block_sparse, block_sparse_layout, block_sparse_mask, causal, causal_mask, sliding_window, sliding_window_mask,
-    with_padding,
+    block_sparse, block_sparse_layout, block_sparse_mask, causal, causal_mask, document_mask, sliding_window,
+    sliding_window_mask, with_padding,
 )
 from .modules import BlockSparseAttention, CausalSelfAttention, LinearAttention, SlidingWindowAttention
 
 __all__ = [
     "BlockSparseAttention", "CausalSelfAttention", "LinearAttention", "SlidingWindowAttention", "attend_over",
-    "block_sparse", "block_sparse_layout", "block_sparse_mask", "causal", "causal_linear_attention", "causal_mask",
+    "block_sparse", "block_sparse_layout", "block_sparse_mask", "causal", "causal_linear_attention", "causal_mask", "document_mask",
     "elu_feature_map", "linear_attention_weights", "local_block_attention", "manual_causal_attention",
     "masked_attention", "repeat_kv", "sdpa", "sliding_window", "sliding_window_mask", "with_padding",
 ]

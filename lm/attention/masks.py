@@ -74,21 +74,34 @@ def block_sparse_mask(T: int, block: int, local: int, stride: int, pattern: str 
 
 
 def with_padding(mask: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """Combine a (T, T) layout with a (B, T) padding mask (True = real) into (B, 1, T, T).
+    """Combine a (T, T) layout with a padding mask into (B, 1, T, T).
 
-    Padded keys are hidden. Every query keeps its own position, so a padded query whose keys are
-    all padding still has one key and its softmax row stays finite instead of NaN; for a real
-    query its own position is already allowed, so nothing changes there.
+    attention_mask (B, T), True = real token: padded keys are hidden. Or (B, T, T), True where
+    query i may see key j: a document mask for packed sequences (several examples in one row, each
+    seeing only its own tokens), applied on top of the layout.
+
+    Every query keeps its own position, so a padded query whose keys are all padding still has
+    one key and its softmax row stays finite instead of NaN; for a real query its own position is
+    already allowed, so nothing changes there.
     """
     if attention_mask is None:
         return mask
     T = mask.size(-1)
-    real_key = attention_mask[:, None, None, :].bool()  # (B, 1, 1, T)
+    if attention_mask.dim() == 3:
+        may_see = attention_mask[:, None, :, :].bool()  # (B, 1, T, T)
+    else:
+        may_see = attention_mask[:, None, None, :].bool()  # (B, 1, 1, T)
     itself = torch.eye(T, dtype=torch.bool, device=mask.device)
-    return mask & (real_key | itself)
+    return mask & (may_see | itself)
+
+
+def document_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) ids of the document each position belongs to -> (B, T, T), True where query i and
+    key j are in the same document: with the causal mask, each packed example sees only itself."""
+    return document_ids[:, :, None] == document_ids[:, None, :]
 
 
 __all__ = [
-    "block_sparse", "block_sparse_layout", "block_sparse_mask", "causal", "causal_mask", "grid",
+    "block_sparse", "block_sparse_layout", "block_sparse_mask", "causal", "causal_mask", "document_mask", "grid",
     "sliding_window", "sliding_window_mask", "with_padding",
 ]

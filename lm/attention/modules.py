@@ -148,7 +148,7 @@ class SlidingWindowAttention(CausalSelfAttention):
 
     def attend(self, q, k, v, attention_mask=None):
         T = q.size(-2)
-        if not self.use_blocks or self.window >= T:
+        if not self.use_blocks or self.window >= T or _is_document_mask(attention_mask):
             return super().attend(q, k, v, attention_mask)
         block = min(self.window, 64)
         n_prev = -(-(self.window - 1) // block)  # earlier blocks that the window can reach
@@ -189,7 +189,7 @@ class BlockSparseAttention(CausalSelfAttention):
         return block_sparse(query_pos, key_pos, self.block, self.local, self.stride, self.pattern)
 
     def attend(self, q, k, v, attention_mask=None):
-        if not self.use_blocks or self.pattern == "full":
+        if not self.use_blocks or self.pattern == "full" or _is_document_mask(attention_mask):
             return super().attend(q, k, v, attention_mask)
         n_rep = self.n_head // self.n_kv_heads
         dropout_p = self.dropout if self.training else 0.0
@@ -222,6 +222,9 @@ class LinearAttention(CausalSelfAttention):
     chunk = 64
 
     def attend(self, q, k, v, attention_mask=None):
+        if _is_document_mask(attention_mask):
+            raise ValueError("linear attention takes a (B, T) padding mask only: it keeps no T x T matrix to "
+                             "apply a (B, T, T) document mask to; fine-tune it without packing.")
         n_rep = self.n_head // self.n_kv_heads
         return causal_linear_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attention_mask, chunk=self.chunk)
 
@@ -244,3 +247,8 @@ class LinearAttention(CausalSelfAttention):
 
 
 __all__ = ["BlockSparseAttention", "CausalSelfAttention", "LinearAttention", "SlidingWindowAttention"]
+
+
+def _is_document_mask(attention_mask) -> bool:
+    """A (B, T, T) mask of packed documents, which the block-wise kernels do not take."""
+    return attention_mask is not None and attention_mask.dim() == 3
