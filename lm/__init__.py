@@ -24,9 +24,10 @@ from . import glossary, instructions  # noqa: F401  (lm.glossary.examples("train
 from .evaluation import EvalResult, evaluate, normalize_answer
 from .finetuning import FinetuneConfig, finetune
 from .instructions import ChatTemplate, DataFormatError, Examples, chat_template, load_examples
-from . import classify, lora  # noqa: F401  (lm.lora.merge_lora, lm.classify.BagOfWords)
+from . import classify, lora, retrieval  # noqa: F401  (lm.lora.merge_lora, lm.classify.BagOfWords)
 from .classify import SequenceClassifier, classification_task, train_classifier
 from .lora import LoRAConfig, LoRAError, apply_lora, load_adapters, merge_lora, save_adapters, unmerge_lora
+from .retrieval import Retriever
 from .device import auto_device, resolve_device
 from .memory import find_batch_size, training_memory
 from .generation import Decoder, GenerationConfig
@@ -56,5 +57,5 @@ __all__ = [
     "ChatTemplate", "DataFormatError", "EvalResult", "Examples", "FinetuneConfig", "chat_template", "evaluate",
     "finetune", "load_examples", "normalize_answer",
     "LoRAConfig", "LoRAError", "apply_lora", "load_adapters", "merge_lora", "save_adapters", "unmerge_lora",
-    "SequenceClassifier", "classification_task", "train_classifier",
+    "SequenceClassifier", "classification_task", "train_classifier", "Retriever",
 ]

@@ -192,6 +192,7 @@ def build_parser() -> Parser:
     sft.add_argument("--lora_dropout", type=float, help="dropout on the adapters' input (default: 0)")
     sft.add_argument("--lora_targets", nargs="+", metavar="NAME",
                      help="layers to adapt, by name (default: qkv proj; also fc, w1, w2, w3)")
+    add_rag_flags(sft)
     add_training_flags(ft.add_argument_group("training"), FinetuneConfig)
 
     ev = verbs.add_parser("eval", allow_abbrev=False, help="score a checkpoint on question/answer data",
@@ -210,6 +211,7 @@ def build_parser() -> Parser:
     ev.add_argument("--predictions", metavar="FILE", help="also write every prompt, reference and answer as JSONL")
     ev.add_argument("--int8", action="store_true", help="weight-only int8 quantization")
     ev.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default: auto)")
+    add_rag_flags(ev)
 
     gen = verbs.add_parser("generate", allow_abbrev=False, help="sample text from a checkpoint",
                            description="Load a checkpoint and print a sampled continuation of --prompt.")
@@ -437,6 +439,26 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def add_rag_flags(group) -> None:
+    """RAG-lite: retrieved passages go into a system message before each example (lm.retrieval)."""
+    group.add_argument("--rag", metavar="FILE", help="put passages retrieved (BM25) from FILE (.txt or .jsonl), or "
+                                                     "'glossary', before each question")
+    group.add_argument("--rag_k", type=int, default=3, help="passages retrieved per question (default: 3)")
+    group.add_argument("--rag_budget", type=int, default=None,
+                       help="most tokens of retrieved text per question (default: half the model's block_size)")
+
+
+def _with_rag(examples, args, model):
+    """`examples` with retrieved context when --rag is given (unchanged otherwise)."""
+    if examples is None or not args.rag:
+        return examples
+    from .retrieval import Retriever, with_context
+
+    retriever = Retriever.glossary() if args.rag == "glossary" else Retriever.from_file(args.rag)
+    budget = args.rag_budget or model.config.block_size // 2
+    return with_context(examples, retriever, k=args.rag_k, tokenizer=model.tokenizer, budget=budget)
+
+
 def _examples(spec: str | None, default_split: str):
     """--data: a JSONL path, or the book's glossary ("glossary" or "glossary:SPLIT")."""
     if spec is None:
@@ -468,6 +490,7 @@ def cmd_finetune(args) -> int:
     val = _examples(args.val_data, "val")
     if val is None and args.data == "glossary":
         val = _examples("glossary:val", "val")
+    train, val = _with_rag(train, args, model), _with_rag(val, args, model)
     torch.manual_seed(config.seed)
     history = finetune(model, train, config, val_examples=val, resume=None if args.overwrite else "auto")
     if not history.val_loss:
@@ -491,16 +514,19 @@ def cmd_eval(args) -> int:
         from .quantize import quantize_int8
 
         quantize_int8(model)
-    result = evaluate(model, _examples(args.data, "test"), template=template, batch_size=args.batch_size,
+    examples = _with_rag(_examples(args.data, "test"), args, model)
+    result = evaluate(model, examples, template=template, batch_size=args.batch_size,
                       max_new_tokens=args.max_new_tokens, limit=args.limit)
     if args.predictions:
         with open(args.predictions, "w", encoding="utf-8") as f:
             for p in result.predictions:
                 f.write(json.dumps(p, ensure_ascii=False) + "\n")
     if args.json:
-        print(json.dumps({"ckpt": str(args.ckpt), "data": args.data, "template": template, **result.to_dict()}))
+        print(json.dumps({"ckpt": str(args.ckpt), "data": args.data, "template": template, "rag": args.rag,
+                          **result.to_dict()}))
     else:
-        print(f"{args.ckpt} on {args.data} (template {template!r})")
+        rag = f", context retrieved from {args.rag}" if args.rag else ""
+        print(f"{args.ckpt} on {args.data} (template {template!r}{rag})")
         print(result.table())
     return 0
 

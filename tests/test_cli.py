@@ -670,11 +670,11 @@ def chat_base(tmp_path_factory) -> tuple[Path, Path]:
     data = root / "chat.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     corpus = root / "corpus.txt"
-    corpus.write_text("".join(f"Human: {r['user']}\nAssistant: {r['assistant']}\n\n" for r in records) * 6)
+    corpus.write_text("".join(f"Context:\nHuman: {r['user']}\nAssistant: {r['assistant']}\n\n" for r in records) * 6)
     prepared = root / "data"
     assert main(["prep", "--corpus", str(corpus), "--out_dir", str(prepared)]) == 0
     base = root / "base"
-    flags = [*TRAIN_FLAGS, "--block_size", "64", "--pos", "rope"]
+    flags = [*TRAIN_FLAGS, "--block_size", "128", "--pos", "rope"]
     assert main(["train", "--data_dir", str(prepared), "--out_dir", str(base), *flags]) == 0
     return base / "best.pt", data
 
@@ -727,3 +727,23 @@ def test_finetune_bad_data_is_a_clear_error(chat_base, tmp_path, capsys):
     assert "bad.jsonl:1" in err and "match no format" in err and "Traceback" not in err
     assert main(["eval", "--ckpt", str(tmp_path / "missing.pt"), "--data", str(bad)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_rag_puts_retrieved_passages_before_each_question(chat_base, tmp_path, capsys):
+    base, data = chat_base
+    notes = tmp_path / "notes.txt"
+    notes.write_text("".join(f"{w} has {len(w)} letters.\n" for w in QA_WORDS))
+    out = tmp_path / "ft"
+    assert main(["finetune", "--init_from", str(base), "--data", str(data), "--out_dir", str(out), *FT_FLAGS,
+                 "--rag", str(notes), "--rag_k", "2", "--rag_budget", "40"]) == 0
+    capsys.readouterr()
+    scores = {}
+    for rag in ([], ["--rag", str(notes), "--rag_k", "1"]):
+        assert main(["eval", "--ckpt", str(out / "best.pt"), "--data", str(data), "--json", "--device", "cpu",
+                     *rag]) == 0
+        scores[bool(rag)] = json.loads(capsys.readouterr().out)
+    assert scores[True]["rag"] == str(notes) and scores[False]["rag"] is None
+    assert scores[True]["examples"] == scores[False]["examples"] == len(QA_WORDS)
+    assert scores[True]["loss"] != scores[False]["loss"]  # the context changed what the model read
+    assert main(["eval", "--ckpt", str(out / "best.pt"), "--data", str(data), "--rag", str(tmp_path / "none.txt")]) == 2
+    assert "none.txt" in capsys.readouterr().err

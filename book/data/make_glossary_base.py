@@ -26,6 +26,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5000)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--width", type=int, default=192)
+    parser.add_argument("--block_size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=20, help="times the glossary is stated over")
     parser.add_argument("--wording", choices=("varied", "one"), default="varied",
                         help="state each entry in all of STATEMENT_FORMS, or always as 'term: definition'")
@@ -36,7 +37,7 @@ def main() -> None:
     torch.manual_seed(0)
     tokenizer = lm.CharTokenizer.train(lm.glossary.all_text())
     ids = torch.tensor(tokenizer.encode(lm.glossary.pretraining_text(repeats=args.repeats, forms=forms)))
-    config = lm.ModelConfig(vocab_size=tokenizer.vocab_size, block_size=256, n_layer=args.layers,
+    config = lm.ModelConfig(vocab_size=tokenizer.vocab_size, block_size=args.block_size, n_layer=args.layers,
                             n_head=args.width // 32, d_model=args.width, pos="rope", norm="rmsnorm", dropout=0.0)
     model = lm.GPT(config, tokenizer=tokenizer).to(lm.resolve_device(args.device))
     start = time.perf_counter()
