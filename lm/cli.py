@@ -237,6 +237,22 @@ def build_parser() -> Parser:
     gen.add_argument("--no_cuda_graph", action="store_true",
                      help="on CUDA, launch every kernel from Python instead of replaying a CUDA graph")
     gen.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default: auto)")
+
+    ch = verbs.add_parser("chat", allow_abbrev=False, help="chat with a fine-tuned checkpoint in the terminal",
+                          description="A multi-turn chat that streams each answer and stops at the end of the "
+                                      "model's turn; the oldest exchanges are dropped when the conversation outgrows "
+                                      "the context. Type /help for the commands.")
+    ch.add_argument("--ckpt", required=True, help="checkpoint file, e.g. runs/chat/best.pt")
+    ch.add_argument("--template", choices=TEMPLATE_NAMES, default=None,
+                    help="chat template (default: the one the checkpoint was fine-tuned with, else human)")
+    ch.add_argument("--system", default=None, help="a system message before the conversation")
+    ch.add_argument("--max_new_tokens", type=int, default=150, help="answer length limit (default: 150, seed 001)")
+    ch.add_argument("--temperature", type=float, default=0.8, help="sampling temperature, 0 = greedy (default: 0.8)")
+    ch.add_argument("--top_k", type=int, default=200, help="sample from the k most likely tokens (default: 200)")
+    ch.add_argument("--top_p", type=float, default=None, help="nucleus sampling threshold")
+    ch.add_argument("--seed", type=int, default=None, help="seed for reproducible answers")
+    ch.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default: auto)")
+    add_rag_flags(ch)
     return parser
 
 
@@ -504,11 +520,10 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .checkpoint import load_checkpoint, load_model
+    from .checkpoint import load_model
     from .evaluation import evaluate
 
-    template = args.template or (load_checkpoint(args.ckpt, mmap=True).get("train_config") or {}).get("template",
-                                                                                                      "human")
+    template = args.template or _template_of(args.ckpt)
     model = load_model(args.ckpt, device=args.device)
     if args.int8:
         from .quantize import quantize_int8
@@ -531,8 +546,34 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _template_of(ckpt) -> str:
+    """The template a checkpoint was fine-tuned with ("human" when it was not fine-tuned)."""
+    from .checkpoint import load_checkpoint
+
+    return (load_checkpoint(ckpt, mmap=True).get("train_config") or {}).get("template", "human")
+
+
+def cmd_chat(args) -> int:
+    from .chat import Chat, run
+    from .checkpoint import load_model
+    from .generation import GenerationConfig
+
+    template = args.template or _template_of(args.ckpt)
+    model = load_model(args.ckpt, device=args.device)
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, seed=args.seed)
+    retriever = None
+    if args.rag:
+        from .retrieval import Retriever
+
+        retriever = Retriever.glossary() if args.rag == "glossary" else Retriever.from_file(args.rag)
+    chat = Chat(model, template, config, system=args.system, retriever=retriever, rag_k=args.rag_k,
+                rag_budget=args.rag_budget)
+    return run(chat)
+
+
 COMMANDS = {"prep": cmd_prep, "train": cmd_train, "finetune": cmd_finetune, "eval": cmd_eval,
-            "generate": cmd_generate}
+            "generate": cmd_generate, "chat": cmd_chat}
 
 
 def main(argv: list[str] | None = None) -> int:
