@@ -135,8 +135,11 @@ def run(chat: Chat, read: Callable[[str], str] = input, out=None) -> int:
             continue
         dropped = chat.dropped
         print("model> ", end="", file=out, flush=True)
-        for piece in chat.ask(line):
-            print(piece, end="", file=out, flush=True)
+        try:
+            for piece in chat.ask(line):
+                print(piece, end="", file=out, flush=True)
+        except ValueError as err:  # e.g. a character the tokenizer cannot encode: say so, keep chatting
+            print(f"(error: {err})", end="", file=out)
         print(file=out)
         if chat.dropped > dropped:
             print(f"(the conversation outgrew the {chat.model.config.block_size}-token context: the oldest "

@@ -98,3 +98,12 @@ def test_lm_chat_command(model, tmp_path, monkeypatch, capsys):
     assert "model> " in out and "'human' template" in out
     assert main(["chat", "--ckpt", str(tmp_path / "none.pt")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_message_the_tokenizer_cannot_encode_is_reported_and_the_chat_goes_on(model):
+    lines = iter(["what is a dog?", "what is a cat?", "/quit"])  # "d", "o", "g" are not in the vocabulary
+    out = io.StringIO()
+    chat = Chat(model, config=lm.GenerationConfig(max_new_tokens=4, temperature=0))
+    assert run(chat, read=lambda _: next(lines), out=out) == 0
+    assert "(error: " in out.getvalue() and "'d'" in out.getvalue()
+    assert [m["content"] for m in chat.messages if m["role"] == "user"] == ["what is a cat?"]
