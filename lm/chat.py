@@ -82,11 +82,9 @@ class Chat:
             self.messages = self.messages[2 * dropped:]
             self.dropped += dropped
         tokenizer = self.model.tokenizer
-        stops = self.template.generation_options(tokenizer)
-        eos = getattr(tokenizer, "eos_id", None)
         max_new = min(self.config.max_new_tokens, self.model.config.block_size - len(ids))
-        config = GenerationConfig.build(self.config, max_new_tokens=max(1, max_new), stop=stops["stop"],
-                                        stop_tokens=tuple(stops["stop_tokens"]) + ((eos,) if eos is not None else ()))
+        config = GenerationConfig.build(self.config, max_new_tokens=max(1, max_new),
+                                        **self.template.generation_options(tokenizer))
         prompt = torch.tensor([ids], dtype=torch.long, device=self.model.device)
         reply = []
         for piece in stream_text(Generation(self.decoder, prompt, config, None)):

@@ -464,13 +464,20 @@ def add_rag_flags(group) -> None:
                        help="most tokens of retrieved text per question (default: half the model's block_size)")
 
 
+def _retriever(spec: str):
+    """--rag: the book's glossary ("glossary"), or a .txt / .jsonl file of passages."""
+    from .retrieval import Retriever
+
+    return Retriever.glossary() if spec == "glossary" else Retriever.from_file(spec)
+
+
 def _with_rag(examples, args, model):
     """`examples` with retrieved context when --rag is given (unchanged otherwise)."""
     if examples is None or not args.rag:
         return examples
-    from .retrieval import Retriever, with_context
+    from .retrieval import with_context
 
-    retriever = Retriever.glossary() if args.rag == "glossary" else Retriever.from_file(args.rag)
+    retriever = _retriever(args.rag)
     budget = args.rag_budget or model.config.block_size // 2
     return with_context(examples, retriever, k=args.rag_k, tokenizer=model.tokenizer, budget=budget)
 
@@ -562,11 +569,7 @@ def cmd_chat(args) -> int:
     model = load_model(args.ckpt, device=args.device)
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, seed=args.seed)
-    retriever = None
-    if args.rag:
-        from .retrieval import Retriever
-
-        retriever = Retriever.glossary() if args.rag == "glossary" else Retriever.from_file(args.rag)
+    retriever = _retriever(args.rag) if args.rag else None
     chat = Chat(model, template, config, system=args.system, retriever=retriever, rag_k=args.rag_k,
                 rag_budget=args.rag_budget)
     return run(chat)

@@ -156,11 +156,8 @@ def _generate_answers(model, conversations, template, batch_size, max_new_tokens
         max_new_tokens = max(len(template.encode([{"role": "user", "content": ""}, {"role": "assistant",
                                                                                        "content": r}],
                                                  tokenizer).ids) for r in references) + 8
-    stops = template.generation_options(tokenizer)
-    eos = getattr(tokenizer, "eos_id", None)
-    stop_tokens = tuple(stops["stop_tokens"]) + ((eos,) if eos is not None else ())
     config = GenerationConfig.build(config or GenerationConfig(temperature=0.0), max_new_tokens=max_new_tokens,
-                                    stop=stops["stop"], stop_tokens=stop_tokens)
+                                    **template.generation_options(tokenizer))
     predictions, generated, steps, seconds = [], 0, 0, 0.0
     block = model.config.block_size
     for start in range(0, len(conversations), batch_size):

@@ -303,9 +303,13 @@ class ChatTemplate:
                                    tokenizer).ids
 
     def generation_options(self, tokenizer) -> dict:
-        """Stop settings for GenerationConfig: the template's stop strings and stop-token ids."""
+        """Stop settings for GenerationConfig: the template's stop strings, and its stop tokens'
+        ids together with the tokenizer's end-of-text id (a prompt of ids does not stop there by
+        itself)."""
         specials = getattr(tokenizer, "special_tokens", {}) or {}
-        return {"stop": self.stop, "stop_tokens": tuple(specials[s] for s in self.stop_tokens)}
+        ids = [specials[s] for s in self.stop_tokens]
+        eos = getattr(tokenizer, "eos_id", None)
+        return {"stop": self.stop, "stop_tokens": tuple(dict.fromkeys(ids + ([eos] if eos is not None else [])))}
 
     def cut(self, text: str) -> str:
         """A generated answer up to the template's first stop string, without surrounding spaces."""

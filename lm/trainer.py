@@ -232,7 +232,9 @@ class TrainHistory:
 class Trainer:
     """The training loop with its state: model, optimizer, scaler, EMA, batches, history, step.
 
-    `Trainer(model, train_data, val_data, config).fit()` trains. `resume=` a checkpoint (path or
+    `Trainer(model, train_data, val_data, config).fit()` trains. The data are 1-D token ids (windows
+    are cut from them), or anything with a `batches(...)` stream of its own, such as fine-tuning's
+    `lm.finetuning.SupervisedData` (`lm.data.batch_stream`). `resume=` a checkpoint (path or
     dict) continues a run where it stopped, with the same batches, learning rates and random numbers,
     so on CPU a resumed run reproduces the losses of an uninterrupted one; `resume="auto"` continues
     from `config.out_dir/last.pt` when it exists and starts afresh when it does not. A checkpoint of
