@@ -24,7 +24,7 @@ from . import glossary, instructions  # noqa: F401  (lm.glossary.examples("train
 from .evaluation import EvalResult, evaluate, normalize_answer
 from .finetuning import FinetuneConfig, finetune
 from .instructions import ChatTemplate, DataFormatError, Examples, chat_template, load_examples
-from . import chat, classify, lora, retrieval  # noqa: F401  (lm.lora.merge_lora, lm.chat.Chat, ...)
+from . import chat, classify, lora, retrieval, serving  # noqa: F401  (lm.lora.merge_lora, lm.chat.Chat, ...)
 from .classify import SequenceClassifier, classification_task, train_classifier
 from .lora import LoRAConfig, LoRAError, apply_lora, load_adapters, merge_lora, save_adapters, unmerge_lora
 from .retrieval import Retriever

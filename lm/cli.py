@@ -1,10 +1,12 @@
-"""Command line: `lm prep`, `lm train`, `lm finetune`, `lm eval`, `lm generate` (also `python -m lm ...`).
+"""Command line: `lm prep`, `lm train`, `lm finetune`, `lm eval`, `lm generate`, `lm chat`, `lm serve` (also `python -m lm ...`).
 
     lm prep --corpus shakespeare --out_dir data/shakespeare
     lm train --data_dir data/shakespeare --out_dir runs/shakespeare --max_steps 2000
     lm finetune --init_from runs/shakespeare/best.pt --data chat.jsonl --out_dir runs/chat --lora_rank 8
     lm eval --ckpt runs/chat/best.pt --data test.jsonl --json
     lm generate --ckpt runs/shakespeare/best.pt --prompt "ROMEO:" --max_new_tokens 200
+    lm chat --ckpt runs/chat/best.pt
+    lm serve --ckpt runs/chat/best.pt --port 8000
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -253,6 +256,36 @@ def build_parser() -> Parser:
     ch.add_argument("--seed", type=int, default=None, help="seed for reproducible answers")
     ch.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default: auto)")
     add_rag_flags(ch)
+
+    sv = verbs.add_parser("serve", allow_abbrev=False, help="serve a checkpoint over HTTP (OpenAI-compatible)",
+                          description="A FastAPI/uvicorn server: POST /chat ({\"message\"} -> {\"response\"}), "
+                                      "POST /v1/chat/completions and /v1/completions (OpenAI's API, streaming with "
+                                      "\"stream\": true), GET /v1/models, GET /health. Requests from all clients "
+                                      "are decoded together (continuous batching); every conversation is appended "
+                                      "to --history, which `lm finetune --data` reads.")
+    sv.add_argument("--ckpt", required=True, help="checkpoint file, e.g. runs/chat/best.pt")
+    sv.add_argument("--host", default="127.0.0.1",
+                    help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 for every interface)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    sv.add_argument("--api_key", default=os.environ.get("LM_API_KEY"),
+                    help="require 'Authorization: Bearer KEY' on every endpoint (default: $LM_API_KEY, else none)")
+    sv.add_argument("--model_name", default=None,
+                    help="the model's name in the API (default: the run's folder for best.pt/last.pt, else the file's name)")
+    sv.add_argument("--template", choices=TEMPLATE_NAMES, default=None,
+                    help="chat template (default: the one the checkpoint was fine-tuned with, else human)")
+    sv.add_argument("--system", default=None, help="a system message before every conversation")
+    sv.add_argument("--history", default="chat_history.jsonl",
+                    help="append each conversation here, one JSON line (default: chat_history.jsonl)")
+    sv.add_argument("--no_history", action="store_true", help="keep no history")
+    sv.add_argument("--max_batch", type=int, default=16,
+                    help="requests decoded together (default: 16); 1 serves one request at a time")
+    sv.add_argument("--max_new_tokens", type=int, default=150, help="default answer length (default: 150, seed 001)")
+    sv.add_argument("--temperature", type=float, default=0.8, help="default temperature (default: 0.8)")
+    sv.add_argument("--top_k", type=int, default=200, help="default top-k (default: 200)")
+    sv.add_argument("--top_p", type=float, default=None, help="default nucleus threshold (default: none)")
+    sv.add_argument("--max_body_bytes", type=int, default=1 << 20, help="largest request body (default: 1 MiB)")
+    sv.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default: auto)")
+    add_rag_flags(sv)
     return parser
 
 
@@ -575,8 +608,35 @@ def cmd_chat(args) -> int:
     return run(chat)
 
 
+def cmd_serve(args) -> int:
+    from .checkpoint import load_model
+    from .generation import GenerationConfig
+    from .server import Settings, create_app, serve
+
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port} is not a port number (0-65535).")
+    if args.max_batch < 1:
+        raise ValueError(f"--max_batch {args.max_batch} must be at least 1.")
+    GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                     top_p=args.top_p)  # checks the defaults before loading anything
+    template = args.template or _template_of(args.ckpt)
+    model = load_model(args.ckpt, device=args.device)
+    path = Path(args.ckpt).resolve()  # runs/chat/best.pt is "chat"; book/data/glossary_chat.pt is "glossary_chat"
+    name = args.model_name or (path.parent.name if path.name in ("best.pt", "last.pt") else path.stem) or "lm"
+    app = create_app(model, template=template, model_name=name, history=None if args.no_history else args.history,
+                     api_key=args.api_key or None, max_batch=args.max_batch,
+                     settings=Settings(args.max_new_tokens, args.temperature, args.top_k, args.top_p),
+                     system=args.system, retriever=_retriever(args.rag) if args.rag else None, rag_k=args.rag_k,
+                     rag_budget=args.rag_budget, max_body_bytes=args.max_body_bytes)
+    history = "no history" if args.no_history else f"history in {args.history}"
+    key = " (API key required)" if args.api_key else ""
+    serve(app, host=args.host, port=args.port, banner=lambda url: print(
+        f"serving {name!r} ({args.ckpt}, template {template!r}, {history}) on {url}{key}", file=sys.stderr))
+    return 0
+
+
 COMMANDS = {"prep": cmd_prep, "train": cmd_train, "finetune": cmd_finetune, "eval": cmd_eval,
-            "generate": cmd_generate, "chat": cmd_chat}
+            "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,9 +52,13 @@ def table_rows(table: torch.Tensor, T: int, offset) -> torch.Tensor:
 
     `offset` is an int, or a 0-d long tensor on the table's device: then the rows are gathered on
     the device and no shape depends on the position, so one decoding step can be captured as a
-    CUDA graph and replayed at every position (`lm.cuda_graph`)."""
+    CUDA graph and replayed at every position (`lm.cuda_graph`). A (B,) tensor gives each row of a
+    batch its own offset (`lm.serving`, where requests sit at different positions): (B, T, ...)."""
     if isinstance(offset, torch.Tensor):
-        return table.index_select(0, offset + torch.arange(T, device=table.device))
+        steps = torch.arange(T, device=table.device)
+        if offset.dim() == 1:
+            return table[offset[:, None] + steps]
+        return table.index_select(0, offset + steps)
     return table[offset : offset + T]
 
 
@@ -194,8 +198,11 @@ class RotaryEmbedding(nn.Module):
         return (table_rows(self.cos_cached, T, offset).to(dtype), table_rows(self.sin_cached, T, offset).to(dtype))
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, offset=0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate q (..., T, D) and k (..., T, D) for positions offset .. offset+T-1 (int or 0-d tensor)."""
+        """Rotate q (B, H, T, D) and k (B, H_kv, T, D) for positions offset .. offset+T-1: offset an
+        int, a 0-d tensor, or a (B,) tensor (each row at its own position, `lm.serving`)."""
         cos, sin = self.tables(q.size(-2), offset, q.dtype)
+        if cos.dim() == 3:  # (B, T, D): one table per row, the same for every head
+            cos, sin = cos[:, None], sin[:, None]
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
     def extra_repr(self) -> str:

@@ -15,7 +15,7 @@ import lm
 from lm.cli import build_parser, main
 from lm.data import read_tokens
 
-VERBS = ("prep", "train", "finetune", "eval", "generate", "chat")
+VERBS = ("prep", "train", "finetune", "eval", "generate", "chat", "serve")
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_FLAGS = ["--max_steps", "20", "--n_layer", "1", "--d_model", "32", "--n_head", "2", "--block_size", "16",
                "--batch_size", "4", "--eval_interval", "10", "--no_progress", "--device", "cpu"]

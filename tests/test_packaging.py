@@ -45,7 +45,7 @@ def test_environment_yml_installs_the_package_itself_without_resolving_again():
 
 def test_makefile_installs_the_pinned_torch_before_the_project():
     makefile = (ROOT / "Makefile").read_text()
-    assert makefile.index('"$(TORCH_SPEC)"') < makefile.index('-e ".[book,test]"')
+    assert makefile.index('"$(TORCH_SPEC)"') < makefile.index('-e ".[book,serve,test]"')
     assert "TORCH_SPEC ?= torch==2.13.0" in makefile
     assert pyproject_requirements()["torch"].startswith(">="), "pyproject must accept the pinned torch"
 

@@ -22,9 +22,9 @@ def test_the_readme_has_python_examples():
 def test_readme_python_examples_run_as_written(tmp_path, monkeypatch, capsys):
     pytest.importorskip("torch")
     monkeypatch.chdir(tmp_path)
-    base = README.parent / "book" / "data" / "glossary_base.pt"  # the examples run from the repository root
     (tmp_path / "book" / "data").mkdir(parents=True)
-    (tmp_path / "book" / "data" / "glossary_base.pt").symlink_to(base)
+    for model in (README.parent / "book" / "data").glob("*.pt"):  # the examples run from the repository root
+        (tmp_path / "book" / "data" / model.name).symlink_to(model)
     namespace: dict = {}
     for number, code in enumerate(python_examples(), start=1):
         try:
@@ -36,3 +36,11 @@ def test_readme_python_examples_run_as_written(tmp_path, monkeypatch, capsys):
     assert 0 <= namespace["result"].token_accuracy <= 1 and namespace["result"].examples == 10
     assert capsys.readouterr().out.strip(), "the examples print generated text"
     assert isinstance(namespace["text"], str) and namespace["config"].max_new_tokens == 100
+    assert namespace["reply"].choices[0].message.content  # the server answered the openai client
+    assert len(lm_examples(tmp_path / "chat_history.jsonl")) == 1  # and kept the conversation
+
+
+def lm_examples(path):
+    import lm
+
+    return lm.load_examples(path)
