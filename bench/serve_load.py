@@ -26,11 +26,13 @@ vocabulary, else the glossary's characters), written to a temporary checkpoint.
 Measured, aggregate tokens/s (every request ran to 128 tokens), batched / one at a time:
 
                                         N=1            N=8            N=32             N=64
-    2 shared CPU cores, glossary base    87 / 107      344 / 139      706 / 164 (4.3x)   -
+    2 CPU cores, glossary base          178 / 209      604 / 136    1,118 / 148 (7.5x)   -
     H200, GPT-2 124M random (fp32)      179 / 400      889 / 391    2,566 / 391        4,515 / 404 (11.2x)
     H200, glossary base                 163 / 1,219  1,312 / 1,368  3,415 / 1,276      5,597 / 1,460 (3.8x)
 
-(book/data/serve_load_cpu.json, book/data/serve_load_h200.json; the H200 run used --requests 2.)
+(book/data/serve_load_cpu.json, 2026-12-03, after the server learnt to send a stream's pending text
+in one event: the first run, with one event per token, gave 706 / 164 (4.3x) at N=32;
+book/data/serve_load_h200.json, measured before that change, with --requests 2.)
 A batched step costs about 5.5 ms plus 0.1-0.2 ms per row on the H200 whatever the model's size:
 the server's Python, not the GPU, sets the pace; alone, one request goes faster through lm.Decoder's
 CUDA graph than through the engine's eager batched step.

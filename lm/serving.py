@@ -444,8 +444,11 @@ class Engine:
                 history = torch.tensor([request.ids + request.new_ids], dtype=torch.long, device=logits.device)
             else:
                 history = torch.empty(len(rows), 0, dtype=torch.long, device=logits.device)
-            index = torch.tensor(rows, device=logits.device)
-            picked = choose_next(logits.index_select(0, index), history, request.sampling, request.generator)[0]
+            if len(rows) < len(requests):
+                logits_of = logits.index_select(0, torch.tensor(rows, device=logits.device))
+            else:  # every row shares the settings (the usual case): no gather
+                logits_of = logits
+            picked = choose_next(logits_of, history, request.sampling, request.generator)[0]
             for i, token in zip(rows, picked.view(-1).tolist()):
                 chosen[i] = token
         return chosen
