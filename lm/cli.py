@@ -101,7 +101,7 @@ def add_training_flags(group, config_class) -> None:
 def build_parser() -> Parser:
     parser = Parser(prog="lm", allow_abbrev=False, description="Train and sample small GPT-style language models.")
     parser.add_argument("--version", action="version", version=f"lm {__version__}")
-    verbs = parser.add_subparsers(dest="verb", metavar="{prep,train,finetune,eval,generate}", parser_class=Parser)
+    verbs = parser.add_subparsers(dest="verb", metavar="{prep,train,finetune,eval,generate,chat,serve}", parser_class=Parser)
     verbs.required = True
 
     prep = verbs.add_parser("prep", allow_abbrev=False, help="tokenize a corpus into train.bin / val.bin",

@@ -187,7 +187,6 @@ def create_app(model, *, template="human", model_name: str = "lm", history: str 
             await asyncio.to_thread(state["engine"].close)
 
     app = FastAPI(title=f"lm serve: {model_name}", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.history = log
 
     @app.exception_handler(ApiError)
     async def api_error(request, err: ApiError):

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import itertools
 import queue
 import threading
 import time
@@ -175,10 +174,7 @@ class Request:
     """One generation in an engine. Iterate it (from any thread) for the text as it comes; the
     end of iteration means it finished, and `result` says how. `cancel()` frees its slot."""
 
-    _ids = itertools.count()
-
     def __init__(self, engine: "Engine", ids: list[int], config: GenerationConfig, notify=None):
-        self.id = next(Request._ids)
         self.ids, self.config = list(ids), config
         self.max_new = min(config.max_new_tokens, engine.max_len - len(self.ids))
         tokenizer = engine.model.tokenizer
