@@ -144,11 +144,12 @@ def free_port() -> int:
 class ServeProcess:
     """`python -m lm serve` in a subprocess (its own process group), killed by `stop()`."""
 
-    def __init__(self, ckpt: str, max_batch: int, device: str, threads: int | None, log_dir: Path):
+    def __init__(self, ckpt: str, max_batch: int, device: str, threads: int | None, log_dir: Path,
+                 extra: tuple = ()):
         self.port, self.max_batch = free_port(), max_batch
         self.url = f"http://127.0.0.1:{self.port}"
         self.command = [sys.executable, "-m", "lm", "serve", "--ckpt", ckpt, "--port", str(self.port), "--no_history",
-                        "--max_batch", str(max_batch), "--device", device]
+                        "--max_batch", str(max_batch), "--device", device, *extra]
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
         if threads:
@@ -344,6 +345,7 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.8, help="(default: 0.8, seed 001)")
     parser.add_argument("--top_k", type=int, default=200, help="(default: 200, seed 001)")
     parser.add_argument("--max_batch", type=int, default=32, help="lm's server: --max_batch (default: 32)")
+    parser.add_argument("--cuda_graph", action="store_true", help="lm's server: --cuda_graph (GPU)")
     parser.add_argument("--warmup", type=int, default=2, help="requests per server before measuring (default: 2)")
     parser.add_argument("--client_procs", type=int, default=None,
                         help="processes the clients are spread over (default: 1 on CPU, 4 on CUDA)")
@@ -384,7 +386,8 @@ def main() -> None:
             results["models"].append(entry)
             print(f"{name}: {entry['params']:,} parameters, serving on {args.device} "
                   f"(max_batch {args.max_batch} and 1, {threads or 'default'} threads each)", file=sys.stderr)
-            sides = {"lm": ServeProcess(str(ckpt), args.max_batch, args.device, threads, work),
+            graph = ("--cuda_graph",) if args.cuda_graph else ()
+            sides = {"lm": ServeProcess(str(ckpt), args.max_batch, args.device, threads, work, graph),
                      "one-at-a-time": ServeProcess(str(ckpt), 1, args.device, threads, work)}
             servers += sides.values()
             t0 = time.monotonic()

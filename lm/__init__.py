@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 # Component modules register their classes (lm.registry) on import; the model looks them up by name.
 from . import attention, feedforward, norms, positions  # noqa: F401  (isort: skip)
 from . import quantize  # noqa: F401  (lm.quantize.quantize_int8, as the README shows)
-from .checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
+from .checkpoint import CheckpointError, CheckpointSaveError, load_checkpoint, load_model, save_checkpoint
 from .config import ConfigError, ModelConfig
 from .corpora import load_corpus, load_documents
 from .data import DataError, get_batch, train_val_split
@@ -42,14 +42,14 @@ from .tokenizers import (
     ByteBPETokenizer, CharTokenizer, SentencePieceTokenizer, TiktokenTokenizer, TokenizerError, load_tokenizer,
 )
 from .optim import lr_at
-from .trainer import TrainConfig, TrainHistory, TrainingError
+from .trainer import TrainConfig, TrainHistory, TrainingError, TrainingInterrupted
 from .training import train
 
 __all__ = [
     "ATTENTION", "FEEDFORWARD", "NORMS", "POSITIONS", "PRESETS", "Registry", "RegistryError",
     "count_params", "param_breakdown", "param_formula_rscalm", "param_formula_seed000", "preset",
-    "Decoder", "GenerationConfig", "KVCache", "ByteBPETokenizer", "CharTokenizer", "CheckpointError", "ConfigError", "DataError", "GPT", "ModelConfig", "SamplingError",
-    "TokenizerError", "TrainConfig", "TrainHistory", "TrainingError", "auto_device", "get_batch",
+    "Decoder", "GenerationConfig", "KVCache", "ByteBPETokenizer", "CharTokenizer", "CheckpointError", "CheckpointSaveError", "ConfigError", "DataError", "GPT", "ModelConfig", "SamplingError",
+    "TokenizerError", "TrainConfig", "TrainHistory", "TrainingError", "TrainingInterrupted", "auto_device", "get_batch",
     "load_checkpoint", "load_corpus", "load_model", "load_tokenizer", "lr_at", "resolve_device",
     "SentencePieceTokenizer", "TiktokenTokenizer", "sample_next", "save_checkpoint", "top_k_filter", "train", "train_val_split",
     "find_batch_size", "load_documents", "training_memory",

@@ -12,10 +12,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -279,6 +281,8 @@ def build_parser() -> Parser:
     sv.add_argument("--no_history", action="store_true", help="keep no history")
     sv.add_argument("--max_batch", type=int, default=16,
                     help="requests decoded together (default: 16); 1 serves one request at a time")
+    sv.add_argument("--cuda_graph", action="store_true",
+                    help="replay each batched decoding step as a CUDA graph (GPU only; faster at few clients)")
     sv.add_argument("--max_new_tokens", type=int, default=150, help="default answer length (default: 150, seed 001)")
     sv.add_argument("--temperature", type=float, default=0.8, help="default temperature (default: 0.8)")
     sv.add_argument("--top_k", type=int, default=200, help="default top-k (default: 200)")
@@ -291,7 +295,7 @@ def build_parser() -> Parser:
 
 def cmd_prep(args) -> int:
     from .corpora import load_documents
-    from .data import train_val_split, write_tokens
+    from .data import train_val_split, write_prepared
 
     if args.vocab_size is not None and args.tokenizer not in VOCAB_DEFAULTS:
         raise ValueError(f"--vocab_size is for the tokenizers trained on the corpus ({', '.join(VOCAB_DEFAULTS)}); "
@@ -300,20 +304,12 @@ def cmd_prep(args) -> int:
     tokenizer, ids, separator_id = prep_tokenize(documents, args.tokenizer, args.vocab_size,
                                                  separator=not args.no_separator)
     train_ids, val_ids = train_val_split(ids, args.val_fraction)  # the tail of the packed stream validates
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_tokens(out / "train.bin", train_ids, tokenizer.vocab_size)
-    write_tokens(out / "val.bin", val_ids, tokenizer.vocab_size)
-    tokenizer.save(out / "tokenizer.json")
-    if args.tokenizer == "sentencepiece":
-        tokenizer.save_model(out / "tokenizer.model")  # for the sentencepiece library and RSCaLM's scripts
-    elif (out / "tokenizer.model").is_file():
-        (out / "tokenizer.model").unlink()  # left by an earlier sentencepiece prep: it no longer matches
     meta = {"corpus": args.corpus, "tokenizer": args.tokenizer, "tokenizer_kind": tokenizer.kind,
             "vocab_size": tokenizer.vocab_size, "train_tokens": len(train_ids), "val_tokens": len(val_ids),
             "characters": sum(map(len, documents)), "documents": len(documents),
             "document_split": args.documents, "separator_id": separator_id}
-    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    out = Path(args.out_dir)
+    write_prepared(out, train_ids, val_ids, tokenizer, meta)  # meta.json last, with each file's sha256
     between = "nothing" if separator_id is None else f"token {separator_id}"
     print(f"wrote {out}/train.bin ({len(train_ids):,} tokens) and val.bin ({len(val_ids):,} tokens) from "
           f"{len(documents):,} document(s), {between} between them; {args.tokenizer} vocabulary of "
@@ -339,16 +335,34 @@ def _batch_size(value: str):
 
 
 def _read_sections(path: str | None) -> dict:
-    import yaml
-
+    """--config's 'model' and 'train' sections (each a mapping, empty when left out)."""
     if not path:
         return {}
     if not Path(path).is_file():
         raise ValueError(f"--config {path!r} does not exist; give a YAML or JSON file with 'model'/'train' sections.")
-    sections = yaml.safe_load(Path(path).read_text()) or {}
+    sections = _load_yaml(Path(path).read_text()) or {}
     if not isinstance(sections, dict) or set(sections) - {"model", "train"}:
         raise ValueError(f"--config {path}: must be a mapping with 'model' and/or 'train' sections only.")
+    sections = {name: body or {} for name, body in sections.items()}  # `train:` with nothing under it
+    for name, body in sections.items():
+        if not isinstance(body, dict):
+            raise ValueError(f"--config {path}: '{name}' must be a mapping of settings, not {body!r}.")
     return sections
+
+
+def _load_yaml(text: str):
+    """PyYAML's safe_load, but reading `lr: 3e-4` as a number as YAML 1.2 (and JSON) do; YAML 1.1, which
+    PyYAML follows, needs a dot (3.0e-4) and would read the string '3e-4'."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    exponent_only = re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$")
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", exponent_only, list("-+0123456789"))
+    return yaml.load(text, Loader=Loader)
 
 
 def _saved_run(out_dir: Path) -> dict | None:
@@ -390,6 +404,7 @@ def model_settings(args, sections: dict, vocab_size: int, base: dict | None = No
 
 
 def train_settings(args, base: dict) -> dict:
+    """The training settings: `base` (a resumed run's, then --config's train section), then flags."""
     settings = dict(base)
     for flag in TRAIN_FLAGS:
         if getattr(args, flag) is not None:
@@ -403,36 +418,49 @@ def train_settings(args, base: dict) -> dict:
     return settings
 
 
+def cmd_train_settings(args, sections: dict, saved: dict | None, main_process: bool = True) -> dict:
+    """What `lm train` trains with: the resumed run's settings, then --config's train section, then
+    flags. out_dir is --out_dir's. The progress bar is a matter of display, not of the run, so it is
+    not taken from a resumed run: it shows unless --no_progress or `progress: false` in --config say
+    otherwise, and only in the first process."""
+    config_section = sections.get("train", {})
+    settings = train_settings(args, {**(saved["train"] if saved else {}), **config_section})
+    settings["out_dir"] = str(args.out_dir)
+    settings["progress"] = bool(config_section.get("progress", True)) and not args.no_progress and main_process
+    return settings
+
+
 def cmd_train(args) -> int:
     import yaml
 
     from . import distributed
     from .config import ModelConfig
-    from .data import read_tokens
+    from .data import check_prepared, read_tokens
     from .device import resolve_device
+    from .files import write_atomically
     from .model import GPT
     from .tokenizers import load_tokenizer
-    from .trainer import TrainConfig, Trainer
+    from .trainer import TrainConfig, Trainer, TrainingInterrupted, run_lock
     from .training import resolve_batch_size
 
     data_dir, out_dir = Path(args.data_dir), Path(args.out_dir)
-    if not (data_dir / "tokenizer.json").is_file():
-        raise ValueError(f"{data_dir} has no tokenizer.json; run `lm prep --out_dir {data_dir}` first.")
+    check_prepared(data_dir)  # its files come from one finished `lm prep`
     tokenizer = load_tokenizer(data_dir / "tokenizer.json")
     sections = _read_sections(args.config)
     device = distributed.local_device(resolve_device(args.device))
     main_process = distributed.env_info().is_main
     say = print if main_process else (lambda *a, **k: None)
 
-    saved = None if args.overwrite else _saved_run(out_dir)  # a resumed run starts from its own settings
-    model_config = ModelConfig.from_dict(model_settings(args, sections, tokenizer.vocab_size,
-                                                        base=saved and saved["model"]))
-    train_args = train_settings(args, {**(saved["train"] if saved else {}), **sections.get("train", {})})
-    train_args.update(out_dir=str(out_dir), progress=not args.no_progress and main_process)
-    train_config = TrainConfig.from_dict(train_args)
-    torch.manual_seed(train_config.seed)
-    model = GPT(model_config, tokenizer=tokenizer).to(device)
+    lock = contextlib.ExitStack()
     try:
+        if main_process:  # one run per out_dir: a second is refused before it reads or writes anything there
+            lock.enter_context(run_lock(out_dir))
+        saved = None if args.overwrite else _saved_run(out_dir)  # a resumed run starts from its own settings
+        model_config = ModelConfig.from_dict(model_settings(args, sections, tokenizer.vocab_size,
+                                                            base=saved and saved["model"]))
+        train_config = TrainConfig.from_dict(cmd_train_settings(args, sections, saved, main_process))
+        torch.manual_seed(train_config.seed)
+        model = GPT(model_config, tokenizer=tokenizer).to(device)
         train_config, found = resolve_batch_size(model, train_config)
         trainer = Trainer(model, read_tokens(data_dir / "train.bin", tokenizer.vocab_size),
                           read_tokens(data_dir / "val.bin", tokenizer.vocab_size), train_config,
@@ -444,19 +472,25 @@ def cmd_train(args) -> int:
                         if train_config.batch_size != found else "")
             say(f"--batch_size auto: {found} sequences fit{budget}{headroom}")
         if trainer.step >= train_config.max_steps:
-            say(f"nothing to do: {out_dir}/last.pt is already at step {trainer.step}; raise --max_steps to go on.")
+            trainer.fit()  # says there is nothing to do, after bringing a best.pt that a crash left behind up to date
             return 0
-        if main_process:
+        if main_process:  # written whole or not at all
             out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "config.yaml").write_text(yaml.safe_dump(
-                {"model": model_config.to_dict(), "train": train_config.to_dict()}, sort_keys=False))
+            settings = yaml.safe_dump({"model": model_config.to_dict(), "train": train_config.to_dict()}, sort_keys=False)
+            write_atomically(out_dir / "config.yaml", lambda f: f.write(settings), text=True)
         info = distributed.env_info()
         where = f"{info.world_size} processes ({train_config.parallel})" if info.enabled else str(model.device)
         say(f"model: {model.num_params() / 1e6:.2f}M parameters on {where}, {train_config.precision}")
         if trainer.resumed_from is not None:
             say(f"resuming from {out_dir}/last.pt at step {trainer.step} of {train_config.max_steps}")
         history = trainer.fit()
+    except TrainingInterrupted as stop:  # Ctrl-C or SIGTERM: fit saved last.pt and said where
+        return stop.exit_code  # 128 + the signal: 130 for SIGINT, 143 for SIGTERM, as shells report them
+    except KeyboardInterrupt:  # outside fit's safe points (before training began, say)
+        say(f"\ninterrupted; {out_dir}/last.pt, if there is one, is left as it was.")
+        return 128 + int(signal.SIGINT)
     finally:
+        lock.close()
         distributed.shutdown()
     stop = " (stopped early: no improvement)" if history.stopped_early else ""
     say(f"done{stop}: train loss {history.train_loss[-1]:.4f}, val loss {history.val_loss[-1]:.4f}, "
@@ -627,7 +661,7 @@ def cmd_serve(args) -> int:
                      api_key=args.api_key or None, max_batch=args.max_batch,
                      settings=Settings(args.max_new_tokens, args.temperature, args.top_k, args.top_p),
                      system=args.system, retriever=_retriever(args.rag) if args.rag else None, rag_k=args.rag_k,
-                     rag_budget=args.rag_budget, max_body_bytes=args.max_body_bytes)
+                     rag_budget=args.rag_budget, max_body_bytes=args.max_body_bytes, cuda_graph=args.cuda_graph)
     history = "no history" if args.no_history else f"history in {args.history}"
     key = " (API key required)" if args.api_key else ""
     serve(app, host=args.host, port=args.port, banner=lambda url: print(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,11 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Raise ConfigError, naming the value and a fix, for anything that would not build."""
+        for f in fields(self):  # NaN passes every `<` and `>` check below, and inf most of them
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name}={value!r} is not a finite number; give a number such as the "
+                                  f"default, {f.default!r}.")
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "n_experts", "moe_top_k",
                      "sparse_block"):
             value = getattr(self, name)

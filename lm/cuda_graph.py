@@ -64,21 +64,31 @@ class GraphedStep:
         return self.logits
 
     def _capture(self) -> None:
-        # Warm up on a side stream first, so that cuBLAS workspaces, kernel choices and compilation
-        # all happen before the capture. The warm-up writes the cache, so its state is put back.
-        saved = [(t, t.clone()) for t in self.cache.tensors()]
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self.step(self.token)
-        torch.cuda.current_stream().wait_stream(stream)
-        for tensor, copy in saved:
-            tensor.copy_(copy)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.logits = self.step(self.token)
-        self.graph = graph
+        # The warm-up runs write the cache, so its state is put back before the capture.
+        self.graph, self.logits = capture(lambda: self.step(self.token), restore=self.cache.tensors())
 
 
-__all__ = ["GraphedStep", "graph_unsupported"]
+def capture(step, warmup: int = 2, restore=(), pool=None):
+    """Record `step()` (a function of fixed buffers only) as a CUDA graph; returns (graph, output),
+    where `output` is the buffer each `graph.replay()` overwrites.
+
+    It runs `warmup` times on a side stream first, so that cuBLAS workspaces, kernel choices and
+    compilation all happen before the capture (none of them may happen inside it). Tensors in
+    `restore` get back the values they had before the warm-up. `pool` (torch.cuda.graph_pool_handle())
+    lets graphs that never run at the same time share their intermediate memory."""
+    saved = [(t, t.clone()) for t in restore]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    for tensor, copy in saved:
+        tensor.copy_(copy)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        output = step()
+    return graph, output
+
+
+__all__ = ["GraphedStep", "capture", "graph_unsupported"]

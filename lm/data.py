@@ -2,12 +2,18 @@
 
 `lm.corpora` turns a corpus into text and documents; this module takes over once they are token
 ids: `pack_documents` joins encoded documents, `write_tokens` / `read_tokens` store them as flat
-binary files (`lm prep` writes them, `lm train` memory-maps them), and `Batches` draws the
-training windows, resumably and split across processes.
+binary files (`lm prep` writes them, `lm train` memory-maps them), `write_prepared` /
+`check_prepared` keep a prepared folder's files (token files, tokenizer, meta.json) from one run,
+and `Batches` draws the training windows, resumably and split across processes.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import uuid
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -76,13 +82,122 @@ def write_tokens(path: str | Path, ids, vocab_size: int) -> Path:
 
 
 def read_tokens(path: str | Path, vocab_size: int) -> np.ndarray:
-    """Memory-map a token file written by `write_tokens`."""
+    """Memory-map a token file written by `write_tokens`, checking that every id is below
+    `vocab_size` (one vectorised pass over the file), so that a token file from another tokenizer is
+    a clear error here rather than an IndexError inside the model's embedding."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"token file {str(path)!r} does not exist; run `lm prep` first.")
-    if path.stat().st_size == 0:
+    size, dtype = path.stat().st_size, np.dtype(token_dtype(vocab_size))
+    if size == 0:
         raise DataError(f"token file {str(path)!r} is empty; run `lm prep` again on a non-empty corpus.")
-    return np.memmap(path, dtype=token_dtype(vocab_size), mode="r")
+    if size % dtype.itemsize:
+        raise DataError(f"token file {str(path)!r} holds {size:,} bytes, not a whole number of {dtype} ids: it is "
+                        f"cut short or was written for another vocabulary size; run `lm prep` again.")
+    ids = np.memmap(path, dtype=dtype, mode="r")
+    if vocab_size <= np.iinfo(dtype).max:  # else no stored value can be out of range
+        largest = int(ids.max())
+        if largest >= vocab_size:
+            raise DataError(f"token file {str(path)!r} holds id {largest:,}, but the tokenizer has {vocab_size:,} "
+                            f"tokens (ids 0..{vocab_size - 1:,}): the ids and the tokenizer come from different "
+                            f"runs of `lm prep`; run it again.")
+    return ids
+
+
+# ---- prepared data folders: lm prep writes them, lm train checks them -----------------------------
+# A folder holds train.bin, val.bin, tokenizer.json (and tokenizer.model for sentencepiece), and
+# meta.json, written last, which records each file's size and sha256: the manifest.
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_prepared(out_dir: str | Path, train_ids, val_ids, tokenizer, meta: dict) -> dict:
+    """Write a prepared-data folder whose files always belong together; returns the meta written.
+
+    An interrupted or repeated prep must never leave token files of one run beside the tokenizer of
+    another. So every file is written to a temporary name first; meta.json is deleted before the
+    first file takes its place (os.replace, atomic), and written again, with each file's size and
+    sha256, only after the last one. A folder without meta.json is an unfinished prep, and a file
+    whose hash differs from meta.json's comes from another run: `check_prepared` refuses both.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab_size = tokenizer.vocab_size
+    writers = {
+        "train.bin": lambda path: np.asarray(train_ids, dtype=token_dtype(vocab_size)).tofile(path),
+        "val.bin": lambda path: np.asarray(val_ids, dtype=token_dtype(vocab_size)).tofile(path),
+        "tokenizer.json": tokenizer.save,
+    }
+    if tokenizer.kind == "sentencepiece":  # for the sentencepiece library and RSCaLM's scripts
+        writers["tokenizer.model"] = tokenizer.save_model
+    temporaries = {name: _temporary(out / name) for name in writers}
+    try:
+        for name, write in writers.items():
+            write(temporaries[name])
+        files = {name: {"bytes": tmp.stat().st_size, "sha256": file_sha256(tmp)} for name, tmp in temporaries.items()}
+        (out / "meta.json").unlink(missing_ok=True)
+        if "tokenizer.model" not in writers:
+            (out / "tokenizer.model").unlink(missing_ok=True)  # left by an earlier sentencepiece prep
+        for name, tmp in temporaries.items():
+            os.replace(tmp, out / name)
+    finally:
+        for tmp in temporaries.values():
+            tmp.unlink(missing_ok=True)
+    meta = {**meta, "files": files}
+    meta_tmp = _temporary(out / "meta.json")
+    try:
+        meta_tmp.write_text(json.dumps(meta, indent=2))
+        os.replace(meta_tmp, out / "meta.json")
+    finally:
+        meta_tmp.unlink(missing_ok=True)
+    return meta
+
+
+def _temporary(path: Path) -> Path:
+    """A hidden name beside `path`, different for every call, so that two preps of one folder
+    never write to the same temporary."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+
+
+def check_prepared(data_dir: str | Path) -> dict:
+    """Check that a prepared-data folder is one finished `lm prep`; returns its meta.json.
+
+    Every file listed in meta.json must have the recorded size and sha256 (hashing reads each file
+    once, a small cost beside training on it). A folder written by an lm prep older than the
+    manifest (meta.json without "files") is accepted with a warning.
+    """
+    data_dir = Path(data_dir)
+    again = f"run `lm prep --out_dir {data_dir}` again"
+    if not (data_dir / "tokenizer.json").is_file():
+        raise DataError(f"{data_dir} has no tokenizer.json; run `lm prep --out_dir {data_dir}` first.")
+    try:
+        meta = json.loads((data_dir / "meta.json").read_text())
+    except FileNotFoundError:
+        raise DataError(f"{data_dir} has no meta.json: the lm prep that wrote it did not finish, so its files may "
+                        f"not belong together; {again}.") from None
+    except (ValueError, OSError) as err:
+        raise DataError(f"{data_dir}/meta.json cannot be read ({err}); {again}.") from None
+    if not isinstance(meta, dict) or "files" not in meta:
+        warnings.warn(f"{data_dir} was prepared by an older lm prep that records no file hashes, so its files "
+                      f"cannot be checked; {again} to record them.", stacklevel=2)
+        return meta if isinstance(meta, dict) else {}
+    files = meta["files"]
+    if not (isinstance(files, dict)
+            and all(isinstance(r, dict) and {"bytes", "sha256"} <= set(r) for r in files.values())):
+        raise DataError(f"{data_dir}/meta.json lists its files in an unknown form; {again}.")
+    for name, recorded in files.items():
+        path = data_dir / name
+        if not path.is_file():
+            raise DataError(f"{path} is missing, but meta.json lists it; {again}.")
+        size = path.stat().st_size
+        if size != recorded["bytes"] or file_sha256(path) != recorded["sha256"]:
+            raise DataError(f"{path} does not match meta.json (its size or sha256 differ): it was written by "
+                            f"another lm prep than the rest of {data_dir}; {again}.")
+    return meta
 
 
 # ---- batches for training: random windows or epochs, resumable, shardable ------------------------

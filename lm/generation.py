@@ -8,10 +8,13 @@
 - `Decoder(model)`: generates with a model and keeps between calls what is costly to build (on
   CUDA the static cache and the captured graph of the decoding step). `model.generate(...)` is a
   `Decoder` used once.
-- `Generation`: the state of one call: the token buffer (preallocated for prompt plus
-  max_new_tokens), the padding mask of batched prompts, the KV cache, which rows have stopped, and
-  the log-probabilities of the chosen tokens. `steps()` advances one token at a time, so
-  `generate` runs it to the end and `stream` yields text as it goes.
+- `Generation`: the state of one call: the token buffer (grown as tokens come, so a huge
+  max_new_tokens reserves nothing up front), the padding mask of batched prompts, the KV cache
+  (never more positions than the prompt and new tokens need, nor than block_size), which rows have
+  stopped, and the log-probabilities of the chosen tokens. `steps()` advances one token at a time,
+  so `generate` runs it to the end and `stream` yields text as it goes.
+- `TextStream`: the text of tokens arriving one at a time, decoded and searched for stop strings
+  at a constant cost per token; `stream`, `lm.chat` and `lm.serving` all use it.
 
 On CUDA the one-token steps replay a CUDA graph (`lm.cuda_graph`) unless `cuda_graph=False`; the
 loop itself never waits for the GPU unless something must be read back (stop tokens or strings,
@@ -21,6 +24,7 @@ weights are laid out for decoding first (`lm.quantize.for_decoding`: same values
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import itertools
 from dataclasses import dataclass
@@ -31,6 +35,9 @@ from .cuda_graph import GraphedStep, graph_unsupported
 from .kv_cache import KVCache
 from .quantize import for_decoding
 from .sampling import SamplingConfig, SamplingError, choose_next
+
+
+FIRST_ROOM = 1024  # new tokens the buffers of a generation hold before they first grow
 
 
 def _is_int(x) -> bool:
@@ -100,31 +107,6 @@ class GenerationConfig:
         return dataclasses.replace(config or cls(), **options)
 
 
-class IncrementalText:
-    """The text of a growing list of token ids, decoding only the last few tokens per update.
-
-    Re-decoding all ids at every step costs O(n) per token, O(n^2) per generation. Instead keep two
-    marks: `prefix` (where the last decoded piece started) and `read` (how far text was taken). The
-    new text is decode(ids[prefix:]) minus decode(ids[prefix:read]): decoding from a token boundary
-    a little before the new ids keeps what tokenizers do at the start of a text (SentencePiece drops
-    a leading space) out of the difference. A piece that ends in U+FFFD is an incomplete UTF-8
-    character (its remaining bytes are in tokens still to come) and waits."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.text, self.prefix, self.read = tokenizer, "", 0, 0
-
-    def update(self, ids: list[int]) -> str:
-        """`ids`: all ids so far (the earlier ones unchanged); returns the text they add."""
-        before = self.tokenizer.decode(ids[self.prefix:self.read])
-        now = self.tokenizer.decode(ids[self.prefix:])
-        if len(now) <= len(before) or now.endswith("\ufffd"):
-            return ""
-        piece = now[len(before):]
-        self.text += piece
-        self.prefix, self.read = self.read, len(ids)
-        return piece
-
-
 def showable(pending: str, stops: list[str]) -> int:
     """How many leading characters of `pending` (text not shown yet) a stream may show now:
     everything before a stop string, and never an ending that could still grow into one."""
@@ -137,18 +119,74 @@ def showable(pending: str, stops: list[str]) -> int:
     return len(pending)
 
 
+class TextStream:
+    """The text of tokens that arrive one at a time, in pieces that are safe to show: whole
+    characters, cut before the first `stop` string. Each token costs the same however long the
+    text already is (re-decoding or re-searching everything would cost O(n) per token, O(n^2) per
+    generation):
+
+    - decoding: a tokenizer with `decode_bytes` (byte-level BPE and tiktoken, whose `decode(ids)` is
+      `decode_bytes(ids).decode("utf-8", errors="replace")`) hands each token's bytes to an
+      incremental UTF-8 decoder, which keeps back only the bytes of an unfinished character. Any
+      other tokenizer decodes a short window of tokens: the new text is decode(window) minus
+      decode(window without the tokens since the last piece). The window starts a little before
+      the new tokens because tokenizers treat the start of a text specially (SentencePiece drops a
+      leading space); a window whose text ends in U+FFFD (an unfinished character) waits for more
+      tokens.
+    - stop strings: `showable` keeps back any ending that could start a stop string, so a stop
+      string not yet seen can only start in the text still pending: that (at most the longest stop
+      string less one character, plus the new piece) is all that is searched.
+
+    `add(token)` returns the text that may be shown now; `shown` counts the characters returned so
+    far; `done` becomes True at a stop string (and the owner sets it at a stop token)."""
+
+    def __init__(self, tokenizer, stop=()):
+        self.tokenizer, self.stop = tokenizer, list(stop)
+        self.pending = ""  # decoded but not shown: it may be the start of a stop string
+        self.shown = 0
+        self.done = False
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace") if hasattr(tokenizer, "decode_bytes") else None
+        self._window: list[int] = []  # tokens decoded together (tokenizers without decode_bytes)
+        self._read = 0  # how many of them the text returned so far covers
+
+    def add(self, token: int) -> str:
+        """Take the next token; return the text it makes safe to show ("" when none)."""
+        if self.done:
+            return ""
+        piece = self._decode(token)
+        if not piece:
+            return ""
+        pending = self.pending + piece
+        ready = showable(pending, self.stop)
+        if ready < len(pending) and any(s in pending for s in self.stop):
+            self.done = True
+        self.pending = pending[ready:]
+        self.shown += ready
+        return pending[:ready]
+
+    def _decode(self, token: int) -> str:
+        if self._utf8 is not None:
+            return self._utf8.decode(self.tokenizer.decode_bytes([token]))
+        window = self._window
+        window.append(token)
+        before = self.tokenizer.decode(window[:self._read])
+        now = self.tokenizer.decode(window)
+        if len(now) <= len(before) or now.endswith("\ufffd"):
+            return ""
+        del window[:self._read]  # the next window starts at this piece's first token
+        self._read = len(window)
+        return now[len(before):]
+
+
 def stream_text(run: "Generation"):
     """Yield the text of row 0 of `run` piece by piece as its steps run (see `GPT.stream`)."""
-    text, shown = IncrementalText(run.tokenizer), 0
+    stream = run.text_stream(0)
     for _ in run.steps():
-        text.update(run.new_ids(0))
-        ready = shown + showable(text.text[shown:], run.stop_strings)
-        if ready > shown:
-            yield text.text[shown:ready]
-            shown = ready
+        if run.pieces[0]:
+            yield run.pieces[0]
     final = run.texts()[0]  # decoded whole and cut at a stop string, as generate returns it
-    if len(final) > shown:
-        yield final[shown:]
+    if len(final) > stream.shown:
+        yield final[stream.shown:]
 
 
 class Decoder:
@@ -208,16 +246,23 @@ class Decoder:
         run = Generation(self, prompt, GenerationConfig.build(config, **options), None)
         return stream_text(run)
 
-    def cache(self, batch_size: int, max_len: int, graph: bool, compile: bool):
-        """An empty KV cache, and the graphed step that decodes with it (None without a graph)."""
+    def cache(self, batch_size: int, positions: int, graph: bool, compile: bool):
+        """An empty KV cache for `positions` positions (at most block_size), and the graphed step
+        that decodes with it (None without a graph).
+
+        A graph's static cache is kept for the next call, and reused as long as it is long enough:
+        a new one gets the next power of two (at least 64, at most block_size) positions, so calls
+        of growing lengths capture a new graph only a few times, and a short generation with a
+        large block_size does not reserve the whole context."""
         if not graph:
-            return KVCache(self.model, batch_size, max_len=max_len), None
+            return KVCache(self.model, batch_size, max_len=positions), None
         model = self.model
         addresses = tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
-        key = (batch_size, max_len, compile, addresses)
-        if self._kept is None or self._kept[0] != key:
+        key = (batch_size, compile, addresses)
+        if self._kept is None or self._kept[0] != key or self._kept[1].max_len < positions:
             self.release()  # free the old buffers before taking new ones
-            cache = KVCache(model, batch_size, max_len=max_len, static=True)
+            size = min(model.config.block_size, max(64, 1 << (positions - 1).bit_length()))
+            cache = KVCache(model, batch_size, max_len=max(size, positions), static=True)
             self._kept = (key, cache, GraphedStep(model, cache, compile=compile))
         _, cache, step = self._kept
         cache.reset()
@@ -240,15 +285,18 @@ class Generation:
         rows, mask = self._prompt_ids(prompt, attention_mask)
         B, T0 = rows.shape
         device = model.device
-        self.ids = torch.full((B, T0 + config.max_new_tokens), self._pad_id(), dtype=torch.long, device=device)
+        # Room for the first tokens only; `_make_room` doubles it when full. Reserving prompt plus
+        # max_new_tokens up front would take gigabytes for a huge max_new_tokens before any token.
+        room = T0 + min(config.max_new_tokens, FIRST_ROOM)
+        self.ids = torch.full((B, room), self._pad_id(), dtype=torch.long, device=device)
         self.ids[:, :T0] = rows.to(device)
         self.mask = None
         if mask is not None and not bool(mask.all()):
-            self.mask = torch.ones(B, T0 + config.max_new_tokens, dtype=torch.bool, device=device)
+            self.mask = torch.ones(B, room, dtype=torch.bool, device=device)
             self.mask[:, :T0] = mask.to(device).bool()
+        self.logprobs = torch.zeros(B, room - T0, device=device)  # of the new tokens
         self.start = self.length = T0
         self.finished = torch.zeros(B, dtype=torch.bool, device=device)
-        self.logprobs: list[torch.Tensor] = []
         seed = config.seed
         self.generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
         stop_ids = set(config.stop_tokens)
@@ -256,12 +304,17 @@ class Generation:
         if self.kind != "ids" and config.stop_at_eos and eos is not None:
             stop_ids.add(eos)
         self.stop_ids = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+        self.stop_id_set = stop_ids
         self.stop_strings = list(config.stop)
         if self.stop_strings and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer to decode the text; pass stop_tokens (ids) instead.")
         self.cache, self.graph, self.cached = None, None, 0  # cached: positions in the cache
         self.cuda_graph = self._use_graph(config.cuda_graph, config.compile)
-        self.stop_texts = [IncrementalText(self.tokenizer) for _ in range(B)] if self.stop_strings else None
+        # Each row's text as it grows, when something reads it: stop strings, or `stream_text`.
+        self.streams: list[TextStream] | None = None
+        self.pieces: list[str] = [""] * B  # the text each row's last token made ready to show
+        if self.stop_strings:
+            self.text_stream(0)
         if device.type == "cpu":
             for_decoding(model)  # the layout a CPU reads fastest at batch 1; same values, same results
 
@@ -311,7 +364,26 @@ class Generation:
                 return i
         return 0
 
+    def text_stream(self, row: int) -> TextStream:
+        """The `TextStream` of `row`: from now on each step feeds it and sets `pieces[row]`."""
+        if self.streams is None:
+            self.streams = [TextStream(self.tokenizer, self.stop_strings) for _ in range(self.ids.size(0))]
+        return self.streams[row]
+
     # ---- the loop ------------------------------------------------------------------------------
+    def _make_room(self) -> None:
+        """Make room for the token at `length`: the buffers double (up to prompt + max_new_tokens)
+        when full, so n tokens cost O(n) copying in all."""
+        full = self.ids.size(1)
+        if self.length < full:
+            return
+        room = min(2 * full, self.start + self.config.max_new_tokens)
+        grow = room - full
+        self.ids = torch.cat([self.ids, self.ids.new_full((self.ids.size(0), grow), self._pad_id())], dim=1)
+        self.logprobs = torch.cat([self.logprobs, self.logprobs.new_zeros(self.ids.size(0), grow)], dim=1)
+        if self.mask is not None:
+            self.mask = torch.cat([self.mask, self.mask.new_ones(self.ids.size(0), grow)], dim=1)
+
     def _logits(self) -> torch.Tensor:
         """Logits (B, 1 or T, V) whose last position scores the next token."""
         model, L, block = self.model, self.length, self.model.config.block_size
@@ -319,8 +391,10 @@ class Generation:
         if not self.config.use_cache:
             lo = max(0, L - block)
             return model(self.ids[:, lo:L], attention_mask=None if mask is None else mask[:, lo:L])[0]
-        if self.cache is None:
-            self.cache, self.graph = self.decoder.cache(self.ids.size(0), block, self.cuda_graph, self.config.compile)
+        if self.cache is None:  # positions needed: prompt and new tokens, never more than the context
+            positions = min(block, self.start + self.config.max_new_tokens)
+            self.cache, self.graph = self.decoder.cache(self.ids.size(0), positions, self.cuda_graph,
+                                                        self.config.compile)
         if self.cached == 0 or self.cached + 1 > block:  # prefill, or the cache is full: start afresh
             keep = min(L, block) if self.cached == 0 else (3 * block) // 4
             self.cache.reset()
@@ -345,13 +419,14 @@ class Generation:
                 history_mask = None if self.mask is None else self.mask[:, :L]
                 next_ids, logp = choose_next(logits, self.ids[:, :L], self.sampling, self.generator, mask=history_mask)
                 next_ids = next_ids.squeeze(1).masked_fill(self.finished, self._pad_id())
+                self._make_room()
                 self.ids[:, L] = next_ids
-                self.logprobs.append(logp.squeeze(1).masked_fill(self.finished, 0.0))
+                self.logprobs[:, L - self.start] = logp.squeeze(1).masked_fill(self.finished, 0.0)
                 self.length = L + 1
                 if self.stop_ids.numel():
                     self.finished |= torch.isin(next_ids, self.stop_ids)
-                if self.stop_strings:
-                    self._check_stop_strings()
+                if self.streams is not None:
+                    self._follow_text(next_ids)
                 yield step
                 # reading `finished` waits for the GPU: only when something can stop a row early
                 if (self.stop_ids.numel() or self.stop_strings) and bool(self.finished.all()):
@@ -359,13 +434,16 @@ class Generation:
         finally:
             model.train(was_training)
 
-    def _check_stop_strings(self) -> None:
-        """Stop a row once its text holds a stop string; only the newly decoded end is searched."""
-        longest = max(len(s) for s in self.stop_strings)
-        for row, text in enumerate(self.stop_texts):
-            piece = text.update(self.new_ids(row))
-            tail = text.text[-(len(piece) + longest - 1):] if piece else ""
-            if any(s in tail for s in self.stop_strings):
+    def _follow_text(self, next_ids: torch.Tensor) -> None:
+        """Feed each row's new token to its text stream (reading the step's tokens back from the
+        device); a row whose text now holds a stop string is finished. A row's text ends at its
+        first stop token."""
+        for row, (stream, token) in enumerate(zip(self.streams, next_ids.tolist())):
+            if stream.done or token in self.stop_id_set:
+                stream.done, self.pieces[row] = True, ""
+                continue
+            self.pieces[row] = stream.add(token)
+            if stream.done:
                 self.finished[row] = True
 
     # ---- results -------------------------------------------------------------------------------
@@ -389,7 +467,7 @@ class Generation:
         return out
 
     def result(self, return_logprobs: bool = False):
-        logprobs = torch.stack(self.logprobs, dim=1) if self.logprobs else torch.zeros(self.ids.size(0), 0)
+        logprobs = self.logprobs[:, :self.length - self.start]
         if self.kind == "ids":
             out = self.ids[:, :self.length]
             return (out, logprobs) if return_logprobs else out
@@ -400,4 +478,4 @@ class Generation:
         return (texts, per_row) if return_logprobs else texts
 
 
-__all__ = ["Decoder", "Generation", "GenerationConfig", "IncrementalText", "showable", "stream_text"]
+__all__ = ["Decoder", "Generation", "GenerationConfig", "TextStream", "showable", "stream_text"]

@@ -200,6 +200,10 @@ class KVCache:
     `GPT.forward` calls `begin` before its blocks (it records which new positions are real) and
     `end` after them (it advances the cursor). `static=True` keeps the position on the device
     (see `StaticCache`); the buffers then always span `max_len` positions.
+
+    The buffers are allocated here, for `max_len` positions (default block_size). `generate` asks
+    for what one generation can use, prompt plus max_new_tokens and never more than block_size
+    (past it, generation refills the cache rather than growing it).
     """
 
     def __init__(self, model, batch_size: int, max_len: int | None = None, *, static: bool = False,

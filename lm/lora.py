@@ -37,7 +37,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -46,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .files import write_atomically
 from .quantize import Int8Linear
 
 FORMAT = "lm-lora"
@@ -448,17 +448,7 @@ def save_adapters(model: nn.Module, path: str | Path) -> Path:
                 "base_fingerprint": base_fingerprint(model), "base_config": json.dumps(_base_settings(model))}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(_encode(tensors, metadata))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomically(path, lambda f: f.write(_encode(tensors, metadata)))
 
 
 def _encode(tensors: dict, metadata: dict) -> bytes:

@@ -43,7 +43,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .generation import GenerationConfig
-from .instructions import chat_template
+from .instructions import chat_template, encode_plain
 from .sampling import SamplingError
 from .serving import Engine, EngineBusy
 
@@ -157,9 +157,9 @@ class Settings:
 def create_app(model, *, template="human", model_name: str = "lm", history: str | os.PathLike | None = "chat_history.jsonl",
                api_key: str | None = None, max_batch: int = 16, settings: Settings | None = None,
                system: str | None = None, retriever=None, rag_k: int = 3, rag_budget: int | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES, max_waiting: int = 1024):
+               max_body_bytes: int = MAX_BODY_BYTES, max_waiting: int = 1024, cuda_graph: bool = False):
     """The FastAPI application serving `model` (see the module docstring). `history=None` keeps
-    no history. The engine starts with the app and stops with it."""
+    no history. The engine starts with the app and stops with it (`cuda_graph`: see lm.serving.Engine)."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
@@ -180,7 +180,7 @@ def create_app(model, *, template="human", model_name: str = "lm", history: str 
 
     @asynccontextmanager
     async def lifespan(app):
-        state["engine"] = Engine(model, max_batch=max_batch, max_waiting=max_waiting)
+        state["engine"] = Engine(model, max_batch=max_batch, max_waiting=max_waiting, cuda_graph=cuda_graph)
         try:
             yield
         finally:
@@ -299,7 +299,8 @@ def create_app(model, *, template="human", model_name: str = "lm", history: str 
         try:
             if chat:
                 return template.encode_prompt(text_or_messages, tokenizer)
-            return tokenizer.encode(text_or_messages) or [template_start()]
+            # a prompt is the user's text: "<EOS>" written in it is five characters, not the special token
+            return encode_plain(tokenizer, text_or_messages) or [template_start()]
         except ValueError as err:  # e.g. a character the tokenizer does not know; messages out of order
             raise ApiError(400, f"the prompt cannot be encoded: {err}", "messages" if chat else "prompt") from None
 

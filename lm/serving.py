@@ -39,7 +39,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .generation import Decoder, Generation, GenerationConfig, IncrementalText, showable
+from .cuda_graph import capture, graph_unsupported
+from .generation import Decoder, Generation, GenerationConfig, TextStream
 from .sampling import choose_next
 
 
@@ -49,14 +50,22 @@ class EngineBusy(RuntimeError):
 
 # ---- the cache: one row per slot, each at its own position --------------------------------------
 class SlotLayer:
-    """One layer's keys and values for every slot, k and v (slots, H_kv, max_len, D); the
-    `SlotCache` it belongs to decides which rows a forward reads and writes."""
+    """One layer's keys and values for every slot, k and v (slots, H_kv, room, D); the
+    `SlotCache` it belongs to decides which rows a forward reads and writes, and how much room."""
 
     def __init__(self, owner: "SlotCache", n_kv_heads: int, head_dim: int, device, dtype):
         self.owner = owner
-        shape = (owner.slots, n_kv_heads, owner.max_len, head_dim)
+        shape = (owner.slots, n_kv_heads, owner.room, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    def grow(self, room: int) -> None:
+        """Room for `room` positions per slot, keeping what is stored."""
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros(old.size(0), old.size(1), room, old.size(3))
+            new[:, :, :old.size(2)] = old
+            setattr(self, name, new)
 
     @property
     def offset(self):
@@ -73,20 +82,34 @@ class SlotCache:
     one token each (each token at its row's own position: the offset given to the model is a
     (count,) tensor), or one row taking several tokens (a prefill). `GPT.forward` drives it like a
     `KVCache` (`begin`, `layers[i].update`, `end`). Every layer's attention must keep keys
-    (`cache_kind` "keys" or "window": a sliding window reads its window out of the full row)."""
+    (`cache_kind` "keys" or "window": a sliding window reads its window out of the full row).
 
-    def __init__(self, model, slots: int, max_len: int | None = None, device=None, dtype=None):
+    A row may hold up to `max_len` positions (block_size), but the buffers start with `room`
+    positions per row (256 by default) and double when the longest row needs more: an engine for a
+    model with a long context, serving short requests, does not reserve slots x block_size up front.
+
+    With `static = True` a decoding forward takes no shape from the host: each row's position comes
+    from the device buffer `positions`, and every row's keys are read over the whole room under a
+    mask. Such a step can be captured as a CUDA graph (see `Engine`); the caller then keeps the
+    host's `lengths` in step (`advance`)."""
+
+    def __init__(self, model, slots: int, max_len: int | None = None, device=None, dtype=None,
+                 room: int = 256):
         kinds = {block.attn.cache_kind for block in model.blocks}
         if not kinds <= {"keys", "window"}:
             raise ValueError(f"a slot cache stores keys and values; attention with cache_kind {sorted(kinds)} "
                              f"keeps a running state instead. Serve it one request at a time (max_batch=1).")
         self.slots, self.max_len = slots, max_len or model.config.block_size
+        self.room = min(room, self.max_len)
         self.device = device or model.device
         dtype = dtype or next(model.parameters()).dtype
         self.lengths = [0] * slots  # positions filled in each row (kept on the host)
         self.rows = (0, slots)
         self.offset = 0
         self.masks: dict = {}
+        self.static = False
+        self.grown = 0  # times the buffers were replaced: a CUDA graph captured before reads the old ones
+        self.positions = torch.zeros(slots, dtype=torch.long, device=self.device)  # read by static steps
         self.layers = [SlotLayer(self, b.attn.n_kv_heads, b.attn.head_dim, self.device, dtype) for b in model.blocks]
 
     def use(self, start: int, count: int) -> None:
@@ -97,18 +120,36 @@ class SlotCache:
         if attention_mask is not None:
             raise ValueError("a slot cache holds unpadded rows; give no attention_mask.")
         start, count = self.rows
+        if self.static:  # a step being captured: positions come from the device, the room is fixed
+            self.masks = {}
+            self.offset = self.positions[start:start + count]
+            return self.offset
         lengths = self.lengths[start:start + count]
         if T > 1 and count != 1:
             raise ValueError(f"several tokens at once go into one row (a prefill); got {T} tokens for {count} rows.")
         if max(lengths) + T > self.max_len:
             raise RuntimeError(f"a slot holds {self.max_len} positions; {max(lengths)} are filled and {T} more do "
                                f"not fit.")
+        self.reserve(max(lengths) + T)
         self.masks = {}
         self.offset = lengths[0] if T > 1 else torch.tensor(lengths, device=self.device)
         return self.offset
 
+    def reserve(self, length: int) -> bool:
+        """Make room for `length` positions per row (doubling); True when the buffers were replaced."""
+        if length <= self.room:
+            return False
+        self.room = min(self.max_len, max(2 * self.room, length))
+        for layer in self.layers:
+            layer.grow(self.room)
+        self.grown += 1
+        return True
+
     def end(self, T: int) -> None:
-        start, count = self.rows
+        if not self.static:  # a static step's host lengths are the caller's to advance
+            self.advance(*self.rows, T)
+
+    def advance(self, start: int, count: int, T: int = 1) -> None:
         for row in range(start, start + count):
             self.lengths[row] += T
 
@@ -123,7 +164,7 @@ class SlotCache:
             rows = torch.arange(start, start + count, device=k.device)
             layer.k[rows, :, positions] = k[:, :, 0]
             layer.v[rows, :, positions] = v[:, :, 0]
-            S = max(self.lengths[start:start + count]) + 1
+            S = self.room if self.static else max(self.lengths[start:start + count]) + 1
             if key not in self.masks:
                 self.masks[key] = self._mask(positions[:, None], S, pattern)[:, None, None, :]  # (count, 1, 1, S)
         else:  # a prefill: T tokens into one row, after the `offset` already there
@@ -153,6 +194,10 @@ class SlotCache:
         """Forget row `row` (every row when None); the buffers are reused as they are."""
         for r in range(self.slots) if row is None else [row]:
             self.lengths[r] = 0
+
+    def nbytes(self) -> int:
+        """Bytes of the keys and values held (they grow with the longest row, see above)."""
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in (layer.k, layer.v))
 
 
 # ---- one request ---------------------------------------------------------------------------------
@@ -189,8 +234,7 @@ class Request:
         if config.seed is not None:
             self.generator = torch.Generator(device=engine.model.device).manual_seed(config.seed)
         self.new_ids: list[int] = []
-        self.text = IncrementalText(tokenizer) if tokenizer is not None else None
-        self.shown = 0
+        self.text = TextStream(tokenizer, self.stop_strings) if tokenizer is not None else None
         self.cancelled = False
         self.result: Result | None = None
         self.submitted, self.first_token = time.perf_counter(), None
@@ -231,15 +275,11 @@ class Request:
             return self.finish("stop")
         self.new_ids.append(token)
         if self.text is not None:
-            piece = self.text.update(self.new_ids)
+            piece = self.text.add(token)
             if piece:
-                pending = self.text.text[self.shown:]
-                ready = showable(pending, self.stop_strings)
-                if ready:
-                    self._notify(("text", pending[:ready]))
-                    self.shown += ready
-                if self.stop_strings and ready < len(pending) and any(s in pending for s in self.stop_strings):
-                    return self.finish("stop")
+                self._notify(("text", piece))
+            if self.text.done:  # a stop string
+                return self.finish("stop")
         if len(self.new_ids) >= self.max_new:
             return self.finish("length")
         return False
@@ -250,8 +290,9 @@ class Request:
             text = self.tokenizer.decode(self.new_ids)
             hits = [text.index(s) for s in self.stop_strings if s in text]
             text = text[:min(hits)] if hits else text
-            if reason != "error" and len(text) > self.shown:
-                self._notify(("text", text[self.shown:]))
+            shown = self.text.shown
+            if reason != "error" and len(text) > shown:
+                self._notify(("text", text[shown:]))
         now = time.perf_counter()
         self.result = Result(text, reason, len(self.ids), len(self.new_ids), error,
                              queued_s=(self.first_token or now) - self.submitted, total_s=now - self.submitted)
@@ -264,9 +305,14 @@ class Engine:
     """Runs generation requests in a background thread, `max_batch` of them decoding together.
 
     `submit` is thread-safe and returns at once; the request's text arrives through iteration (or
-    the `notify` callback, e.g. into an asyncio queue). `stats()` reports what it is doing."""
+    the `notify` callback, e.g. into an asyncio queue). `stats()` reports what it is doing.
 
-    def __init__(self, model, max_batch: int = 16, max_waiting: int = 1024):
+    On a CUDA GPU, `cuda_graph=True` replays each decoding step as a CUDA graph, one per bucket of
+    batch sizes (1, 2, 4, ... up to max_batch): at a few rows a step costs the launches of its
+    kernels, which a graph makes one (about 4x the tokens/s of one client on an H200). It is off by
+    default until its GPU test passes: see tests/test_cuda_graph.py."""
+
+    def __init__(self, model, max_batch: int = 16, max_waiting: int = 1024, cuda_graph: bool = False):
         if model.tokenizer is None:
             raise ValueError("the engine decodes text: load the model with its tokenizer (lm.load_model).")
         if not (isinstance(max_batch, int) and max_batch >= 1):
@@ -277,6 +323,14 @@ class Engine:
         kinds = {block.attn.cache_kind for block in model.blocks}
         self.batched = max_batch > 1 and kinds <= {"keys", "window"}
         self.cache = SlotCache(model, max_batch) if self.batched else None
+        if cuda_graph and graph_unsupported(model):
+            raise ValueError(f"cannot decode with CUDA graphs: {graph_unsupported(model)}; pass cuda_graph=False.")
+        # On a GPU a decoding step of a few rows costs the launches of its kernels, not their work:
+        # with cuda_graph=True the step is replayed as a CUDA graph, one per batch bucket (1, 2, 4, ...).
+        self.graphs: dict | None = None
+        if self.batched and cuda_graph:
+            self.graphs, self.graphs_of, self.graph_pool = {}, 0, torch.cuda.graph_pool_handle()
+            self.graph_tokens = torch.zeros(max_batch, 1, dtype=torch.long, device=model.device)
         self.decoder = Decoder(model)
         self.waiting: collections.deque[Request] = collections.deque()
         self.active: list[Request] = []
@@ -405,9 +459,12 @@ class Engine:
     def _decode(self) -> None:
         rows = self.active
         last = [r.new_ids[-1] if r.new_ids else r.ids[-1] for r in rows]
-        self.cache.use(0, len(rows))
-        tokens = torch.tensor(last, dtype=torch.long, device=self.model.device)[:, None]
-        logits = self.model(tokens, cache=self.cache)[0][:, -1]
+        if self.graphs is not None:
+            logits = self._graphed_step(last)
+        else:
+            self.cache.use(0, len(rows))
+            tokens = torch.tensor(last, dtype=torch.long, device=self.model.device)[:, None]
+            logits = self.model(tokens, cache=self.cache)[0][:, -1]
         chosen = self._choose(logits, rows)
         self.counts["steps"] += 1
         self.counts["rows"] += len(rows)
@@ -415,6 +472,39 @@ class Engine:
         done = [i for i, (request, token) in enumerate(zip(rows, chosen)) if request.add(token)]
         for row in reversed(done):
             self._free(row)
+
+    def _graphed_step(self, last: list[int]) -> torch.Tensor:
+        """The decoding step of rows 0..n-1 through the CUDA graph of the smallest bucket (a power of
+        two) that holds them; the bucket's spare rows are free slots, fed token 0 at position 0."""
+        n, cache = len(last), self.cache
+        bucket = min(self.max_batch, 1 << (n - 1).bit_length())
+        cache.reserve(max(cache.lengths[:n]) + 1)
+        if self.graphs_of != cache.grown:  # the buffers grew (here or in a prefill): the graphs read the old ones
+            self.graphs.clear()
+            self.graphs_of = cache.grown
+        spare = [0] * (bucket - n)
+        cache.positions[:bucket].copy_(torch.tensor(cache.lengths[:n] + spare))
+        self.graph_tokens[:bucket, 0].copy_(torch.tensor(last + spare))
+        if bucket not in self.graphs:
+            self.graphs[bucket] = self._capture(bucket)
+        graph, logits = self.graphs[bucket]
+        graph.replay()
+        cache.advance(0, n)
+        return logits[:n]
+
+    def _capture(self, bucket: int):
+        cache = self.cache
+
+        def step():
+            cache.use(0, bucket)
+            cache.static = True
+            try:
+                return self.model(self.graph_tokens[:bucket], cache=cache)[0][:, -1]
+            finally:
+                cache.static = False
+
+        # The warm-up runs write each row's keys at its current position, as the step will: nothing to restore.
+        return capture(step, warmup=1, pool=self.graph_pool)
 
     def _free(self, row: int) -> None:
         """Drop the request in `row`; the last row moves into its place so rows stay contiguous."""

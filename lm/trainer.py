@@ -14,6 +14,11 @@ The same code runs in one process or in several under `torchrun` (see `lm.distri
 process takes its share of every batch and the gradients are averaged, so the losses match a
 single process with the same global batch.
 
+Nothing is lost when a run stops early: Ctrl-C (SIGINT) and SIGTERM only set a flag, and the loop
+stops at the next step boundary after saving a last.pt that describes exactly the finished steps;
+saves are atomic, a resumed run drops the metrics rows logged after its checkpoint and mends a best.pt
+that a crash left behind, and a lock on out_dir keeps a second run out (`fit`, `run_lock`).
+
 The Trainer resolves precision="auto" (bf16 where the GPU has it) and resume="auto" (continue the
 run in out_dir/last.pt when there is one, after checking that it is a run of the same model).
 batch_size="auto" needs trial steps of this very trainer, so it is resolved one level up, by
@@ -27,6 +32,11 @@ import contextlib
 import csv
 import dataclasses
 import math
+import os
+import shutil
+import signal
+import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,10 +45,16 @@ from typing import Callable
 import torch
 from torch import nn
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
 from . import distributed
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import SAMPLING, batch_stream
 from .ema import EMA
+from .files import write_atomically
 from .model import GPT
 from .optim import configure_optimizer, lr_at
 
@@ -49,6 +65,24 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 class TrainingError(RuntimeError):
     """Training cannot go on (a NaN or infinite loss, a bad setting); the message says why."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) or SIGTERM stopped `Trainer.fit` between two steps, after it saved last.pt.
+
+    A KeyboardInterrupt, so code that already stops on Ctrl-C stops on this too. `signum` is the
+    signal, `step` the steps done, `checkpoint` the last.pt that holds them (None without out_dir),
+    and `exit_code` what a command line program conventionally exits with: 128 + signum (130 for
+    SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        where = f"saved {checkpoint} at step {step}" if checkpoint else f"stopped after step {step}, nothing saved"
+        super().__init__(f"{signal.Signals(signum).name}: {where}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
 
 
 @dataclass
@@ -81,6 +115,16 @@ class TrainConfig:
     progress: bool = True  # show a progress bar
 
     def __post_init__(self) -> None:
+        # NaN passes every `<` and `>` check below (grad_clip=nan would turn clipping off), so first
+        # refuse any number that is not finite, whatever its setting.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if "float" in f.type and value is not None and (isinstance(value, bool) or
+                                                            not isinstance(value, (int, float))):
+                raise TrainingError(f"{f.name}={value!r} must be a number, such as the default, {f.default!r}.")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise TrainingError(f"{f.name}={value!r} is not a finite number; give a number such as the "
+                                    f"default, {f.default!r}.")
         for name in ("max_steps", "grad_accum_steps", "eval_interval", "eval_iters"):
             value = getattr(self, name)
             if not _positive_int(value):
@@ -92,8 +136,10 @@ class TrainConfig:
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0):
             raise TrainingError(f"memory_budget={budget!r} must be a positive number of bytes (e.g. 4 * 2**30 for "
                                 f"4 GiB) or None.")
-        if self.warmup_steps < 0:
-            raise TrainingError(f"warmup_steps={self.warmup_steps!r} must be >= 0.")
+        if not _int_at_least(self.warmup_steps, 0):
+            raise TrainingError(f"warmup_steps={self.warmup_steps!r} must be an integer >= 0.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TrainingError(f"seed={self.seed!r} must be an integer.")
         if not self.lr > 0:
             raise TrainingError(f"lr={self.lr!r} must be > 0.")
         if self.seq_len is not None and self.seq_len < 1:
@@ -135,7 +181,11 @@ class TrainConfig:
 
 
 def _positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    return _int_at_least(value, 1)
+
+
+def _int_at_least(value, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -216,6 +266,7 @@ class TrainHistory:
     val_loss: list[float] = field(default_factory=list)
     ema_val_loss: list[float] = field(default_factory=list)  # with ema_decay: val loss of the averaged weights
     best_val_loss: float = float("inf")
+    best_step: int | None = None  # steps done when best_val_loss was measured: the step of best.pt
     tokens: int = 0  # tokens trained on, all processes together
     tokens_per_second: float = 0.0
     stopped_early: bool = False  # early stopping ended the run before max_steps
@@ -282,6 +333,9 @@ class Trainer:
         self.evals_without_improvement = 0
         self._timed = None  # tokens and seconds of the steps this Trainer ran, for tokens/s
         self._finished_at = 0.0  # when the last step's results were read
+        self._busy = None  # "a step" or "an evaluation" while one changes the state: no checkpoint then
+        self._saved_step = None  # the step last.pt was last written at by this Trainer
+        self._stop_vote = None  # under torchrun: the all-reduce that says whether any process got a signal
         if checkpoint is not None:
             self.load_state(checkpoint)
 
@@ -324,6 +378,7 @@ class Trainer:
         `fit` starts step k+1 before it finishes step k, so the GPU already has the next step's
         work when the host waits for the last one, instead of idling while Python prepares it."""
         config, model, step = self.config, self.wrapped, self.step
+        self._busy = "a step"
         t0 = time.perf_counter()
         lr = lr_at(step, config.lr, config.final_lr, config.warmup_steps, config.max_steps)
         for group in self.optimizer.param_groups:
@@ -369,10 +424,12 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.model)  # a skipped step left the weights alone, so the average is safe
         self.step = step + 1
+        self._busy = None
         return {"step": step, "lr": lr, "loss": loss, "grad_norm": grad_norm, "start": t0, "tokens": tokens}
 
     def _finish_step(self, queued: dict) -> dict:
         """Wait for a step that `_start_step` queued, check it, and record it in the history."""
+        self._busy = "a step"
         step, lr = queued["step"], queued["lr"]
         # the one wait for the GPU per step; it also makes the time below true
         loss_value, grad_norm = torch.stack([queued["loss"], queued["grad_norm"].float()]).tolist()
@@ -398,6 +455,7 @@ class Trainer:
         first = self._timed is None
         self._timed = (0, 0.0) if first else (self._timed[0] + tokens, self._timed[1] + seconds)
         h.tokens_per_second = self._timed[0] / self._timed[1] if self._timed[1] > 0 else tokens / seconds
+        self._busy = None
         return {"loss": loss_value, "lr": lr, "grad_norm": h.grad_norm[-1], "seconds": seconds}
 
     @staticmethod
@@ -411,6 +469,7 @@ class Trainer:
     def evaluate(self) -> bool:
         """Estimate train and val loss now; returns whether the run's best val loss improved."""
         config, h = self.config, self.history
+        self._busy = "an evaluation"
         args = dict(grad_accum_steps=config.grad_accum_steps, precision=config.precision, dist_info=self.dist)
         B, T, n = config.batch_size, self.seq_len, config.eval_iters
         h.eval_step.append(self.step - 1)
@@ -424,11 +483,12 @@ class Trainer:
         previous_best = h.best_val_loss
         improved = val < previous_best
         if improved:
-            h.best_val_loss = val
+            h.best_val_loss, h.best_step = val, self.step
         if val < previous_best - config.min_delta:
             self.evals_without_improvement = 0
         else:
             self.evals_without_improvement += 1
+        self._busy = None
         return improved
 
     @property
@@ -505,14 +565,37 @@ class Trainer:
 
     # ---- the loop ------------------------------------------------------------------------------
     def fit(self) -> TrainHistory:
-        """Train until max_steps (or early stopping). Ctrl-C saves last.pt and stops cleanly."""
-        config, h = self.config, self.history
-        if self.step >= config.max_steps:
-            if self.dist.is_main and self.resumed_from is not None:
+        """Train until max_steps (or early stopping) and return the history.
+
+        With out_dir, the folder is locked for this run (a second run there is refused, naming this
+        one), and a best.pt that a crash left behind last.pt is brought up to date first.
+
+        Ctrl-C (SIGINT) or SIGTERM does not stop the loop where it lands: the step in progress (or
+        the evaluation) finishes, last.pt is saved with exactly the steps done, and then
+        `TrainingInterrupted`, a KeyboardInterrupt, is raised. Running again with resume="auto"
+        continues as if nothing had happened (on CPU, bit for bit). More signals while it saves change
+        nothing. Signals are caught this way only when fit runs in the main thread, the one Python
+        delivers them to."""
+        lock = run_lock(self.out_dir) if self.out_dir else contextlib.nullcontext()
+        stopped_by = None
+        with lock, _StopSignals() as signals:
+            self._heal_best_checkpoint()
+            if self.step < self.config.max_steps:
+                stopped_by = self._train(signals)
+            elif self.dist.is_main and self.resumed_from is not None:
                 print(f"nothing to do: {self.resumed_from} is already at step {self.step} of "
-                      f"max_steps={config.max_steps}; raise max_steps to train on.")
-            self.model.eval()
-            return h
+                      f"max_steps={self.config.max_steps}; raise max_steps to train on.")
+        self.model.eval()  # training is over: dropout off for whatever the caller does next
+        signum = stopped_by or signals.signum  # (a signal after the last step: the run is whole, and saved)
+        if signum:
+            last = Path(self.config.out_dir) / "last.pt" if self.config.out_dir else None
+            raise TrainingInterrupted(signum, self.step, last if last and last.is_file() else None)
+        return self.history
+
+    def _train(self, signals: "_StopSignals") -> int | None:
+        """The loop; returns the signal that stopped it, if one did."""
+        config, h = self.config, self.history
+        first_step, stopped_by, self._stop_vote = self.step, None, None
         bar = _progress_bar(config.max_steps, config.progress and self.dist.is_main, initial=self.step)
         logger = MetricsLogger(self.out_dir, config.tensorboard, resume_step=self.step) if self.out_dir else None
         self.wrapped.train()
@@ -528,6 +611,9 @@ class Trainer:
 
         try:
             while self.step < config.max_steps and not h.stopped_early:
+                stopped_by = self._signalled(signals)
+                if stopped_by:
+                    break  # between two steps: the one safe place to stop
                 pending.append(self._start_step())
                 if len(pending) > 1:  # read the previous step while the device runs this one
                     finish_oldest()
@@ -541,25 +627,202 @@ class Trainer:
                         self.save_checkpoints(improved)
                     if self.callback is not None and self.dist.is_main:
                         self.callback(h)
-        except KeyboardInterrupt:
-            while pending:  # the steps that were queued whole still count, and are logged like the others
+            # stopped by a signal: the queued step is whole (its update is on the device), so it counts
+            while pending:
                 finish_oldest()
-            if config.out_dir and not self.dist.enabled and h.step and h.step[-1] == self.step - 1:
-                self.save(Path(config.out_dir) / "last.pt")  # resume with the same command
-                print(f"\ninterrupted: saved {config.out_dir}/last.pt at step {self.step}; run again to resume.")
+            if stopped_by:
+                self._save_on_stop(stopped_by, first_step, logger)
+        except KeyboardInterrupt:  # raised by a callback, say: not a signal, which only sets a flag
+            self._save_after_keyboard_interrupt(pending, finish_oldest, logger)
             raise
         finally:
             bar.close()
             if logger:
                 logger.close()
-        self.model.eval()  # training is over: dropout off for whatever the caller does next
-        return h
+        return stopped_by
+
+    def _signalled(self, signals: "_StopSignals") -> int:
+        """The signal that asks the loop to stop before the next step (0 for none).
+
+        Under torchrun all processes must stop after the same step, or the others would wait forever
+        in the next step's all-reduce. So each process votes with its signal number through an
+        all-reduce (the largest wins) that is queued now and read one step later: by then finishing a
+        step has waited for the device, so the read costs no wait, and every process reads the same."""
+        if not self.dist.enabled:
+            return signals.signum or 0
+        previous = self._stop_vote
+        self._stop_vote = torch.tensor(signals.signum or 0, device=self.device)
+        torch.distributed.all_reduce(self._stop_vote, op=torch.distributed.ReduceOp.MAX)
+        return int(previous.item()) if previous is not None else 0
+
+    def _save_on_stop(self, signum: int, first_step: int, logger: "MetricsLogger | None") -> None:
+        """last.pt after a signal: every step done is finished and logged, so the state is whole.
+        (Every process calls this: under FSDP saving gathers the shards.)"""
+        trained = self.step > first_step  # else last.pt, if any, already holds this state
+        if self.config.out_dir and trained and self._saved_step != self.step:
+            if logger:
+                logger.flush()  # the rows before last.pt's step reach the disk before last.pt does
+            self._save_last()
+        if self.dist.is_main:
+            if not self.config.out_dir:
+                where = "nothing saved (no out_dir)"
+            elif trained:
+                where = f"saved {self.config.out_dir}/last.pt"
+            else:
+                where = "no step trained since the start, nothing new to save"
+            print(f"\ninterrupted by {signal.Signals(signum).name}: {where} at step {self.step}; run again "
+                  f"to resume.")
+
+    def _save_after_keyboard_interrupt(self, pending: list, finish_oldest, logger) -> None:
+        """A KeyboardInterrupt raised as an exception (from a callback, or where no signal handler could
+        be installed) may land anywhere: save last.pt only when it landed between steps."""
+        if self._busy is not None:
+            if self.dist.is_main and self.config.out_dir:
+                saved = f" (step {self._saved_step})" if self._saved_step is not None else ""
+                print(f"\ninterrupted in the middle of {self._busy}: {self.config.out_dir}/last.pt is left as "
+                      f"it was{saved}.")
+            return
+        while pending:  # the steps that were queued whole still count, and are logged like the others
+            finish_oldest()
+        if self.config.out_dir and not self.dist.enabled and self._saved_step != self.step:
+            if logger:
+                logger.flush()
+            self._save_last()  # resume with the same command
+            print(f"\ninterrupted: saved {self.config.out_dir}/last.pt at step {self.step}; run again to resume.")
 
     def save_checkpoints(self, improved: bool) -> None:
-        out_dir = Path(self.config.out_dir)
-        self.save(out_dir / "last.pt")
+        """last.pt, then best.pt when val improved (a crash between the two is healed on resume)."""
+        self._save_last()
         if improved:
-            self.save(out_dir / "best.pt")
+            self.save(Path(self.config.out_dir) / "best.pt")
+
+    def _save_last(self) -> None:
+        self.save(Path(self.config.out_dir) / "last.pt")
+        self._saved_step = self.step
+
+    def _heal_best_checkpoint(self) -> None:
+        """Bring best.pt up to date when a crash came between writing last.pt and best.pt.
+
+        last.pt records the step of the best val loss so far; when that is its own step, its weights
+        are the best ones, and best.pt must hold them too. Rank 0 copies the file (no collective needed)."""
+        h = self.history
+        if self.out_dir is None or self.resumed_from is None or h.best_step != self.step:
+            return
+        if not Path(self.resumed_from).is_file():  # resumed from a dict: no file to copy
+            return
+        best = self.out_dir / "best.pt"
+        try:
+            up_to_date = load_checkpoint(best, mmap=True)["step"] == self.step
+        except CheckpointError:  # missing or unreadable
+            up_to_date = False
+        if not up_to_date:
+            _copy_atomically(Path(self.resumed_from), best)
+            print(f"best.pt was behind last.pt (a crash between the two saves): copied {self.resumed_from} "
+                  f"(step {self.step}, val loss {h.best_val_loss:.4f}) to {best}.")
+
+
+def _copy_atomically(source: Path, target: Path) -> None:
+    """Copy a file so that a crash leaves the old target or the new one, never half of one."""
+    with open(source, "rb") as src:
+        write_atomically(target, lambda out: shutil.copyfileobj(src, out))
+
+
+class _StopSignals:
+    """While in use, SIGINT (Ctrl-C) and SIGTERM only note that training should stop; the loop stops
+    at its next safe point. Python's default for SIGINT raises KeyboardInterrupt wherever the program
+    is, which can be half-way through a step or a save; the default for SIGTERM ends the process.
+
+    Handlers are installed only in the main thread (Python runs handlers there alone) and the
+    previous ones are put back afterwards. A signal set to be ignored (nohup) stays ignored."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None  # the first signal that came
+        self._previous = {}
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                previous = signal.getsignal(signum)
+                if previous is not signal.SIG_IGN:
+                    self._previous[signum] = signal.SIG_DFL if previous is None else previous
+                    signal.signal(signum, self._note)
+        return self
+
+    def _note(self, signum, frame) -> None:
+        if self.signum is None:  # later signals change nothing: the run is already stopping
+            self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+
+
+# ---- one run per out_dir ---------------------------------------------------------------------------
+LOCK_FILE = "train.lock"
+_held_locks: set[tuple[str, int]] = set()  # (out_dir, thread) pairs this process holds
+
+
+@contextlib.contextmanager
+def run_lock(out_dir: str | Path):
+    """Hold out_dir for one training run: a second one, in this process or another, is refused with
+    an error that names the holder (pid, host, start time).
+
+    The lock is an flock on out_dir/train.lock. The kernel releases it when the holding process ends,
+    however it ends (kill -9 included), so a lock left by a dead process is free by construction; the
+    file's text only names the holder. The same thread may take it again (lm train holds it around
+    the Trainer's own). Where fcntl does not exist (Windows), runs are not locked."""
+    out_dir = Path(out_dir)
+    key = (str(out_dir.resolve()), threading.get_ident())
+    if fcntl is None or key in _held_locks:
+        yield
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / LOCK_FILE
+    fd = _lock_file(path)
+    _held_locks.add(key)
+    try:
+        yield
+    finally:
+        _held_locks.discard(key)
+        path.unlink(missing_ok=True)  # before the lock goes: see _lock_file
+        os.close(fd)  # closing the file releases the lock
+
+
+def _lock_file(path: Path) -> int:
+    """Open and flock `path`, write who holds it, and return the file descriptor.
+
+    The holder deletes the file when it is done. Another run may have opened the file just before,
+    and then locks a file that no longer has a name; so after locking, check that the name still
+    leads to the file locked, and start again when it does not."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            holder = _read_text(path) or "a process that has not written its name yet"
+            raise TrainingError(f"{path.parent} is in use by another training run: {holder} (lock file {path}). "
+                                f"Wait for it to finish, stop it, or choose another out_dir.") from None
+        try:
+            same_file = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same_file = False
+        if same_file:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)  # a dead holder's name may still be there
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started "
+                 f"{time.strftime('%Y-%m-%d %H:%M:%S %z')}\n".encode())
+    return fd
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        return ""
 
 
 class _Snapshot:
@@ -573,21 +836,20 @@ class _Snapshot:
 
 
 class MetricsLogger:
-    """Per-step and per-evaluation metrics to out_dir/metrics.csv (and TensorBoard when asked)."""
+    """Per-step and per-evaluation metrics to out_dir/metrics.csv (and TensorBoard when asked).
+
+    A resumed run keeps the rows before its step and drops the later ones (logged after the last
+    checkpoint, they are trained again). The kept rows are written to a new file that replaces the
+    old one at once, and new rows are appended, so a crash at any point never loses an earlier row."""
 
     COLUMNS = ("step", "loss", "lr", "grad_norm", "step_time", "tokens", "train_loss", "val_loss", "ema_val_loss")
 
     def __init__(self, out_dir: Path, tensorboard: bool = False, resume_step: int = 0):
         out_dir.mkdir(parents=True, exist_ok=True)
         self.path = out_dir / "metrics.csv"
-        rows = []
-        if resume_step and self.path.is_file():  # keep what the interrupted run logged up to the resume point
-            with open(self.path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) < resume_step]
-        self.file = open(self.path, "w", newline="")
+        self._rewrite(self._rows_before(resume_step) if resume_step else [])
+        self.file = open(self.path, "a", newline="")
         self.writer = csv.DictWriter(self.file, fieldnames=self.COLUMNS)
-        self.writer.writeheader()
-        self.writer.writerows(rows)
         self.pending: dict | None = None
         self.tb = None
         if tensorboard:
@@ -597,6 +859,22 @@ class MetricsLogger:
                 raise TrainingError("tensorboard=True needs the tensorboard package: pip install tensorboard "
                                     "(or leave tensorboard off; metrics.csv is always written).") from err
             self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step or None)
+
+    def _rows_before(self, step: int) -> list[dict]:
+        """The rows of the steps before `step`; a row cut short by a crash (a field missing) is dropped."""
+        if not self.path.is_file():
+            return []
+        with open(self.path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        return [r for r in rows if None not in r.values() and r["step"].isdigit() and int(r["step"]) < step]
+
+    def _rewrite(self, rows: list[dict]) -> None:
+        def write(f):
+            writer = csv.DictWriter(f, fieldnames=self.COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+
+        write_atomically(self.path, write, text=True)  # readers see all the old rows, or all the kept ones
 
     def log_step(self, step: int, out: dict, tokens: int) -> None:
         self._flush_pending()
@@ -610,8 +888,7 @@ class MetricsLogger:
         if self.pending is not None and self.pending["step"] == step:
             self.pending.update(train_loss=h.train_loss[-1], val_loss=h.val_loss[-1],
                                 ema_val_loss=h.ema_val_loss[-1] if h.ema_val_loss else "")
-        self._flush_pending()
-        self.file.flush()
+        self.flush()
         if self.tb:
             self.tb.add_scalar("eval/train_loss", h.train_loss[-1], step)
             self.tb.add_scalar("eval/val_loss", h.val_loss[-1], step)
@@ -621,6 +898,12 @@ class MetricsLogger:
         if self.pending is not None:
             self.writer.writerow(self.pending)
             self.pending = None
+
+    def flush(self) -> None:
+        """Everything logged so far to the disk: done before each checkpoint, which must not be ahead
+        of the metrics."""
+        self._flush_pending()
+        self.file.flush()
 
     def close(self) -> None:
         self._flush_pending()

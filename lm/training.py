@@ -65,6 +65,14 @@ def train(
     `resume="auto"` continues the run in `config.out_dir` when it has a last.pt (and returns its
     history untouched when that is already at max_steps), else starts afresh. precision="auto" and
     batch_size="auto" in `config` are resolved first. The model is left in eval mode.
+
+    Nothing is lost when a run stops early. Ctrl-C (SIGINT) or SIGTERM lets the step or evaluation in
+    progress finish, saves last.pt with exactly the steps done, and raises
+    `lm.trainer.TrainingInterrupted`, a KeyboardInterrupt (its `.checkpoint` is the file, its
+    `.exit_code` 130 or 143); calling `train` again with resume="auto" continues exactly. A crash or
+    kill -9 loses only the steps since the last evaluation: last.pt, best.pt and metrics.csv are
+    always whole, and a resumed run brings best.pt and metrics.csv back in step with last.pt. One run
+    at a time may use an out_dir: a second raises TrainingError naming the first (pid, host, start).
     """
     config, _ = resolve_batch_size(model, config)
     return Trainer(model, train_data, val_data, config, callback=callback, resume=resume).fit()

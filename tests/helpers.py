@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from lm import GPT, ModelConfig
+from lm.trainer import run_lock
 
 
 def sharp_model(config: ModelConfig) -> GPT:
@@ -14,3 +17,23 @@ def sharp_model(config: ModelConfig) -> GPT:
         for name, p in model.named_parameters():
             p.normal_(mean=1.0 if "norm" in name and name.endswith("weight") else 0.0, std=0.5)
     return model
+
+
+def hold_lock_in_a_thread(out_dir):
+    """Hold out_dir's lock from another thread (as another process would) until the returned
+    function is called."""
+    entered, release = threading.Event(), threading.Event()
+
+    def hold():
+        with run_lock(out_dir):
+            entered.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    assert entered.wait(30)
+
+    def let_go():
+        release.set()
+        thread.join()
+    return let_go

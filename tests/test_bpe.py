@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import io
 import json
+import random
+import string
+import tracemalloc
 import warnings
 from collections import Counter
 
 import pytest
+import regex
 import tiktoken
 import torch
 from hypothesis import given, settings
@@ -232,6 +236,57 @@ def test_gpt2_parity_with_tiktoken_on_any_text(gpt2, reference, text):
     assert gpt2.encode(text) == reference.encode(text, allowed_special="all")
 
 
+# ---- long pre-tokens: the heap merge ----------------------------------------------------------------
+def test_heap_merge_equals_list_merge_on_every_shakespeare_pretoken(ranks, shakespeare):
+    for piece in set(regex.findall(GPT2_PATTERN, shakespeare[:200_000])):
+        data = piece.encode("utf-8")
+        assert bpe_module.bpe_heap(data, ranks) == bpe_module.bpe(data, ranks), piece
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300) | st.text(alphabet="aab e\u00e9\U0001F600'1\n", max_size=300).map(str.encode))
+def test_heap_merge_equals_list_merge_on_any_bytes(ranks, data):
+    assert bpe_module.bpe_heap(data, ranks) == bpe_module.bpe(data, ranks)
+
+
+def letters(n: int, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    return "".join(rng.choice(string.ascii_lowercase) for _ in range(n))
+
+
+@pytest.mark.parametrize("text", [letters(20_000), letters(40_000), "a" * 40_000, " " + "ab" * 20_000])
+def test_long_runs_of_letters_match_tiktoken(gpt2, reference, text):
+    """GPT-2's pattern keeps a run of letters as one pre-token, however long."""
+    assert gpt2.encode(text, allowed_special="none") == reference.encode_ordinary(text)
+
+
+class CountedRank(int):
+    """A rank that counts how often it is compared: the work of finding the lowest-ranked pair."""
+
+    comparisons = 0
+
+    def __lt__(self, other):
+        CountedRank.comparisons += 1
+        return int.__lt__(self, other)
+
+    def __gt__(self, other):
+        CountedRank.comparisons += 1
+        return int.__gt__(self, other)
+
+
+def test_encoding_a_long_pretoken_grows_like_n_log_n(gpt2, monkeypatch):
+    """Twice the letters, about twice the rank comparisons (n log n), not four times (n²).
+    Counted, not timed: the ranks are replaced by ints that count their comparisons."""
+    monkeypatch.setattr(gpt2, "_ranks", {token: CountedRank(i) for token, i in gpt2._ranks.items()})
+    comparisons = {}
+    for n in (4_000, 8_000):
+        CountedRank.comparisons = 0
+        gpt2.encode(letters(n, seed=n))
+        comparisons[n] = CountedRank.comparisons
+    assert comparisons[4_000] > 4_000  # the counter sees the merge loop
+    assert comparisons[8_000] / comparisons[4_000] < 2.6, comparisons
+
+
 def test_gpt2_round_trips_through_to_dict(gpt2, tmp_path):
     data = gpt2.to_dict()
     assert len(data["byte_order"]) == 256 and len(data["merges"]) == 50_000
@@ -337,6 +392,24 @@ def test_encode_iter_keeps_memory_bounded(gpt2, shakespeare):
     first = [next(stream) for _ in range(100)]
     assert len("".join(seen)) < 2_000  # ids come out long before the whole text is read
     assert first + list(stream) == gpt2.encode(text)
+
+
+@pytest.mark.parametrize("line, pattern", [("\n", "gpt2"), ("  ", "gpt4"), ("ab", None)])
+def test_encode_iter_scans_a_stretch_without_a_cut_in_linear_time(corpus, monkeypatch, line, pattern):
+    """Blank lines (or, with no pattern, any text without special tokens) give the streaming
+    encoder no safe point to cut at, so it keeps them; it must not scan all it keeps again at
+    every new line (n² characters: minutes for 100k lines). Counted, not timed: the characters
+    handed to the pre-tokenizer, for n and 2n lines."""
+    tok = ByteBPETokenizer.train(corpus[:3_000], vocab_size=300, pattern=pattern)
+    scanned = []
+    pretokenize = tok.pretokenize
+    monkeypatch.setattr(tok, "pretokenize", lambda text: scanned.append(len(text)) or pretokenize(text))
+    counts = {}
+    for n in (5_000, 10_000):
+        scanned.clear()
+        assert list(tok.encode_iter([line] * n, chunk_chars=500)) == tok.encode(line * n)
+        counts[n] = sum(scanned)
+    assert counts[10_000] / counts[5_000] < 2.5, counts
 
 
 # ---- persistence ---------------------------------------------------------------------------------
@@ -461,6 +534,70 @@ def test_bad_saved_data():
         ByteBPETokenizer.from_dict({"kind": "bpe", "pattern": None, "special_tokens": {}, "merges": [["ab", "c"]]})
     with pytest.raises(TokenizerError, match="file"):
         ByteBPETokenizer.load("/nonexistent/bpe.json")
+
+
+# ---- hostile saved files ----------------------------------------------------------------------------
+# A crafted regex that backtracks catastrophically: each extra "a" doubles the work (a tester's
+# pattern of this kind took 139 s on 42 characters). Loading must refuse it without running it.
+CATASTROPHIC_PATTERN = r"(?:a|a)*b|\s+|."
+
+
+def test_a_saved_custom_pattern_is_refused_unless_trusted(tmp_path):
+    tok = ByteBPETokenizer.train("hello world, hello there", vocab_size=265, pattern=r"\w+|\W")
+    path = tmp_path / "custom.json"
+    tok.save(path)
+    refused = r"pattern '\\\\w\+\|\\\\W' is not one of lm's patterns.*trust_pattern=True"
+    for load in (load_tokenizer, ByteBPETokenizer.load):
+        with pytest.raises(TokenizerError, match=refused):
+            load(path)
+    with pytest.raises(TokenizerError, match="trust_pattern=True"):
+        tokenizer_from_dict(tok.to_dict())
+    for loaded in (load_tokenizer(path, trust_pattern=True), ByteBPETokenizer.load(path, trust_pattern=True),
+                   tokenizer_from_dict(tok.to_dict(), trust_pattern=True)):
+        assert loaded.encode("hello, world") == tok.encode("hello, world")
+
+
+def test_a_catastrophic_pattern_in_a_file_is_never_run(tmp_path):
+    path = tmp_path / "evil.json"
+    path.write_text(json.dumps({"kind": "bpe", "pattern": CATASTROPHIC_PATTERN, "special_tokens": {}, "merges": []}))
+    with pytest.raises(TokenizerError, match="could run for hours"):
+        load_tokenizer(path)
+
+
+@pytest.mark.parametrize("pattern", [None, "gpt2", "gpt4", GPT2_PATTERN, GPT4_PATTERN])
+def test_known_patterns_load_without_trust(pattern):
+    data = {"kind": "bpe", "pattern": pattern, "special_tokens": {"<|endoftext|>": 257}, "merges": [["a", "b"]]}
+    assert tokenizer_from_dict(data).encode("abc<|endoftext|>") == [256, 99, 257]
+
+
+def test_declared_sizes_are_refused_before_allocating(tmp_path):
+    """A 100-byte file that declares a special id of 200 million would allocate a table of 200
+    million rows (1.6 GB); it is refused, and loading allocates almost nothing."""
+    path = tmp_path / "huge.json"
+    path.write_text(json.dumps({"kind": "bpe", "pattern": None, "special_tokens": {"<|endoftext|>": 200_000_000},
+                                "merges": []}))
+    assert path.stat().st_size < 120
+    tracemalloc.start()
+    try:
+        with pytest.raises(TokenizerError, match="is 200,000,000, over lm's limit"):
+            load_tokenizer(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 5_000_000
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"special_tokens": {f"<{i}>": 256 + i for i in range(10_001)}}, "number of special tokens"),
+    ({"special_tokens": {"<" + "x" * 1_000 + ">": 256}}, "length of special token"),
+    ({"special_tokens": ["<|endoftext|>", 256]}, "special_tokens must map names to ids"),
+    ({"merges": {"a": "b"}}, "merges must be a list"),
+    ({"byte_order": list(range(255)) + ["x"]}, "byte_order must list"),
+])
+def test_malformed_saved_bpe_fields(data, message):
+    saved = {"kind": "bpe", "pattern": None, "special_tokens": {}, "merges": [], **data}
+    with pytest.raises(TokenizerError, match=message):
+        tokenizer_from_dict(saved)
 
 
 def test_bad_ranks():

@@ -1,11 +1,23 @@
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
 import pickle
+import re
+import signal
+import socket
+import time
+import zipfile
+from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import lm.checkpoint
+import lm
 from lm import GPT, CheckpointError, ModelConfig, load_checkpoint, load_model, save_checkpoint
 from lm.optim import configure_optimizer
 
@@ -165,6 +177,7 @@ def test_arbitrary_objects_are_refused_and_not_executed(tmp_path, writer):
 def test_strict_mismatch(tmp_path, tiny_model):
     path = save_checkpoint(tmp_path / "ckpt.pt", tiny_model)
     ckpt = torch.load(path, weights_only=True)
+    del ckpt["checksums"]  # edited on purpose: without this the edit is reported as corruption
     del ckpt["model"]["norm_f.weight"]
     ckpt["model"]["surprise.weight"] = torch.zeros(2)
     torch.save(ckpt, path)
@@ -174,3 +187,413 @@ def test_strict_mismatch(tmp_path, tiny_model):
     assert "norm_f.weight" in message and "surprise.weight" in message and "strict=False" in message
     model = load_model(path, strict=False, device="cpu")
     assert torch.equal(model.blocks[0].attn.qkv.weight, tiny_model.blocks[0].attn.qkv.weight)
+
+
+# ---- faults: corruption, hostile files, failed saves (issue 14) -------------------------------------
+BOOK_CHECKPOINTS = sorted((Path(__file__).parent.parent / "book" / "data").glob("*.pt"))
+
+
+def flip_byte(path: Path, position: int) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[position] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def position_of(path: Path, tensor: torch.Tensor) -> int:
+    """Where a tensor's bytes start in the file (torch.save stores them uncompressed)."""
+    position = path.read_bytes().find(tensor.detach().contiguous().numpy().tobytes())
+    assert position > 0
+    return position
+
+
+def test_flipped_byte_in_the_weights_is_reported_with_file_and_tensor(tmp_path, tiny_model):
+    path = save_checkpoint(tmp_path / "ckpt.pt", tiny_model)
+    flip_byte(path, position_of(path, tiny_model.blocks[1].attn.qkv.weight) + 100)
+    with pytest.raises(CheckpointError, match=r"ckpt.pt.*corrupt.*blocks\.1\.attn\.qkv\.weight"):
+        load_model(path, device="cpu")
+    with pytest.raises(CheckpointError, match=r"ckpt.pt.*corrupt.*blocks\.1\.attn\.qkv\.weight"):
+        load_checkpoint(path)
+    assert load_checkpoint(path, mmap=True)["step"] == 0  # a mapped look at the settings reads no weights
+
+
+def test_flipped_byte_in_the_optimizer_state_fails_resuming_not_inference(tmp_path, tiny_model):
+    optimizer = trained_a_little(tiny_model)
+    path = save_checkpoint(tmp_path / "ckpt.pt", tiny_model, optimizer=optimizer)
+    flip_byte(path, position_of(path, optimizer.state_dict()["state"][0]["exp_avg_sq"]) + 8)
+    with pytest.raises(CheckpointError, match=r"corrupt.*optimizer/state/0/exp_avg_sq"):
+        load_checkpoint(path)  # what the trainer calls to resume
+    load_model(path, device="cpu")  # inference does not use the optimizer state, and does not hash it
+
+
+def test_settings_readers_and_load_model_hash_only_what_they_use(tmp_path, tiny_model, monkeypatch):
+    path = save_checkpoint(tmp_path / "ckpt.pt", tiny_model, optimizer=trained_a_little(tiny_model))
+    hashed = []
+    real_digest = lm.checkpoint.tensor_digest
+    monkeypatch.setattr(lm.checkpoint, "tensor_digest", lambda name, t: hashed.append(name) or real_digest(name, t))
+    load_checkpoint(path, mmap=True)
+    assert hashed == []
+    load_model(path, device="cpu")
+    assert hashed and all(name.startswith("model/") for name in hashed)
+
+
+def test_edited_config_is_reported_as_corrupt(tmp_path, tiny_model):
+    path = save_checkpoint(tmp_path / "ckpt.pt", tiny_model)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["config"]["n_head"] = 2  # same shapes, another model: only the checksum can tell
+    torch.save(ckpt, path)
+    with pytest.raises(CheckpointError, match="corrupt: its config.*checksums"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("book_checkpoint", BOOK_CHECKPOINTS, ids=lambda p: p.name)
+def test_checkpoints_written_before_checksums_still_load(book_checkpoint):
+    assert "checksums" not in load_checkpoint(book_checkpoint, mmap=True)
+    assert load_model(book_checkpoint, device="cpu").tokenizer is not None
+
+
+def test_checkpoint_without_checksums_loads(tmp_path, text_model):
+    path = save_checkpoint(tmp_path / "ckpt.pt", text_model)
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["checksums"]
+    torch.save(ckpt, path)
+    loaded = load_model(path, device="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(text_model.state_dict().values(), loaded.state_dict().values()))
+
+
+def test_nonfinite_weights_are_named(tmp_path, tiny_model):
+    with torch.no_grad():
+        tiny_model.blocks[0].mlp.fc.weight[0, 0] = float("nan")
+        tiny_model.norm_f.bias[3] = float("-inf")
+    path = save_checkpoint(tmp_path / "ckpt.pt", tiny_model)
+    with pytest.raises(CheckpointError) as err:
+        load_model(path, device="cpu")
+    message = str(err.value)
+    assert "ckpt.pt" in message and "NaN or inf" in message and "allow_nonfinite=True" in message
+    assert "blocks.0.mlp.fc.weight" in message and "norm_f.bias" in message and "tok_emb" not in message
+    model = load_model(path, device="cpu", allow_nonfinite=True)
+    assert model.norm_f.bias[3] == float("-inf")
+
+
+def partial_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(lm.checkpoint.TEMP_SUFFIX))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="simulates a crash with fork and SIGKILL")
+def test_next_save_removes_the_temporary_file_of_a_crashed_save(tmp_path, tiny_model, monkeypatch):
+    path = save_checkpoint(tmp_path / "last.pt", tiny_model, step=1)
+
+    def killed_mid_save(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)  # no except clause, no cleanup: a power cut
+
+    monkeypatch.setattr(lm.checkpoint.torch, "save", killed_mid_save)
+    child = os.fork()
+    if child == 0:  # pragma: no cover (the child dies inside save_checkpoint)
+        save_checkpoint(path, tiny_model, step=2)
+        os._exit(1)
+    os.waitpid(child, 0)
+    monkeypatch.undo()
+    [left] = partial_files(tmp_path)  # what a crash leaves: named to be recognised
+    assert load_checkpoint(path)["step"] == 1
+
+    save_checkpoint(path, tiny_model, step=3)  # moments later: it may be a live writer's, kept
+    assert partial_files(tmp_path) == [left]
+    old = time.time() - 2 * lm.checkpoint.STALE_AFTER_S
+    os.utime(tmp_path / left, (old, old))
+    save_checkpoint(path, tiny_model, step=4)
+    assert partial_files(tmp_path) == []
+    assert load_checkpoint(path)["step"] == 4
+
+
+@pytest.mark.skipif(lm.checkpoint.fcntl is None, reason="POSIX file locks")
+def test_a_live_writers_temporary_file_is_kept(tmp_path, tiny_model):
+    live = tmp_path / f".best.pt.abc{lm.checkpoint.TEMP_SUFFIX}"
+    with open(live, "wb") as f:
+        lm.checkpoint.fcntl.flock(f, lm.checkpoint.fcntl.LOCK_EX)  # another process is writing best.pt slowly
+        old = time.time() - 2 * lm.checkpoint.STALE_AFTER_S
+        os.utime(live, (old, old))
+        save_checkpoint(tmp_path / "last.pt", tiny_model)
+        assert live.exists()
+    save_checkpoint(tmp_path / "last.pt", tiny_model)  # the writer is gone (its lock with it)
+    assert not live.exists()
+
+
+# ---- hostile files: nothing is allocated beyond what the file holds
+@contextlib.contextmanager
+def memory_cap(extra_bytes: int):
+    """Address space limited to what the process maps now plus `extra_bytes`: an attempt to
+    allocate more fails at once instead of swapping the machine to death."""
+    resource = pytest.importorskip("resource")
+    mapped = int(Path("/proc/self/statm").read_text().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (mapped + extra_bytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def craft(tmp_path: Path, model: GPT, config_changes: dict, weights: dict | None = None) -> Path:
+    """A checkpoint whose config was edited (checksums dropped, as an attacker would)."""
+    path = save_checkpoint(tmp_path / "evil.pt", model)
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["checksums"]
+    ckpt["config"].update(config_changes)
+    if weights is not None:
+        ckpt["model"] = weights
+    torch.save(ckpt, path)
+    return path
+
+
+HOSTILE_CONFIGS = {
+    "gpt3_width": ({"vocab_size": 50257, "d_model": 12288, "n_head": 96}, "tok_emb.weight"),
+    "gpt3_depth": ({"n_layer": 96}, "n_layer=96"),
+    "million_layers": ({"n_layer": 1_000_000}, "n_layer=1000000"),
+    "huge_rope_table": ({"pos": "rope", "block_size": 2**40}, "block_size=1099511627776"),
+    "huge_learned_positions": ({"block_size": 2**31}, "pos_emb.weight"),
+}
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads /proc to cap memory")
+@pytest.mark.parametrize("attack", HOSTILE_CONFIGS)
+def test_config_declaring_a_huge_model_is_refused_before_allocation(tmp_path, tiny_model, attack):
+    changes, named = HOSTILE_CONFIGS[attack]
+    path = craft(tmp_path, tiny_model, changes)
+    assert path.stat().st_size < 200_000
+    with memory_cap(2 << 30), pytest.raises(CheckpointError, match=f"evil.pt.*{re.escape(named)}.*corrupt or was edited"):
+        load_model(path, device="cpu")
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads /proc to cap memory")
+def test_weights_that_repeat_one_stored_number_are_refused(tmp_path, tiny_model):
+    """Stride-0 views: a few bytes on disk that claim a (50257, 12288) embedding."""
+    huge = {"vocab_size": 50257, "d_model": 12288, "n_head": 96}
+    C, V = huge["d_model"], huge["vocab_size"]
+    scaled = {32: C, 48: V, 96: 3 * C, 128: 4 * C, 16: 16}  # the tiny model's C, V, 3C, 4C and block_size
+    one = torch.zeros(1)
+    weights = {name: one.expand(*[scaled[size] for size in t.shape]) for name, t in tiny_model.state_dict().items()}
+    path = craft(tmp_path, tiny_model, huge, weights=weights)
+    assert path.stat().st_size < 200_000
+    with memory_cap(2 << 30), pytest.raises(CheckpointError, match=r"evil.pt.*corrupt or crafted.*backed by only 4"):
+        load_model(path, device="cpu")
+
+
+def test_compressed_records_are_refused_before_reading(tmp_path, tiny_model):
+    """torch.load inflates a deflated record: 20 kB on disk would become 20 MB (or 20 GB) in memory."""
+    path = save_checkpoint(tmp_path / "ckpt.pt", tiny_model, extra={"padding": torch.zeros(5_000_000)})
+    bomb = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(path) as good, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as evil:
+        for record in good.infolist():
+            evil.writestr(record.filename, good.read(record.filename))
+    assert bomb.stat().st_size < 200_000
+    with pytest.raises(CheckpointError, match="bomb.pt.*compressed"):
+        load_checkpoint(bomb)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a connection fails the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a network connection was attempted: {args[1:]}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def bpe_tokenizer(pattern_text):
+    return lm.ByteBPETokenizer.train(pattern_text, vocab_size=270)
+
+
+def gpt2_tokenizer(pattern_text):
+    try:
+        gpt2_ranks = pytest.importorskip("lm.tokenizers.gpt2_ranks")
+        if not os.environ.get("LM_GPT2_RANKS") and not (gpt2_ranks.data_home() / "cache" / "gpt2.tiktoken").is_file():
+            pytest.skip("GPT-2's ranks are not cached here (fetching them is the tokenizer's business)")
+    except AttributeError:
+        pytest.skip("no offline GPT-2 ranks")
+    return lm.TiktokenTokenizer("gpt2")
+
+
+@pytest.mark.parametrize("make_tokenizer", [lm.CharTokenizer.train, bpe_tokenizer, gpt2_tokenizer],
+                         ids=["char", "bpe", "tiktoken_gpt2"])
+def test_loading_opens_no_network_connection(tmp_path, pattern_text, make_tokenizer, no_network):
+    tokenizer = make_tokenizer(pattern_text)
+    model = GPT(ModelConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=1, n_head=2, d_model=16),
+                tokenizer=tokenizer)
+    path = save_checkpoint(tmp_path / "ckpt.pt", model)
+    loaded = load_model(path, device="cpu")
+    assert loaded.tokenizer.encode("to be") == tokenizer.encode("to be")
+
+
+def test_a_tokenizer_that_needs_a_download_gives_a_checkpoint_error(tmp_path, tiny_model, no_network):
+    """cl100k_base has no offline copy: tiktoken tries to fetch it (the tokenizer's business, see the
+    report); with no network the load fails with a CheckpointError, not a hang or a foreign error."""
+    path = save_checkpoint(tmp_path / "ckpt.pt", tiny_model)
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["checksums"]
+    ckpt["tokenizer"] = {"kind": "tiktoken", "name": "cl100k_base"}
+    torch.save(ckpt, path)
+    with pytest.raises(CheckpointError, match="tokenizer cannot be rebuilt"):
+        load_model(path, device="cpu")
+
+
+# ---- failed saves: one clear line, the previous checkpoint whole, no temporary file
+class FullDisk:
+    """A file that takes `room` bytes and then fails as a full disk does."""
+
+    def __init__(self, f, room: int):
+        self.f, self.room = f, room
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def assert_previous_checkpoint_whole(path: Path, before: bytes) -> None:
+    assert path.read_bytes() == before
+    assert load_checkpoint(path)["step"] == 1
+    load_model(path, device="cpu")
+    assert partial_files(path.parent) == []
+
+
+def assert_one_clear_line(err: pytest.ExceptionInfo, path: Path, *words: str) -> None:
+    message = str(err.value)
+    assert "\n" not in message and str(path) in message and "unexpected pos" not in message
+    for word in words:
+        assert word in message
+
+
+def test_disk_full_gives_a_clear_error_and_keeps_the_previous_checkpoint(tmp_path, tiny_model, monkeypatch):
+    path = save_checkpoint(tmp_path / "last.pt", tiny_model, step=1)
+    before = path.read_bytes()
+    real_save = torch.save
+    monkeypatch.setattr(lm.checkpoint.torch, "save", lambda obj, f: real_save(obj, FullDisk(f, room=4096)))
+    with pytest.raises(lm.checkpoint.CheckpointSaveError) as err:
+        save_checkpoint(path, tiny_model, step=2)
+    monkeypatch.undo()
+    assert err.value.errno == errno.ENOSPC and isinstance(err.value, OSError)
+    assert_one_clear_line(err, path, "disk is full", "free space", "unchanged")
+    assert_previous_checkpoint_whole(path, before)
+
+
+@pytest.mark.parametrize("how", ["chmod", "simulated"])
+def test_read_only_folder_gives_a_clear_error_and_keeps_the_previous_checkpoint(tmp_path, tiny_model, monkeypatch, how):
+    path = save_checkpoint(tmp_path / "last.pt", tiny_model, step=1)
+    before = path.read_bytes()
+    if how == "chmod":
+        if not hasattr(os, "geteuid") or os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders; the simulated case covers it")
+        tmp_path.chmod(0o555)
+    else:
+        def refused(*args, **kwargs):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path))
+
+        monkeypatch.setattr(lm.checkpoint.tempfile, "mkstemp", refused)
+    try:
+        with pytest.raises(lm.checkpoint.CheckpointSaveError) as err:
+            save_checkpoint(path, tiny_model, step=2)
+    finally:
+        tmp_path.chmod(0o755)
+        monkeypatch.undo()
+    assert_one_clear_line(err, path, "not writable", "permissions", "unchanged")
+    assert_previous_checkpoint_whole(path, before)
+
+
+def test_output_path_that_is_a_folder(tmp_path, tiny_model):
+    folder = tmp_path / "run"
+    save_checkpoint(folder / "last.pt", tiny_model, step=1)
+    with pytest.raises(lm.checkpoint.CheckpointSaveError) as err:
+        save_checkpoint(folder, tiny_model, step=2)
+    assert_one_clear_line(err, folder, "is a folder", "last.pt")
+    assert_previous_checkpoint_whole(folder / "last.pt", (folder / "last.pt").read_bytes())
+    assert sorted(p.name for p in folder.iterdir()) == ["last.pt"]
+
+
+@pytest.mark.parametrize("under", ["notes.txt", "notes.txt/sub"])
+def test_output_path_under_a_file(tmp_path, tiny_model, under):
+    (tmp_path / "notes.txt").write_text("keep me")
+    path = tmp_path / under / "last.pt"
+    with pytest.raises(lm.checkpoint.CheckpointSaveError) as err:
+        save_checkpoint(path, tiny_model)
+    assert_one_clear_line(err, path, "is a file, not a folder", "another path")
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+# ---- property: whatever happens to the bytes, a load gives the saved tensors or a CheckpointError
+@pytest.fixture(scope="module")
+def saved_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=32, block_size=8, n_layer=1, n_head=2, d_model=16))
+    path = save_checkpoint(tmp_path_factory.mktemp("prop") / "ckpt.pt", model)
+    return path.read_bytes(), model.state_dict()
+
+
+def load_or_checkpoint_error(data: bytes, expected: dict, folder: Path) -> None:
+    path = folder / "damaged.pt"
+    path.write_bytes(data)
+    capped = memory_cap(2 << 30) if Path("/proc/self/statm").exists() else contextlib.nullcontext()
+    try:
+        with capped:
+            loaded = load_model(path, device="cpu").state_dict()
+    except CheckpointError as err:
+        assert "damaged.pt" in str(err)
+        return
+    assert loaded.keys() == expected.keys()
+    assert all(torch.equal(loaded[name], expected[name]) for name in expected)
+
+
+PROPERTY_SETTINGS = settings(max_examples=120, deadline=None, derandomize=True, database=None,
+                             suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+@PROPERTY_SETTINGS
+@given(flips=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(1, 255)), min_size=1, max_size=4))
+def test_flipped_bytes_give_the_saved_tensors_or_a_checkpoint_error(saved_checkpoint, tmp_path, flips):
+    data, expected = saved_checkpoint
+    damaged = bytearray(data)
+    for where, mask in flips:
+        damaged[int(where * len(data))] ^= mask
+    load_or_checkpoint_error(bytes(damaged), expected, tmp_path)
+
+
+@PROPERTY_SETTINGS
+@given(where=st.floats(0, 1, exclude_max=True), mask=st.integers(1, 255))
+def test_flipped_bytes_in_the_pickle_give_the_saved_tensors_or_a_checkpoint_error(saved_checkpoint, tmp_path, where,
+                                                                                   mask):
+    """The structure (names, shapes, config) lives in data.pkl, a few percent of the file: aim there."""
+    data, expected = saved_checkpoint
+    start = data.find(b"data.pkl") + len(b"data.pkl")
+    end = data.find(b"PK\x03\x04", start)
+    damaged = bytearray(data)
+    damaged[start + int(where * (end - start))] ^= mask
+    load_or_checkpoint_error(bytes(damaged), expected, tmp_path)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(keep=st.floats(0, 1, exclude_max=True))
+def test_truncated_files_give_a_checkpoint_error(saved_checkpoint, tmp_path, keep):
+    data, _ = saved_checkpoint
+    path = tmp_path / "cut.pt"
+    path.write_bytes(data[: int(keep * len(data))])
+    with pytest.raises(CheckpointError, match="cut.pt"):
+        load_model(path, device="cpu")
+
+
+def test_a_tokenizer_with_its_own_regex_loads_only_when_trusted(tmp_path):
+    tokenizer = lm.ByteBPETokenizer.train("hello world, hello there", vocab_size=265, pattern=r"\w+|\W")
+    model = GPT(ModelConfig(vocab_size=tokenizer.vocab_size, n_layer=1, n_head=2, d_model=16, block_size=16),
+                tokenizer=tokenizer)
+    save_checkpoint(tmp_path / "custom.pt", model)
+    with pytest.raises(CheckpointError, match="custom.pt.*trust_pattern=True"):
+        load_model(tmp_path / "custom.pt", device="cpu")
+    loaded = load_model(tmp_path / "custom.pt", device="cpu", trust_pattern=True)
+    assert loaded.tokenizer.encode("hello, world") == tokenizer.encode("hello, world")

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 import lm
-from lm.cli import build_parser, main
+from lm.cli import _read_sections, build_parser, cmd_train_settings, main
 from lm.data import read_tokens
 
 VERBS = ("prep", "train", "finetune", "eval", "generate", "chat", "serve")
@@ -283,6 +284,74 @@ def test_train_with_config_file(tmp_path, prepared):
     assert (ckpt["config"]["d_model"], ckpt["config"]["n_head"], ckpt["config"]["block_size"]) == (24, 2, 12)
     assert ckpt["train_config"]["seq_len"] == 8
     assert ckpt["step"] == 4 and ckpt["train_config"]["eval_iters"] == 2
+
+
+EVERY_TRAIN_SETTING = {  # none at its default
+    "max_steps": 7, "batch_size": 3, "memory_budget": 2**30, "grad_accum_steps": 2, "seq_len": 12, "lr": 2e-3,
+    "min_lr": 1e-4, "warmup_steps": 5, "weight_decay": 0.05, "beta1": 0.8, "beta2": 0.9, "grad_clip": 0.5,
+    "eval_interval": 3, "eval_iters": 4, "patience": 2, "min_delta": 0.01, "precision": "bf16", "ema_decay": 0.99,
+    "compile": True, "sampling": "epoch", "parallel": "fsdp", "seed": 5, "tensorboard": True, "progress": False,
+}
+
+
+def test_every_train_setting_in_a_config_file_is_honoured(tmp_path):
+    import yaml
+
+    assert set(EVERY_TRAIN_SETTING) == {f.name for f in dataclasses.fields(lm.TrainConfig)} - {"out_dir"}
+    config = tmp_path / "exp.yaml"
+    config.write_text(yaml.safe_dump({"train": EVERY_TRAIN_SETTING}))
+    out = str(tmp_path / "r")
+    args = build_parser().parse_args(["train", "--data_dir", "d", "--out_dir", out, "--config", str(config)])
+    sections = _read_sections(args.config)
+    expected = lm.TrainConfig(**EVERY_TRAIN_SETTING, out_dir=out)
+    assert lm.TrainConfig.from_dict(cmd_train_settings(args, sections, saved=None)) == expected
+    resumed = {"train": {**EVERY_TRAIN_SETTING, "precision": "fp32", "lr": 1.0, "progress": True}}
+    assert lm.TrainConfig.from_dict(cmd_train_settings(args, sections, saved=resumed)) == expected  # the file wins
+    flags = build_parser().parse_args(["train", "--data_dir", "d", "--out_dir", out, "--config", str(config),
+                                       "--precision", "fp16", "--lr", "0.1"])
+    settings = cmd_train_settings(flags, sections, saved=None)  # and flags win over the file
+    assert (settings["precision"], settings["lr"]) == ("fp16", 0.1)
+
+
+def test_config_file_numbers_in_exponent_form(tmp_path):
+    """YAML 1.1 (PyYAML) reads 3e-4 as text; lm reads it as the number everyone means."""
+    config = tmp_path / "exp.yaml"
+    config.write_text("train:\n  lr: 3e-4\n  min_lr: 1E-5\n  seed: 12\nmodel:\n")
+    assert _read_sections(str(config)) == {"train": {"lr": 3e-4, "min_lr": 1e-5, "seed": 12}, "model": {}}
+
+
+def test_precision_from_a_config_file_on_a_fresh_run(tmp_path, prepared):
+    config = tmp_path / "exp.yaml"
+    config.write_text("train:\n  precision: bf16\n  max_steps: 2\n")
+    flags = [f for f in TRAIN_FLAGS if f not in ("--max_steps", "20")]
+    assert main(["train", "--data_dir", str(prepared), "--out_dir", str(tmp_path / "r"), "--config", str(config),
+                 *flags]) == 0
+    ckpt = lm.load_checkpoint(tmp_path / "r" / "last.pt")
+    assert ckpt["train_config"]["precision"] == "bf16" and ckpt["step"] == 2
+
+
+@pytest.mark.parametrize("flags, named", [(["--grad_clip", "nan"], "grad_clip=nan"), (["--lr", "inf"], "lr=inf"),
+                                          (["--dropout", "nan"], "dropout=nan")])
+def test_settings_that_are_not_finite_are_refused(tmp_path, prepared, capsys, flags, named):
+    out = tmp_path / "r"
+    assert main(["train", "--data_dir", str(prepared), "--out_dir", str(out), *TRAIN_FLAGS, *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lm train: error:") and named in err and "finite" in err
+    assert not (out / "last.pt").exists()
+
+
+def test_train_refuses_an_out_dir_in_use(tmp_path, prepared, capsys):
+    from helpers import hold_lock_in_a_thread
+
+    out = tmp_path / "r"
+    let_go = hold_lock_in_a_thread(out)
+    try:
+        assert main(["train", "--data_dir", str(prepared), "--out_dir", str(out), *TRAIN_FLAGS]) == 2
+    finally:
+        let_go()
+    err = capsys.readouterr().err
+    assert f"{out} is in use by another training run: pid {os.getpid()} on" in err
+    assert not (out / "config.yaml").exists()
 
 
 def test_train_from_a_preset_with_component_flags(tmp_path, prepared):

@@ -104,6 +104,21 @@ def test_write_read_tokens_round_trip(tmp_path, vocab_size, dtype):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ids.bin"]
 
 
+def test_read_tokens_names_an_id_beyond_the_vocabulary(tmp_path):
+    """Before training, not as an IndexError from the embedding: ids from another tokenizer."""
+    path = write_tokens(tmp_path / "train.bin", [3, 299, 7], vocab_size=1000)
+    assert read_tokens(path, 300).tolist() == [3, 299, 7]
+    with pytest.raises(DataError, match=r"holds id 299, but the tokenizer has 200 tokens \(ids 0..199\).*lm prep"):
+        read_tokens(path, 200)
+
+
+def test_read_tokens_refuses_a_file_cut_inside_an_id(tmp_path):
+    path = tmp_path / "train.bin"
+    path.write_bytes(b"\x01\x00\x02")  # one and a half uint16 ids
+    with pytest.raises(DataError, match="3 bytes, not a whole number of uint16 ids"):
+        read_tokens(path, 100)
+
+
 def test_read_tokens_missing(tmp_path):
     with pytest.raises(DataError, match="lm prep"):
         read_tokens(tmp_path / "train.bin", 100)

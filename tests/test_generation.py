@@ -4,6 +4,7 @@ the refill past block_size, padding, stops, logprobs, streaming, and generate's 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 
 import lm
 from lm import GPT, CharTokenizer, GenerationConfig, ModelConfig, SamplingError
-from lm.generation import IncrementalText, showable
+from lm.generation import Decoder, Generation, TextStream, showable
 
 from helpers import sharp_model
 
@@ -365,18 +366,112 @@ def test_empty_text_prompt_starts_from_eos_when_the_tokenizer_has_no_bos():
 
 
 # ---- streaming pieces ------------------------------------------------------------------------------
-def test_incremental_text_equals_decoding_everything(char_tokenizer):
+def test_text_stream_equals_decoding_everything(char_tokenizer):
     from lm.tokenizers import ByteBPETokenizer
 
     text = "Héllo wörld — naïve café, ünïcödé " * 4
     bpe = ByteBPETokenizer.train(text, vocab_size=285)
-    for tok in (char_tokenizer, bpe):
+    for tok in (char_tokenizer, bpe):  # a window of tokens (char), bytes through a UTF-8 decoder (bpe)
         ids = tok.encode(text if tok is bpe else "the cat sat")
-        inc = IncrementalText(tok)
+        stream, shown = TextStream(tok), ""
         for n in range(1, len(ids) + 1):
-            inc.update(ids[:n])
-            assert tok.decode(ids[:n]).startswith(inc.text)
-        assert inc.text == tok.decode(ids)
+            shown += stream.add(ids[n - 1])
+            assert tok.decode(ids[:n]).startswith(shown) and "\ufffd" not in shown
+        assert shown == tok.decode(ids) and stream.shown == len(shown)
+    random_ids = torch.randint(0, bpe.vocab_size, (400,), generator=torch.Generator().manual_seed(0)).tolist()
+    stream, shown = TextStream(bpe), ""
+    for n in range(1, len(random_ids) + 1):  # bytes that break characters anywhere, invalid ones too
+        shown += stream.add(random_ids[n - 1])
+        whole = bpe.decode(random_ids[:n])
+        assert whole.startswith(shown) and len(whole) - len(shown) <= 1  # at most one unfinished character
+
+
+def test_text_stream_holds_back_a_possible_stop_string_and_stops_at_one(char_tokenizer):
+    stream = TextStream(char_tokenizer, stop=["fox", "dog."])
+    out = [stream.add(i) for i in char_tokenizer.encode("the quick do brown fo")]
+    assert "".join(out) == "the quick do brown " and stream.pending == "fo" and not stream.done
+    out = [stream.add(i) for i in char_tokenizer.encode("x jumps")]
+    assert out == [""] * 7 and stream.done  # nothing after the stop string
+    assert stream.shown == len("the quick do brown ")
+
+
+class Counting:
+    """Counts the ids a tokenizer decodes (every ByteBPETokenizer decode goes through decode_bytes)."""
+
+    def __init__(self, tok):
+        self.ids = 0
+        inner = tok.decode_bytes
+
+        def decode_bytes(ids):
+            ids = list(ids)
+            self.ids += len(ids)
+            return inner(ids)
+
+        tok.decode_bytes = decode_bytes
+
+
+def test_streaming_and_stop_strings_decode_each_token_a_bounded_number_of_times():
+    """Text streaming and stop-string checks must not re-decode the whole completion at every token
+    (O(n^2)). The worst case for waiting on unfinished characters: a model that writes n bytes 0xFF,
+    which never form a character (each decodes to U+FFFD). Counted: ids decoded, not seconds."""
+    tok = lm.ByteBPETokenizer.train("abc abc", vocab_size=256 + 1, special_tokens=("<|endoftext|>",))
+    n = 300
+    model = Scripted(ModelConfig(vocab_size=tok.vocab_size, block_size=n + 8, n_layer=1, n_head=1, d_model=8),
+                     tokenizer=tok)
+    model.script = [255] * (n + 8)
+    count = Counting(tok)
+    pieces = list(model.stream("A", max_new_tokens=n, temperature=0, stop=["zz"]))
+    assert "".join(pieces) == "\ufffd" * n and len(pieces) == n  # each shown as it comes
+    assert count.ids <= 3 * n  # each new token once, then the whole text once; before: about n^2
+    count.ids = 0
+    assert model.generate("A", max_new_tokens=n, temperature=0, stop=["zz"]) == "\ufffd" * n
+    assert count.ids <= 3 * n
+
+
+# ---- memory: nothing reserved for tokens that may never come -----------------------------------------
+def test_huge_max_new_tokens_reserves_nothing_up_front(char_tokenizer):
+    """max_new_tokens=10**9: the first tokens come at once, and the buffers hold what the tokens so
+    far need (the token buffer grows by doubling; the cache never exceeds block_size), not 10**9."""
+    model = sharp_model(ModelConfig(vocab_size=char_tokenizer.vocab_size, block_size=16, n_layer=2, n_head=4,
+                                    d_model=32, **VARIANTS["sliding_window"]))
+    model.tokenizer = char_tokenizer
+    assert len(list(itertools.islice(model.stream("the", max_new_tokens=10**9, temperature=0), 5))) == 5
+    prompt = torch.randint(0, char_tokenizer.vocab_size, (2, 3))
+    run = Generation(Decoder(model), prompt, GenerationConfig(max_new_tokens=10**9, temperature=0), None)
+    steps = run.steps()
+    for _ in range(40):  # past the 16-token context: the cache refills, the same size
+        next(steps)
+    assert run.ids.shape == (2, 3 + lm.generation.FIRST_ROOM) and run.logprobs.numel() == 2 * lm.generation.FIRST_ROOM
+    assert run.cache.max_len == 16
+    steps.close()
+
+
+def test_the_cache_of_a_short_generation_holds_only_its_positions():
+    """A large block_size and a short generation: the cache holds prompt + max_new_tokens positions,
+    not the whole context."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=50, block_size=4096, n_layer=2, n_head=2, d_model=16)).eval()
+    prompt = torch.randint(0, 50, (1, 3))
+    run = Generation(Decoder(model), prompt, GenerationConfig(max_new_tokens=5, temperature=0), None)
+    for _ in run.steps():
+        pass
+    assert run.cache.max_len == 8
+    assert run.cache.nbytes() == 2 * 2 * 2 * 8 * 8 * 4  # layers, k and v, heads, positions, head dim, fp32
+    assert torch.equal(run.result(), model.generate(prompt, max_new_tokens=5, temperature=0, use_cache=False))
+
+
+def test_growing_buffers_give_the_same_ids_masks_and_logprobs(monkeypatch):
+    """The token buffer, padding mask and log-probabilities grow by doubling; starting them at 3
+    tokens gives what a buffer large enough from the start gives."""
+    model = build("mqa+rope", block_size=16)
+    prompt = torch.randint(0, 50, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[0, :2] = False
+    kwargs = dict(max_new_tokens=30, temperature=1.0, top_k=10, seed=1, attention_mask=mask, return_logprobs=True)
+    ids, logprobs = model.generate(prompt, **kwargs)
+    monkeypatch.setattr(lm.generation, "FIRST_ROOM", 3)
+    grown_ids, grown_logprobs = model.generate(prompt, **kwargs)
+    assert torch.equal(grown_ids, ids) and torch.equal(grown_logprobs, logprobs)
 
 
 def test_showable_holds_back_what_may_become_a_stop_string():

@@ -258,6 +258,50 @@ def test_bad_model_data(tmp_path):
         SentencePieceTokenizer.from_dict({"kind": "char", "chars": []})
 
 
+def test_a_piece_that_is_not_utf8_is_a_clear_error(sp):
+    proto = base64.b64decode(sp.to_dict()["model"])
+    # a byte piece's name, damaged: the library's own error message is then not UTF-8 either
+    damaged = proto.replace(b"<0x3C>", b"<0\xa53C>", 1)
+    assert damaged != proto
+    with pytest.raises(TokenizerError, match="not a sentencepiece model"):
+        SentencePieceTokenizer(damaged)
+
+
+def test_a_saved_model_over_the_size_limit_is_refused(sp, monkeypatch):
+    monkeypatch.setattr("lm.tokenizers.sentencepiece.MAX_FILE_BYTES", 1_000)
+    with pytest.raises(TokenizerError, match="length of the saved sentencepiece model is .*over lm's limit of 1,000"):
+        tokenizer_from_dict(sp.to_dict())
+
+
+@pytest.fixture(scope="module")
+def small_model() -> bytes:
+    return SentencePieceTokenizer.train(pydoc_corpus()[:20_000], vocab_size=400)._proto
+
+
+edits = st.lists(st.tuples(st.floats(0, 1), st.sampled_from(["set", "cut", "insert"]),
+                           st.binary(min_size=1, max_size=8)), min_size=1, max_size=5)
+
+
+@settings(max_examples=150, deadline=5_000)
+@given(edits=edits)
+def test_damaged_model_bytes_load_or_fail_clearly(small_model, edits):
+    """Random edits of a model's bytes give a `TokenizerError` or a tokenizer that works."""
+    data = bytearray(small_model)
+    for where, how, new in edits:
+        at = int(where * (len(data) - 1))
+        if how == "set":
+            data[at : at + len(new)] = new
+        elif how == "cut":
+            del data[at : at + len(new)]
+        else:
+            data[at:at] = new
+    try:
+        tok = SentencePieceTokenizer(bytes(data))
+    except TokenizerError:
+        return
+    assert isinstance(tok.decode(tok.encode("Hello, naïve world 😀")), str)
+
+
 def test_a_model_trained_with_library_defaults_loads(tmp_path):
     """Any .model file works; its own settings (NFKC, a leading space) then apply."""
     model = io.BytesIO()

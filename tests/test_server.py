@@ -216,6 +216,26 @@ def test_completions_both_ways(server, reference_model):
                                      ).choices[0].text == sampled
 
 
+def test_a_completion_prompt_is_plain_text_even_where_it_names_a_special_token():
+    """A user's prompt that contains "<EOS>" is encoded as those five characters, never as the
+    end-of-text token (which would end the document the model is continuing)."""
+    tokenizer = lm.CharTokenizer.train(TEXT + "<EOS>")
+    torch.manual_seed(0)
+    model = sharp_model(lm.ModelConfig(vocab_size=tokenizer.vocab_size, block_size=BLOCK, n_layer=2, n_head=4,
+                                       d_model=32))
+    model.tokenizer = tokenizer
+    prompt = "a cat <EOS> is"
+    plain = tokenizer.encode(prompt, parse_special=False)
+    assert len(plain) == len(prompt) and tokenizer.eos_id in tokenizer.encode(prompt)  # the two readings differ
+    new = copy.deepcopy(model).generate(torch.tensor([plain]), max_new_tokens=12, temperature=0)[0, len(plain):]
+    new = new.tolist()
+    expected = tokenizer.decode(new[:new.index(tokenizer.eos_id)] if tokenizer.eos_id in new else new)
+    with Server(app_for(model)) as server:
+        reply = openai_client(server).completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=0)
+    assert reply.usage.prompt_tokens == len(prompt)
+    assert reply.choices[0].text == expected
+
+
 def test_models_list_and_health(server, client):
     assert [m.id for m in openai_client(server).models.list()] == [NAME]
     health = client.get("/health").json()

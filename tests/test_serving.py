@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import types
 
 import pytest
 import torch
@@ -150,6 +151,48 @@ def test_batched_requests_get_what_generate_gives_each_alone(name, sampling, eng
         assert stats["batched"] is True and stats["mean_batch"] > 1
 
 
+class Replayed:
+    """Stands in for a CUDA graph on a CPU: `replay()` runs the captured step again into the same
+    output buffer, so the engine's graphed path (static shapes, buckets, spare rows) runs as on a GPU."""
+
+    captured: list = []
+
+    def __init__(self, step, warmup=2, restore=(), pool=None):
+        self.step = step
+        self.out = step()
+        Replayed.captured.append(self)
+
+    def replay(self):
+        self.out.copy_(self.step())
+
+    @classmethod
+    def capture(cls, step, warmup=2, restore=(), pool=None):
+        graph = cls(step)
+        return graph, graph.out
+
+
+@pytest.mark.parametrize("name", [n for n in VARIANTS if n != "linear"])
+def test_the_graphed_step_gives_what_generate_gives(name, engines, monkeypatch):
+    """The step a GPU replays as a CUDA graph: positions read from a device buffer, every row's keys
+    over the whole room under a mask, batches padded to a power of two with spare rows. Run here with
+    the graph replaced by running the captured step again; tests/test_cuda_graph.py runs real graphs."""
+    monkeypatch.setattr(lm.serving, "graph_unsupported", lambda model: None)
+    monkeypatch.setattr(lm.serving, "capture", Replayed.capture)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    Replayed.captured = []
+    model = build(name, block_size=300)
+    engine = engines(model, max_batch=4, cuda_graph=True)  # 7 requests, buckets of 1, 2 and 4 rows
+    lengths = (1, 4, 250, 9, 2, 17, 6)  # the third grows the slot cache past 256 positions
+    prompts = prompts_of(lengths)
+    configs = [GenerationConfig(max_new_tokens=12 + 3 * i, temperature=0, stop_at_eos=False) for i in range(7)]
+    expected = [reference(model, ids, config) for ids, config in zip(prompts, configs)]
+    done = run_together(engine, prompts, configs)
+    assert [r.new_ids for _, _, r in done] == expected
+    assert engine.cache.room == 300 and engine.stats()["mean_batch"] > 1
+    assert set(engine.graphs) <= {1, 2, 4} and 4 in engine.graphs
+    assert len(Replayed.captured) > len(engine.graphs)  # the growth made new graphs for the new buffers
+
+
 def test_max_batch_one_serves_one_request_at_a_time_with_the_same_output(engines):
     model = build("sdpa")
     engine = engines(model, max_batch=1)
@@ -219,8 +262,64 @@ def test_slot_cache_refuses_what_it_cannot_hold():
             model(torch.ones(2, 2, dtype=torch.long), cache=cache)
 
 
+def kv_bytes(cache: SlotCache) -> int:
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.k, layer.v))
+
+
+def test_slot_cache_grows_with_the_longest_row_and_keeps_what_it_holds():
+    """The buffers start with `room` positions per slot and double as the longest row grows (up to
+    block_size); rows keep their keys and values across the growth."""
+    model = build("llama-like").double()
+    cache = SlotCache(model, slots=3, room=8)
+    per_position = 2 * 2 * 3 * 2 * 8 * 8  # layers, k and v, slots, kv heads, head dim, float64
+    assert kv_bytes(cache) == cache.nbytes() == 8 * per_position
+    rows = prompts_of((5, 7), seed=3)
+    with torch.no_grad():
+        for row, ids in enumerate(rows):
+            cache.use(row, 1)
+            model(torch.tensor([ids]), cache=cache)
+        for step in range(12):  # the longer row passes 8 (room 16), then 16 (room 32)
+            new = torch.randint(0, TOKENIZER.vocab_size, (2,)).tolist()
+            rows = [ids + [t] for ids, t in zip(rows, new)]
+            cache.use(0, 2)
+            logits = model(torch.tensor(new)[:, None], cache=cache)[0][:, -1]
+            torch.testing.assert_close(logits, torch.stack([model(torch.tensor([ids]))[0][0, -1] for ids in rows]))
+    assert cache.lengths == [17, 19, 0] and cache.nbytes() == 32 * per_position
+    big = build("sdpa", block_size=8192)
+    engine = Engine(big, max_batch=16)
+    try:  # 256 positions per slot to start with, not 8192
+        assert engine.cache.nbytes() == 256 * 2 * 2 * 16 * 4 * 8 * 4
+    finally:
+        engine.close()
+
+
 # ---- stopping and streaming --------------------------------------------------------------------------
 PROMPT = "the cat sat on"
+
+
+def test_request_text_decodes_each_token_a_bounded_number_of_times():
+    """A request's streamed text and its stop strings must not re-decode everything per token
+    (O(n^2)). n bytes 0xFF never form a character, the worst case for waiting on one; counted are
+    the ids decoded, not seconds."""
+    tok = lm.ByteBPETokenizer.train("abc abc", vocab_size=256 + 1, special_tokens=("<|endoftext|>",))
+    decoded = [0]
+    inner = tok.decode_bytes
+
+    def decode_bytes(ids):
+        ids = list(ids)
+        decoded[0] += len(ids)
+        return inner(ids)
+
+    tok.decode_bytes = decode_bytes
+    n = 300
+    model = types.SimpleNamespace(tokenizer=tok, device=torch.device("cpu"))
+    engine = types.SimpleNamespace(max_len=n + 8, model=model)  # what a Request reads of its engine
+    events = []
+    request = lm.serving.Request(engine, [65], GenerationConfig(max_new_tokens=n, stop=["zz"]), notify=events.append)
+    done = [request.add(255) for _ in range(n)]
+    assert done == [False] * (n - 1) + [True] and request.result.text == "\ufffd" * n
+    assert [e[1] for e in events[:-1]] == ["\ufffd"] * n  # each shown as it comes
+    assert decoded[0] <= 3 * n  # each token once, then the whole text once; before: about n^2 / 2
 
 
 def test_a_stop_string_ends_the_text_before_it_as_generate_does(engines):
@@ -362,6 +461,8 @@ def test_engine_settings_are_checked():
     model = build("sdpa")
     with pytest.raises(ValueError, match="max_batch=0"):
         Engine(model, max_batch=0)
+    with pytest.raises(ValueError, match="CUDA graphs: CUDA graphs need the model on a CUDA device.*cuda_graph=False"):
+        Engine(model, max_batch=2, cuda_graph=True)
     model.tokenizer = None
     with pytest.raises(ValueError, match="tokenizer"):
         Engine(model)

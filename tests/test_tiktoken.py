@@ -6,6 +6,8 @@ import hashlib
 import io
 import json
 import shutil
+import socket
+import subprocess
 
 import pytest
 import tiktoken
@@ -187,8 +189,69 @@ def test_save_load_json(tok, tmp_path):
         TiktokenTokenizer.from_dict({"kind": "char"})
 
 
+# ---- loading never downloads ------------------------------------------------------------------------
+@pytest.fixture
+def network_calls(monkeypatch) -> list:
+    """Refuses every connection (sockets, and the subprocess that `pip download` would be); returns
+    the list of attempts, which a test expects to stay empty."""
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append(args[:2])
+        raise ConnectionRefusedError("the test forbids network access")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(subprocess, "Popen", refuse)
+    return calls
+
+
+def test_loading_uses_cached_ranks_offline(ranks_file, tmp_path, network_calls):
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps({"kind": "tiktoken", "name": "gpt2"}))
+    assert load_tokenizer(path).encode("Hello, world!") == [15496, 11, 995, 0]
+    assert network_calls == []
+
+
+@pytest.mark.parametrize("name", ["gpt2", "r50k_base"])
+def test_loading_without_cached_ranks_fails_clearly_without_downloading(tmp_path, monkeypatch, network_calls, name):
+    monkeypatch.setenv("LM_DATA_DIR", str(tmp_path / "empty"))  # no ranks cached there
+    monkeypatch.delenv("LM_GPT2_RANKS", raising=False)
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps({"kind": "tiktoken", "name": name}))
+    with pytest.raises(TokenizerError, match=r"GPT-2's ranks are not cached at .*gpt2\.tiktoken.*LM_GPT2_RANKS"):
+        load_tokenizer(path)
+    assert network_calls == []
+    assert not (tmp_path / "empty").exists()
+
+
+def test_loading_an_encoding_lm_has_no_copy_of_never_downloads(tmp_path, network_calls):
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps({"kind": "tiktoken", "name": "cl100k_base"}))
+    with pytest.raises(TokenizerError, match=r"offline copy of \('gpt2', 'r50k_base'\) only.*source='tiktoken'"):
+        load_tokenizer(path)
+    with pytest.raises(TokenizerError, match="download=False"):
+        TiktokenTokenizer("cl100k_base", download=False)
+    assert network_calls == []
+
+
 def test_model_generates_with_gpt2_tokenizer(tok):
     config = lm.ModelConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=2, d_model=16)
     model = lm.GPT(config, tokenizer=tok)
     text = model.generate("Hello, world", max_new_tokens=4, seed=0)
     assert isinstance(text, str)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.text(max_size=60))
+def test_streamed_text_equals_decoding_everything(tok, text):
+    """Streaming hands each token's bytes to an incremental UTF-8 decoder (`decode_bytes`): the
+    pieces join to the whole decode, also where a character's bytes span several tokens."""
+    from lm.generation import TextStream
+
+    ids = tok.encode(text)
+    stream = TextStream(tok)
+    pieces = [stream.add(i) for i in ids]
+    assert tok.decode_bytes(ids) == text.encode("utf-8")
+    assert "".join(pieces) + stream.pending == tok.decode(ids) == text

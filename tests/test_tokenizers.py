@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
 import unicodedata
 
 import pytest
@@ -159,6 +161,105 @@ def test_load_errors(tmp_path):
         tokenizer_from_dict({"kind": ["char"]})
     with pytest.raises(TokenizerError, match="expected a 'char' tokenizer"):
         CharTokenizer.from_dict({"kind": "bpe", "chars": []})
+
+
+def test_malformed_saved_char_fields():
+    for data in ({"chars": "abc"}, {"chars": ["a", 1]}, {}):
+        with pytest.raises(TokenizerError, match="'chars': a list of single characters"):
+            tokenizer_from_dict({"kind": "char", **data})
+    with pytest.raises(TokenizerError, match="is not a policy"):
+        tokenizer_from_dict({"kind": "char", "chars": ["a"], "unknown": ["error"]})
+
+
+# ---- hostile files -----------------------------------------------------------------------------------
+def test_a_file_over_the_size_limit_is_refused_unread(tmp_path, monkeypatch):
+    path = tmp_path / "tokenizer.json"
+    CharTokenizer.train(CORPUS).save(path)
+    monkeypatch.setattr("lm.tokenizers.base.MAX_FILE_BYTES", 100)
+    monkeypatch.setattr("pathlib.Path.read_bytes", lambda self: pytest.fail("the file was read"))
+    with pytest.raises(TokenizerError, match=r"size in bytes of tokenizer file .* is \d+, over lm's limit of 100"):
+        load_tokenizer(path)
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe not utf-8", b'{"kind": "char", "chars": [', b"[" * 100_000, b""])
+def test_a_file_that_is_not_json_is_a_clear_error(tmp_path, content):
+    path = tmp_path / "tokenizer.json"
+    path.write_bytes(content)
+    with pytest.raises(TokenizerError, match="tokenizer file .* (is not UTF-8 JSON|nests its JSON too deeply)"):
+        load_tokenizer(path)
+
+
+def saved_tokenizers() -> dict[str, dict]:
+    """One small saved tokenizer of each kind (GPT-2's only when its ranks are on this machine)."""
+    from lm.tokenizers import ByteBPETokenizer, SentencePieceTokenizer, gpt2_ranks_path
+
+    saved = {"char": CharTokenizer.train(CORPUS).to_dict(),
+             "bpe": ByteBPETokenizer.train(CORPUS * 3, vocab_size=300).to_dict(),
+             "sentencepiece": SentencePieceTokenizer.train(CORPUS * 3, vocab_size=300).to_dict()}
+    try:
+        gpt2_ranks_path(download=False)
+        saved["tiktoken"] = {"kind": "tiktoken", "name": "gpt2"}
+    except ValueError:
+        pass
+    return saved
+
+
+SAVED = saved_tokenizers()
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=12)
+    | st.sampled_from(["gpt2", "gpt4", "char", "bpe", "a", "<|endoftext|>", "cl100k_base", "r50k_base"]),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=8,
+)
+
+
+def mutate(draw, value, depth: int = 0):
+    """`value` with one part replaced or deleted: a field of the saved dict, or a part of one (an
+    item of a list, a value of a dict), down to depth 3."""
+    if isinstance(value, (dict, list)) and value and depth < 3 and (depth == 0 or draw(st.integers(0, 2)) > 0):
+        value = dict(value) if isinstance(value, dict) else list(value)
+        key = draw(st.sampled_from(sorted(value) if isinstance(value, dict) else range(len(value))))
+        if draw(st.integers(0, 4)) == 4:
+            del value[key]
+        else:
+            value[key] = mutate(draw, value[key], depth + 1)
+        return value
+    return draw(JSON_VALUES)
+
+
+def edit_text(draw, text: str) -> str:
+    """A cut, an insertion or a changed character in the JSON text itself."""
+    at = draw(st.integers(0, len(text)))
+    how = draw(st.sampled_from(["cut", "insert", "set"]))
+    if how == "cut":
+        return text[:at]
+    piece = draw(st.text(alphabet='{}[]",:0123456789e-.\\ux abtrue', min_size=1, max_size=4))
+    return text[:at] + piece + text[at + (len(piece) if how == "set" else 0):]
+
+
+@settings(max_examples=300, deadline=5_000)
+@given(kind=st.sampled_from(sorted(SAVED)), data=st.data())
+def test_mutated_saved_tokenizers_load_or_fail_clearly(tmp_path_factory, kind, data):
+    """Random damage to a valid tokenizer file gives a `TokenizerError` or a tokenizer that works,
+    without touching the network (the deadline catches a load that hangs)."""
+    saved = mutate(data.draw, SAVED[kind])
+    text = json.dumps(saved, ensure_ascii=data.draw(st.booleans()))
+    if data.draw(st.integers(0, 3)) == 3:  # hypothesis favours small draws: the rare case gets the large one
+        text = edit_text(data.draw, text)
+    path = tmp_path_factory.getbasetemp() / "mutated.json"
+    path.write_text(text, encoding="utf-8", errors="surrogatepass")
+    with pytest.MonkeyPatch.context() as patch:
+        for owner, name in ((socket.socket, "connect"), (socket, "create_connection"), (subprocess, "Popen")):
+            patch.setattr(owner, name, lambda *args, **kwargs: pytest.fail("the loader reached for the network"))
+        try:
+            tok = load_tokenizer(path)
+        except TokenizerError:
+            return
+    try:
+        ids = tok.encode("Hello, naïve world 😀 <|endoftext|>")
+    except TokenizerError:  # e.g. a char tokenizer that refuses unseen characters
+        return
+    assert isinstance(tok.decode(ids), str)
 
 
 def test_multi_character_vocabulary_entries_are_refused():

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
+import re
+import signal
 
 import numpy as np
 import pytest
@@ -15,6 +18,8 @@ import lm.training
 from lm import GPT, CharTokenizer, ModelConfig, TrainConfig, TrainingError, load_checkpoint, load_model, train
 from lm.data import Batches
 from lm.trainer import Trainer
+
+from helpers import hold_lock_in_a_thread
 
 
 def setup_run(text: str, seed: int = 0, dropout: float = 0.0, **model_kwargs):
@@ -89,12 +94,77 @@ def test_interrupted_and_resumed_run_gives_the_same_losses(tmp_path, corpus_text
     assert [float(r["loss"]) for r in rows] == pytest.approx(full.loss)
 
 
-def test_ctrl_c_saves_last_checkpoint_and_resume_continues(tmp_path, corpus_text, monkeypatch):
+def signal_at(monkeypatch, where: str, signum: int, count: int, again: bool = False) -> None:
+    """Send `signum` to this process the `count`-th time training reaches `where`: inside a step
+    (drawing its batch), inside an evaluation, or inside a checkpoint save. `again`: a second signal
+    during the save that follows."""
+    calls = {"n": 0}
+
+    def hook(real):
+        def wrapped(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == count:
+                signal.raise_signal(signum)  # the handler runs here, mid-call, as a real Ctrl-C would
+            return real(*args, **kwargs)
+        return wrapped
+
+    if where == "step":
+        monkeypatch.setattr(Trainer, "_start_step", hook(Trainer._start_step))
+    elif where == "evaluation":
+        monkeypatch.setattr(lm.trainer, "estimate_loss", hook(lm.trainer.estimate_loss))
+    if where == "save" or again:
+        real_save = lm.trainer.save_checkpoint
+
+        def save(*args, **kwargs):
+            calls["saves"] = calls.get("saves", 0) + 1
+            if where == "save" and calls["saves"] == count or again and calls["n"] >= count:
+                signal.raise_signal(signum)
+            return real_save(*args, **kwargs)
+        monkeypatch.setattr(lm.trainer, "save_checkpoint", save)
+
+
+@pytest.mark.parametrize("where, signum, count, saved_step", [
+    ("step", signal.SIGINT, 13, 13),  # the 13th step finishes, then last.pt holds 13 steps
+    ("step", signal.SIGTERM, 3, 3),
+    ("evaluation", signal.SIGINT, 2, 8),  # mid-evaluation of step 8: it completes and is saved
+    ("save", signal.SIGTERM, 1, 8),  # mid-save of step 8's last.pt: it completes (and best.pt too)
+])
+def test_a_signal_saves_a_whole_last_checkpoint_and_resume_is_exact(tmp_path, corpus_text, monkeypatch, where,
+                                                                   signum, count, saved_step):
     torch.set_num_threads(1)
     config = quick(max_steps=16, eval_interval=8, out_dir=str(tmp_path))
-    model, train_ids, val_ids = setup_run(corpus_text, seed=4)
+    model, train_ids, val_ids = setup_run(corpus_text, seed=4, dropout=0.1)
     full = train(model, train_ids, val_ids, quick(max_steps=16, eval_interval=8))
 
+    with monkeypatch.context() as patch:
+        signal_at(patch, where, signum, count, again=where == "step")
+        model, train_ids, val_ids = setup_run(corpus_text, seed=4, dropout=0.1)
+        with pytest.raises(lm.trainer.TrainingInterrupted) as stop:
+            train(model, train_ids, val_ids, config)
+    assert isinstance(stop.value, KeyboardInterrupt) and stop.value.exit_code == 128 + signum
+    assert stop.value.step == saved_step and stop.value.checkpoint == tmp_path / "last.pt"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    last = load_checkpoint(tmp_path / "last.pt")
+    history = last["trainer"]["history"]
+    assert last["step"] == saved_step and history["step"] == list(range(saved_step))
+    assert history["loss"] == full.loss[:saved_step]
+    assert history["eval_step"] == [s for s in full.eval_step if s < saved_step]
+
+    model, train_ids, val_ids = setup_run(corpus_text, seed=0, dropout=0.1)
+    resumed = train(model, train_ids, val_ids, config, resume="auto")
+    assert resumed.loss == full.loss and resumed.val_loss == full.val_loss  # bit for bit
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert [int(r["step"]) for r in rows] == list(range(16))
+    assert [float(r["val_loss"]) for r in rows if r["val_loss"]] == full.val_loss
+
+
+def test_keyboard_interrupt_raised_mid_step_leaves_last_checkpoint_alone(tmp_path, corpus_text, monkeypatch,
+                                                                           capsys):
+    """A KeyboardInterrupt raised as an exception (not a signal) half-way through a step: the state is
+    half-updated, so last.pt stays the one of the last evaluation."""
+    torch.set_num_threads(1)
+    config = quick(max_steps=16, eval_interval=8, out_dir=str(tmp_path))
     real_next_step, calls = Batches.next_step, []
 
     def interrupt_on_the_13th_step(self, device="cpu"):
@@ -107,12 +177,8 @@ def test_ctrl_c_saves_last_checkpoint_and_resume_continues(tmp_path, corpus_text
     model, train_ids, val_ids = setup_run(corpus_text, seed=4)
     with pytest.raises(KeyboardInterrupt):
         train(model, train_ids, val_ids, config)
-    monkeypatch.setattr(Batches, "next_step", real_next_step)
-    assert load_checkpoint(tmp_path / "last.pt")["step"] == 12
-
-    model, train_ids, val_ids = setup_run(corpus_text, seed=0)
-    resumed = train(model, train_ids, val_ids, config, resume=tmp_path / "last.pt")
-    assert resumed.loss == full.loss and resumed.val_loss == full.val_loss
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 8
+    assert "in the middle of a step" in capsys.readouterr().out
 
 
 def test_evaluations_and_checkpoints_see_their_own_step(tmp_path, corpus_text):
@@ -403,3 +469,106 @@ def test_compiled_training_matches_eager(corpus_text):
         runs.append(train(model, train_ids, val_ids, quick(max_steps=4, eval_interval=4, compile=compiled)))
     assert runs[1].loss == pytest.approx(runs[0].loss, rel=1e-3)
     assert runs[1].val_loss == pytest.approx(runs[0].val_loss, rel=1e-3)
+
+
+# ---- nothing lost: metrics, best.pt, one run per folder, settings (issue 14) -------------------------
+def test_a_resumed_run_never_loses_earlier_metrics_rows(tmp_path, corpus_text, monkeypatch):
+    """The rows before the resumed step stay on disk the whole time the resumed run trains (a crash
+    before its first evaluation loses none); the rows logged after last.pt, one of them cut short,
+    are dropped."""
+    torch.set_num_threads(1)
+    model, train_ids, val_ids = setup_run(corpus_text, seed=6)
+    train(model, train_ids, val_ids, quick(max_steps=20, out_dir=str(tmp_path)))
+    path = tmp_path / "metrics.csv"
+    before = path.read_text().splitlines()
+    assert len(before) == 1 + 20
+    with open(path, "a") as f:  # what a run that died after last.pt had logged
+        f.write("20,2.5,0.01,0.5,0.1,256,,,\n21,2.4")
+    on_disk = []
+
+    def crash(self):
+        on_disk.append(path.read_text().splitlines())
+        raise RuntimeError("power cut")
+
+    monkeypatch.setattr(Trainer, "_start_step", crash)
+    model, train_ids, val_ids = setup_run(corpus_text, seed=6)
+    with pytest.raises(RuntimeError, match="power cut"):
+        train(model, train_ids, val_ids, quick(max_steps=30, out_dir=str(tmp_path)), resume="auto")
+    assert on_disk == [before]
+    assert path.read_text().splitlines() == before
+
+
+def test_a_best_checkpoint_left_behind_by_a_crash_is_healed_on_resume(tmp_path, corpus_text, capsys):
+    """A crash after last.pt and before best.pt: last.pt knows its own step is the best, so resuming
+    (even with nothing left to train) copies it to best.pt."""
+    torch.set_num_threads(1)
+    model, train_ids, val_ids = setup_run(corpus_text, seed=7)
+    train(model, train_ids, val_ids, quick(max_steps=5, out_dir=str(tmp_path)))
+    stale = (tmp_path / "best.pt").read_bytes()
+    train(model, train_ids, val_ids, quick(max_steps=10, out_dir=str(tmp_path)), resume="auto")
+    last = load_checkpoint(tmp_path / "last.pt")
+    assert last["trainer"]["history"]["best_step"] == 10  # the precondition: step 10 is the best
+    (tmp_path / "best.pt").write_bytes(stale)  # as if the run died between the two saves
+
+    again, _, _ = setup_run(corpus_text, seed=7)
+    train(again, train_ids, val_ids, quick(max_steps=10, out_dir=str(tmp_path)), resume="auto")
+    assert "nothing to do" in capsys.readouterr().out
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert best["step"] == 10 and best["best_val_loss"] == last["best_val_loss"]
+    assert all(torch.equal(best["model"][k], v) for k, v in last["model"].items())
+
+
+def test_one_training_run_per_out_dir(tmp_path, corpus_text):
+    import os
+    import socket
+
+    torch.set_num_threads(1)
+    let_go = hold_lock_in_a_thread(tmp_path)
+    try:
+        model, train_ids, val_ids = setup_run(corpus_text)
+        with pytest.raises(TrainingError, match=f"in use by another training run: pid {os.getpid()} on "
+                                                f"{socket.gethostname()}, started 20"):
+            train(model, train_ids, val_ids, quick(max_steps=2, out_dir=str(tmp_path)))
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["train.lock"]  # nothing else written
+    finally:
+        let_go()
+    train(model, train_ids, val_ids, quick(max_steps=2, out_dir=str(tmp_path)))
+    assert not (tmp_path / "train.lock").exists()  # a finished run leaves no lock behind
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path, corpus_text):
+    import subprocess
+    import sys
+
+    lock = tmp_path / "train.lock"
+    holder = (f"import fcntl, os; fd = os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT); "
+              f"fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'pid 1 on elsewhere'); os.kill(os.getpid(), 9)")
+    assert subprocess.run([sys.executable, "-c", holder]).returncode == -9
+    assert lock.read_text() == "pid 1 on elsewhere"
+    model, train_ids, val_ids = setup_run(corpus_text)
+    train(model, train_ids, val_ids, quick(max_steps=2, out_dir=str(tmp_path)))
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 2
+
+
+NUMERIC_SETTINGS = ["max_steps", "batch_size", "memory_budget", "grad_accum_steps", "seq_len", "lr", "min_lr",
+                    "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "eval_interval", "eval_iters",
+                    "patience", "min_delta", "ema_decay", "seed"]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("field", NUMERIC_SETTINGS)
+def test_settings_that_are_not_finite_numbers_are_refused(field, value):
+    """NaN passes every comparison (grad_clip=nan used to turn clipping off)."""
+    with pytest.raises(TrainingError, match=f"^{field}={value!r} is not a finite number"):
+        TrainConfig(**{field: value})
+
+
+def test_every_numeric_setting_is_checked_for_finiteness():
+    numeric = {f.name for f in dataclasses.fields(TrainConfig) if "int" in f.type or "float" in f.type}
+    assert numeric == set(NUMERIC_SETTINGS)
+
+
+@pytest.mark.parametrize("field, value", [("lr", "3e-4"), ("grad_clip", True), ("min_delta", [0.1])])
+def test_float_settings_must_be_numbers(field, value):
+    with pytest.raises(TrainingError, match=re.escape(f"{field}={value!r} must be a number")):
+        TrainConfig(**{field: value})

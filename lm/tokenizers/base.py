@@ -19,6 +19,15 @@ class TokenizerError(ValueError):
     """Bad tokenizer input; the message names the value and what to do."""
 
 
+# Limits for saved tokenizers, checked before anything is allocated: a tokenizer file may come from
+# anywhere, and a few bytes that declare a huge size must not take the machine's memory. The
+# largest real vocabularies have a few hundred thousand tokens, GPT-2's file is about 1 MB.
+MAX_FILE_BYTES = 64 * 2**20  # a tokenizer JSON file (a sentencepiece model is stored inside it)
+MAX_VOCAB_SIZE = 2**20  # ids, ordinary and special
+MAX_SPECIAL_TOKENS = 10_000
+MAX_SPECIAL_LENGTH = 1_000  # characters in a special token's name
+
+
 # kind -> class, so that `tokenizer_from_dict` / `load_tokenizer` can rebuild any saved tokenizer.
 # Each kind registers itself with `@TOKENIZERS.register(kind)`, the name its `to_dict()` stores.
 TOKENIZERS = Registry("tokenizer")
@@ -57,7 +66,9 @@ class Tokenizer:
         raise NotImplementedError
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Tokenizer":
+    def from_dict(cls, data: dict, trust_pattern: bool = False) -> "Tokenizer":
+        """Rebuild from `to_dict()` data. `trust_pattern`: accept a pre-tokenizer regex that is not
+        one of lm's known patterns (only byte-level BPE has one; see `bpe.check_saved_pattern`)."""
         raise NotImplementedError
 
     # ---- shared --------------------------------------------------------------------------------
@@ -83,11 +94,8 @@ class Tokenizer:
         Path(path).write_text(json.dumps(self.to_dict(), ensure_ascii=False, indent=1), encoding="utf-8")
 
     @classmethod
-    def load(cls, path: str | Path) -> "Tokenizer":
-        path = Path(path)
-        if not path.is_file():
-            raise TokenizerError(f"tokenizer file {str(path)!r} does not exist.")
-        return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    def load(cls, path: str | Path, trust_pattern: bool = False) -> "Tokenizer":
+        return cls.from_dict(read_tokenizer_file(path), trust_pattern=trust_pattern)
 
 
 class EndOfTextSpecials:
@@ -110,20 +118,49 @@ def check_kind(data, kind: str) -> None:
     """Raise unless `data` is the `to_dict()` form of a tokenizer of `kind`."""
     if not isinstance(data, dict) or data.get("kind") != kind:
         got = data.get("kind") if isinstance(data, dict) else type(data).__name__
-        raise TokenizerError(f"expected a {kind!r} tokenizer, got kind={got!r}.")
+        raise TokenizerError(f"expected a {kind!r} tokenizer, got kind={short_repr(got)}.")
 
 
-def tokenizer_from_dict(data: dict) -> Tokenizer:
-    """Rebuild any `lm` tokenizer from its `to_dict()` form (as stored in checkpoints)."""
-    kind = data.get("kind") if isinstance(data, dict) else None
-    if not isinstance(kind, str) or kind not in TOKENIZERS:
-        raise TokenizerError(f"unknown tokenizer kind {kind!r}; known kinds are {TOKENIZERS.names()}.")
-    return TOKENIZERS.get(kind).from_dict(data)
+def short_repr(value, limit: int = 80) -> str:
+    """repr(value), cut to `limit` characters: a damaged file's values can be long."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a tokenizer saved with `.save(path)`, whatever its kind."""
+def check_size(what: str, size: int, limit: int) -> None:
+    """Raise before allocating when saved data declares more than `limit` of something."""
+    if size > limit:
+        raise TokenizerError(f"{what} is {size:,}, over lm's limit of {limit:,}; the tokenizer data is damaged "
+                             f"or was not written by a tokenizer's .save().")
+
+
+def read_tokenizer_file(path: str | Path) -> dict:
+    """The JSON of a saved tokenizer; a clear `TokenizerError` if it is missing, too big or not JSON."""
     path = Path(path)
     if not path.is_file():
         raise TokenizerError(f"tokenizer file {str(path)!r} does not exist.")
-    return tokenizer_from_dict(json.loads(path.read_text(encoding="utf-8")))
+    check_size(f"the size in bytes of tokenizer file {str(path)!r}", path.stat().st_size, MAX_FILE_BYTES)
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise TokenizerError(f"tokenizer file {str(path)!r} is not UTF-8 JSON ({err}); save the tokenizer "
+                             f"again with .save().") from None
+    except RecursionError:  # brackets nested thousands deep
+        raise TokenizerError(f"tokenizer file {str(path)!r} nests its JSON too deeply to be a tokenizer.") from None
+
+
+def tokenizer_from_dict(data: dict, trust_pattern: bool = False) -> Tokenizer:
+    """Rebuild any `lm` tokenizer from its `to_dict()` form (as stored in checkpoints).
+
+    Never touches the network: a GPT-2 tokenizer needs its ranks cached already. A byte-level BPE
+    whose regex pattern is not GPT-2's or GPT-4's is refused unless `trust_pattern=True`.
+    """
+    kind = data.get("kind") if isinstance(data, dict) else None
+    if not isinstance(kind, str) or kind not in TOKENIZERS:
+        raise TokenizerError(f"unknown tokenizer kind {short_repr(kind)}; known kinds are {TOKENIZERS.names()}.")
+    return TOKENIZERS.get(kind).from_dict(data, trust_pattern=trust_pattern)
+
+
+def load_tokenizer(path: str | Path, trust_pattern: bool = False) -> Tokenizer:
+    """Load a tokenizer saved with `.save(path)`, whatever its kind (see `tokenizer_from_dict`)."""
+    return tokenizer_from_dict(read_tokenizer_file(path), trust_pattern=trust_pattern)

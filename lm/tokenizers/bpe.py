@@ -27,7 +27,8 @@ from typing import AbstractSet, Iterable, Iterator, Mapping, Sequence
 
 import regex
 
-from .base import ENDOFTEXT, TOKENIZERS, EndOfTextSpecials, Tokenizer, TokenizerError, check_kind
+from .base import (ENDOFTEXT, MAX_SPECIAL_LENGTH, MAX_SPECIAL_TOKENS, MAX_VOCAB_SIZE, TOKENIZERS,
+                   EndOfTextSpecials, Tokenizer, TokenizerError, check_kind, check_size, short_repr)
 from .gpt2_ranks import GPT2_PATTERN, GPT2_SPECIAL_TOKENS, load_gpt2_ranks
 
 # GPT-4's pre-tokenizer (tiktoken's cl100k_base): case-insensitive contractions, numbers in groups
@@ -40,6 +41,7 @@ PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
 CACHE_SIZE = 100_000  # pre-tokens remembered by encode; the cache is emptied when it is full
 BYTES = [bytes([b]) for b in range(256)]
 NO_RANK = 2**63  # the rank of a pair that is not a token
+LONG_PRETOKEN = 64  # bytes; longer pre-tokens are split by `bpe_heap`, whose cost grows as n log n, not n²
 
 
 # ---- pre-tokenization -----------------------------------------------------------------------------
@@ -62,6 +64,23 @@ def resolve_pattern(pattern: str | None) -> str | None:
         raise TokenizerError(f"pattern {pattern!r} has capturing groups; write them as (?:...) so that each "
                              f"match is one whole pre-token.")
     return pattern
+
+
+def check_saved_pattern(pattern, trust_pattern: bool = False) -> None:
+    """Refuse a saved pattern that is not one of lm's own, unless the caller trusts it.
+
+    A regex from a file is code that runs on every text: a crafted one can backtrack for minutes
+    on a few dozen characters (e.g. nested repeats like (?:a|a)*b), and whether a regex can do that
+    cannot be told by looking at it. GPT-2's and GPT-4's patterns cannot, so saved files may name
+    them (or None); any other pattern loads only with `trust_pattern=True`.
+    """
+    if pattern is not None and not isinstance(pattern, str):
+        raise TokenizerError(f"the saved tokenizer's pattern must be a string or None, got {type(pattern).__name__}.")
+    if trust_pattern or pattern is None or pattern in PATTERNS or pattern in PATTERNS.values():
+        return
+    raise TokenizerError(f"the saved tokenizer's pattern {short_repr(pattern)} is not one of lm's patterns "
+                         f"{sorted(PATTERNS)} or None. An unknown regex could run for hours on a short text, so it "
+                         f"is not run; if you wrote this tokenizer yourself, load it with trust_pattern=True.")
 
 
 class PreTokenizer:
@@ -208,6 +227,49 @@ def bpe(data: bytes, ranks: Mapping[bytes, int]) -> list[bytes]:
     return parts
 
 
+def bpe_heap(data: bytes, ranks: Mapping[bytes, int]) -> list[bytes]:
+    """`bpe` for long pre-tokens: the same tokens, in O(n log n) steps instead of O(n²).
+
+    `bpe` scans every pair for the lowest rank at each merge, so a pre-token of n bytes costs about
+    n² steps: a 40,000-letter word (GPT-2's pattern keeps a run of letters whole) takes seconds.
+    Here the pairs wait in a heap ordered by (rank, position), which pops the lowest rank and, on
+    ties, the leftmost pair, as `bpe` chooses. The parts are a linked list of byte offsets:
+    part `s` is data[s : end[s]], and `before[s]` is where the part before it starts.
+    A merge does not remove the pairs it breaks from the heap; each heap entry (rank, s, stop)
+    records where its right part stopped, and is skipped when it comes up if `s` is no longer a
+    part or the part after `s` no longer stops there (one of the two has merged since).
+    """
+    n = len(data)
+    end = list(range(1, n + 1))  # -1 once the part that started here has joined the one before it
+    before = list(range(-1, n - 1))
+    get = ranks.get
+    heap = []
+    for s in range(n - 1):
+        rank = get(data[s : s + 2])
+        if rank is not None:
+            heap.append((rank, s, s + 2))
+    heapq.heapify(heap)
+    while heap:
+        _, s, stop = heapq.heappop(heap)
+        right = end[s]
+        if right < 0 or right >= n or end[right] != stop:  # stale: a part of this pair has merged since
+            continue
+        end[s], end[right] = stop, -1  # join part s and the part after it
+        if stop < n:
+            before[stop] = s
+        # the new part forms two new pairs, with its left and its right neighbour
+        left = before[s]
+        if left >= 0 and (rank := get(data[left:stop])) is not None:
+            heapq.heappush(heap, (rank, left, stop))
+        if stop < n and (rank := get(data[s : end[stop]])) is not None:
+            heapq.heappush(heap, (rank, s, end[stop]))
+    parts, s = [], 0
+    while s < n:
+        parts.append(data[s : end[s]])
+        s = end[s]
+    return parts
+
+
 # ---- readable bytes ------------------------------------------------------------------------------
 _ESCAPE = regex.compile(r"\\(?:\\|x[0-9a-f]{2})")
 
@@ -249,12 +311,15 @@ class ByteBPETokenizer(EndOfTextSpecials, Tokenizer):
         if sorted(vocab[:256]) != BYTES:
             raise TokenizerError("ids 0..255 of a byte-level BPE vocabulary must be the 256 single bytes.")
         special_tokens = dict(special_tokens or {})
+        check_size("the number of special tokens", len(special_tokens), MAX_SPECIAL_TOKENS)
         for name, i in special_tokens.items():
             if not isinstance(name, str) or not name:
                 raise TokenizerError(f"special token names must be non-empty strings, got {name!r}.")
+            check_size(f"the length of special token {name[:20]!r}...", len(name), MAX_SPECIAL_LENGTH)
             if not isinstance(i, int) or i < len(vocab):
-                raise TokenizerError(f"special token {name!r} has id {i!r}; special ids must be integers from "
-                                     f"{len(vocab)} (after the {len(vocab)} ordinary tokens) up.")
+                raise TokenizerError(f"special token {name!r} has id {short_repr(i)}; special ids must be integers "
+                                     f"from {len(vocab)} (after the {len(vocab)} ordinary tokens) up.")
+            check_size(f"the id of special token {name!r}", i, MAX_VOCAB_SIZE - 1)  # every id below it gets a row
         if len(set(special_tokens.values())) != len(special_tokens):
             raise TokenizerError(f"special tokens share ids: {special_tokens}.")
 
@@ -397,24 +462,28 @@ class ByteBPETokenizer(EndOfTextSpecials, Tokenizer):
         pre-tokens that hold a non-space character (a pre-token is decided by the text up to two
         characters after it, or up to the end of its whitespace run). Memory grows past
         `chunk_chars` only on a stretch without such a point: long whitespace, or any text
-        between special tokens when `pattern` is None. (A custom pattern keeps the guarantee only
+        between special tokens when `pattern` is None; what is kept is scanned again only each time
+        it doubles, so time stays linear. (A custom pattern keeps the guarantee only
         if its pre-tokens are decided as locally; simply encoding line by line would not: GPT-2's
         pattern splits "  \n\n" differently when the next line follows.)
         """
         pending: list[str] = []
-        size = 0
+        size, next_look = 0, chunk_chars
         for line in lines:
             if not isinstance(line, str):
                 raise TokenizerError(f"encode_iter expects strings, got an item of type {type(line).__name__}.")
             pending.append(line)
             size += len(line)
-            if size >= chunk_chars:
+            if size >= next_look:
                 buffer = "".join(pending)
                 allowed = self._allowed_regex(allowed_special, disallowed_special, buffer)
                 ids: list[int] = []
                 cut = self._encode_safe_prefix(buffer, allowed, ids)
                 yield from ids
                 pending, size = [buffer[cut:]], len(buffer) - cut
+                # What is left is looked at again once it has doubled, not at every line: a long
+                # stretch without a safe point is then scanned O(log n) times, in O(n) time in all.
+                next_look = max(chunk_chars, 2 * size)
         yield from self.encode("".join(pending), allowed_special, disallowed_special)
 
     def _allowed_regex(self, allowed_special, disallowed_special, text: str) -> regex.Pattern | None:
@@ -471,7 +540,11 @@ class ByteBPETokenizer(EndOfTextSpecials, Tokenizer):
                     raise TokenizerError(f"the text holds a lone surrogate in {piece!r}, which is not valid Unicode; "
                                          f"clean it first, e.g. text.encode('utf-8', 'replace').decode().") from None
                 whole = ranks.get(data)  # a whole word that is one token (as tiktoken also checks first)
-                tokens = [whole] if whole is not None else [ranks[part] for part in bpe(data, ranks)]
+                if whole is not None:
+                    tokens = [whole]
+                else:
+                    merge = bpe if len(data) <= LONG_PRETOKEN else bpe_heap
+                    tokens = [ranks[part] for part in merge(data, ranks)]
                 if len(cache) >= CACHE_SIZE:
                     cache.clear()
                 cache[piece] = tokens
@@ -526,20 +599,29 @@ class ByteBPETokenizer(EndOfTextSpecials, Tokenizer):
         return data
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ByteBPETokenizer":
+    def from_dict(cls, data: dict, trust_pattern: bool = False) -> "ByteBPETokenizer":
+        """Rebuild from `to_dict()` data; a pattern other than GPT-2's or GPT-4's (or None) is refused
+        unless `trust_pattern=True` (see `check_saved_pattern`)."""
         check_kind(data, cls.kind)
         missing = [key for key in ("pattern", "special_tokens", "merges") if key not in data]
         if missing:
             raise TokenizerError(f"the saved bpe tokenizer lacks {missing}; save it again with .save().")
+        check_saved_pattern(data["pattern"], trust_pattern)
+        if not isinstance(data["special_tokens"], dict):
+            raise TokenizerError(f"special_tokens must map names to ids, got {type(data['special_tokens']).__name__}.")
+        if not isinstance(data["merges"], list):
+            raise TokenizerError(f"merges must be a list of pairs, got {type(data['merges']).__name__}.")
+        check_size("the vocabulary of the saved bpe tokenizer", 256 + len(data["merges"]), MAX_VOCAB_SIZE)
         order = data.get("byte_order", list(range(256)))
-        if sorted(order) != list(range(256)):
+        if not (isinstance(order, list) and all(isinstance(b, int) for b in order)
+                and sorted(order) == list(range(256))):
             raise TokenizerError("byte_order must list each of the 256 byte values once.")
         vocab = [BYTES[b] for b in order]
         ranks = {t: i for i, t in enumerate(vocab)}
         merges = []
         for k, pair in enumerate(data["merges"]):
             if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(s, str) for s in pair)):
-                raise TokenizerError(f"merge {k} is {pair!r}; each merge must be a pair of token strings.")
+                raise TokenizerError(f"merge {k} is {short_repr(pair)}; each merge must be a pair of token strings.")
             left, right = str_to_bytes(pair[0]), str_to_bytes(pair[1])
             if left not in ranks or right not in ranks:
                 raise TokenizerError(f"merge {k} {pair!r} joins a token that no earlier merge made.")

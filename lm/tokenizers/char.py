@@ -7,7 +7,7 @@ import re
 import unicodedata
 from typing import Iterable
 
-from .base import TOKENIZERS, Tokenizer, TokenizerError, check_kind
+from .base import MAX_VOCAB_SIZE, TOKENIZERS, Tokenizer, TokenizerError, check_kind, check_size, short_repr
 
 SPECIAL_TOKENS = ("<PAD>", "<BOS>", "<EOS>", "<SEP>", "<UNK>")
 UNKNOWN_POLICIES = ("error", "replace", "skip")
@@ -126,6 +126,13 @@ class CharTokenizer(Tokenizer):
         return {"kind": self.kind, "chars": self.itos[len(SPECIAL_TOKENS) :], "unknown": self.unknown}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "CharTokenizer":
+    def from_dict(cls, data: dict, trust_pattern: bool = False) -> "CharTokenizer":
         check_kind(data, cls.kind)
-        return cls(data["chars"], unknown=data.get("unknown", "error"))
+        chars = data.get("chars")
+        if not isinstance(chars, list) or not all(isinstance(c, str) for c in chars):
+            raise TokenizerError("a saved 'char' tokenizer needs 'chars': a list of single characters.")
+        check_size("the number of characters of the saved char tokenizer", len(chars), MAX_VOCAB_SIZE)
+        unknown = data.get("unknown", "error")
+        if not isinstance(unknown, str):
+            raise TokenizerError(f"unknown={short_repr(unknown)} is not a policy; choose one of {UNKNOWN_POLICIES}.")
+        return cls(chars, unknown=unknown)

@@ -24,8 +24,9 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+
 GPT2_SPECIAL_TOKENS = {"<|endoftext|>": 50256}
 
 
-def gpt2_ranks_path(cache_dir: str | Path | None = None) -> Path:
-    """Path of `gpt2.tiktoken`: $LM_GPT2_RANKS if set, else the cache, filled on first use."""
+def gpt2_ranks_path(cache_dir: str | Path | None = None, download: bool = True) -> Path:
+    """Path of `gpt2.tiktoken`: $LM_GPT2_RANKS if set, else the cache, filled on first use
+    (with `download=False`, a `DataError` instead: loading a saved tokenizer never downloads)."""
     if os.environ.get("LM_GPT2_RANKS"):
         path = Path(os.environ["LM_GPT2_RANKS"])
         if not path.is_file():
@@ -35,6 +36,10 @@ def gpt2_ranks_path(cache_dir: str | Path | None = None) -> Path:
     cached = cache_dir / "gpt2.tiktoken"
     if cached.is_file():
         return cached
+    if not download:
+        raise DataError(f"GPT-2's ranks are not cached at {str(cached)!r}. Fetch them once with "
+                        f"`python -c 'import lm; lm.tokenizers.gpt2_ranks_path()'` (through pip) or `make data`, "
+                        f"or set LM_GPT2_RANKS to a local gpt2.tiktoken file.")
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         archive = pip_download(WHISPER_PACKAGE, tmp, hint=" Or set LM_GPT2_RANKS to a local gpt2.tiktoken file.")

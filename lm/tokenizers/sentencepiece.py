@@ -32,7 +32,8 @@ from typing import Iterable
 
 import sentencepiece as spm
 
-from .base import TOKENIZERS, Tokenizer, TokenizerError, check_kind
+from .base import (MAX_FILE_BYTES, MAX_VOCAB_SIZE, TOKENIZERS, Tokenizer, TokenizerError, check_kind,
+                   check_size)
 
 SPECIAL_PIECES = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
 MODEL_TYPES = ("bpe", "unigram")
@@ -54,7 +55,7 @@ class SentencePieceTokenizer(Tokenizer):
         processor = spm.SentencePieceProcessor()
         try:
             processor.LoadFromSerializedProto(model_proto)
-        except (RuntimeError, TypeError, OSError) as err:
+        except (RuntimeError, TypeError, OSError, ValueError) as err:  # ValueError: a piece that is not UTF-8
             raise TokenizerError(f"not a sentencepiece model ({err}); pass the bytes of a .model file.") from None
         self._proto = bytes(model_proto)
         self._sp = processor
@@ -120,6 +121,7 @@ class SentencePieceTokenizer(Tokenizer):
         path = Path(path)
         if not path.is_file():
             raise TokenizerError(f"sentencepiece model file {str(path)!r} does not exist.")
+        check_size(f"the size in bytes of {str(path)!r}", path.stat().st_size, MAX_FILE_BYTES)
         return cls(path.read_bytes())
 
     def save_model(self, path: str | os.PathLike) -> None:
@@ -185,13 +187,19 @@ class SentencePieceTokenizer(Tokenizer):
         return {"kind": self.kind, "model": base64.b64encode(self._proto).decode("ascii")}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "SentencePieceTokenizer":
+    def from_dict(cls, data: dict, trust_pattern: bool = False) -> "SentencePieceTokenizer":
         check_kind(data, cls.kind)
+        model = data.get("model")
+        if not isinstance(model, str):
+            raise TokenizerError("a 'sentencepiece' tokenizer dict needs 'model': the base64 of a .model file.")
+        check_size("the length of the saved sentencepiece model", len(model), MAX_FILE_BYTES)
         try:
-            proto = base64.b64decode(data["model"], validate=True)
-        except (KeyError, TypeError, ValueError):
+            proto = base64.b64decode(model, validate=True)
+        except ValueError:
             raise TokenizerError("a 'sentencepiece' tokenizer dict needs 'model': the base64 of a .model file.") from None
-        return cls(proto)
+        tokenizer = cls(proto)
+        check_size("the vocabulary of the saved sentencepiece model", tokenizer.vocab_size, MAX_VOCAB_SIZE)
+        return tokenizer
 
 
 def _sentences(text) -> Iterable[str]:

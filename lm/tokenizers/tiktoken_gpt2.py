@@ -20,7 +20,7 @@ from typing import AbstractSet, Iterable
 import tiktoken
 
 from ..data import DataError
-from .base import TOKENIZERS, EndOfTextSpecials, Tokenizer, TokenizerError, check_kind
+from .base import TOKENIZERS, EndOfTextSpecials, Tokenizer, TokenizerError, check_kind, short_repr
 from .gpt2_ranks import GPT2_PATTERN, GPT2_SPECIAL_TOKENS, gpt2_ranks_path, load_gpt2_ranks
 
 OFFLINE_ENCODINGS = ("gpt2", "r50k_base")  # the same ranks, pattern and special token
@@ -39,20 +39,26 @@ class TiktokenTokenizer(EndOfTextSpecials, Tokenizer):
 
     kind = "tiktoken"
 
-    def __init__(self, name: str = "gpt2", source: str = "auto"):
+    def __init__(self, name: str = "gpt2", source: str = "auto", download: bool = True):
+        """`download=False`: use only ranks already on this machine (lm's cache or $LM_GPT2_RANKS),
+        as loading a saved tokenizer does; raises instead of fetching them."""
         if source not in SOURCES:
             raise TokenizerError(f"source={source!r} is not one of {SOURCES}.")
         known = sorted(set(tiktoken.list_encoding_names()) | set(OFFLINE_ENCODINGS))
-        if name not in known:
-            raise TokenizerError(f"unknown tiktoken encoding {name!r}; known encodings are {known}.")
+        if not isinstance(name, str) or name not in known:
+            raise TokenizerError(f"unknown tiktoken encoding {short_repr(name)}; known encodings are {known}.")
         if source == "auto":
             source = "lm" if name in OFFLINE_ENCODINGS else "tiktoken"
         if source == "lm" and name not in OFFLINE_ENCODINGS:
             raise TokenizerError(f"lm has an offline copy of {OFFLINE_ENCODINGS} only, not {name!r}; "
                                  f"use source='tiktoken' (downloads from OpenAI).")
+        if source == "tiktoken" and not download:
+            raise TokenizerError(f"lm keeps an offline copy of {OFFLINE_ENCODINGS} only; {name!r} would have to be "
+                                 f"downloaded by tiktoken, which download=False (as when loading a saved tokenizer) "
+                                 f"does not do. Build TiktokenTokenizer({name!r}, source='tiktoken') to fetch it.")
         self.name = name
         self.source = source
-        self._enc = _lm_encoding(name) if source == "lm" else _tiktoken_encoding(name)
+        self._enc = _lm_encoding(name, download) if source == "lm" else _tiktoken_encoding(name)
         self._specials = {token: self._enc.encode_single_token(token) for token in sorted(self._enc.special_tokens_set)}
 
     # ---- vocabulary ----------------------------------------------------------------------------
@@ -98,23 +104,28 @@ class TiktokenTokenizer(EndOfTextSpecials, Tokenizer):
         """Ids to text. Ids that end inside a multi-byte character decode to U+FFFD."""
         return self._enc.decode(self._check_ids(ids))
 
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """Ids to the raw bytes they stand for (streaming decodes them incrementally, see TextStream)."""
+        return self._enc.decode_bytes(self._check_ids(ids))
+
     # ---- persistence ---------------------------------------------------------------------------
     def to_dict(self) -> dict:
         # the ranks are not stored: 1 MB in every checkpoint, and loading finds them again
         return {"kind": self.kind, "name": self.name}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TiktokenTokenizer":
+    def from_dict(cls, data: dict, trust_pattern: bool = False) -> "TiktokenTokenizer":
+        """Loading never downloads: the ranks must be on this machine already (see `__init__`)."""
         check_kind(data, cls.kind)
-        return cls(data.get("name", "gpt2"))
+        return cls(data.get("name", "gpt2"), download=False)
 
 
-def _lm_encoding(name: str) -> tiktoken.Encoding:
+def _lm_encoding(name: str, download: bool = True) -> tiktoken.Encoding:
     try:
-        path = gpt2_ranks_path()
+        path = gpt2_ranks_path(download=download)
     except DataError as err:
-        raise TokenizerError(f"GPT-2's ranks are not available offline: {err} Or pass source='tiktoken' to let "
-                             f"tiktoken download them from OpenAI.") from None
+        hint = " Or pass source='tiktoken' to let tiktoken download them from OpenAI." if download else ""
+        raise TokenizerError(f"GPT-2's ranks are not available offline: {err}{hint}") from None
     key = (name, str(path))
     if key not in _ENCODINGS:
         _ENCODINGS[key] = tiktoken.Encoding(name=name, pat_str=GPT2_PATTERN, mergeable_ranks=load_gpt2_ranks(path),
