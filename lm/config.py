@@ -132,13 +132,13 @@ class ModelConfig:
                 f"a group of query heads of equal size. Choose n_kv_heads from {_divisors(self.n_head)} "
                 f"(1 = multi-query attention, {self.n_head} = plain multi-head), or None."
             )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout={self.dropout!r} must be in [0, 1).")
-        if not isinstance(self.moe_aux_loss_coef, (int, float)) or self.moe_aux_loss_coef < 0:
+        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout={self.dropout!r} must be a number in [0, 1).")
+        if not _is_number(self.moe_aux_loss_coef) or self.moe_aux_loss_coef < 0:
             raise ConfigError(f"moe_aux_loss_coef={self.moe_aux_loss_coef!r} must be a number >= 0.")
 
         for name, known in self.component_choices().items():
-            if getattr(self, name) not in known:
+            if not isinstance(getattr(self, name), str) or getattr(self, name) not in known:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is unknown; choose one of {known}.")
 
         if self.attention == "sliding_window" and self.window is None:
@@ -211,6 +211,10 @@ class ModelConfig:
 
 def _is_int_at_least(value: Any, low: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _format_of(path: Path) -> str:

@@ -89,7 +89,7 @@ class TrainingInterrupted(KeyboardInterrupt):
 class TrainConfig:
     max_steps: int = 1000  # optimizer steps
     batch_size: int | str = 32  # sequences per micro-batch, per process; "auto": the largest that fits
-    memory_budget: int | None = None  # with batch_size="auto": bytes one step may use (needed off CUDA)
+    memory_budget: int | float | None = None  # with batch_size="auto": bytes one step may use (needed off CUDA)
     grad_accum_steps: int = 1  # micro-batches per optimizer step
     seq_len: int | None = None  # window length; None means the model's block_size
     lr: float = 3e-4  # peak learning rate, reached at the end of warmup
@@ -119,12 +119,20 @@ class TrainConfig:
         # refuse any number that is not finite, whatever its setting.
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if "float" in f.type and value is not None and (isinstance(value, bool) or
-                                                            not isinstance(value, (int, float))):
+            optional = "None" in str(f.type)
+            if "float" in str(f.type) and not (value is None and optional) and (
+                    isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise TrainingError(f"{f.name}={value!r} must be a number, such as the default, {f.default!r}.")
             if isinstance(value, float) and not math.isfinite(value):
                 raise TrainingError(f"{f.name}={value!r} is not a finite number; give a number such as the "
                                     f"default, {f.default!r}.")
+            if str(f.type) in ("int", "int | None") and not (value is None and optional) and not _int_at_least(
+                    value, -(2**63)):
+                raise TrainingError(f"{f.name}={value!r} must be an integer{' or None' if optional else ''}.")
+            if str(f.type) == "bool" and not isinstance(value, bool):
+                raise TrainingError(f"{f.name}={value!r} must be true or false.")
+            if str(f.type) in ("str", "str | None") and not (value is None and optional) and not isinstance(value, str):
+                raise TrainingError(f"{f.name}={value!r} must be a string{' or None' if optional else ''}.")
         for name in ("max_steps", "grad_accum_steps", "eval_interval", "eval_iters"):
             value = getattr(self, name)
             if not _positive_int(value):
@@ -684,10 +692,11 @@ class Trainer:
             return
         while pending:  # the steps that were queued whole still count, and are logged like the others
             finish_oldest()
-        if self.config.out_dir and not self.dist.enabled and self._saved_step != self.step:
-            if logger:
-                logger.flush()
-            self._save_last()  # resume with the same command
+        if self.config.out_dir and not self.dist.enabled:
+            if self._saved_step != self.step:  # (after an evaluation's callback it is saved already)
+                if logger:
+                    logger.flush()
+                self._save_last()  # resume with the same command
             print(f"\ninterrupted: saved {self.config.out_dir}/last.pt at step {self.step}; run again to resume.")
 
     def save_checkpoints(self, improved: bool) -> None:

@@ -217,3 +217,64 @@ def test_bad_values_are_named(field, value):
 def test_zero_local_blocks_and_stride_are_allowed():
     config = ModelConfig(attention="block_sparse", sparse_local=0, sparse_stride=0)
     assert (config.sparse_local, config.sparse_stride) == (0, 0)
+
+
+# ---- property-based: any values, a valid config or a ConfigError ---------------------------------------
+def _any_value():
+    from hypothesis import strategies as st
+
+    return st.one_of(st.none(), st.booleans(), st.integers(-10, 10**6), st.floats(allow_nan=True, allow_infinity=True),
+                     st.text(max_size=12), st.lists(st.integers(0, 4), max_size=3),
+                     st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+
+
+def test_any_model_settings_give_a_valid_config_or_a_config_error():
+    """Values of any type in any field (as a hand-edited YAML file or a damaged checkpoint might hold)
+    give either a config that passes its own validation and round-trips, or a ConfigError; never
+    another exception (a TypeError deep inside, a NaN accepted). Fixed budget: 300 examples."""
+    import dataclasses
+    import math
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    names = [f.name for f in dataclasses.fields(ModelConfig)]
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.dictionaries(st.sampled_from(names), _any_value(), max_size=4))
+    def check(changes):
+        data = {**ModelConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, d_model=32).to_dict(), **changes}
+        try:
+            config = ModelConfig.from_dict(data)
+        except ConfigError:
+            return
+        assert ModelConfig.from_dict(config.to_dict()) == config
+        for value in config.to_dict().values():
+            assert not (isinstance(value, float) and not math.isfinite(value))
+
+    check()
+
+
+def test_any_training_settings_give_a_valid_config_or_a_training_error():
+    """The same for TrainConfig: every setting a --config file may hold."""
+    import dataclasses
+    import math
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from lm import TrainConfig, TrainingError
+
+    names = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("out_dir",)]
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.dictionaries(st.sampled_from(names), _any_value(), max_size=4))
+    def check(changes):
+        try:
+            config = TrainConfig.from_dict({**TrainConfig().to_dict(), **changes})
+        except TrainingError:
+            return
+        for value in config.to_dict().values():
+            assert not (isinstance(value, float) and not math.isfinite(value))
+
+    check()
