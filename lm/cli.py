@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import dataclasses
 import difflib
+import errno
 import json
 import os
 import signal
@@ -682,6 +683,27 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TrainingError) as err:  # lm's errors carry a message meant for people
         print(f"lm {args.verb}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a full disk, a read-only folder, a path through a file: one line, not a traceback
+        print(f"lm {args.verb}: error: {describe_os_error(err)}", file=sys.stderr)
+        return 1
+
+
+def describe_os_error(err: OSError) -> str:
+    """What went wrong with a file, and what to do, in one line."""
+    from .checkpoint import CheckpointSaveError
+
+    if isinstance(err, CheckpointSaveError) or err.filename is None:
+        return str(err)
+    path = f"{err.filename!r}"
+    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return f"cannot write {path}: the disk is full ({err.strerror}); free space or write elsewhere."
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write {path}: permission denied ({err.strerror}); fix the folder's permissions or write elsewhere."
+    if err.errno in (errno.EEXIST, errno.ENOTDIR):
+        return f"cannot make the folder {path}: it, or a folder above it, is a file; choose another path."
+    if err.errno == errno.EISDIR:
+        return f"{path} is a folder, where a file was expected; give a file name."
+    return f"{path}: {err.strerror or err}."
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import lm
+import lm.files
 from lm.cli import _read_sections, build_parser, cmd_train_settings, main
 from lm.data import read_tokens
 
@@ -338,6 +339,27 @@ def test_settings_that_are_not_finite_are_refused(tmp_path, prepared, capsys, fl
     err = capsys.readouterr().err
     assert err.startswith("lm train: error:") and named in err and "finite" in err
     assert not (out / "last.pt").exists()
+
+
+def test_an_output_path_through_a_file_is_one_line_not_a_traceback(tmp_path, prepared, corpus_file, capsys):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("not a folder")
+    assert main(["train", "--data_dir", str(prepared), "--out_dir", str(blocker), "--max_steps", "1",
+                 "--no_progress"]) == 1
+    assert main(["prep", "--corpus", str(corpus_file), "--out_dir", str(blocker / "data")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all("is a file; choose another path" in line for line in err)
+    assert err[0].startswith("lm train: error:") and err[1].startswith("lm prep: error:")
+
+
+def test_a_full_disk_is_one_line(prepared, tmp_path, capsys, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "run" / "config.yaml"))
+
+    monkeypatch.setattr(lm.files, "write_atomically", full)
+    assert main(["train", "--data_dir", str(prepared), "--out_dir", str(tmp_path / "run"), "--max_steps", "1",
+                 "--no_progress"]) == 1
+    assert "the disk is full" in capsys.readouterr().err
 
 
 def test_train_refuses_an_out_dir_in_use(tmp_path, prepared, capsys):
