@@ -34,9 +34,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import os
 import subprocess
-import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -44,15 +42,11 @@ from typing import Any, Iterator
 
 import torch
 
+from . import files
 from .config import ModelConfig
 from .device import resolve_device
 from .model import GPT
 from .tokenizers import tokenizer_from_dict
-
-try:
-    import fcntl  # POSIX file locks: how a save tells a crashed writer's temporary file from a live one
-except ImportError:  # Windows: a file another process has open cannot be deleted, which does the same job
-    fcntl = None
 
 FORMAT = "lm-checkpoint"
 VERSION = 1
@@ -186,30 +180,20 @@ def save_checkpoint(
 
 
 def write_atomically(path: Path, payload: dict) -> Path:
-    """torch.save into a temporary file in the same folder, then os.replace it onto `path`.
-    The temporary file is locked while written, so a later save can tell it from a crashed one's."""
+    """torch.save `payload` to `path` through `lm.files.write_atomically` (a locked temporary file,
+    renamed when whole), first removing what crashed saves left in the folder; a failure to write
+    becomes one CheckpointSaveError line."""
     if path.is_dir():
         raise CheckpointSaveError(errno.EISDIR, f"cannot save checkpoint to {str(path)!r}: it is a folder; "
                                                 f"give a file name such as {str(path / 'last.pt')!r}.")
-    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_abandoned_temp_files(path.parent)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
-        with os.fdopen(fd, "wb") as f:
-            if fcntl is not None:
-                fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes, or when this process dies
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic on POSIX and Windows: readers see the old file or the new one
-    except BaseException as err:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, Exception) and (cause := os_error_in(err)) is not None:
+        return files.write_atomically(path, lambda f: torch.save(payload, f), suffix=TEMP_SUFFIX)
+    except Exception as err:
+        if (cause := os_error_in(err)) is not None:
             raise save_error(path, cause) from err
         raise
-    return path
 
 
 def os_error_in(err: BaseException) -> OSError | None:
@@ -246,22 +230,10 @@ def remove_abandoned_temp_files(folder: Path) -> None:
     for tmp in folder.glob(f".*{TEMP_SUFFIX}"):
         try:
             # a file touched a moment ago may be a live writer's that has not taken its lock yet
-            if time.time() - tmp.stat().st_mtime > STALE_AFTER_S and not is_locked(tmp):
+            if time.time() - tmp.stat().st_mtime > STALE_AFTER_S and not files.is_locked(tmp):
                 tmp.unlink()
         except OSError:  # deleted by another process meanwhile, or (Windows) open in a live writer
             continue
-
-
-def is_locked(path: Path) -> bool:
-    """Whether a live process holds the lock a save takes on its temporary file."""
-    if fcntl is None:
-        return False  # Windows: the unlink that follows fails while a writer has the file open
-    with open(path, "rb") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-    return False
 
 
 # ---- loading -------------------------------------------------------------------------------------

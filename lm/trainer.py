@@ -667,10 +667,8 @@ class Trainer:
         """last.pt after a signal: every step done is finished and logged, so the state is whole.
         (Every process calls this: under FSDP saving gathers the shards.)"""
         trained = self.step > first_step  # else last.pt, if any, already holds this state
-        if self.config.out_dir and trained and self._saved_step != self.step:
-            if logger:
-                logger.flush()  # the rows before last.pt's step reach the disk before last.pt does
-            self._save_last()
+        if self.config.out_dir and trained:
+            self._save_last_unless_current(logger)
         if self.dist.is_main:
             if not self.config.out_dir:
                 where = "nothing saved (no out_dir)"
@@ -693,10 +691,7 @@ class Trainer:
         while pending:  # the steps that were queued whole still count, and are logged like the others
             finish_oldest()
         if self.config.out_dir and not self.dist.enabled:
-            if self._saved_step != self.step:  # (after an evaluation's callback it is saved already)
-                if logger:
-                    logger.flush()
-                self._save_last()  # resume with the same command
+            self._save_last_unless_current(logger)  # (after an evaluation's callback it is saved already)
             print(f"\ninterrupted: saved {self.config.out_dir}/last.pt at step {self.step}; run again to resume.")
 
     def save_checkpoints(self, improved: bool) -> None:
@@ -708,6 +703,14 @@ class Trainer:
     def _save_last(self) -> None:
         self.save(Path(self.config.out_dir) / "last.pt")
         self._saved_step = self.step
+
+    def _save_last_unless_current(self, logger: "MetricsLogger | None") -> None:
+        """last.pt on stopping, unless it holds this step already; the metrics rows before its step
+        reach the disk before it does."""
+        if self._saved_step != self.step:
+            if logger:
+                logger.flush()
+            self._save_last()
 
     def _heal_best_checkpoint(self) -> None:
         """Bring best.pt up to date when a crash came between writing last.pt and best.pt.

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lm.checkpoint
+import lm.files
 import lm
 from lm import GPT, CheckpointError, ModelConfig, load_checkpoint, load_model, save_checkpoint
 from lm.optim import configure_optimizer
@@ -306,11 +307,11 @@ def test_next_save_removes_the_temporary_file_of_a_crashed_save(tmp_path, tiny_m
     assert load_checkpoint(path)["step"] == 4
 
 
-@pytest.mark.skipif(lm.checkpoint.fcntl is None, reason="POSIX file locks")
+@pytest.mark.skipif(lm.files.fcntl is None, reason="POSIX file locks")
 def test_a_live_writers_temporary_file_is_kept(tmp_path, tiny_model):
     live = tmp_path / f".best.pt.abc{lm.checkpoint.TEMP_SUFFIX}"
     with open(live, "wb") as f:
-        lm.checkpoint.fcntl.flock(f, lm.checkpoint.fcntl.LOCK_EX)  # another process is writing best.pt slowly
+        lm.files.fcntl.flock(f, lm.files.fcntl.LOCK_EX)  # another process is writing best.pt slowly
         old = time.time() - 2 * lm.checkpoint.STALE_AFTER_S
         os.utime(live, (old, old))
         save_checkpoint(tmp_path / "last.pt", tiny_model)
@@ -495,7 +496,7 @@ def test_read_only_folder_gives_a_clear_error_and_keeps_the_previous_checkpoint(
         def refused(*args, **kwargs):
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path))
 
-        monkeypatch.setattr(lm.checkpoint.tempfile, "mkstemp", refused)
+        monkeypatch.setattr(lm.files.tempfile, "mkstemp", refused)
     try:
         with pytest.raises(lm.checkpoint.CheckpointSaveError) as err:
             save_checkpoint(path, tiny_model, step=2)
