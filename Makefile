@@ -1,6 +1,7 @@
 # The two commands of the README:
 #   make book   set up .venv, prepare the data, execute every chapter and build the site (strict)
-#   make test   set up .venv, prepare the data, run the unit tests and `pytest --nbval book`
+#   make test   set up .venv, prepare the data, run the unit tests and `pytest --nbval` on every chapter
+#               (from an empty folder, with lm installed from a wheel: see the nbval target)
 # Everything comes from the package registries; nothing needs installing by hand.
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -14,21 +15,54 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # Chapters measure and assert their own results; fix the thread count so runs are comparable.
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: book test setup data vendor unit nbval clean stress
+.PHONY: book test setup data vendor unit nbval clean stress check-site
 
+# A failed build (a cell that raises or runs past the limit, any Sphinx warning) fails loudly and
+# leaves no site behind: a half-built _build/html would show tracebacks next to stale outputs.
 book: setup data vendor
 	@start=$$(date +%s); \
-	$(VENV)/bin/jupyter-book build -W -n --keep-going . && \
-	echo "Built in $$(( $$(date +%s) - start )) s. Open _build/html/index.html"
+	if $(VENV)/bin/jupyter-book build -W -n --keep-going .; then \
+		echo "Built in $$(( $$(date +%s) - start )) s. Open _build/html/index.html"; \
+	else \
+		rm -rf _build/html; \
+		echo "make book: the build FAILED (see the errors above); _build/html was removed." >&2; exit 1; \
+	fi
 
 test: setup data unit nbval
+
+# Open every page of the built site (run `make book` first) in headless Chromium, from disk, with the
+# network blocked: JavaScript errors, math typeset, images and alt texts, widgets rendered, internal
+# links, no request leaving the machine. One line per page; a screenshot of each in _build/site-check/.
+# The checker needs only the standard library and Chromium (installed here from Debian if missing).
+# Whole-page screenshots instead of the first screen: make check-site CHECK_SITE_ARGS=--full-page
+CHECK_SITE_ARGS ?=
+check-site: setup
+	command -v chromium || (apt-get update && apt-get install -y chromium)
+	$(PY) scripts/check_site.py _build/html --screenshots _build/site-check $(CHECK_SITE_ARGS)
 
 unit: setup
 	$(PY) -m pytest tests -q
 
+# The chapters run as a reader's copy runs them: from an empty folder, with `lm` installed from a
+# wheel (its package data, lm/assets, included) and not imported from this checkout.
+#   1. build a wheel from a copy of the sources (nothing is written into the checkout),
+#   2. install it with --target into $tmp/site, which goes first on PYTHONPATH, ahead of the
+#      editable install in .venv (the check below fails if the checkout's lm is imported instead),
+#   3. copy the notebooks and the sanitize file to $tmp/book and run `pytest --nbval` there.
+# LM_DATA_DIR points at the prepared data/, so the corpora are not fetched or tokenized again.
 nbval: setup data
-	$(PY) -m pytest --nbval book -q -p no:cacheprovider --nbval-cell-timeout=600 \
-		--nbval-sanitize-with tests/nbval_sanitize.cfg
+	@set -e; tmp=$$(mktemp -d "$${TMPDIR:-/tmp}/lm-nbval.XXXXXX"); trap 'rm -rf "$$tmp"' EXIT; \
+	mkdir -p "$$tmp/src" "$$tmp/wheel" "$$tmp/site" "$$tmp/book"; \
+	cp -R pyproject.toml README.md lm "$$tmp/src/"; \
+	$(PY) -m pip wheel --quiet --no-deps -w "$$tmp/wheel" "$$tmp/src"; \
+	$(PY) -m pip install --quiet --no-deps --target "$$tmp/site" "$$tmp"/wheel/lm-*.whl; \
+	cp book/*.ipynb tests/nbval_sanitize.cfg "$$tmp/book/"; \
+	export PYTHONPATH="$$tmp/site" LM_DATA_DIR="$(CURDIR)/data"; \
+	cd "$$tmp/book"; \
+	$(CURDIR)/$(PY) -c 'import lm, sys; assert lm.__file__.startswith(sys.argv[1]), lm.__file__' "$$tmp/site"; \
+	echo "nbval: book/*.ipynb in $$tmp/book, lm from its wheel in $$tmp/site"; \
+	$(CURDIR)/$(PY) -m pytest --nbval . -q -p no:cacheprovider --nbval-cell-timeout=600 \
+		--nbval-sanitize-with nbval_sanitize.cfg
 
 setup: $(STAMP)
 

@@ -19,7 +19,7 @@ machine the fastest pass is the least disturbed one; the median is stored too). 
   before it.
 
     .venv/bin/python bench/attention_cost.py                                  # CPU, 1 thread, T = 128 .. 2048
-    .venv/bin/python bench/attention_cost.py --out book/data/attention_cost_cpu.json
+    .venv/bin/python bench/attention_cost.py --out lm/assets/attention_cost_cpu.json
     python bench/attention_cost.py --device cuda --lengths 1024 2048 4096 8192 16384 --batch 2
 
 The table goes to stdout and, with `--out`, as JSON (settings + one row per variant and T) to a

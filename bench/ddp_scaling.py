@@ -8,7 +8,7 @@ ids (throughput does not depend on what the tokens say). Tokens/s is measured ov
     python bench/ddp_scaling.py --nproc 2 --batch 16 --steps 30 --warmup 10 --parallel ddp fsdp
 
 The peer is ideal linear scaling (N x the 1-GPU tokens/s); speedup is the scaling efficiency.
-Writes the figures to --out (default book/data/ddp_scaling.json) and ends with one JSON line.
+Writes the figures to --out (default lm/assets/ddp_scaling.json) and ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (default: 10)")
     parser.add_argument("--parallel", nargs="+", default=["ddp"], choices=("ddp", "fsdp"),
                         help="strategies to run on --nproc GPUs (default: ddp)")
-    parser.add_argument("--out", default=str(ROOT / "book" / "data" / "ddp_scaling.json"),
+    parser.add_argument("--out", default=str(ROOT / "lm" / "assets" / "ddp_scaling.json"),
                         help="where to write the figures")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)

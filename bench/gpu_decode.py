@@ -12,9 +12,9 @@ graph, and compiles for "lm compiled").
     lm, model.generate   a new Decoder per call: the graph is captured again every call
     transformers         GPT2LMHeadModel.generate with its dynamic cache (sdpa attention)
 
-    python bench/gpu_decode.py --batch 1 64 --new 200 --out book/data/gpu_decode.json
+    python bench/gpu_decode.py --batch 1 64 --new 200 --out lm/assets/gpu_decode.json
 
-Measured on one H200 (torch 2.11), tokens/s, stored in book/data/gpu_decode.json:
+Measured on one H200 (torch 2.11), tokens/s, stored in lm/assets/gpu_decode.json:
 
                         batch 1    batch 64
     lm                    1,352      42,645     (CUDA graph kept by a Decoder, the default)

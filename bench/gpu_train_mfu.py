@@ -38,9 +38,9 @@ compares lm and transformers at the batch size where lm is fastest, both at that
     python bench/gpu_train_mfu.py --batch 32 --no-peer --profile 3  # lm only, GPU time by kernel kind
 
 Measured on one H200 (torch 2.11.0+cu130, transformers 5.17.0; same bf16 peak as the H100, 1.4x its
-memory bandwidth), stored with settings and every run in book/data/gpu_train_mfu.json by
+memory bandwidth), stored with settings and every run in lm/assets/gpu_train_mfu.json by
 
-    python bench/gpu_train_mfu.py --batch 64 --steps 20 --warmup 3 --out book/data/gpu_train_mfu.json
+    python bench/gpu_train_mfu.py --batch 64 --steps 20 --warmup 3 --out lm/assets/gpu_train_mfu.json
 
     lm (Trainer.fit)               B=64   529,729 tokens/s  MFU 45.8%
     transformers GPT2LMHeadModel   B=64   436,707 tokens/s  MFU 37.8%    speedup 1.21

@@ -19,9 +19,9 @@ drift of a shared machine falls on both. `--ckpt` may name several checkpoints, 
 the other; `random:PRESET` is a preset with random weights (GPT-2's tokenizer for a 50257-token
 vocabulary, else the glossary's characters), written to a temporary checkpoint.
 
-    .venv/bin/python bench/serve_load.py --out book/data/serve_load_cpu.json     # 2 threads, N = 1, 8, 32
-    python bench/serve_load.py --device cuda --ckpt random:gpt2-124m book/data/glossary_base.pt \\
-        --clients 1,8,32,64 --max_batch 64 --out book/data/serve_load_h200.json
+    .venv/bin/python bench/serve_load.py --out lm/assets/serve_load_cpu.json     # 2 threads, N = 1, 8, 32
+    python bench/serve_load.py --device cuda --ckpt random:gpt2-124m lm/assets/glossary_base.pt \\
+        --clients 1,8,32,64 --max_batch 64 --out lm/assets/serve_load_h200.json
 
 Measured, aggregate tokens/s (every request ran to 128 tokens), batched / one at a time:
 
@@ -30,9 +30,9 @@ Measured, aggregate tokens/s (every request ran to 128 tokens), batched / one at
     H200, GPT-2 124M random (fp32)      179 / 400      889 / 391    2,566 / 391        4,515 / 404 (11.2x)
     H200, glossary base                 163 / 1,219  1,312 / 1,368  3,415 / 1,276      5,597 / 1,460 (3.8x)
 
-(book/data/serve_load_cpu.json, 2026-12-03, after the server learnt to send a stream's pending text
+(lm/assets/serve_load_cpu.json, 2026-12-03, after the server learnt to send a stream's pending text
 in one event: the first run, with one event per token, gave 706 / 164 (4.3x) at N=32;
-book/data/serve_load_h200.json, measured before that change, with --requests 2.)
+lm/assets/serve_load_h200.json, measured before that change, with --requests 2.)
 A batched step costs about 5.5 ms plus 0.1-0.2 ms per row on the H200 whatever the model's size:
 the server's Python, not the GPU, sets the pace; alone, one request goes faster through lm.Decoder's
 CUDA graph than through the engine's eager batched step.
@@ -334,8 +334,8 @@ def write(path: str, results: dict) -> None:
 # ---- the run --------------------------------------------------------------------------------------
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", nargs="+", default=[str(ROOT / "book/data/glossary_base.pt")],
-                        help="checkpoint(s) to serve, or random:PRESET (default: book/data/glossary_base.pt)")
+    parser.add_argument("--ckpt", nargs="+", default=[str(ROOT / "lm/assets/glossary_base.pt")],
+                        help="checkpoint(s) to serve, or random:PRESET (default: lm/assets/glossary_base.pt)")
     parser.add_argument("--device", default="cpu", help="passed to lm serve: cpu, cuda, ... (default: cpu)")
     parser.add_argument("--threads", type=int, default=None,
                         help="OMP/torch threads of each server process (default: 2 on CPU, torch's own on CUDA)")
@@ -345,7 +345,8 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.8, help="(default: 0.8, seed 001)")
     parser.add_argument("--top_k", type=int, default=200, help="(default: 200, seed 001)")
     parser.add_argument("--max_batch", type=int, default=32, help="lm's server: --max_batch (default: 32)")
-    parser.add_argument("--cuda_graph", action="store_true", help="lm's server: --cuda_graph (GPU)")
+    parser.add_argument("--no_cuda_graph", action="store_true",
+                        help="lm's server: --no_cuda_graph (GPU: the batched step runs eagerly)")
     parser.add_argument("--warmup", type=int, default=2, help="requests per server before measuring (default: 2)")
     parser.add_argument("--client_procs", type=int, default=None,
                         help="processes the clients are spread over (default: 1 on CPU, 4 on CUDA)")
@@ -386,7 +387,7 @@ def main() -> None:
             results["models"].append(entry)
             print(f"{name}: {entry['params']:,} parameters, serving on {args.device} "
                   f"(max_batch {args.max_batch} and 1, {threads or 'default'} threads each)", file=sys.stderr)
-            graph = ("--cuda_graph",) if args.cuda_graph else ()
+            graph = ("--no_cuda_graph",) if args.no_cuda_graph else ()
             sides = {"lm": ServeProcess(str(ckpt), args.max_batch, args.device, threads, work, graph),
                      "one-at-a-time": ServeProcess(str(ckpt), 1, args.device, threads, work)}
             servers += sides.values()

@@ -11,16 +11,18 @@
     model = lm.load_model("runs/x/best.pt", device="cpu")
 """
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402  (isort: skip)
 
 # Component modules register their classes (lm.registry) on import; the model looks them up by name.
 from . import attention, feedforward, norms, positions  # noqa: F401  (isort: skip)
 from . import quantize  # noqa: F401  (lm.quantize.quantize_int8, as the README shows)
-from .checkpoint import CheckpointError, CheckpointSaveError, load_checkpoint, load_model, save_checkpoint
+from .checkpoint import (
+    CheckpointError, CheckpointSaveError, convert_checkpoint, load_checkpoint, load_model, save_checkpoint,
+)
 from .config import ConfigError, ModelConfig
 from .corpora import load_corpus, load_documents
 from .data import DataError, get_batch, train_val_split
-from . import glossary, instructions  # noqa: F401  (lm.glossary.examples("train"), lm.instructions.TEMPLATES)
+from . import assets, glossary, instructions  # noqa: F401  (lm.assets.path(name), lm.glossary.examples("train"), ...)
 from .evaluation import EvalResult, evaluate, normalize_answer
 from .finetuning import FinetuneConfig, finetune
 from .instructions import ChatTemplate, DataFormatError, Examples, chat_template, load_examples
@@ -33,6 +35,7 @@ from .memory import find_batch_size, training_memory
 from .generation import Decoder, GenerationConfig
 from .kv_cache import KVCache
 from .model import GPT
+from .hf import ConversionError, export_hf, from_hf
 from .presets import PRESETS, count_params, param_breakdown, param_formula_rscalm, param_formula_seed000, preset
 from .registry import ATTENTION, FEEDFORWARD, NORMS, POSITIONS, Registry, RegistryError
 from .sampling import (
@@ -58,4 +61,5 @@ __all__ = [
     "finetune", "load_examples", "normalize_answer",
     "LoRAConfig", "LoRAError", "apply_lora", "load_adapters", "merge_lora", "save_adapters", "unmerge_lora",
     "SequenceClassifier", "classification_task", "train_classifier", "Retriever",
+    "ConversionError", "convert_checkpoint", "export_hf", "from_hf",
 ]

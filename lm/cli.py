@@ -5,6 +5,7 @@
     lm finetune --init_from runs/shakespeare/best.pt --data chat.jsonl --out_dir runs/chat --lora_rank 8
     lm eval --ckpt runs/chat/best.pt --data test.jsonl --json
     lm generate --ckpt runs/shakespeare/best.pt --prompt "ROMEO:" --max_new_tokens 200
+    lm generate --ckpt runs/rscalm/last.pt --spm data/rscalm/tokenizer.model --prompt "The sun is" --dtype bfloat16
     lm chat --ckpt runs/chat/best.pt
     lm serve --ckpt runs/chat/best.pt --port 8000
 """
@@ -20,11 +21,13 @@ import json
 import os
 import signal
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 
-from . import __version__
+from .version import __version__
+from .config import ALIASES, ConfigError, ConfigWarning, ModelConfig, canonical_settings
 from .corpora import DOCUMENT_SPLITS
 from .data import SAMPLING
 from .distributed import PARALLEL
@@ -58,6 +61,33 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\nRun `{self.prog} --help` for every flag.\n")
 
 
+TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def true_or_false(text: str) -> bool:
+    """A flag's yes-or-no value: true/false, yes/no, on/off or 1/0, in any case."""
+    word = text.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is neither true nor false; give true or false (yes/no and 1/0 work "
+                                     f"too)")
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def add_dtype_flags(parser) -> None:
+    """--dtype, and seed 000's --fp16 switch, for the commands that run a model for inference."""
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+                        help="cast the weights to this type for inference (default: as the checkpoint saved them); "
+                             "float16 and bfloat16 halve the memory and work on CPUs too")
+    parser.add_argument("--fp16", type=true_or_false, nargs="?", const=True, default=None, metavar="true|false",
+                        help="seed 000's switch: --fp16 or --fp16 true is --dtype float16, --fp16 false is "
+                             "--dtype float32")
+
+
 def add_training_flags(group, config_class) -> None:
     """The trainer's flags; their help shows `config_class`'s defaults (TrainConfig or FinetuneConfig)."""
     d = {f.name: f.default for f in dataclasses.fields(config_class)}
@@ -73,7 +103,11 @@ def add_training_flags(group, config_class) -> None:
     group.add_argument("--grad_accum_steps", type=int,
                        help="micro-batches per optimizer step; tokens per step = batch_size x seq_len x "
                             "grad_accum_steps x processes (default: 1)")
-    group.add_argument("--max_steps", type=int, help=f"optimizer steps (default: {d['max_steps']})")
+    group.add_argument("--max_steps", type=int,
+                       help=f"optimizer steps (default: {d['max_steps'] or config_class.DEFAULT_MAX_STEPS})")
+    group.add_argument("--epochs", type=float,
+                       help="train for this many passes over the training data instead of --max_steps (steps = "
+                            "epochs x windows or examples / sequences per step)")
     group.add_argument("--warmup_steps", type=int, help=f"linear warmup steps (default: {d['warmup_steps']})")
     group.add_argument("--lr", type=float, help=f"peak learning rate (default: {d['lr']:g})")
     group.add_argument("--min_lr", type=float, help="learning rate at the end of the cosine (default: lr / 10)")
@@ -90,11 +124,12 @@ def add_training_flags(group, config_class) -> None:
     group.add_argument("--precision", choices=("auto",) + PRECISIONS, default=None,
                        help="fp32, bf16 or fp16 (with loss scaling); auto: bf16 on GPUs that have it, "
                             "else fp32 (default: auto)")
-    group.add_argument("--compile", type=int, nargs="?", const=1, choices=(0, 1),
-                       help="torch.compile the model: --compile or --compile 1 (default: 0)")
+    group.add_argument("--compile", type=true_or_false, nargs="?", const=True, metavar="true|false",
+                       help="torch.compile the model: --compile, --compile true or --compile 1 (default: false)")
     group.add_argument("--ema_decay", type=float, help="keep an EMA of the weights with this decay, e.g. 0.999")
+    default_sampling = "epoch with --epochs, else random" if d["sampling"] == "auto" else d["sampling"]
     group.add_argument("--sampling", choices=SAMPLING, help="random windows (examples), or epoch: each once per "
-                                                            f"pass (default: {d['sampling']})")
+                                                            f"pass (default: {default_sampling})")
     group.add_argument("--parallel", choices=PARALLEL, help="under torchrun: ddp or fsdp (default: ddp)")
     group.add_argument("--tensorboard", action="store_true", help="also log to out_dir/tensorboard")
     group.add_argument("--seed", type=int, help=f"seed for weights and batches (default: {d['seed']})")
@@ -146,7 +181,9 @@ def build_parser() -> Parser:
                                          "of every batch (DDP, or --parallel fsdp).")
     train.add_argument("--data_dir", required=True, help="folder written by `lm prep`")
     train.add_argument("--out_dir", required=True, help="folder for last.pt, best.pt, metrics.csv and config.yaml")
-    train.add_argument("--config", help="YAML/JSON file with 'model' and/or 'train' sections")
+    train.add_argument("--config", help="YAML/JSON file with 'model' and/or 'train' sections, or a flat file of "
+                                        "settings (split between the two); the seeds' names for settings "
+                                        "(n_embd, num_heads, learning_rate, ...) work too: lm.config.alias_table()")
     train.add_argument("--overwrite", action="store_true", help="start again, replacing checkpoints in --out_dir")
     train.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default: auto)")
     model_flags = train.add_argument_group("model", "start from --preset (or the small default) and change "
@@ -157,7 +194,7 @@ def build_parser() -> Parser:
     model_flags.add_argument("--attention", help="attention: sdpa, manual, sliding_window, linear or block_sparse")
     model_flags.add_argument("--n_kv_heads", type=int, help="key/value heads (grouped-query attention; 1 = multi-query)")
     model_flags.add_argument("--window", type=int, help="keys each query sees with --attention sliding_window")
-    model_flags.add_argument("--ffn", help="feed-forward: gelu, swiglu or moe")
+    model_flags.add_argument("--ffn", help="feed-forward: gelu, gelu_tanh (GPT-2), swiglu or moe")
     model_flags.add_argument("--n_layer", type=int, help="number of transformer blocks (default: 4)")
     model_flags.add_argument("--n_head", type=int, help="attention heads per block (default: 4)")
     model_flags.add_argument("--d_model", type=int, help="width of the residual stream (default: 128)")
@@ -238,10 +275,15 @@ def build_parser() -> Parser:
     gen.add_argument("--seed", type=int, default=None, help="seed for a reproducible sample")
     gen.add_argument("--stream", action="store_true", help="print the text as it is generated")
     gen.add_argument("--int8", action="store_true", help="weight-only int8 quantization (faster on CPU)")
-    gen.add_argument("--compile", action="store_true",
-                     help="on CUDA, torch.compile the decoding step before capturing it as a CUDA graph")
+    gen.add_argument("--compile", type=true_or_false, nargs="?", const=True, default=False, metavar="true|false",
+                     help="on CUDA, torch.compile the decoding step before capturing it as a CUDA graph "
+                          "(--compile alone is true; default: false)")
     gen.add_argument("--no_cuda_graph", action="store_true",
                      help="on CUDA, launch every kernel from Python instead of replaying a CUDA graph")
+    gen.add_argument("--spm", metavar="TOKENIZER.model",
+                     help="use this SentencePiece model as the tokenizer (seed 002's flag; `lm prep --tokenizer "
+                          "sentencepiece` writes one); its vocabulary must match the checkpoint's")
+    add_dtype_flags(gen)
     gen.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default: auto)")
 
     ch = verbs.add_parser("chat", allow_abbrev=False, help="chat with a fine-tuned checkpoint in the terminal",
@@ -257,6 +299,7 @@ def build_parser() -> Parser:
     ch.add_argument("--top_k", type=int, default=200, help="sample from the k most likely tokens (default: 200)")
     ch.add_argument("--top_p", type=float, default=None, help="nucleus sampling threshold")
     ch.add_argument("--seed", type=int, default=None, help="seed for reproducible answers")
+    add_dtype_flags(ch)
     ch.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default: auto)")
     add_rag_flags(ch)
 
@@ -282,8 +325,9 @@ def build_parser() -> Parser:
     sv.add_argument("--no_history", action="store_true", help="keep no history")
     sv.add_argument("--max_batch", type=int, default=16,
                     help="requests decoded together (default: 16); 1 serves one request at a time")
-    sv.add_argument("--cuda_graph", action="store_true",
-                    help="replay each batched decoding step as a CUDA graph (GPU only; faster at few clients)")
+    sv.add_argument("--no_cuda_graph", action="store_true",
+                    help="run the batched decoding step eagerly (by default a GPU replays it as a CUDA graph)")
+    sv.add_argument("--cuda_graph", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for old scripts
     sv.add_argument("--max_new_tokens", type=int, default=150, help="default answer length (default: 150, seed 001)")
     sv.add_argument("--temperature", type=float, default=0.8, help="default temperature (default: 0.8)")
     sv.add_argument("--top_k", type=int, default=200, help="default top-k (default: 200)")
@@ -291,6 +335,34 @@ def build_parser() -> Parser:
     sv.add_argument("--max_body_bytes", type=int, default=1 << 20, help="largest request body (default: 1 MiB)")
     sv.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default: auto)")
     add_rag_flags(sv)
+
+    im = verbs.add_parser("import", allow_abbrev=False, help="turn another project's model into an lm checkpoint",
+                          description="Read a Hugging Face transformers folder (GPT-2 or LLaMA: config.json, "
+                                      "model.safetensors, tokenizer files), a nanoGPT ckpt.pt or seed 002's checkpoint "
+                                      "and write an lm checkpoint that every other command takes. Nothing in the "
+                                      "files runs; nothing is downloaded.")
+    im.add_argument("--from", dest="source", required=True, metavar="PATH", help="transformers folder or checkpoint file")
+    im.add_argument("--out", required=True, help="the lm checkpoint to write (.pt, or .safetensors)")
+    im.add_argument("--n_head", type=int, default=None, help="attention heads, for a seed 002 file that does not say")
+    im.add_argument("--spm", default=None, metavar="FILE", help="a SentencePiece model to attach as the tokenizer")
+
+    ex = verbs.add_parser("export", allow_abbrev=False, help="write a checkpoint as a Hugging Face transformers folder",
+                          description="Write --ckpt as a folder that transformers loads offline "
+                                      "(AutoModelForCausalLM / AutoTokenizer.from_pretrained): config.json, "
+                                      "model.safetensors and the tokenizer's files. --format hf picks GPT-2 or "
+                                      "LLaMA from the model's configuration; gpt2 and llama insist on one.")
+    ex.add_argument("--ckpt", required=True, help="checkpoint file, e.g. runs/x/best.pt")
+    ex.add_argument("--format", choices=("hf", "gpt2", "llama"), default="hf",
+                    help="hf: whichever architecture the model is (default); gpt2: GPT2LMHeadModel; llama: "
+                         "LlamaForCausalLM (seed 002's convert_to_llama)")
+    ex.add_argument("--out", required=True, help="folder to write")
+    ex.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="cast the weights (default: as saved)")
+
+    cv = verbs.add_parser("convert", allow_abbrev=False, help="rewrite a checkpoint in the current format or as safetensors",
+                          description="Upgrade an older lm checkpoint to this lm's format, or turn a .pt checkpoint "
+                                      "into .safetensors (weights and settings; no optimizer state) and back.")
+    cv.add_argument("source", help="checkpoint to read")
+    cv.add_argument("target", help="file to write; a .safetensors name writes safetensors")
     return parser
 
 
@@ -321,9 +393,13 @@ def cmd_prep(args) -> int:
 MODEL_DEFAULTS = {"n_layer": 4, "n_head": 4, "d_model": 128, "block_size": 128, "dropout": 0.0}
 MODEL_FLAGS = ("n_layer", "n_head", "d_model", "block_size", "dropout", "pos", "norm", "attention", "n_kv_heads",
                "window", "ffn")
-TRAIN_FLAGS = ("batch_size", "seq_len", "grad_accum_steps", "max_steps", "warmup_steps", "lr", "min_lr",
+TRAIN_FLAGS = ("batch_size", "seq_len", "grad_accum_steps", "max_steps", "epochs", "warmup_steps", "lr", "min_lr",
                "weight_decay", "grad_clip", "eval_interval", "eval_iters", "patience", "min_delta", "precision",
                "ema_decay", "sampling", "parallel", "seed")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _batch_size(value: str):
@@ -335,20 +411,88 @@ def _batch_size(value: str):
         raise argparse.ArgumentTypeError(f"invalid batch size {value!r}: give a positive integer or 'auto'") from None
 
 
+SECTIONS = ("model", "train")
+
+
 def _read_sections(path: str | None) -> dict:
-    """--config's 'model' and 'train' sections (each a mapping, empty when left out)."""
+    """--config's 'model' and 'train' sections (each a mapping, empty when left out), in lm's names.
+
+    A file without sections (seed 003's flat YAML) is split between them by what each setting is.
+    The seeds' names are translated (`lm.config.ALIASES`); a setting lm takes from elsewhere is
+    left out with a warning on stderr, except seed 000's `vocab`, which lm train checks against the
+    data's tokenizer: it comes back as sections["tokenizer"]."""
     if not path:
         return {}
     if not Path(path).is_file():
         raise ValueError(f"--config {path!r} does not exist; give a YAML or JSON file with 'model'/'train' sections.")
-    sections = _load_yaml(Path(path).read_text()) or {}
-    if not isinstance(sections, dict) or set(sections) - {"model", "train"}:
-        raise ValueError(f"--config {path}: must be a mapping with 'model' and/or 'train' sections only.")
-    sections = {name: body or {} for name, body in sections.items()}  # `train:` with nothing under it
+    data = _load_yaml(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: must be a mapping of settings, or of 'model' and 'train' sections.")
+    given = set(data) & set(SECTIONS)
+    if given and set(data) - given:
+        raise ValueError(f"--config {path}: has both sections ({', '.join(sorted(given))}) and settings outside "
+                         f"them ({', '.join(map(str, sorted(set(data) - given, key=str)))}); move those into a "
+                         f"section, or use no sections at all.")
+    sections = {name: data[name] or {} for name in given} if given else _split_flat(data, path)
     for name, body in sections.items():
         if not isinstance(body, dict):
             raise ValueError(f"--config {path}: '{name}' must be a mapping of settings, not {body!r}.")
+        for key in body:
+            owner = _owner(key)
+            if owner is not None and owner != name:
+                raise ValueError(f"--config {path}: {key!r} is a {owner} setting; move it into the '{owner}' section.")
+    sections = {name: dict(body) for name, body in sections.items()}
+    vocab = sections.get("model", {}).pop("vocab", None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConfigWarning)
+        try:
+            sections = {name: canonical_settings(body, name) for name, body in sections.items()}
+        except ConfigError as err:
+            raise ConfigError(f"--config {path}: {err}") from None
+    for warning in caught:
+        print(f"lm train: warning: --config {path}: {warning.message}", file=sys.stderr)
+    if vocab is not None:
+        sections["tokenizer"] = vocab
     return sections
+
+
+def _owner(key) -> str | None:
+    """The section a setting belongs to: 'model' or 'train' (None for a name lm does not know)."""
+    if key in ALIASES:
+        return ALIASES[key].section
+    if key in {f.name for f in dataclasses.fields(ModelConfig)}:
+        return "model"
+    if key in {f.name for f in dataclasses.fields(TrainConfig)}:
+        return "train"
+    return None
+
+
+def _split_flat(data: dict, path: str) -> dict:
+    """The 'model' and 'train' sections of a file of settings without sections."""
+    sections: dict = {"model": {}, "train": {}}
+    for key, value in data.items():
+        owner = _owner(key)
+        if owner is None:
+            known = [f.name for config in (ModelConfig, TrainConfig) for f in dataclasses.fields(config)] + list(ALIASES)
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"--config {path}: {key!r} is not a setting lm knows; {hint}lm's are the fields of "
+                             f"lm.ModelConfig and lm.TrainConfig, and the seeds' names are in lm.config.alias_table().")
+        sections[owner][key] = value
+    return sections
+
+
+def _check_tokenizer(vocab, tokenizer, data_dir: Path) -> None:
+    """Seed 000's `vocab: char`: the data in --data_dir must have been prepared with that tokenizer."""
+    from .tokenizers import PREP_TOKENIZERS
+
+    prepared_with = {"tiktoken": "gpt2"}.get(tokenizer.kind, tokenizer.kind)  # lm prep's name for it
+    if vocab not in PREP_TOKENIZERS:
+        raise ValueError(f"--config: vocab={vocab!r} is not a tokenizer lm prep makes; give one of "
+                         f"{', '.join(PREP_TOKENIZERS)} (or leave vocab out: the tokenizer comes from --data_dir).")
+    if vocab != prepared_with:
+        raise ValueError(f"--config says vocab: {vocab}, but {data_dir} was prepared with the {prepared_with} "
+                         f"tokenizer; prepare the data with `lm prep --tokenizer {vocab}`, or change vocab.")
 
 
 def _load_yaml(text: str):
@@ -393,9 +537,13 @@ def model_settings(args, sections: dict, vocab_size: int, base: dict | None = No
     for flag in MODEL_FLAGS:
         if getattr(args, flag) is not None:
             settings[flag] = getattr(args, flag)
-    # `--seq_len 512` alone used to size the model too; a new run keeps that meaning
-    if fresh and args.block_size is None and args.seq_len is not None and args.seq_len > settings["block_size"]:
-        settings["block_size"] = args.seq_len
+    # `--seq_len 512` alone used to size the model too; a new run keeps that meaning, and so does
+    # seq_len (seed 004's max_length) in --config when it gives no block_size
+    seq_len = args.seq_len if args.seq_len is not None else sections.get("train", {}).get("seq_len")
+    block_given = args.block_size is not None or "block_size" in sections.get("model", {})
+    if fresh and not block_given and _is_int(seq_len) and _is_int(settings["block_size"]) \
+            and seq_len > settings["block_size"]:
+        settings["block_size"] = seq_len
     if args.ffn_mult is not None:
         settings["d_ff"] = int(args.ffn_mult * settings.get("d_model", base.get("d_model", 0)))
     if args.gradient_checkpointing:
@@ -404,18 +552,30 @@ def model_settings(args, sections: dict, vocab_size: int, base: dict | None = No
     return settings
 
 
-def train_settings(args, base: dict) -> dict:
-    """The training settings: `base` (a resumed run's, then --config's train section), then flags."""
-    settings = dict(base)
-    for flag in TRAIN_FLAGS:
-        if getattr(args, flag) is not None:
-            settings[flag] = getattr(args, flag)
+def train_settings(args, *layers: dict) -> dict:
+    """The training settings: `layers` (a resumed run's, then --config's train section), then flags."""
+    flags = {flag: getattr(args, flag) for flag in TRAIN_FLAGS if getattr(args, flag, None) is not None}
     if args.memory_budget is not None:
-        settings["memory_budget"] = int(args.memory_budget * 2**30)
+        flags["memory_budget"] = int(args.memory_budget * 2**30)
     if args.compile is not None:
-        settings["compile"] = bool(args.compile)
+        flags["compile"] = bool(args.compile)
     if args.tensorboard:
-        settings["tensorboard"] = True
+        flags["tensorboard"] = True
+    return layered(*layers, flags)
+
+
+TRAINING_LENGTH = ("max_steps", "epochs")  # two ways to say one thing: how long to train
+
+
+def layered(*layers: dict) -> dict:
+    """Settings from `layers`, each later one winning. A layer that says how long to train (max_steps
+    or epochs) replaces both from the layers before it: --epochs 3 on a run that saved max_steps
+    trains 3 epochs. One layer with both is TrainConfig's error."""
+    settings: dict = {}
+    for layer in layers:
+        if any(layer.get(name) is not None for name in TRAINING_LENGTH):
+            settings = {**settings, "max_steps": None, "epochs": None}
+        settings.update(layer)
     return settings
 
 
@@ -425,7 +585,7 @@ def cmd_train_settings(args, sections: dict, saved: dict | None, main_process: b
     not taken from a resumed run: it shows unless --no_progress or `progress: false` in --config say
     otherwise, and only in the first process."""
     config_section = sections.get("train", {})
-    settings = train_settings(args, {**(saved["train"] if saved else {}), **config_section})
+    settings = train_settings(args, saved["train"] if saved else {}, config_section)
     settings["out_dir"] = str(args.out_dir)
     settings["progress"] = bool(config_section.get("progress", True)) and not args.no_progress and main_process
     return settings
@@ -435,7 +595,6 @@ def cmd_train(args) -> int:
     import yaml
 
     from . import distributed
-    from .config import ModelConfig
     from .data import check_prepared, read_tokens
     from .device import resolve_device
     from .files import write_atomically
@@ -448,6 +607,8 @@ def cmd_train(args) -> int:
     check_prepared(data_dir)  # its files come from one finished `lm prep`
     tokenizer = load_tokenizer(data_dir / "tokenizer.json")
     sections = _read_sections(args.config)
+    if "tokenizer" in sections:
+        _check_tokenizer(sections["tokenizer"], tokenizer, data_dir)
     device = distributed.local_device(resolve_device(args.device))
     main_process = distributed.env_info().is_main
     say = print if main_process else (lambda *a, **k: None)
@@ -460,13 +621,17 @@ def cmd_train(args) -> int:
         model_config = ModelConfig.from_dict(model_settings(args, sections, tokenizer.vocab_size,
                                                             base=saved and saved["model"]))
         train_config = TrainConfig.from_dict(cmd_train_settings(args, sections, saved, main_process))
+        epochs = train_config.epochs
         torch.manual_seed(train_config.seed)
         model = GPT(model_config, tokenizer=tokenizer).to(device)
         train_config, found = resolve_batch_size(model, train_config)
         trainer = Trainer(model, read_tokens(data_dir / "train.bin", tokenizer.vocab_size),
                           read_tokens(data_dir / "val.bin", tokenizer.vocab_size), train_config,
                           resume=None if args.overwrite else "auto")
-        train_config = trainer.config  # with the precision resolved too
+        train_config = trainer.config  # with the precision, sampling and the steps of `epochs` resolved too
+        if epochs is not None:
+            say(f"--epochs {epochs:g}: {train_config.max_steps} steps of {trainer.batches.global_batch} sequences of "
+                f"{trainer.seq_len} tokens")
         if found is not None:
             budget = f" in {args.memory_budget:g} GiB" if args.memory_budget is not None else ""
             headroom = (f"; training with {train_config.batch_size}, leaving headroom"
@@ -499,15 +664,59 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_generate(args) -> int:
+def inference_dtype(args) -> str | None:
+    """The dtype --dtype or --fp16 asks for (None: leave the weights as they are); they must agree."""
+    fp16 = None if args.fp16 is None else "float16" if args.fp16 else "float32"
+    if args.dtype is not None and fp16 is not None and args.dtype != fp16:
+        raise ValueError(f"--dtype {args.dtype} and --fp16 {str(args.fp16).lower()} disagree; give one of them "
+                         f"(--fp16 true is --dtype float16, --fp16 false is --dtype float32).")
+    return args.dtype or fp16
+
+
+def load_for_inference(args):
+    """The model of --ckpt on --device, cast to --dtype / --fp16 when one is given."""
     from .checkpoint import load_model
+
+    dtype = inference_dtype(args)  # checked before the checkpoint is read
+    model = load_model(args.ckpt, device=args.device)
+    if dtype is not None:
+        model.to(DTYPES[dtype])
+    return model
+
+
+def _use_spm(model, path: str) -> None:
+    """Seed 002's --spm: the SentencePiece model in `path` becomes the model's tokenizer."""
+    from .tokenizers import SentencePieceTokenizer, TokenizerError
+
+    if not Path(path).is_file():
+        raise ValueError(f"--spm {path!r} does not exist; give the tokenizer.model file that `lm prep --tokenizer "
+                         f"sentencepiece` wrote next to train.bin.")
+    try:
+        tokenizer = SentencePieceTokenizer.from_file(path)
+    except TokenizerError as err:
+        raise ValueError(f"--spm {path}: {err}") from None
+    vocab = model.config.vocab_size
+    if tokenizer.vocab_size != vocab:
+        raise ValueError(f"--spm {path} has {tokenizer.vocab_size:,} pieces, but the checkpoint's model has "
+                         f"{vocab:,} token ids; give the tokenizer.model it was trained with (the one in its "
+                         f"--data_dir), or leave --spm out to use the tokenizer saved in the checkpoint.")
+    saved = model.tokenizer
+    if saved is not None and saved.to_dict() != tokenizer.to_dict():
+        print(f"lm generate: warning: --spm {path} is not the tokenizer saved in the checkpoint ({saved.kind}, "
+              f"{saved.vocab_size:,} tokens); generating with --spm's, as asked.", file=sys.stderr)
+    model.tokenizer = tokenizer
+
+
+def cmd_generate(args) -> int:
     from .generation import Decoder, GenerationConfig
 
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                               no_repeat_ngram_size=args.no_repeat_ngram_size, stop=args.stop or (), seed=args.seed,
                               cuda_graph=False if args.no_cuda_graph else None, compile=args.compile)
-    model = load_model(args.ckpt, device=args.device)
+    model = load_for_inference(args)
+    if args.spm:
+        _use_spm(model, args.spm)
     if args.int8:
         from .quantize import quantize_int8
 
@@ -568,7 +777,7 @@ def cmd_finetune(args) -> int:
 
     out_dir = Path(args.out_dir)
     saved = None if args.overwrite else _saved_run(out_dir)
-    settings = train_settings(args, dict(saved["train"]) if saved else {})
+    settings = train_settings(args, saved["train"] if saved else {})
     for flag in ("template", "val_fraction", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets"):
         if getattr(args, flag) is not None:
             settings[flag] = getattr(args, flag)
@@ -630,11 +839,10 @@ def _template_of(ckpt) -> str:
 
 def cmd_chat(args) -> int:
     from .chat import Chat, run
-    from .checkpoint import load_model
     from .generation import GenerationConfig
 
     template = args.template or _template_of(args.ckpt)
-    model = load_model(args.ckpt, device=args.device)
+    model = load_for_inference(args)
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, seed=args.seed)
     retriever = _retriever(args.rag) if args.rag else None
@@ -656,13 +864,14 @@ def cmd_serve(args) -> int:
                      top_p=args.top_p)  # checks the defaults before loading anything
     template = args.template or _template_of(args.ckpt)
     model = load_model(args.ckpt, device=args.device)
-    path = Path(args.ckpt).resolve()  # runs/chat/best.pt is "chat"; book/data/glossary_chat.pt is "glossary_chat"
+    path = Path(args.ckpt).resolve()  # runs/chat/best.pt is "chat"; lm/assets/glossary_chat.pt is "glossary_chat"
     name = args.model_name or (path.parent.name if path.name in ("best.pt", "last.pt") else path.stem) or "lm"
     app = create_app(model, template=template, model_name=name, history=None if args.no_history else args.history,
                      api_key=args.api_key or None, max_batch=args.max_batch,
                      settings=Settings(args.max_new_tokens, args.temperature, args.top_k, args.top_p),
                      system=args.system, retriever=_retriever(args.rag) if args.rag else None, rag_k=args.rag_k,
-                     rag_budget=args.rag_budget, max_body_bytes=args.max_body_bytes, cuda_graph=args.cuda_graph)
+                     rag_budget=args.rag_budget, max_body_bytes=args.max_body_bytes,
+                     cuda_graph=False if args.no_cuda_graph else None)
     history = "no history" if args.no_history else f"history in {args.history}"
     key = " (API key required)" if args.api_key else ""
     serve(app, host=args.host, port=args.port, banner=lambda url: print(
@@ -670,8 +879,42 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_import(args) -> int:
+    from .checkpoint import save_checkpoint
+    from .hf import import_model
+
+    model = import_model(args.source, n_head=args.n_head)
+    if args.spm:
+        _use_spm(model, args.spm)
+    save_checkpoint(args.out, model)
+    tokenizer = type(model.tokenizer).__name__ if model.tokenizer is not None else "no tokenizer (give --spm?)"
+    print(f"wrote {args.out}: {model.num_params(non_embedding=False):,} parameters, {tokenizer}", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .checkpoint import load_model
+    from .hf import export_hf
+
+    model = load_model(args.ckpt, device="cpu")
+    architecture = "auto" if args.format == "hf" else args.format
+    out = export_hf(model, args.out, architecture=architecture, dtype=DTYPES[args.dtype] if args.dtype else None)
+    files = ", ".join(sorted(p.name for p in out.iterdir()))
+    print(f"wrote {out}: {files}", file=sys.stderr)
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .checkpoint import convert_checkpoint
+
+    convert_checkpoint(args.source, args.target)
+    print(f"wrote {args.target}", file=sys.stderr)
+    return 0
+
+
 COMMANDS = {"prep": cmd_prep, "train": cmd_train, "finetune": cmd_finetune, "eval": cmd_eval,
-            "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve}
+            "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "import": cmd_import,
+            "export": cmd_export, "convert": cmd_convert}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,9 @@
 """Position-wise feed-forward networks, chosen by name with `ModelConfig(ffn=...)`.
 
-    gelu     MLP(x)    = proj(GELU(fc(x)))                    C -> F -> C, GPT-2
-    swiglu   SwiGLU(x) = w3(SiLU(w1(x)) * w2(x))              C -> F (twice) -> C, LLaMA / RSCaLM
-    moe      MoE(x)    = sum over the top-k experts e of p_e(x) * expert_e(x)   Switch / GShard / Mixtral
+    gelu       MLP(x)    = proj(GELU(fc(x)))                  C -> F -> C, exact GELU (torch's default)
+    gelu_tanh  the same with GELU's tanh approximation          GPT-2 as OpenAI trained it
+    swiglu     SwiGLU(x) = w3(SiLU(w1(x)) * w2(x))              C -> F (twice) -> C, LLaMA / RSCaLM
+    moe        MoE(x)    = sum over the top-k experts e of p_e(x) * expert_e(x)   Switch / GShard / Mixtral
 
 F is `config.ffn_width`: `d_ff`, or 4 * d_model when `d_ff` is None, for every kind. SwiGLU keeps
 that width for all three of its matrices, as seed 002 does (H_ff = ffn_mult * C), so at the same F
@@ -28,6 +29,8 @@ from .registry import FEEDFORWARD
 class MLP(nn.Module):
     """Two linear layers with a GELU between them: C -> F -> C."""
 
+    approximate = "none"  # GELU(x) = x * Phi(x), Phi the normal distribution's CDF
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.fc = nn.Linear(config.d_model, config.ffn_width, bias=config.bias)
@@ -35,7 +38,7 @@ class MLP(nn.Module):
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.proj(F.gelu(self.fc(x))))
+        return self.drop(self.proj(F.gelu(self.fc(x), approximate=self.approximate)))
 
     def residual_projections(self) -> list[nn.Linear]:
         return [self.proj]
@@ -44,6 +47,17 @@ class MLP(nn.Module):
     def param_count(config: ModelConfig) -> int:
         C, F_ = config.d_model, config.ffn_width
         return 2 * C * F_ + (F_ + C if config.bias else 0)
+
+
+@FEEDFORWARD.register("gelu_tanh")
+class TanhMLP(MLP):
+    """The MLP with GELU's tanh approximation, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+
+    GPT-2 was trained with it (it was cheaper than erf on 2019 hardware); it differs from the exact
+    GELU by at most about 5e-4, enough to move GPT-2's logits by about 1e-3, so loading GPT-2's
+    weights needs this kind. Same parameters and names as "gelu"."""
+
+    approximate = "tanh"
 
 
 @FEEDFORWARD.register("swiglu")

@@ -27,7 +27,7 @@ import random
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 
@@ -46,7 +46,8 @@ class FinetuneConfig(TrainConfig):
     """TrainConfig with fine-tuning's defaults (seed 001: lr 3e-4, evaluation every 50 steps,
     early stopping after 5 evaluations without an improvement of 0.001) and its own settings."""
 
-    max_steps: int = 300
+    DEFAULT_MAX_STEPS: ClassVar[int] = 300  # when neither max_steps nor epochs is given
+    max_steps: int | None = None
     batch_size: int | str = 8
     lr: float = 3e-4
     warmup_steps: int = 20

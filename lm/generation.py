@@ -60,7 +60,7 @@ class GenerationConfig:
     seed: int | None = None  # makes the draws reproducible
     # stopping, besides max_new_tokens
     stop: tuple[str, ...] = ()  # strings: the text is cut before the first one
-    stop_tokens: tuple[int, ...] = ()  # token ids
+    stop_tokens: tuple[int | str, ...] = ()  # token ids, or names of the tokenizer's special tokens ("<EOS>")
     stop_at_eos: bool = True  # at the tokenizer's end-of-text token (text prompts)
     # how: a KV cache; on CUDA a CUDA graph of the decoding step (None: whenever the model
     # allows it), compiled first with `compile`
@@ -77,9 +77,10 @@ class GenerationConfig:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         if not all(isinstance(s, str) and s for s in stop):
             raise SamplingError(f"stop={self.stop!r} must be a non-empty string or a list of them.")
-        stop_tokens = tuple(self.stop_tokens or ())
-        if not all(_is_int(t) and t >= 0 for t in stop_tokens):
-            raise SamplingError(f"stop_tokens={self.stop_tokens!r} must be a list of token ids (integers >= 0).")
+        stop_tokens = (self.stop_tokens,) if isinstance(self.stop_tokens, str) else tuple(self.stop_tokens or ())
+        if not all((_is_int(t) and t >= 0) or (isinstance(t, str) and t) for t in stop_tokens):
+            raise SamplingError(f"stop_tokens={self.stop_tokens!r} must be a list of token ids (integers >= 0) or "
+                                f"names of special tokens, such as '<EOS>'.")
         object.__setattr__(self, "stop", stop)
         object.__setattr__(self, "stop_tokens", stop_tokens)
         for name in ("stop_at_eos", "use_cache", "compile"):
@@ -105,6 +106,24 @@ class GenerationConfig:
         if unknown:
             raise SamplingError(f"unknown generation option(s) {unknown}; known: {', '.join(known)}.")
         return dataclasses.replace(config or cls(), **options)
+
+
+def stop_token_ids(stop_tokens, tokenizer) -> list[int]:
+    """The ids of `stop_tokens`: ids stay as they are, names ("<EOS>") are looked up among the
+    special tokens of `tokenizer`. An unknown name raises SamplingError, listing the known ones."""
+    ids = []
+    for token in stop_tokens:
+        if not isinstance(token, str):
+            ids.append(token)
+            continue
+        specials = getattr(tokenizer, "special_tokens", None) or {}
+        if token not in specials:
+            known = ", ".join(specials) if specials else "none (the model has no tokenizer)"
+            raise SamplingError(f"stop_tokens: {token!r} is not a special token of this model's tokenizer; its "
+                                f"special tokens are: {known}. Give one of those or a token id; to stop at "
+                                f"ordinary text, use stop=[{token!r}].")
+        ids.append(specials[token])
+    return ids
 
 
 def showable(pending: str, stops: list[str]) -> int:
@@ -219,7 +238,8 @@ class Decoder:
         Sampling: temperature (0 = greedy), top_k, top_p, min_p, repetition_penalty,
         no_repeat_ngram_size (see `lm.sampling`); `seed` makes the draw reproducible.
         Stopping: after max_new_tokens; at the tokenizer's end-of-text token (text prompts, when
-        `stop_at_eos`); at any id in `stop_tokens`; at any string in `stop` (cut off before it).
+        `stop_at_eos`); at any token in `stop_tokens` (ids, or special tokens by name: "<EOS>"); at any
+        string in `stop` (cut off before it).
         `return_logprobs`: also return each new token's log-probability under the model.
 
         With `use_cache` (default) a KV cache makes each new token cost one position; the ids are
@@ -299,7 +319,7 @@ class Generation:
         self.finished = torch.zeros(B, dtype=torch.bool, device=device)
         seed = config.seed
         self.generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-        stop_ids = set(config.stop_tokens)
+        stop_ids = set(stop_token_ids(config.stop_tokens, self.tokenizer))
         eos = getattr(self.tokenizer, "eos_id", None)
         if self.kind != "ids" and config.stop_at_eos and eos is not None:
             stop_ids.add(eos)
@@ -478,4 +498,4 @@ class Generation:
         return (texts, per_row) if return_logprobs else texts
 
 
-__all__ = ["Decoder", "Generation", "GenerationConfig", "TextStream", "showable", "stream_text"]
+__all__ = ["Decoder", "Generation", "GenerationConfig", "TextStream", "showable", "stop_token_ids", "stream_text"]

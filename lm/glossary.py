@@ -1,5 +1,6 @@
 """The book's own instruction data: a hand-written glossary of language-model terms, turned into
-questions and answers with held-out splits (`data/glossary/`, see its README for the data card).
+questions and answers with held-out splits (`lm/assets/glossary/`, package data; its README is the
+data card).
 
     lm.glossary.entries()                 # [{"term", "definition", "topic"}, ...]
     lm.glossary.examples("train")          # conversations: question -> definition, or -> REFUSAL
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 from pathlib import Path
 
@@ -61,20 +61,16 @@ STATEMENT_FORMS = (
 
 
 def directory() -> Path:
-    """`data/glossary` of a source checkout, else $LM_DATA_DIR/glossary."""
-    checkout = Path(__file__).resolve().parent.parent / "data" / "glossary"
-    if checkout.is_dir():
-        return checkout
-    if os.environ.get("LM_DATA_DIR"):
-        return Path(os.environ["LM_DATA_DIR"]) / "glossary"
-    raise DataFormatError("the glossary lives in data/glossary of the project's source checkout; run from a "
-                          "clone, or copy that folder to $LM_DATA_DIR/glossary.")
+    """The glossary's folder: package data (`lm/assets/glossary`), so it is there wherever lm is installed."""
+    from . import assets
+
+    return assets.path("glossary")
 
 
 def _read_jsonl(name: str) -> list[dict]:
     path = directory() / name
     if not path.is_file():
-        raise DataFormatError(f"{path} is missing; it ships with the project's source checkout (data/glossary).")
+        raise DataFormatError(f"{path} is missing; it ships with the lm package (lm/assets/glossary): reinstall lm.")
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 

@@ -32,7 +32,7 @@ from . import attention as _attention  # noqa: F401  (imported for its registrat
 from .config import ModelConfig
 from .norms import NORM_TYPES
 from .positions import build_positions
-from .registry import ATTENTION, FEEDFORWARD, NORMS
+from .registry import ATTENTION, FEEDFORWARD, NORMS, PRETRAINED
 
 
 class Block(nn.Module):
@@ -154,6 +154,17 @@ class GPT(nn.Module):
             if self.aux_loss is not None and self.training:
                 loss = loss + self.config.moe_aux_loss_coef * self.aux_loss
         return logits, loss
+
+    def forward_ids(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The logits (B, T, V) of ids (B, T), without a loss: seed 000's name for `forward(idx)[0]`."""
+        return self(idx, attention_mask=attention_mask)[0]
+
+    @classmethod
+    def from_pretrained(cls, name: str, **options) -> "GPT":
+        """A pretrained model from the Hugging Face hub ("gpt2", "gpt2-medium", ... or a repository
+        id) or a local transformers folder; see `lm.hf.from_pretrained`. Needs the network the first
+        time (then the hub's cache); `lm.from_hf(folder)` reads a folder you already have."""
+        return PRETRAINED.get("huggingface")(name, **options)
 
     def hidden_states(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T, C): the residual stream after the final norm, what `lm_head` turns into logits; a

@@ -31,9 +31,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "roketmodel": dict(vocab_size=256, block_size=1024, n_layer=8, n_head=8, d_model=512, d_ff=2048, dropout=0.1,
                        bias=True, tie_weights=False, pos="learned", norm="layernorm", norm_position="pre",
                        ffn="gelu", init="xavier_uniform"),
-    # Seed 001: GPT-2 small, exactly as OpenAI released it (124,439,808 parameters).
+    # Seed 001: GPT-2 small, exactly as OpenAI released it (124,439,808 parameters), tanh GELU included.
     "gpt2-124m": dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, d_model=768, bias=True,
-                      tie_weights=True, pos="learned", norm="layernorm", ffn="gelu"),
+                      tie_weights=True, pos="learned", norm="layernorm", ffn="gelu_tanh"),
     # Seed 002, RSCaLM: RoPE, RMSNorm (eps 1e-6), bias-free SwiGLU with H_ff = 4C, tied head, V = 32000.
     "rscalm-138m": dict(vocab_size=32000, block_size=1024, n_layer=12, n_head=12, d_model=768, bias=False,
                         tie_weights=True, pos="rope", norm="rmsnorm", norm_eps=1e-6, ffn="swiglu"),

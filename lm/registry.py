@@ -57,3 +57,6 @@ ATTENTION = Registry("attention")
 POSITIONS = Registry("position encoding")
 NORMS = Registry("norm")
 FEEDFORWARD = Registry("feed-forward")
+# Where GPT.from_pretrained finds pretrained weights: `lm.hf` registers "huggingface" (the hub). The
+# model cannot import lm.hf itself, which builds models: the registry keeps the imports one-way.
+PRETRAINED = Registry("pretrained-model source")

@@ -157,7 +157,7 @@ class Settings:
 def create_app(model, *, template="human", model_name: str = "lm", history: str | os.PathLike | None = "chat_history.jsonl",
                api_key: str | None = None, max_batch: int = 16, settings: Settings | None = None,
                system: str | None = None, retriever=None, rag_k: int = 3, rag_budget: int | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES, max_waiting: int = 1024, cuda_graph: bool = False):
+               max_body_bytes: int = MAX_BODY_BYTES, max_waiting: int = 1024, cuda_graph: bool | None = None):
     """The FastAPI application serving `model` (see the module docstring). `history=None` keeps
     no history. The engine starts with the app and stops with it (`cuda_graph`: see lm.serving.Engine)."""
     from contextlib import asynccontextmanager

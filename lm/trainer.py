@@ -19,8 +19,10 @@ stops at the next step boundary after saving a last.pt that describes exactly th
 saves are atomic, a resumed run drops the metrics rows logged after its checkpoint and mends a best.pt
 that a crash left behind, and a lock on out_dir keeps a second run out (`fit`, `run_lock`).
 
-The Trainer resolves precision="auto" (bf16 where the GPU has it) and resume="auto" (continue the
-run in out_dir/last.pt when there is one, after checking that it is a run of the same model).
+The Trainer resolves precision="auto" (bf16 where the GPU has it), sampling="auto" (epoch when
+training by epochs, else random), `epochs` (into max_steps: it knows the data and the batch) and
+resume="auto" (continue the run in out_dir/last.pt when there is one, after checking that it is a
+run of the same model).
 batch_size="auto" needs trial steps of this very trainer, so it is resolved one level up, by
 `lm.training` (`lm.train` and `lm train`). The optimizer and schedule are in `lm.optim`, the EMA in
 `lm.ema`.
@@ -40,7 +42,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 from torch import nn
@@ -52,6 +54,7 @@ except ImportError:  # Windows
 
 from . import distributed
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .config import ConfigError, canonical_settings
 from .data import SAMPLING, batch_stream
 from .ema import EMA
 from .files import write_atomically
@@ -87,7 +90,17 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 1000  # optimizer steps
+    """How to train. How long: `max_steps` optimizer steps, or `epochs` passes over the training
+    data, which the Trainer turns into steps (its config then holds max_steps, and epochs None);
+    giving both is an error, giving neither means DEFAULT_MAX_STEPS.
+
+    Names from the seed projects (learning_rate, num_epochs, max_length, ...) are accepted by
+    `from_dict`; `lm.config.ALIASES` lists them."""
+
+    DEFAULT_MAX_STEPS: ClassVar[int] = 1000
+
+    max_steps: int | None = None  # optimizer steps; None: from epochs, else DEFAULT_MAX_STEPS
+    epochs: float | None = None  # passes over the training data (seed 004's num_epochs); may be fractional
     batch_size: int | str = 32  # sequences per micro-batch, per process; "auto": the largest that fits
     memory_budget: int | float | None = None  # with batch_size="auto": bytes one step may use (needed off CUDA)
     grad_accum_steps: int = 1  # micro-batches per optimizer step
@@ -107,7 +120,8 @@ class TrainConfig:
     # CUDA GPU that supports it, else fp32
     ema_decay: float | None = None  # keep an exponential moving average of the weights, e.g. 0.999
     compile: bool = False  # torch.compile the model
-    sampling: str = "random"  # "random" windows, or "epoch": every window once per epoch
+    sampling: str = "auto"  # "random" windows, or "epoch": every window once per epoch; "auto": epoch when
+    # training by epochs, else random
     parallel: str = "ddp"  # under torchrun: "ddp" (a copy per process) or "fsdp" (sharded)
     seed: int = 1337
     out_dir: str | None = None  # where last.pt, best.pt and metrics.csv go; None writes nothing
@@ -133,8 +147,17 @@ class TrainConfig:
                 raise TrainingError(f"{f.name}={value!r} must be true or false.")
             if str(f.type) in ("str", "str | None") and not (value is None and optional) and not isinstance(value, str):
                 raise TrainingError(f"{f.name}={value!r} must be a string{' or None' if optional else ''}.")
+        if self.max_steps is not None and self.epochs is not None:
+            raise TrainingError(f"max_steps={self.max_steps!r} and epochs={self.epochs!r} both say how long to "
+                                f"train; give one of them (max_steps=None to train by epochs).")
+        if self.epochs is not None and not self.epochs > 0:
+            raise TrainingError(f"epochs={self.epochs!r} must be a number > 0 (passes over the training data).")
+        if self.max_steps is None and self.epochs is None:
+            self.max_steps = self.DEFAULT_MAX_STEPS
         for name in ("max_steps", "grad_accum_steps", "eval_interval", "eval_iters"):
             value = getattr(self, name)
+            if value is None and name == "max_steps":
+                continue  # until the Trainer counts the steps of `epochs`
             if not _positive_int(value):
                 raise TrainingError(f"{name}={value!r} must be a positive integer.")
         if self.batch_size != "auto" and not _positive_int(self.batch_size):
@@ -167,8 +190,8 @@ class TrainConfig:
             raise TrainingError(f"precision={self.precision!r} is not one of {('auto',) + PRECISIONS}.")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise TrainingError(f"ema_decay={self.ema_decay!r} must be between 0 and 1 (e.g. 0.999), or None.")
-        if self.sampling not in SAMPLING:
-            raise TrainingError(f"sampling={self.sampling!r} is not one of {SAMPLING}.")
+        if self.sampling not in ("auto",) + SAMPLING:
+            raise TrainingError(f"sampling={self.sampling!r} is not one of {('auto',) + SAMPLING}.")
         if self.parallel not in distributed.PARALLEL:
             raise TrainingError(f"parallel={self.parallel!r} is not one of {distributed.PARALLEL}.")
 
@@ -181,10 +204,18 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
+        """A config from lm's setting names, or the seeds' (`lm.config.ALIASES`: learning_rate, ...)."""
+        if not isinstance(values, dict):
+            raise TrainingError(f"training settings must be a mapping, got {type(values).__name__}.")
+        try:
+            values = canonical_settings(values, "train")
+        except ConfigError as err:
+            raise TrainingError(str(err)) from None
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        unknown = sorted(set(values) - known, key=str)
         if unknown:
-            raise TrainingError(f"unknown training settings {unknown}; known ones are {sorted(known)}.")
+            raise TrainingError(f"unknown training settings {unknown}; known ones are {sorted(known)}, and the "
+                                f"other names in lm.config.ALIASES (lm.config.alias_table() lists them).")
         return cls(**values)
 
 
@@ -336,6 +367,8 @@ class Trainer:
         self.batches = batch_stream(train_data, config.batch_size, self.seq_len, seed=config.seed,
                                     mode=config.sampling, grad_accum_steps=config.grad_accum_steps,
                                     rank=self.dist.rank, world_size=self.dist.world_size)
+        if config.epochs is not None:
+            self.config = config = self._steps_for_epochs(config)
         self.step = 0
         self.history = TrainHistory()
         self.evals_without_improvement = 0
@@ -366,13 +399,32 @@ class Trainer:
         return source, checkpoint
 
     def _resolve(self, config: TrainConfig) -> TrainConfig:
-        """`config` with precision="auto" replaced by what this run uses."""
+        """`config` with precision="auto" and sampling="auto" replaced by what this run uses."""
         if config.batch_size == "auto":
             raise TrainingError("Trainer needs a number for batch_size; 'auto' is found by trial steps of a "
                                 "Trainer, so lm.train resolves it first (lm.training.resolve_batch_size).")
         precision = resolve_precision(config.precision, self.device)
         check_precision(self.device, precision)
-        return dataclasses.replace(config, precision=precision)
+        sampling = config.sampling
+        if sampling == "auto":  # training by epochs means every window once per epoch
+            sampling = "epoch" if config.epochs is not None else "random"
+        return dataclasses.replace(config, precision=precision, sampling=sampling)
+
+    def _steps_for_epochs(self, config: TrainConfig) -> TrainConfig:
+        """`config` with `epochs` turned into max_steps: an epoch is every window of the training data
+        (every example, for fine-tuning) once, and a step takes `global_batch` of them, so
+
+            max_steps = ceil(epochs * windows / (batch_size * grad_accum_steps * processes))
+
+        With sampling="epoch" that is exactly `epochs` passes (the last step may start the next
+        pass); with "random" windows, as many tokens as `epochs` passes."""
+        windows = getattr(self.batches, "n_windows", None)
+        if windows is None:
+            raise TrainingError(f"epochs={config.epochs} needs to know how many windows an epoch holds, and this "
+                                f"training data's batches ({type(self.batches).__name__}) do not say; give "
+                                f"max_steps instead.")
+        steps = max(1, math.ceil(config.epochs * windows / self.batches.global_batch))
+        return dataclasses.replace(config, max_steps=steps, epochs=None)
 
     # ---- one optimizer step --------------------------------------------------------------------
     def train_step(self) -> dict:

@@ -2,11 +2,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import pickle
 import re
 import signal
 import socket
+import sys
 import time
 import zipfile
 from pathlib import Path
@@ -64,7 +66,8 @@ def test_contents_load_with_weights_only(tmp_path, text_model):
     save_checkpoint(tmp_path / "ckpt.pt", text_model, optimizer=optimizer, step=7, best_val_loss=1.25,
                     train_config={"lr": 1e-2, "out_dir": None}, extra={"note": "hello"})
     raw = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    assert raw["format"] == "lm-checkpoint" and raw["version"] == 1
+    assert raw["format"] == "lm-checkpoint" and raw["version"] == lm.checkpoint.VERSION
+    assert raw["lm_version"] == lm.__version__
     assert raw["step"] == 7 and raw["best_val_loss"] == 1.25
     assert raw["train_config"] == {"lr": 1e-2, "out_dir": None} and raw["note"] == "hello"
     assert ModelConfig.from_dict(raw["config"]) == text_model.config
@@ -178,9 +181,9 @@ def test_arbitrary_objects_are_refused_and_not_executed(tmp_path, writer):
 def test_strict_mismatch(tmp_path, tiny_model):
     path = save_checkpoint(tmp_path / "ckpt.pt", tiny_model)
     ckpt = torch.load(path, weights_only=True)
-    del ckpt["checksums"]  # edited on purpose: without this the edit is reported as corruption
     del ckpt["model"]["norm_f.weight"]
     ckpt["model"]["surprise.weight"] = torch.zeros(2)
+    ckpt["checksums"] = lm.checkpoint.checksums(ckpt)  # edited on purpose: else the edit is reported as corruption
     torch.save(ckpt, path)
     with pytest.raises(CheckpointError) as err:
         load_model(path)
@@ -252,13 +255,25 @@ def test_checkpoints_written_before_checksums_still_load(book_checkpoint):
     assert load_model(book_checkpoint, device="cpu").tokenizer is not None
 
 
-def test_checkpoint_without_checksums_loads(tmp_path, text_model):
+def test_version_1_checkpoint_without_checksums_loads(tmp_path, text_model):
     path = save_checkpoint(tmp_path / "ckpt.pt", text_model)
     ckpt = torch.load(path, weights_only=True)
-    del ckpt["checksums"]
+    del ckpt["checksums"], ckpt["lm_version"]
+    ckpt["version"] = 1  # as lm 0.1.0 wrote them before checksums
     torch.save(ckpt, path)
     loaded = load_model(path, device="cpu")
     assert all(torch.equal(a, b) for a, b in zip(text_model.state_dict().values(), loaded.state_dict().values()))
+
+
+def test_version_2_checkpoint_without_checksums_is_corrupt(tmp_path, text_model):
+    """Version 2 always carries checksums: a damaged key must not pass for an old file without them."""
+    path = save_checkpoint(tmp_path / "ckpt.pt", text_model)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["chec\x9bsums"] = ckpt.pop("checksums")  # a flipped byte in the key's name
+    torch.save(ckpt, path)
+    for load in (load_checkpoint, load_model, lambda p: load_checkpoint(p, mmap=True)):
+        with pytest.raises(CheckpointError, match=r"ckpt.pt.*corrupt.*no 'checksums' entry.*version 2"):
+            load(path)
 
 
 def test_nonfinite_weights_are_named(tmp_path, tiny_model):
@@ -336,10 +351,12 @@ def memory_cap(extra_bytes: int):
 
 
 def craft(tmp_path: Path, model: GPT, config_changes: dict, weights: dict | None = None) -> Path:
-    """A checkpoint whose config was edited (checksums dropped, as an attacker would)."""
+    """A checkpoint whose config was edited, passed off as a version-1 file without checksums (as an
+    attacker would: checksums are no signature)."""
     path = save_checkpoint(tmp_path / "evil.pt", model)
     ckpt = torch.load(path, weights_only=True)
     del ckpt["checksums"]
+    ckpt["version"] = 1
     ckpt["config"].update(config_changes)
     if weights is not None:
         ckpt["model"] = weights
@@ -433,8 +450,8 @@ def test_a_tokenizer_that_needs_a_download_gives_a_checkpoint_error(tmp_path, ti
     report); with no network the load fails with a CheckpointError, not a hang or a foreign error."""
     path = save_checkpoint(tmp_path / "ckpt.pt", tiny_model)
     ckpt = torch.load(path, weights_only=True)
-    del ckpt["checksums"]
     ckpt["tokenizer"] = {"kind": "tiktoken", "name": "cl100k_base"}
+    ckpt["checksums"] = lm.checkpoint.checksums(ckpt)
     torch.save(ckpt, path)
     with pytest.raises(CheckpointError, match="tokenizer cannot be rebuilt"):
         load_model(path, device="cpu")
@@ -555,10 +572,11 @@ PROPERTY_SETTINGS = settings(max_examples=120, deadline=None, derandomize=True, 
                              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
+@pytest.mark.parametrize("saved", ["saved_checkpoint", "saved_safetensors"])
 @PROPERTY_SETTINGS
 @given(flips=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(1, 255)), min_size=1, max_size=4))
-def test_flipped_bytes_give_the_saved_tensors_or_a_checkpoint_error(saved_checkpoint, tmp_path, flips):
-    data, expected = saved_checkpoint
+def test_flipped_bytes_give_the_saved_tensors_or_a_checkpoint_error(request, saved, tmp_path, flips):
+    data, expected = request.getfixturevalue(saved)
     damaged = bytearray(data)
     for where, mask in flips:
         damaged[int(where * len(data))] ^= mask
@@ -578,14 +596,15 @@ def test_flipped_bytes_in_the_pickle_give_the_saved_tensors_or_a_checkpoint_erro
     load_or_checkpoint_error(bytes(damaged), expected, tmp_path)
 
 
+@pytest.mark.parametrize("saved, name", [("saved_checkpoint", "cut.pt"), ("saved_safetensors", "cut.safetensors")])
 @settings(max_examples=40, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(keep=st.floats(0, 1, exclude_max=True))
-def test_truncated_files_give_a_checkpoint_error(saved_checkpoint, tmp_path, keep):
-    data, _ = saved_checkpoint
-    path = tmp_path / "cut.pt"
+def test_truncated_files_give_a_checkpoint_error(request, saved, name, tmp_path, keep):
+    data, _ = request.getfixturevalue(saved)
+    path = tmp_path / name
     path.write_bytes(data[: int(keep * len(data))])
-    with pytest.raises(CheckpointError, match="cut.pt"):
+    with pytest.raises(CheckpointError, match=name):
         load_model(path, device="cpu")
 
 
@@ -598,3 +617,244 @@ def test_a_tokenizer_with_its_own_regex_loads_only_when_trusted(tmp_path):
         load_model(tmp_path / "custom.pt", device="cpu")
     loaded = load_model(tmp_path / "custom.pt", device="cpu", trust_pattern=True)
     assert loaded.tokenizer.encode("hello, world") == tokenizer.encode("hello, world")
+
+
+# ---- safetensors: the same checkpoint as safetensors tensors and JSON ---------------------------------
+def sentencepiece_tokenizer(pattern_text):
+    return lm.SentencePieceTokenizer.train(pattern_text, vocab_size=300)
+
+
+def with_lora(model: GPT) -> GPT:
+    from lm.lora import LoRAConfig, apply_lora
+
+    apply_lora(model, LoRAConfig(rank=2, targets=("qkv", "fc")))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()  # zero at first: the adapters would change nothing
+    return model
+
+
+MODEL_KINDS = {  # config changes, a tokenizer maker, and whether LoRA adapters go on
+    "gpt2_tied_char": ({}, lm.CharTokenizer.train, False),
+    "llama_gqa_bpe": (dict(pos="rope", norm="rmsnorm", ffn="swiglu", bias=False, tie_weights=False, n_head=4,
+                           n_kv_heads=2), bpe_tokenizer, False),
+    "moe_sentencepiece": (dict(ffn="moe", n_experts=3, moe_top_k=2), sentencepiece_tokenizer, False),
+    "lora_char": ({}, lm.CharTokenizer.train, True),
+}
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+def test_safetensors_round_trip_gives_identical_logits(tmp_path, pattern_text, kind):
+    changes, make_tokenizer, lora = MODEL_KINDS[kind]
+    tokenizer = make_tokenizer(pattern_text)
+    config = ModelConfig(**{**dict(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=2, n_head=2, d_model=16),
+                            **changes})
+    model = GPT(config, tokenizer=tokenizer)
+    if lora:
+        model = with_lora(model)
+    model.eval()
+    path = save_checkpoint(tmp_path / "model.safetensors", model, step=5, train_config={"lr": 1e-3, "out_dir": None})
+    assert path.read_bytes()[8:9] == b"{"  # a safetensors file, not a zip archive
+    loaded = load_model(path, device="cpu")
+    assert loaded.config == model.config
+    assert (loaded.lm_head.weight is loaded.tok_emb.weight) == config.tie_weights
+    assert getattr(loaded, "lora_config", None) == getattr(model, "lora_config", None)
+    idx = torch.randint(0, config.vocab_size, (2, 12))
+    assert torch.equal(loaded(idx)[0], model(idx)[0])
+    assert loaded.tokenizer.to_dict() == tokenizer.to_dict()
+    assert loaded.tokenizer.encode("the lazy dog") == tokenizer.encode("the lazy dog")
+    ckpt = load_checkpoint(path)
+    assert ckpt["step"] == 5 and ckpt["train_config"] == {"lr": 1e-3, "out_dir": None}
+    assert ckpt["version"] == lm.checkpoint.VERSION and ckpt["lm_version"] == lm.__version__
+    assert ckpt["optimizer"] is None and ckpt["scaler"] is None
+
+
+def test_safetensors_file_is_read_by_the_safetensors_library(tmp_path, text_model):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = save_checkpoint(tmp_path / "model.safetensors", text_model)
+    weights = load_file(path)
+    state = text_model.state_dict()
+    # tied: the output head is the token embedding, stored once and tied again on load
+    assert set(weights) == {f"model/{name}" for name in state} - {"model/lm_head.weight"}
+    assert all(torch.equal(weights[f"model/{name}"], state[name]) for name in state if name != "lm_head.weight")
+    with safe_open(str(path), framework="pt") as f:
+        entry = json.loads(f.metadata()["lm"])
+    assert entry["format"] == "lm-checkpoint" and entry["config"] == text_model.config.to_dict()
+    assert entry["model"]["lm_head.weight"] == {"$tensor": "model/tok_emb.weight"}
+
+
+def test_the_format_is_told_by_content_not_name(tmp_path, text_model):
+    idx = torch.randint(0, text_model.config.vocab_size, (1, 8))
+    for name, format in (("st.pt", "safetensors"), ("zip.safetensors", "pt"), ("no_suffix", "safetensors")):
+        path = save_checkpoint(tmp_path / name, text_model, format=format)
+        assert (path.read_bytes()[:4] == b"PK\x03\x04") == (format == "pt")
+        assert torch.equal(load_model(path, device="cpu")(idx)[0], text_model(idx)[0])
+    with pytest.raises(ValueError, match="format='onnx'.*'pt', 'safetensors'"):
+        save_checkpoint(tmp_path / "x.onnx", text_model, format="onnx")
+
+
+def test_safetensors_holds_no_optimizer_state(tmp_path, text_model):
+    optimizer = trained_a_little(text_model)
+    with pytest.raises(ValueError, match=r"model.safetensors.*not a training run.*\.pt file"):
+        save_checkpoint(tmp_path / "model.safetensors", text_model, optimizer=optimizer)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_safetensors_keeps_plain_data_bytes_tuples_and_ema(tmp_path, text_model):
+    ema = {name: t + 1 for name, t in text_model.state_dict().items()}
+    extra = {"blob": b"\x00\xff\x80", "pair": (1, "a", (2.5, None)), "nested": {"inf": float("inf"), "ok": True},
+             "ema": ema, "classifier": {"head": torch.arange(6).reshape(2, 3), "labels": ["a", "b"]}}
+    path = save_checkpoint(tmp_path / "model.safetensors", text_model, extra=extra)
+    ckpt = load_checkpoint(path)
+    assert ckpt["blob"] == b"\x00\xff\x80" and ckpt["pair"] == (1, "a", (2.5, None))
+    assert ckpt["nested"] == {"inf": float("inf"), "ok": True}
+    assert torch.equal(ckpt["classifier"]["head"], torch.arange(6).reshape(2, 3))
+    assert all(torch.equal(ckpt["ema"][name], ema[name]) for name in ema)
+    assert torch.equal(load_model(path, device="cpu").norm_f.weight, ema["norm_f.weight"])  # the averaged weights
+    assert torch.equal(load_model(path, device="cpu", ema=False).norm_f.weight, text_model.norm_f.weight)
+
+
+@pytest.mark.parametrize("extra, named", [({"dtype": torch.float32}, "dtype"), ({"ids": {0: "a"}}, "ids"),
+                                          ({"odd": {"$tensor": "x"}}, "odd")])
+def test_data_safetensors_cannot_hold_is_refused_before_writing(tmp_path, text_model, extra, named):
+    with pytest.raises(ValueError, match=f"cannot save '{named}' to a safetensors file.*\\.pt file"):
+        save_checkpoint(tmp_path / "model.safetensors", text_model, extra=extra)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_views_and_shared_memory_are_stored_as_copies(tmp_path, text_model):
+    big = torch.arange(10.0)
+    extra = {"view": big[2:5], "whole": big, "transposed": torch.ones(2, 3).t(),
+             "empty": [torch.zeros(0), torch.zeros(0)]}
+    ckpt = load_checkpoint(save_checkpoint(tmp_path / "model.safetensors", text_model, extra=extra))
+    assert torch.equal(ckpt["view"], big[2:5]) and torch.equal(ckpt["whole"], big)
+    assert torch.equal(ckpt["transposed"], torch.ones(3, 2))
+
+
+def safetensors_layout(path: Path) -> tuple[int, dict]:
+    """Where the tensor bytes start, and the header."""
+    data = path.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    return 8 + length, json.loads(data[8:8 + length])
+
+
+def test_flipped_byte_in_a_safetensors_tensor_is_caught_by_the_checksums(tmp_path, tiny_model):
+    path = save_checkpoint(tmp_path / "model.safetensors", tiny_model)
+    start, header = safetensors_layout(path)
+    flip_byte(path, start + header["model/blocks.1.attn.qkv.weight"]["data_offsets"][0] + 100)
+    with pytest.raises(CheckpointError, match=r"model.safetensors.*corrupt.*blocks\.1\.attn\.qkv\.weight"):
+        load_model(path, device="cpu")
+
+
+def test_edited_safetensors_config_is_reported_as_corrupt(tmp_path, tiny_model):
+    path = save_checkpoint(tmp_path / "model.safetensors", tiny_model)
+    data = path.read_bytes()
+    assert data.count(b'\\"n_head\\":4') == 1  # in a JSON text inside the JSON header
+    path.write_bytes(data.replace(b'\\"n_head\\":4', b'\\"n_head\\":2'))  # same length, same shapes, another model
+    with pytest.raises(CheckpointError, match="corrupt: its config.*checksums"):
+        load_model(path)
+
+
+def write_safetensors(path: Path, header: dict, data: bytes = b"", length: int | None = None) -> Path:
+    text = json.dumps(header).encode()
+    path.write_bytes((len(text) if length is None else length).to_bytes(8, "little") + text + data)
+    return path
+
+
+def lm_metadata(tensor_names) -> dict:
+    return {"lm": json.dumps({"format": "lm-checkpoint", "version": 2, "checksums": {"tensors": {}},
+                              "model": {name: {"$tensor": name} for name in tensor_names}})}
+
+
+F32_PAIR = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+CRAFTED = {  # header, tensor bytes, declared header length; the words the error must contain
+    "huge_header_length": ({"__metadata__": lm_metadata([])}, b"", 2**63, "header claims 9,223,372,036"),
+    "header_longer_than_file": ({"__metadata__": lm_metadata([])}, b"", 10_000, "header claims 10,000 bytes"),
+    "not_json": (None, b"", None, "header is not JSON"),
+    "beyond_the_file": ({"__metadata__": lm_metadata(["a"]), "a": {"dtype": "F32", "shape": [2**30],
+                                                                  "data_offsets": [0, 2**32]}}, b"\0" * 8, None,
+                        "take 4,294,967,296 bytes, but the file has 8"),
+    "shape_larger_than_bytes": ({"__metadata__": lm_metadata(["a"]), "a": {"dtype": "F32", "shape": [2**40],
+                                                                          "data_offsets": [0, 8]}}, b"\0" * 8, None,
+                                "is given 8 bytes; it needs 4,398,046,511,104"),
+    "overlapping": ({"__metadata__": lm_metadata(["a", "b"]), "a": F32_PAIR, "b": F32_PAIR}, b"\0" * 16, None,
+                    "start at 0, not at 8"),
+    "unknown_dtype": ({"__metadata__": lm_metadata(["a"]), "a": {**F32_PAIR, "dtype": "F128"}}, b"\0" * 8, None,
+                      "no valid dtype"),
+    "negative_shape": ({"__metadata__": lm_metadata(["a"]), "a": {**F32_PAIR, "shape": [-2]}}, b"\0" * 8, None,
+                       "no valid dtype, shape"),
+    "names_a_missing_tensor": ({"__metadata__": lm_metadata(["a", "b"]), "a": F32_PAIR}, b"\0" * 8, None,
+                               "names tensor 'b', which the file does not store"),
+    "unmentioned_tensor": ({"__metadata__": lm_metadata([]), "a": F32_PAIR}, b"\0" * 8, None,
+                           r"stores tensors \['a'\] that its checkpoint entry does not mention"),
+    "not_lm": ({"__metadata__": {"format": "pt"}, "a": F32_PAIR}, b"\0" * 8, None, "not an lm checkpoint.*from_hf"),
+    "bad_metadata_json": ({"__metadata__": {"lm": "{nope"}, "a": F32_PAIR}, b"\0" * 8, None,
+                          "as an lm checkpoint.*JSONDecodeError"),
+}
+
+
+@pytest.mark.parametrize("case", CRAFTED)
+def test_crafted_safetensors_files_give_a_checkpoint_error(tmp_path, case):
+    header, data, length, words = CRAFTED[case]
+    path = tmp_path / "evil.safetensors"
+    if header is None:
+        path.write_bytes((5).to_bytes(8, "little") + b"{nope")
+    else:
+        write_safetensors(path, header, data, length)
+    capped = memory_cap(2 << 30) if Path("/proc/self/statm").exists() else contextlib.nullcontext()
+    with capped, pytest.raises(CheckpointError, match=f"evil.safetensors.*{words}"):
+        load_model(path, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def saved_safetensors(tmp_path_factory):
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=32, block_size=8, n_layer=1, n_head=2, d_model=16))
+    path = save_checkpoint(tmp_path_factory.mktemp("prop") / "ckpt.safetensors", model)
+    return path.read_bytes(), model.state_dict()
+
+
+@PROPERTY_SETTINGS
+@given(where=st.floats(0, 1, exclude_max=True), mask=st.integers(1, 255))
+def test_flipped_bytes_in_the_safetensors_header_give_the_saved_tensors_or_a_checkpoint_error(saved_safetensors,
+                                                                                               tmp_path, where, mask):
+    """The names, shapes, offsets and the JSON entry: aim there."""
+    data, expected = saved_safetensors
+    end = 8 + int.from_bytes(data[:8], "little")
+    damaged = bytearray(data)
+    damaged[int(where * end)] ^= mask
+    load_or_checkpoint_error(bytes(damaged), expected, tmp_path)
+
+
+def test_crash_mid_safetensors_save_keeps_the_previous_file(tmp_path, tiny_model, monkeypatch):
+    path = save_checkpoint(tmp_path / "model.safetensors", tiny_model, step=1)
+    before = path.read_bytes()
+    real_write = lm.files.write_atomically
+
+    def crashing_write(target, write, **kwargs):
+        def half_then_crash(f):
+            f.write(before[: len(before) // 2])
+            raise KeyboardInterrupt("power cut")
+        return real_write(target, half_then_crash, **kwargs)
+
+    monkeypatch.setattr(lm.checkpoint.files, "write_atomically", crashing_write)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, tiny_model, step=2)
+    monkeypatch.undo()
+    assert path.read_bytes() == before and load_checkpoint(path)["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+def test_safetensors_without_the_package_says_what_to_install(tmp_path, tiny_model, monkeypatch):
+    path = save_checkpoint(tmp_path / "model.safetensors", tiny_model)
+    monkeypatch.setitem(sys.modules, "safetensors", None)  # as if it were not installed
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    with pytest.raises(ImportError, match="pip install safetensors"):
+        save_checkpoint(tmp_path / "other.safetensors", tiny_model)
+    with pytest.raises(ImportError, match="pip install safetensors"):
+        load_model(path)
+    save_checkpoint(tmp_path / "model.pt", tiny_model)  # .pt files need no safetensors
+    load_model(tmp_path / "model.pt", device="cpu")

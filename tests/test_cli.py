@@ -17,7 +17,7 @@ import lm.files
 from lm.cli import _read_sections, build_parser, cmd_train_settings, main
 from lm.data import read_tokens
 
-VERBS = ("prep", "train", "finetune", "eval", "generate", "chat", "serve")
+VERBS = ("prep", "train", "finetune", "eval", "generate", "chat", "serve", "import", "export", "convert")
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_FLAGS = ["--max_steps", "20", "--n_layer", "1", "--d_model", "32", "--n_head", "2", "--block_size", "16",
                "--batch_size", "4", "--eval_interval", "10", "--no_progress", "--device", "cpu"]
@@ -298,7 +298,8 @@ EVERY_TRAIN_SETTING = {  # none at its default
 def test_every_train_setting_in_a_config_file_is_honoured(tmp_path):
     import yaml
 
-    assert set(EVERY_TRAIN_SETTING) == {f.name for f in dataclasses.fields(lm.TrainConfig)} - {"out_dir"}
+    # epochs says what max_steps says, another way: the two are never given together
+    assert set(EVERY_TRAIN_SETTING) == {f.name for f in dataclasses.fields(lm.TrainConfig)} - {"out_dir", "epochs"}
     config = tmp_path / "exp.yaml"
     config.write_text(yaml.safe_dump({"train": EVERY_TRAIN_SETTING}))
     out = str(tmp_path / "r")
@@ -312,6 +313,10 @@ def test_every_train_setting_in_a_config_file_is_honoured(tmp_path):
                                        "--precision", "fp16", "--lr", "0.1"])
     settings = cmd_train_settings(flags, sections, saved=None)  # and flags win over the file
     assert (settings["precision"], settings["lr"]) == ("fp16", 0.1)
+    by_epochs = {**EVERY_TRAIN_SETTING, "max_steps": None, "epochs": 2.5}
+    config.write_text(yaml.safe_dump({"train": by_epochs}))
+    expected = lm.TrainConfig(**by_epochs, out_dir=out)
+    assert lm.TrainConfig.from_dict(cmd_train_settings(args, _read_sections(args.config), saved=None)) == expected
 
 
 def test_config_file_numbers_in_exponent_form(tmp_path):

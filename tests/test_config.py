@@ -149,8 +149,8 @@ def test_a_config_written_before_the_component_fields_still_loads():
     ("norm", "batchnorm", ["layernorm", "rmsnorm", "scalenorm"]),
     ("norm_position", "sandwich", ["post", "pre"]),
     ("attention", "flash", ["block_sparse", "linear", "manual", "sdpa", "sliding_window"]),
-    ("ffn", "relu", ["gelu", "moe", "swiglu"]),
-    ("moe_expert", "moe", ["gelu", "swiglu"]),
+    ("ffn", "relu", ["gelu", "gelu_tanh", "moe", "swiglu"]),
+    ("moe_expert", "moe", ["gelu", "gelu_tanh", "swiglu"]),
     ("sparse_pattern", "random", ["local_strided", "full"]),
 ])
 def test_unknown_component_lists_the_known_names(field, value, known):

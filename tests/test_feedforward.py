@@ -20,11 +20,21 @@ def randomize_(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def test_registered_names():
-    assert FEEDFORWARD.names() == ["gelu", "moe", "swiglu"]
+    assert FEEDFORWARD.names() == ["gelu", "gelu_tanh", "moe", "swiglu"]
+    assert FEEDFORWARD.get("gelu_tanh").__mro__[1] is MLP
     assert FEEDFORWARD.get("gelu") is MLP and FEEDFORWARD.get("swiglu") is SwiGLU and FEEDFORWARD.get("moe") is MoE
 
 
 # ---- dense -----------------------------------------------------------------------------------------
+def test_gelu_tanh_is_torchs_tanh_approximation_and_differs_from_the_exact_gelu():
+    exact, tanh = (randomize_(FEEDFORWARD.get(name)(config())) for name in ("gelu", "gelu_tanh"))
+    tanh.load_state_dict(exact.state_dict())  # same names and shapes
+    x = torch.randn(2, 5, 16)
+    reference = tanh.proj(torch.nn.GELU(approximate="tanh")(tanh.fc(x)))
+    torch.testing.assert_close(tanh(x), reference, rtol=0, atol=0)
+    assert (tanh(x) - exact(x)).abs().max() > 1e-5  # a real difference: GPT-2's logits need the right one
+
+
 def test_mlp_written_out():
     mlp = randomize_(MLP(config()))
     x = torch.randn(2, 5, 16)

@@ -151,6 +151,16 @@ def test_nothing_to_train_on_is_a_clear_error(tok):
             finetune(model, QA, quiet_config(max_steps=2))
 
 
+def test_epochs_count_examples_seed_004s_num_epochs(tok):
+    """FinetuneConfig(epochs=2): every training example twice, in steps of batch_size examples."""
+    assert FinetuneConfig().max_steps == 300
+    history = finetune(llama_like(tok), QA, quiet_config(epochs=2, batch_size=4, val_fraction=0.25, patience=None))
+    train_examples = len(QA) - round(0.25 * len(QA))
+    assert len(history.step) == -(-2 * train_examples // 4)  # ceil(2 * examples / 4) steps
+    with pytest.raises(lm.TrainingError, match="both"):
+        FinetuneConfig(epochs=1, max_steps=10)
+
+
 def test_early_stopping_uses_seed_001_defaults(tok):
     config = FinetuneConfig()
     assert (config.patience, config.min_delta, config.eval_interval, config.lr) == (5, 0.001, 50, 3e-4)

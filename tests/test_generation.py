@@ -500,7 +500,7 @@ def test_generation_config_is_checked_once_where_it_is_made():
     assert config.stop == ("\n",) and config.sampling.top_k == 5
     for bad, word in [(dict(temperature=-1), "temperature"), (dict(top_p=1.5), "top_p"),
                       (dict(max_new_tokens=-1), "max_new_tokens"), (dict(stop=[""]), "stop"),
-                      (dict(stop_tokens=["x"]), "stop_tokens"), (dict(cuda_graph="yes"), "cuda_graph"),
+                      (dict(stop_tokens=[1.5]), "stop_tokens"), (dict(cuda_graph="yes"), "cuda_graph"),
                       (dict(seed=1.5), "seed")]:
         with pytest.raises(SamplingError, match=word):
             GenerationConfig(**bad)

@@ -1,4 +1,4 @@
-"""lm.glossary: the instruction pairs built from data/glossary, and their held-out splits."""
+"""lm.glossary: the instruction pairs built from lm/assets/glossary, and their held-out splits."""
 
 import pytest
 

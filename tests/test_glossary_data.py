@@ -1,4 +1,4 @@
-"""The hand-written glossary data (data/glossary): format, rules and the data card's counts."""
+"""The hand-written glossary data (lm/assets/glossary, package data): format, rules and the data card's counts."""
 
 import json
 import re
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-DATA = Path(__file__).resolve().parent.parent / "data" / "glossary"
+DATA = Path(__file__).resolve().parent.parent / "lm" / "assets" / "glossary"
 TOPICS = (
     "tokenization", "embeddings and positions", "attention", "architecture", "training", "optimization",
     "fine-tuning", "sampling and decoding", "evaluation", "data", "hardware and performance",

@@ -62,7 +62,7 @@ def test_a_name_registered_twice_is_refused():
 def test_importing_lm_fills_every_registry():
     assert POSITIONS.names() == ["learned", "none", "rope", "sinusoidal"]
     assert NORMS.names() == ["layernorm", "rmsnorm", "scalenorm"]
-    assert FEEDFORWARD.names() == ["gelu", "moe", "swiglu"]
+    assert FEEDFORWARD.names() == ["gelu", "gelu_tanh", "moe", "swiglu"]
     assert ATTENTION.names() == ["block_sparse", "linear", "manual", "sdpa", "sliding_window"]
     assert lm.ATTENTION is ATTENTION and lm.Registry is Registry
 

@@ -442,8 +442,9 @@ def test_auto_settings_are_checked(field, value, match):
 
 def test_train_config_from_dict_names_unknown_keys():
     assert TrainConfig.from_dict({"lr": 1e-3}).lr == 1e-3
-    with pytest.raises(TrainingError, match=r"unknown training settings \['learning_rate'\]"):
-        TrainConfig.from_dict({"learning_rate": 1e-3})
+    assert TrainConfig.from_dict({"learning_rate": 1e-3}).lr == 1e-3  # a seed's name (lm.config.ALIASES)
+    with pytest.raises(TrainingError, match=r"unknown training settings \['learning_rat'\]"):
+        TrainConfig.from_dict({"learning_rat": 1e-3})
 
 
 def test_epoch_sampling_trains(corpus_text):
@@ -552,7 +553,7 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path, corpus_text):
 
 NUMERIC_SETTINGS = ["max_steps", "batch_size", "memory_budget", "grad_accum_steps", "seq_len", "lr", "min_lr",
                     "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "eval_interval", "eval_iters",
-                    "patience", "min_delta", "ema_decay", "seed"]
+                    "patience", "min_delta", "ema_decay", "seed", "epochs"]
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])

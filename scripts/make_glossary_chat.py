@@ -1,13 +1,13 @@
-"""Make book/data/glossary_chat.pt, the small assistant of the chapter "A small assistant": a glossary
+"""Make lm/assets/glossary_chat.pt, the small assistant of the chapter "A small assistant": a glossary
 chat model that answers in the "human" template and reads retrieved passages (RAG-lite).
 
-    python book/data/make_glossary_chat.py      # about 2 minutes on one H200 (pretraining 65 s, fine-tuning
+    python scripts/make_glossary_chat.py         # about 2 minutes on one H200 (pretraining 65 s, fine-tuning
                                                 # 51 s, evaluation ~10 s); hours on 2 CPU cores
 
 Knowledge that a model has by heart is no test of retrieval, so the model is built not to have all
 of it:
 
-1. Pretraining (as book/data/make_glossary_base.py: a character-level GPT, 4 layers, width 192,
+1. Pretraining (as scripts/make_glossary_base.py: a character-level GPT, 4 layers, width 192,
    RoPE, RMSNorm, here with block_size 512) reads the glossary in several wordings, but only the
    entries of the *train* split, and of those only the ones not picked (by a hash of the term, a
    fraction `--open_book`) as "open-book" terms. The val and test terms' definitions are never
@@ -66,7 +66,7 @@ import lm
 from lm import glossary
 from lm.retrieval import CONTEXT_HEADER, Retriever, with_context
 
-HERE = Path(__file__).resolve().parent
+ASSETS = Path(__file__).resolve().parent.parent / "lm" / "assets"  # package data (lm.assets)
 
 
 def is_open_book(term: str, fraction: float) -> bool:
@@ -138,7 +138,7 @@ def log(message: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(HERE / "glossary_chat.pt"))
+    parser.add_argument("--out", default=str(ASSETS / "glossary_chat.pt"))
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--width", type=int, default=192)
     parser.add_argument("--block_size", type=int, default=512)

@@ -1,6 +1,6 @@
-"""Make book/data/glossary_base.pt, the pretrained model chapter 8 fine-tunes (stage 1 of seed 000).
+"""Make lm/assets/glossary_base.pt, the pretrained model chapter 8 fine-tunes (stage 1 of seed 000).
 
-    python book/data/make_glossary_base.py            # about a minute on one GPU, about an hour on 2 CPU cores
+    python scripts/make_glossary_base.py             # about a minute on one GPU, about an hour on 2 CPU cores
 
 A character-level GPT (4 layers, width 192, RoPE, RMSNorm) reads `lm.glossary.pretraining_text()`,
 every entry of the glossary in several wordings, until it knows them nearly by heart. Only the
@@ -17,12 +17,12 @@ import torch
 
 import lm
 
-HERE = Path(__file__).resolve().parent
+ASSETS = Path(__file__).resolve().parent.parent / "lm" / "assets"  # package data (lm.assets)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(HERE / "glossary_base.pt"))
+    parser.add_argument("--out", default=str(ASSETS / "glossary_base.pt"))
     parser.add_argument("--steps", type=int, default=5000)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--width", type=int, default=192)
