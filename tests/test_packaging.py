@@ -37,10 +37,19 @@ def test_environment_yml_lists_the_pyproject_dependencies():
     assert conda_requirements() == expected
 
 
-def test_environment_yml_installs_the_package_itself_without_resolving_again():
+def test_environment_yml_installs_the_package_itself_with_lines_pip_accepts(tmp_path):
+    # conda (and Binder's repo2docker) write the pip section to a requirements file next to
+    # environment.yml and run `pip install -r` on it: parse it the way pip does.
+    from pip._internal.network.session import PipSession
+    from pip._internal.req.req_file import parse_requirements
+
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip_sections = [d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d]
-    assert pip_sections == [["--no-deps -e ."]]
+    assert len(pip_sections) == 1
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("\n".join(line.replace(" .", f" {ROOT}") for line in pip_sections[0]) + "\n")
+    parsed = list(parse_requirements(str(requirements), session=PipSession()))
+    assert [(r.requirement, r.is_editable) for r in parsed] == [(str(ROOT), True)]
 
 
 def test_makefile_installs_the_pinned_torch_before_the_project():
