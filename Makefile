@@ -14,8 +14,13 @@ VENDOR := _vendor/.complete
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # Chapters measure and assert their own results; fix the thread count so runs are comparable.
 export OMP_NUM_THREADS ?= 2
+# OpenMP threads that wait for each other spin for a while before sleeping. On a CPU shared with other
+# work, a thread spins while its partner is descheduled, and 2 threads ran a training loop 5-25x slower
+# than on an idle CPU; with short spins, 1.6-2.3x (scripts/threads_under_load.py, 2 cores). Short spins
+# cost nothing on an idle CPU, where OMP_WAIT_POLICY=PASSIVE would cost 30%. Chapters set it as well.
+export GOMP_SPINCOUNT ?= 5000
 
-.PHONY: book test setup data vendor unit nbval clean stress check-site
+.PHONY: book test setup data vendor unit nbval clean stress check-site site-test shakespeare-model
 
 # A failed build (a cell that raises or runs past the limit, any Sphinx warning) fails loudly and
 # leaves no site behind: a half-built _build/html would show tracebacks next to stale outputs.
@@ -28,7 +33,12 @@ book: setup data vendor
 		echo "make book: the build FAILED (see the errors above); _build/html was removed." >&2; exit 1; \
 	fi
 
-test: setup data unit nbval
+test: setup data unit nbval site-test
+
+# Chapter 7's "model worth reading", lm/assets/shakespeare_char.pt, made again from scratch: about
+# 2.5 minutes on one H200, about 4 hours on 2 CPU cores. The file is committed; nothing else needs this.
+shakespeare-model: setup data
+	$(PY) scripts/make_shakespeare_model.py
 
 # Open every page of the built site (run `make book` first) in headless Chromium, from disk, with the
 # network blocked: JavaScript errors, math typeset, images and alt texts, widgets rendered, internal
@@ -36,9 +46,28 @@ test: setup data unit nbval
 # The checker needs only the standard library and Chromium (installed here from Debian if missing).
 # Whole-page screenshots instead of the first screen: make check-site CHECK_SITE_ARGS=--full-page
 CHECK_SITE_ARGS ?=
+CHROMIUM := command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 check-site: setup
-	command -v chromium || (apt-get update && apt-get install -y chromium)
+	$(CHROMIUM)
 	$(PY) scripts/check_site.py _build/html --screenshots _build/site-check $(CHECK_SITE_ARGS)
+
+# The same browser check inside `make test`, on a site built in a temporary folder from the chapters'
+# stored outputs (nbval has just shown that they reproduce) without executing them again: a strict
+# Sphinx build (-W) and every page in Chromium. Where Chromium is neither installed nor installable
+# (no root, no Debian mirror), the browser half is skipped with a message saying so.
+site-test: setup vendor
+	@set -e; tmp=$$(mktemp -d "$${TMPDIR:-/tmp}/lm-site.XXXXXX"); trap 'rm -rf "$$tmp"' EXIT; \
+	sed 's/^  execute_notebooks: force/  execute_notebooks: "off"/' _config.yml > "$$tmp/_config.yml"; \
+	grep -q 'execute_notebooks: "off"' "$$tmp/_config.yml"; \
+	start=$$(date +%s); \
+	$(VENV)/bin/jupyter-book build -W -n --keep-going --config "$$tmp/_config.yml" --path-output "$$tmp" . >"$$tmp/build.log" 2>&1 \
+		|| { cat "$$tmp/build.log"; echo "site-test: the strict build FAILED" >&2; exit 1; }; \
+	echo "site-test: site built from the stored outputs in $$(( $$(date +%s) - start )) s"; \
+	if $(CHROMIUM); then \
+		$(PY) scripts/check_site.py "$$tmp/_build/html"; \
+	else \
+		echo "site-test: SKIPPED the browser check: Chromium is not installed and apt-get could not install it"; \
+	fi
 
 unit: setup
 	$(PY) -m pytest tests -q

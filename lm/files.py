@@ -18,10 +18,13 @@ def write_atomically(path: str | Path, write: Callable[[IO], None], text: bool =
     """Write `path` through `write(f)` on a temporary file in the same folder (named
     `.<name>.<random><suffix>`), flush it to disk, then os.replace it onto `path` (atomic on POSIX
     and Windows): readers, and a crash at any moment, see the old file or the new one, never half of
-    one. The temporary file is locked while written (`is_locked`) and removed on failure."""
+    one. The temporary file is locked while written (`is_locked`) and removed on failure. The new
+    file gets the permissions `open` would give it (0o666 less the umask), not mkstemp's 0o600."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     try:
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "w" if text else "wb", **({"newline": ""} if text else {})) as f:
             if fcntl is not None:
                 fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes, or when this process dies
@@ -33,6 +36,13 @@ def write_atomically(path: str | Path, write: Callable[[IO], None], text: bool =
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def current_umask() -> int:
+    """The process's umask (reading it means setting it; it is put straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def is_locked(path: Path) -> bool:

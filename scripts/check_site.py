@@ -13,8 +13,11 @@ for:
   dead proxy, so nothing can leave even if a request escaped it.);
 - math: MathJax loaded and finished typesetting, no TeX errors, and no raw TeX (`$...$`,
   `\\command`, `\\(`) left in the visible text outside code;
-- images: each one loads (naturalWidth > 0) and has a non-empty alt text (an alt text that is only
-  the file name, as myst-nb writes for plots, is printed as a note; a failure with --strict-alt);
+- images: each one loads (naturalWidth > 0) and has an alt text that describes it: an empty one, or
+  one that is only the file name (what myst-nb writes for a plot whose cell has no
+  `mystnb.image.alt`), is a failure (with --lenient-alt, a file name is only a note);
+- code: no line of a notebook cell's code is wider than its box (cut off, or hidden behind a scroll
+  bar); cells collapsed behind a "Show code" toggle are opened to be measured;
 - widgets: each saved widget view (application/vnd.jupyter.widget-view+json) is rendered by the
   widget manager from the saved state, and no "Loading widget..." placeholder is left;
 - internal links: every link to a local file resolves to an existing file inside the site, and
@@ -58,6 +61,8 @@ BLOCKED_PATTERNS = ["http:*", "https:*", "ws:*", "wss:*", "ftp:*"]
 SKIP_DIRS = {"_static", "_sources", "_images", "_downloads", ".doctrees"}
 TILE_HEIGHT = 10000  # full-page screenshots: Chromium's captures stop at 16,384 px
 MAX_TEX_SNIPPETS = 8
+MAX_CODE_LINES = 8
+CODE_SNIPPET = 60  # characters of an overflowing line of code quoted in its failure
 VIEWPORT = (1200, 900)
 
 
@@ -373,6 +378,28 @@ PAGE_SCRIPT = r"""
   const texErrors = [...document.querySelectorAll('mjx-merror')].map(
     e => e.getAttribute('data-mjx-error') || e.textContent);
 
+  // -- code: a line of a notebook cell's code wider than its box is cut off (or hidden behind a
+  //    scroll bar). Cells collapsed behind a "Show code" toggle are opened to be measured, then
+  //    closed again. The line named is the first that does not fit, measured in the pre's own font.
+  const collapsed = [...document.querySelectorAll('details:not([open])')]
+    .filter(d => d.querySelector('.cell_input pre'));
+  collapsed.forEach(d => { d.open = true; });
+  const overflowingCode = [];
+  for (const pre of document.querySelectorAll('.cell_input pre')) {
+    if (pre.scrollWidth <= pre.clientWidth + 1) continue;
+    const style = getComputedStyle(pre);
+    const room = pre.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight);
+    const lines = pre.textContent.split('\n');
+    const probe = document.createElement('span');
+    probe.style.cssText = 'position: absolute; visibility: hidden; white-space: pre; left: 0; top: 0';
+    pre.appendChild(probe);  // the pre's font, size and letter spacing
+    let line = lines.find(text => { probe.textContent = text; return probe.getBoundingClientRect().width > room + 1; });
+    probe.remove();
+    if (line === undefined) line = lines.reduce((a, b) => (b.length > a.length ? b : a), '');
+    overflowingCode.push({line: line.trim(), where: (pre.closest('section[id]') || {}).id || ''});
+  }
+  collapsed.forEach(d => { d.open = false; });
+
   const loadingText = /Loading widget/i.test(document.body ? document.body.innerText : '');
   const links = [...document.querySelectorAll('a[href], area[href]')].map(a => ({
     href: a.href, raw: a.getAttribute('href'),
@@ -391,7 +418,7 @@ PAGE_SCRIPT = r"""
     },
     math: {mathjax, mathElements: mathElements.length, untypeset,
            containers: document.querySelectorAll('mjx-container').length},
-    rawTex, texErrors, images, links, ids,
+    rawTex, texErrors, images, links, ids, overflowingCode,
     height: Math.max(document.documentElement.scrollHeight, document.body ? document.body.scrollHeight : 0),
     width: Math.max(document.documentElement.scrollWidth, 0),
     elapsedMs: Date.now() - start,
@@ -520,7 +547,7 @@ def _console_text(params: dict) -> str:
 
 
 def check_page(browser: Browser, site: Path, page: Path, screenshot: Path | None = None, *,
-               timeout: float = 15.0, strict_alt: bool = False, full_page: bool = False) -> PageResult:
+               timeout: float = 15.0, lenient_alt: bool = False, full_page: bool = False) -> PageResult:
     site = site.resolve()
     page = page.resolve()
     result = PageResult(page=page.relative_to(site).as_posix())
@@ -583,7 +610,7 @@ def check_page(browser: Browser, site: Path, page: Path, screenshot: Path | None
                                 if e.get("method") == "Target.attachedToTarget"
                                 and e.get("parentSessionId") == session}
         events = [e for e in events if e.get("sessionId") in sessions]
-        _judge(result, info, events, page, site, strict_alt=strict_alt)
+        _judge(result, info, events, page, site, lenient_alt=lenient_alt)
     finally:
         try:
             browser.call("Target.closeTarget", {"targetId": target_id}, timeout=10)
@@ -612,7 +639,7 @@ def _screenshot(browser: Browser, session: str, info: dict, path: Path, full_pag
 
 
 def _judge(result: PageResult, info: dict, events: list[dict], page: Path, site: Path, *,
-           strict_alt: bool) -> None:
+           lenient_alt: bool = False) -> None:
     problems = result.problems
     seen: set[str] = set()
 
@@ -679,7 +706,17 @@ def _judge(result: PageResult, info: dict, events: list[dict], page: Path, site:
             add(f"image without alt text: {name}")
         elif alt in (img["rawSrc"], img["rawSrc"].rsplit("/", 1)[-1]):
             message = f"image alt text is only its file name: {name}"
-            (add if strict_alt else result.notes.append)(message)
+            (result.notes.append if lenient_alt else add)(message)
+
+    # -- code: a line wider than its cell is cut off (or scrolled out of sight)
+    code = info.get("overflowingCode", [])
+    for item in code[:MAX_CODE_LINES]:
+        line = item["line"]
+        quoted = line[:CODE_SNIPPET] + ("…" if len(line) > CODE_SNIPPET else "")
+        add(f"code wider than its cell (cut off): “{quoted}”"
+            + (f" in section #{item['where']}" if item["where"] else ""))
+    if len(code) > MAX_CODE_LINES:
+        add(f"code wider than its cell: … and {len(code) - MAX_CODE_LINES} more blocks")
 
     # -- widgets
     widgets = info["widgets"]
@@ -704,7 +741,7 @@ def _judge(result: PageResult, info: dict, events: list[dict], page: Path, site:
 
 
 def check_site(site: str | Path, screenshots: str | Path | None = None, *, chromium: str | None = None,
-               pages: list[Path] | None = None, timeout: float = 15.0, strict_alt: bool = False,
+               pages: list[Path] | None = None, timeout: float = 15.0, lenient_alt: bool = False,
                full_page: bool = False, report=None) -> list[PageResult]:
     """Check every page of `site`; `report(result)` is called after each page."""
     site = Path(site).resolve()
@@ -720,7 +757,7 @@ def check_site(site: str | Path, screenshots: str | Path | None = None, *, chrom
             shot = None
             if shots is not None:
                 shot = shots / page.relative_to(site).with_suffix(".png")
-            result = check_page(browser, site, page, shot, timeout=timeout, strict_alt=strict_alt,
+            result = check_page(browser, site, page, shot, timeout=timeout, lenient_alt=lenient_alt,
                                 full_page=full_page)
             results.append(result)
             if report:
@@ -747,10 +784,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chromium", metavar="PATH", help="the Chromium binary (default: $CHROMIUM or on PATH)")
     parser.add_argument("--timeout", type=float, default=15.0,
                         help="seconds to wait for a page's widgets, math and images (default 15)")
-    parser.add_argument("--strict-alt", action="store_true",
-                        help="fail on images whose alt text is only their file name")
+    alt = parser.add_mutually_exclusive_group()
+    alt.add_argument("--lenient-alt", action="store_true",
+                     help="only note (do not fail on) images whose alt text is only their file name")
+    alt.add_argument("--strict-alt", action="store_true",
+                     help="fail on images whose alt text is only their file name (the default)")
     parser.add_argument("pages", nargs="*", help="check only these pages (default: every page)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # pages may come after the options
 
     site = Path(args.site)
     if not (site / "index.html").is_file() and not site_pages(site):
@@ -763,7 +803,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         results = check_site(site, screenshots, chromium=args.chromium, pages=pages, timeout=args.timeout,
-                             strict_alt=args.strict_alt, full_page=args.full_page,
+                             lenient_alt=args.lenient_alt, full_page=args.full_page,
                              report=lambda r: print(format_result(r), flush=True))
     except BrowserError as error:
         print(f"check_site: {error}", file=sys.stderr)

@@ -858,3 +858,18 @@ def test_safetensors_without_the_package_says_what_to_install(tmp_path, tiny_mod
         load_model(path)
     save_checkpoint(tmp_path / "model.pt", tiny_model)  # .pt files need no safetensors
     load_model(tmp_path / "model.pt", device="cpu")
+
+
+@pytest.mark.skipif(not hasattr(os, "fchmod"), reason="POSIX permissions")
+def test_a_saved_checkpoint_gets_the_permissions_of_an_ordinary_file(tmp_path):
+    # mkstemp makes its file readable by its owner only; the checkpoint must not stay that way.
+    old = os.umask(0o022)
+    try:
+        path = lm.save_checkpoint(tmp_path / "ckpt.pt", lm.GPT(lm.ModelConfig(vocab_size=8, block_size=4, n_layer=1,
+                                                                              n_head=1, d_model=8)))
+        assert (Path(path).stat().st_mode & 0o777) == 0o644
+        os.umask(0o077)
+        path = lm.files.write_atomically(tmp_path / "private.txt", lambda f: f.write("x"), text=True)
+        assert (path.stat().st_mode & 0o777) == 0o600
+    finally:
+        os.umask(old)

@@ -131,7 +131,7 @@ def test_chapters_read_no_file_relative_to_the_checkout():
 def test_the_assets_the_chapters_use_ship_with_the_package():
     code = "\n".join(source for path in CHAPTERS for source in code_of(path))
     assert "asset(" in code
-    for name in ("glossary_base.pt", "glossary_chat.pt", "gpu_decode.json", "gpu_train_mfu.json", "ddp_scaling.json",
+    for name in ("glossary_base.pt", "glossary_chat.pt", "shakespeare_char.pt", "gpu_decode.json", "gpu_train_mfu.json", "ddp_scaling.json",
                  "serve_load_cpu.json", "serve_load_h200.json"):
         assert f'"{name}"' in code and name in lm.assets.names(), name
     for kind in ("cpu", "h200_fp32", "h200_bf16"):  # chapter 4: asset(f"attention_cost_{name}.json")

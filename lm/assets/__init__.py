@@ -16,6 +16,7 @@ current folder.
 | `serve_load_{cpu,h200}.json` | the server under concurrent clients (chapter 9) | `bench/serve_load.py` |
 | `glossary_base.pt` | chapter 8's pretrained model (3.6 MB, float16 weights) | `scripts/make_glossary_base.py` |
 | `glossary_chat.pt` | chapter 9's chat model (3.6 MB, float16 weights) | `scripts/make_glossary_chat.py` |
+| `shakespeare_char.pt` | chapter 7's "model worth reading": 4.8M parameters, 5,000 steps on the plays (9.7 MB, float16 weights) | `scripts/make_shakespeare_model.py` (`make shakespeare-model`) |
 | `glossary/` | the hand-written fine-tuning data and its data card (`lm.glossary`) | written by hand |
 """
 
