@@ -1,5 +1,6 @@
 """The project's set-up files agree with each other."""
 
+import json
 import re
 import subprocess
 import sys
@@ -39,17 +40,22 @@ def test_environment_yml_lists_the_pyproject_dependencies():
 
 def test_environment_yml_installs_the_package_itself_with_lines_pip_accepts(tmp_path):
     # conda (and Binder's repo2docker) write the pip section to a requirements file next to
-    # environment.yml and run `pip install -r` on it: parse it the way pip does.
-    from pip._internal.network.session import PipSession
-    from pip._internal.req.req_file import parse_requirements
-
+    # environment.yml and run `pip install -r` on it: parse it the way pip does. In a separate
+    # process: pip's internals import the standard library's distutils, which breaks a later
+    # `import setuptools` (torch.compile's) in this one.
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip_sections = [d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d]
     assert len(pip_sections) == 1
     requirements = tmp_path / "requirements.txt"
     requirements.write_text("\n".join(line.replace(" .", f" {ROOT}") for line in pip_sections[0]) + "\n")
-    parsed = list(parse_requirements(str(requirements), session=PipSession()))
-    assert [(r.requirement, r.is_editable) for r in parsed] == [(str(ROOT), True)]
+    parse = ("import json, sys\n"
+             "from pip._internal.network.session import PipSession\n"
+             "from pip._internal.req.req_file import parse_requirements\n"
+             "print(json.dumps([[r.requirement, r.is_editable] for r in "
+             "parse_requirements(sys.argv[1], session=PipSession())]))\n")
+    out = subprocess.run([sys.executable, "-c", parse, str(requirements)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == [[str(ROOT), True]]
 
 
 def test_makefile_installs_the_pinned_torch_before_the_project():
