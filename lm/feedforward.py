@@ -38,7 +38,8 @@ class MLP(nn.Module):
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.proj(F.gelu(self.fc(x), approximate=self.approximate)))
+        y = self.proj(F.gelu(self.fc(x), approximate=self.approximate))
+        return self.drop(y) if self.training else y  # eval: skip the no-op call (decoding speed)
 
     def residual_projections(self) -> list[nn.Linear]:
         return [self.proj]
@@ -77,7 +78,8 @@ class SwiGLU(nn.Module):
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.w3(F.silu(self.w1(x)) * self.w2(x)))
+        y = self.w3(F.silu(self.w1(x)) * self.w2(x))
+        return self.drop(y) if self.training else y
 
     def residual_projections(self) -> list[nn.Linear]:
         return [self.w3]

@@ -185,7 +185,9 @@ class GPT(nn.Module):
             raise ValueError("a (B, T, T) document mask is for training on packed rows; generation with a "
                              "cache takes a (B, T) padding mask.")
         offset = 0 if cache is None else cache.begin(T, attention_mask)
-        x = self.drop(self.embed(idx, offset))
+        x = self.embed(idx, offset)
+        if self.training:
+            x = self.drop(x)
         layer_caches = [None] * len(self.blocks) if cache is None else cache.layers
         recompute = self.config.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block, layer_cache in zip(self.blocks, layer_caches):

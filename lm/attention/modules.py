@@ -74,7 +74,8 @@ class CausalSelfAttention(nn.Module):
         else:
             y = self.attend_cached(q, k, v, cache)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
-        return self.resid_drop(self.proj(y))
+        y = self.proj(y)
+        return self.resid_drop(y) if self.training else y  # eval: skip the no-op call
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, T, C) -> q (B, H, T, D), k and v (B, H_kv, T, D)."""
