@@ -17,15 +17,10 @@ import numpy as np
 
 # Chapter 5 draws the parameter breakdown; the one computation of it lives beside count_params.
 from .presets import PARAM_GROUPS, param_breakdown  # noqa: F401
-from . import assets
+# The chapters' name for lm.assets.path: asset("gpu_decode.json") is a file of the installed package.
+from .assets import path as asset  # noqa: F401
 from .optim import lr_at
 from .trainer import TrainHistory
-
-
-def asset(name: str) -> Path:
-    """A file the chapters read (a measurement or a small model), from the installed package:
-    `asset("gpu_decode.json")`, `asset("glossary_chat.pt")`. See `lm.assets` for the list."""
-    return assets.path(name)
 
 
 def show_source(obj):

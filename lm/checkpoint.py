@@ -121,11 +121,6 @@ def git_sha() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def package_version() -> str:
-    """This lm's version (`lm.__version__`, kept in lm/version.py and pyproject.toml)."""
-    return __version__
-
-
 def version_numbers(version: Any) -> tuple[int, ...] | None:
     """(0, 2, 1) for "0.2.1" (or "0.2.1.dev0"); None when `version` is not of that form ("unknown")."""
     found = re.match(r"(\d+)\.(\d+)\.(\d+)", version) if isinstance(version, str) else None
@@ -268,7 +263,7 @@ def save_checkpoint(
     payload = {
         "format": FORMAT,
         "version": VERSION,
-        "lm_version": package_version(),
+        "lm_version": __version__,
         "model": model.state_dict() if model_state is None else model_state,
         "config": model.config.to_dict(),
         "lora": lora_config.to_dict() if (lora_config := getattr(model, "lora_config", None)) is not None else None,
@@ -328,7 +323,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, format: str | None = No
     ckpt.pop("upgraded_from", None)
     if format == "safetensors":
         ckpt["optimizer"] = ckpt["scaler"] = None
-    ckpt["lm_version"] = package_version()
+    ckpt["lm_version"] = __version__
     ckpt["checksums"] = checksums({key: value for key, value in ckpt.items() if key != "checksums"})
     return write_checkpoint(Path(dst), ckpt, format)
 
@@ -581,7 +576,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
                               f"number from 1 to {VERSION}.")
     if version > VERSION:
         raise CheckpointError(f"{where} has checkpoint version {version}, written by lm "
-                              f"{short_repr(ckpt.get('lm_version', '?'))}; this lm ({package_version()}) reads "
+                              f"{short_repr(ckpt.get('lm_version', '?'))}; this lm ({__version__}) reads "
                               f"versions up to {VERSION}: upgrade lm.")
     if version >= 2 and ckpt.get("checksums") is None:
         raise CheckpointError(f"{where} is corrupt: it has no 'checksums' entry, which every checkpoint of version "
@@ -655,9 +650,9 @@ def check_config_fits_weights(config: ModelConfig, weights: dict, lora: dict | N
 def newer_lm_hint(ckpt: dict) -> str:
     """When the file was written by a newer lm than this one: a sentence saying so (its config may
     hold fields this lm does not know yet). Else nothing."""
-    written, ours = version_numbers(ckpt.get("lm_version")), version_numbers(package_version())
+    written, ours = version_numbers(ckpt.get("lm_version")), version_numbers(__version__)
     if written and ours and written > ours:
-        return f" (written by lm {ckpt['lm_version']}, newer than this lm {package_version()}: upgrade lm)"
+        return f" (written by lm {ckpt['lm_version']}, newer than this lm {__version__}: upgrade lm)"
     return ""
 
 
