@@ -7,7 +7,9 @@ them), fp32, greedy decoding of `--new` tokens after a `--prompt`-token prompt, 
 cache; lm also without its cache. Transformers runs GPT2LMHeadModel with the same architecture
 (sdpa attention). Each side runs `--repeats` times, alternating; the median counts.
 
-    .venv/bin/python bench/cpu_decode.py [--threads 2] [--new 200] [--prompt 16]
+    .venv/bin/python bench/cpu_decode.py [--threads 2] [--new 200] [--prompt 16] [--batch 1]
+
+`--batch 8` decodes 8 prompts at once (no padding), ms per step of 8 tokens.
 
 Ends with one JSON line: {"bench", "unit": "ms/token", "lm", "peer", "peer_name", "speedup"};
 speedup > 1 means lm is faster.
@@ -50,11 +52,12 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=200, help="tokens to generate (default: 200)")
     parser.add_argument("--prompt", type=int, default=16, help="prompt tokens (default: 16)")
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs per side (default: 3)")
+    parser.add_argument("--batch", type=int, default=1, help="prompts decoded together (default: 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     ours, peer = build(vocab=256, block=1024)
-    prompt = torch.randint(0, 256, (1, args.prompt))
+    prompt = torch.randint(0, 256, (args.batch, args.prompt))
     n = args.new
 
     import copy
@@ -71,7 +74,7 @@ def main() -> None:
     }
     with torch.inference_mode():
         ours_ids = runs["lm (KV cache)"]()
-        assert ours_ids.shape == (1, args.prompt + n)
+        assert ours_ids.shape == (args.batch, args.prompt + n)
         assert torch.equal(ours_ids, runs["lm (no cache)"]())  # the cache changes speed, not tokens
         for fn in runs.values():  # warm up
             fn()
@@ -79,11 +82,12 @@ def main() -> None:
         for _ in range(args.repeats):
             for name, fn in runs.items():
                 times[name].append(ms_per_token(fn, n))
+    unit = "ms/token" if args.batch == 1 else f"ms/step of {args.batch} tokens"
     for name, values in times.items():
-        print(f"{name:22s} {statistics.median(values):7.2f} ms/token  (runs: {[round(v, 2) for v in values]})")
+        print(f"{name:22s} {statistics.median(values):7.2f} {unit}  (runs: {[round(v, 2) for v in values]})")
     speedup_int8 = statistics.median(times["transformers (cache)"]) / statistics.median(times["lm int8 (KV cache)"])
     print(f"int8 against transformers fp32: {speedup_int8:.2f}x")
-    report("cpu_decode_roketmodel_b1", "ms/token", statistics.median(times["lm (KV cache)"]),
+    report(f"cpu_decode_roketmodel_b{args.batch}", unit, statistics.median(times["lm (KV cache)"]),
            statistics.median(times["transformers (cache)"]), "transformers GPT2LMHeadModel.generate (cache)",
            higher_is_better=False)
 

@@ -35,7 +35,7 @@ the timed tokens over the timed wall time. `--batch` takes several sizes; the cl
 compares lm and transformers at the batch size where lm is fastest, both at that same batch.
 
     python bench/gpu_train_mfu.py --batch 16 32 64                 # sweep the micro-batch
-    python bench/gpu_train_mfu.py --batch 32 --no-peer --profile 3  # lm only, GPU time by kernel kind
+    python bench/gpu_train_mfu.py --batch 32 --peers --profile 3     # lm only, GPU time by kernel kind
 
 Measured on one H200 (torch 2.11.0+cu130, transformers 5.17.0; same bf16 peak as the H100, 1.4x its
 memory bandwidth), stored with settings and every run in lm/assets/gpu_train_mfu.json by
@@ -46,7 +46,7 @@ memory bandwidth), stored with settings and every run in lm/assets/gpu_train_mfu
     transformers GPT2LMHeadModel   B=64   436,707 tokens/s  MFU 37.8%    speedup 1.21
 
 After the redesign of issue 11 (one model forward, the trainer/training split), lm alone
-(--no-peer --steps 20 --warmup 3), in one session with the code before it: 46.3% after, 46.4% before.
+(--peers --steps 20 --warmup 3), in one session with the code before it: 46.3% after, 46.4% before.
 
 How lm got there, B=64, each a run of this script: `train_step` reading loss and gradient norm
 twice per step 42.9%; once per step (a non-finite step skipped on the device instead) 44.2%, and
@@ -196,6 +196,19 @@ def train_peer(config: lm.ModelConfig, data, batch: int, steps: int, warmup: int
                          config.block_size, steps, warmup, profile)
 
 
+def train_nanogpt_style(config: lm.ModelConfig, data, batch: int, steps: int, warmup: int, compile_mode: str,
+                       profile: int = 0) -> dict:
+    """A GPT-2 written as nanoGPT writes it (bench/_nanogpt_style.py), in the same loop."""
+    from _nanogpt_style import NanoStyleGPT
+
+    model = NanoStyleGPT(config.vocab_size, config.block_size, config.n_layer, config.n_head, config.d_model).cuda()
+    forward = model if compile_mode == "none" else torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
+    return peer_training(model, forward, data, batch, config.block_size, steps, warmup, profile)
+
+
+PEERS = {"nanogpt": ("nanoGPT-style GPT-2", train_nanogpt_style), "transformers": (PEER_NAME, train_peer)}
+
+
 def summarise(name: str, run: dict, batch: int, T: int, warmup: int, flops: int) -> dict:
     timed = run["step_time"][warmup:]
     tokens_per_s = batch * T * len(timed) / sum(timed)
@@ -218,8 +231,8 @@ def main() -> None:
     parser.add_argument("--compile-mode", default="default",
                         help="torch.compile mode: default, max-autotune-no-cudagraphs, max-autotune, or none")
     parser.add_argument("--vocab", type=int, default=50304, help="vocab_size of both models (default: 50304)")
-    parser.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True,
-                        help="also train transformers' GPT2LMHeadModel (default: on)")
+    parser.add_argument("--peers", nargs="*", default=["nanogpt", "transformers"], choices=sorted(PEERS),
+                        help="peers to train too (default: nanogpt transformers; none: lm alone)")
     parser.add_argument("--sdpa-backend", default="auto", choices=["auto", "flash", "cudnn", "efficient"],
                         help="restrict scaled_dot_product_attention to one kernel, for both models (default: auto)")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
@@ -250,13 +263,13 @@ def main() -> None:
         backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                    "efficient": SDPBackend.EFFICIENT_ATTENTION}[args.sdpa_backend]
         sdpa_kernel([backend]).__enter__()  # for the whole process: both models, forward and backward
-    sides = [("lm", train_lm)] + ([(PEER_NAME, train_peer)] if args.peer else [])
+    sides = [("lm", train_lm)] + [PEERS[name] for name in args.peers]
     results = []
     record = {"bench": "gpu_train_mfu", "device_name": device_name, "torch": torch.__version__,
               "compile_mode": args.compile_mode, "sdpa_backend": args.sdpa_backend, "vocab_size": args.vocab, "seq_len": T, "precision": "bf16 autocast",
               "steps": args.steps, "warmup": args.warmup, "flops_per_token": flops, "n_params_mfu": N,
               "peak_flops": PEAK_FLOPS, "runs": results}
-    if args.peer:
+    if "transformers" in args.peers:
         import transformers
 
         record["transformers"] = transformers.__version__
@@ -280,20 +293,23 @@ def main() -> None:
                     json.dump(record, f, indent=1)
 
     ok = {(r["model"], r["batch"]): r for r in results if "error" not in r}
-    comparable = [r for (name, batch), r in ok.items() if name == "lm" and (not args.peer or (PEER_NAME, batch) in ok)]
+    peer_names = [PEERS[name][0] for name in args.peers]
+    comparable = [r for (name, batch), r in ok.items() if name == "lm" and all((p, batch) in ok for p in peer_names)]
     if not comparable:
         raise SystemExit("no batch size ran for both models; try smaller --batch values.")
     best = max(comparable, key=lambda r: r["tokens_per_s"])
     print(f"lm at B={best['batch']}: {best['tokens_per_s']:,} tokens/s, MFU {best['mfu']:.1%}")
-    if not args.peer:
+    if not peer_names:
         return
-    peer = ok[(PEER_NAME, best["batch"])]
-    print(f"{PEER_NAME} at B={peer['batch']}: {peer['tokens_per_s']:,} tokens/s, MFU {peer['mfu']:.1%}")
+    for name in peer_names:
+        peer = ok[(name, best["batch"])]
+        print(f"{name} at B={peer['batch']}: {peer['tokens_per_s']:,} tokens/s, MFU {peer['mfu']:.1%}")
+    strongest = max((ok[(name, best["batch"])] for name in peer_names), key=lambda r: r["mfu"])
     record["compared_at_batch"] = best["batch"]
     if args.out:
         with open(args.out, "w") as f:
             json.dump(record, f, indent=1)
-    report("gpu_train_mfu", "MFU", best["mfu"], peer["mfu"], PEER_NAME, higher_is_better=True)
+    report("gpu_train_mfu", "MFU", best["mfu"], strongest["mfu"], strongest["model"], higher_is_better=True)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from .device import auto_device, resolve_device
 from .memory import find_batch_size, training_memory
 from .generation import Decoder, GenerationConfig
 from .kv_cache import KVCache
+from .speculative import SpeculativeStats, speculative_generate
 from .model import GPT
 from .hf import ConversionError, export_hf, from_hf
 from .presets import PRESETS, count_params, param_breakdown, param_formula_rscalm, param_formula_seed000, preset
@@ -62,4 +63,5 @@ __all__ = [
     "LoRAConfig", "LoRAError", "apply_lora", "load_adapters", "merge_lora", "save_adapters", "unmerge_lora",
     "SequenceClassifier", "classification_task", "train_classifier", "Retriever",
     "ConversionError", "convert_checkpoint", "export_hf", "from_hf",
+    "SpeculativeStats", "speculative_generate",
 ]

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from .cuda_graph import GraphedStep, graph_unsupported
+from .decode_step import LeanStep
 from .kv_cache import KVCache
 from .quantize import for_decoding
 from .sampling import SamplingConfig, SamplingError, choose_next
@@ -337,6 +338,10 @@ class Generation:
             self.text_stream(0)
         if device.type == "cpu":
             for_decoding(model)  # the layout a CPU reads fastest at batch 1; same values, same results
+        # One-token steps without the module machinery where the model allows it (same floats).
+        self.lean = None
+        if config.use_cache and not self.cuda_graph and LeanStep.unsupported(model) is None:
+            self.lean = LeanStep(model)
 
     def _use_graph(self, cuda_graph, compile) -> bool:
         """None: on CUDA whenever the model allows it. True: always (a clear error where it cannot)."""
@@ -424,6 +429,8 @@ class Generation:
         self.cached += 1
         if self.graph is not None:  # the prompt's padding is in the cache's mask already; new tokens are real
             return self.graph(self.ids[:, L - 1:L])
+        if self.lean is not None and LeanStep.usable(self.cache, 1):
+            return self.lean(self.ids[:, L - 1:L], self.cache)
         return model(self.ids[:, L - 1:L], attention_mask=None if mask is None else mask[:, :L], cache=self.cache)[0]
 
     @torch.no_grad()

@@ -272,6 +272,26 @@ class KVCache:
                 layer.S.zero_()
                 layer.z.zero_()
 
+    def crop(self, n: int) -> None:
+        """Keep the first `n` positions and forget the rest, so the next token goes to position n.
+
+        Speculative decoding (`lm.speculative`) feeds a model tokens that may be rejected and then
+        steps back to the last accepted one. Nothing is erased: the slots past n are overwritten by
+        the next tokens and never read before (the cursor decides what attention sees). Only caches
+        that keep every key and value can step back: a rolling window has overwritten old slots, and
+        linear attention's running sums cannot subtract what they added."""
+        kinds = {type(layer).__name__ for layer in self.layers if type(layer) not in (DynamicCache, StaticCache)}
+        if kinds:
+            raise ValueError(f"a KV cache with {', '.join(sorted(kinds))} layers cannot be cropped (they do not keep "
+                             f"every position); crop works with attention that caches every key (sdpa, manual, "
+                             f"block_sparse); otherwise reset() the cache and feed the tokens again.")
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= self.length:
+            raise ValueError(f"crop(n={n!r}): n must be an integer from 0 to the {self.length} positions filled.")
+        if self.static:
+            self.cursor.position.fill_(n)
+        else:
+            self.cursor.length = n
+
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor the cache keeps (buffers, sums, position, padding)."""
         cursor = [t for t in (self.cursor.position, self.cursor.real) if t is not None]

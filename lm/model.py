@@ -129,7 +129,7 @@ class GPT(nn.Module):
 
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
-                attention_mask: torch.Tensor | None = None, cache=None):
+                attention_mask: torch.Tensor | None = None, cache=None, all_logits: bool = False):
         """idx: (B, T) token ids. targets: (B, T) next-token ids, -100 where no loss is wanted.
         attention_mask: (B, T), True for real tokens and False for padding, or (B, T, T), True where
         query i may see key j (packed documents); see `lm.attention`.
@@ -141,10 +141,11 @@ class GPT(nn.Module):
 
         With a `cache` (`lm.KVCache`), idx holds only the tokens after those already cached and
         attention_mask (if any) covers at least them. Generation needs only the next token's
-        scores, so without targets only the last position goes through the head: logits (B, 1, V).
+        scores, so without targets only the last position goes through the head: logits (B, 1, V);
+        `all_logits=True` gives every new position's, (B, T, V) (speculative decoding scores several).
         """
         x = self._residual_stream(idx, attention_mask, cache)
-        if cache is not None and targets is None:
+        if cache is not None and targets is None and not all_logits:
             x = x[:, -1:]
         logits = self.lm_head(self.norm_f(x))
         self.aux_loss = self._moe_aux_loss()

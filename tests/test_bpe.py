@@ -6,7 +6,10 @@ from __future__ import annotations
 import io
 import json
 import random
+import re
 import string
+import subprocess
+import sys
 import tracemalloc
 import warnings
 from collections import Counter
@@ -609,3 +612,211 @@ def test_bad_ranks():
         ByteBPETokenizer.from_tiktoken_ranks(shuffled, special_tokens={})
     with pytest.raises(TokenizerError, match="special ids must be"):
         ByteBPETokenizer.from_tiktoken_ranks(ranks, special_tokens={"<|endoftext|>": 3})
+
+
+# ---- the fast paths: ASCII twins, cuts, parallel counting and encoding ------------------------------
+ASCII_ALPHABET = "aZz09 \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f'sdmtlvreSDLLVE.,!?-_()\"$\x00\x7f"
+
+
+def random_text(rng: random.Random, n: int, alphabet: str = ASCII_ALPHABET) -> str:
+    """Runs of characters from `alphabet`, so that long words, numbers and whitespace runs occur."""
+    out = []
+    while sum(map(len, out)) < n:
+        out.append(rng.choice(alphabet) * rng.choice([1, 1, 1, 2, 3, 7]))
+    return "".join(out)[:n]
+
+
+def test_regex_whitespace_among_ascii_is_exactly_the_twins_set():
+    """The twins spell out whitespace because `re`'s \\s (like str.isspace) also matches \\x1c-\\x1f."""
+    regex_space = {chr(c) for c in range(128) if regex.fullmatch(r"\s", chr(c))}
+    assert regex_space == set(bpe_module.bpe_core.WHITESPACE)
+    assert "\x1c".isspace() and regex.fullmatch(r"\s", "\x1c") is None
+
+
+@pytest.mark.parametrize("pattern", [GPT2_PATTERN, GPT4_PATTERN])
+def test_ascii_twin_equals_the_regex_pattern_on_random_text(pattern):
+    twin = bpe_module.ASCII_TWINS[pattern]
+    rng = random.Random(0)
+    for n in [0, 1, 2, 3, 5, 10, 30, 200, 5_000]:
+        for _ in range(60 if n < 1_000 else 3):
+            text = random_text(rng, n)
+            assert re.findall(twin, text) == regex.findall(pattern, text), text
+    printable = "".join(chr(c) for c in range(128))
+    assert re.findall(twin, printable) == regex.findall(pattern, printable)
+
+
+@pytest.mark.parametrize("pattern", [GPT2_PATTERN, GPT4_PATTERN])
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=ASCII_ALPHABET, max_size=80) | st.text(alphabet=st.characters(max_codepoint=127), max_size=80))
+def test_ascii_twin_equals_the_regex_pattern_on_any_ascii_text(pattern, text):
+    assert re.findall(bpe_module.ASCII_TWINS[pattern], text) == regex.findall(pattern, text)
+
+
+@pytest.mark.parametrize("pattern", [GPT2_PATTERN, GPT4_PATTERN])
+def test_cutting_where_find_cut_says_keeps_the_pretokens(pattern):
+    rule = bpe_module.cut_rule(bpe_module.ASCII_TWINS[pattern])
+    rng = random.Random(1)
+    alphabet = ASCII_ALPHABET + "\n\n\n\n\r\né😀\u00a0"
+    cuts = 0
+    for _ in range(400):
+        text = random_text(rng, rng.randrange(2, 300), alphabet)
+        pieces = regex.findall(pattern, text)
+        start = rng.randrange(len(text))
+        cut = bpe_module.find_cut(text, start, rule)
+        if cut >= 0:
+            cuts += 1
+            assert cut >= start
+            assert regex.findall(pattern, text[:cut]) + regex.findall(pattern, text[cut:]) == pieces, (text, cut)
+    assert cuts > 100
+
+
+@pytest.mark.parametrize("rule", ["gpt2", "gpt4"])
+def test_cut_blocks_cover_the_text_and_find_cuts_between_paragraphs(rule):
+    pattern = GPT2_PATTERN if rule == "gpt2" else GPT4_PATTERN
+    for text in ["ab\ncd\n  \nef\nx" * 50, "A paragraph, on one line.\n\nAnother one!\n\n\n" * 40]:
+        blocks = list(bpe_module.cut_blocks(text, 30, rule))
+        assert "".join(blocks) == text and len(blocks) > 10
+        assert [p for block in blocks for p in regex.findall(pattern, block)] == regex.findall(pattern, text)
+    assert list(bpe_module.cut_blocks("no newline at all " * 10, 5, rule)) == ["no newline at all " * 10]
+
+
+@pytest.mark.parametrize("pattern", [GPT2_PATTERN, GPT4_PATTERN])
+def test_mixed_text_is_split_block_by_block_as_the_regex_splits_it(pattern, shakespeare, monkeypatch):
+    monkeypatch.setattr(bpe_module.bpe_core, "BLOCK_CHARS", 1_000)
+    text = shakespeare[:20_000].replace("KING", "KÖNIG").replace("the", "thé 😀")
+    assert not text.isascii()
+    assert bpe_module.PreTokenizer(pattern)(text) == regex.findall(pattern, text)
+
+
+def test_gpt2_matches_tiktoken_on_mixed_text_longer_than_a_block(gpt2, reference, shakespeare):
+    text = shakespeare[:200_000].replace("KING", "KÖNIG").replace(" love", " lövé 😀")
+    assert gpt2.encode(text, allowed_special="none") == reference.encode_ordinary(text)
+    rng = random.Random(2)
+    for _ in range(5):  # ASCII and non-ASCII blocks, cut in whitespace runs
+        text = random_text(rng, 3_000, ASCII_ALPHABET + "é😀\u00a0\u3000ß")
+        assert gpt2.encode(text, allowed_special="none") == reference.encode_ordinary(text)
+
+
+def test_token_cache_is_rebuilt_when_the_ranks_change(gpt2):
+    first = gpt2.encode("hello")
+    cache = gpt2._cache
+    assert gpt2.encode("hello") == first and gpt2._cache is cache
+    gpt2._ranks = dict(gpt2._ranks)  # another mapping: the cache must not serve the old one's ids
+    assert gpt2.encode("hello") == first and gpt2._cache is not cache
+
+
+def count(text, processes, pattern="gpt2", special_tokens=("<|endoftext|>",)):
+    return bpe_module.count_pretokens(text, bpe_module.PreTokenizer(pattern), special_tokens, processes)
+
+
+def plain_count(texts, pattern="gpt2", special_tokens=("<|endoftext|>",)) -> Counter:
+    """The pre-token counts the slow, obvious way: whole texts, `regex` only."""
+    pattern = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}.get(pattern, pattern)
+    counts = Counter()
+    for text in [texts] if isinstance(texts, str) else texts:
+        for segment in regex.split("|".join(map(regex.escape, special_tokens)), text):
+            counts.update(regex.findall(pattern, segment) if pattern else [segment] * bool(segment))
+    return counts
+
+
+@pytest.mark.parametrize("pattern", ["gpt2", "gpt4", None])
+def test_parallel_counting_equals_counting_in_one_process(corpus, monkeypatch, pattern):
+    monkeypatch.setattr(bpe_module, "BATCH_CHARS", 2_000)  # many batches, cut inside the text
+    text = corpus[:30_000] + "<|endoftext|>" + corpus[30_000:40_000]
+    docs = text.split("\n\n")
+    serial = count(text, 1, pattern)
+    assert serial == plain_count(text, pattern)
+    assert count(text, 2, pattern) == serial
+    assert count(docs, 2, pattern) == count(docs, 1, pattern) == plain_count(docs, pattern)
+    if pattern is not None:  # no cut is made without a pattern, whose pieces are whole texts
+        assert sum(serial.values()) > 1000
+
+
+def test_training_in_parallel_learns_the_same_merges(corpus, monkeypatch):
+    monkeypatch.setattr(bpe_module, "BATCH_CHARS", 5_000)
+    one = ByteBPETokenizer.train(corpus, vocab_size=500, processes=1)
+    assert ByteBPETokenizer.train(corpus, vocab_size=500, processes=2).merges == one.merges
+    assert ByteBPETokenizer.train(corpus, vocab_size=500, processes=None).merges == one.merges  # small: 1
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_training_from_a_file_equals_training_from_its_text(tmp_path, corpus, monkeypatch, processes):
+    monkeypatch.setattr(bpe_module, "BATCH_CHARS", 3_000)  # the file is read in many blocks
+    text = corpus[:20_000].replace("\n", "\r\n", 50) + "\nnaïve café 😀\n" + corpus[20_000:30_000]
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(text.encode("utf-8"))
+    from_text = ByteBPETokenizer.train(text, vocab_size=400)
+    assert ByteBPETokenizer.train(path, vocab_size=400, processes=processes).merges == from_text.merges
+    assert count(path, processes) == plain_count(text)
+
+
+def test_a_special_token_with_a_newline_is_never_cut(corpus, monkeypatch):
+    monkeypatch.setattr(bpe_module, "BATCH_CHARS", 100)
+    special = "x\ny"
+    text = special.join(corpus[k : k + 60] for k in range(0, 6_000, 60))  # "ax\nyb": a cut would split it
+    counts = count(text, 2, special_tokens=(special,))
+    assert counts == count(text, 1, special_tokens=(special,)) == plain_count(text, special_tokens=(special,))
+    assert sum(counts.values()) > 500
+
+
+def test_training_file_errors(tmp_path):
+    with pytest.raises(TokenizerError, match="does not exist"):
+        ByteBPETokenizer.train(tmp_path / "missing.txt", 300)
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("café".encode("latin-1"))
+    with pytest.raises(TokenizerError, match="not UTF-8"):
+        ByteBPETokenizer.train(latin, 300)
+
+
+@pytest.mark.parametrize("processes", [0, -1, 1.5, "2", True])
+def test_bad_processes_are_refused(tok, processes):
+    with pytest.raises(TokenizerError, match="processes"):
+        ByteBPETokenizer.train("some text", 300, processes=processes)
+    with pytest.raises(TokenizerError, match="processes"):
+        tok.encode_batch(["some text"], processes=processes)
+
+
+def test_a_custom_pattern_that_skips_characters_fails_in_a_worker_too():
+    with pytest.raises(TokenizerError, match="skips some characters"):
+        ByteBPETokenizer.train(["ab cd", "ef"], 300, pattern=r"\w+", processes=2)
+
+
+def test_encode_batch_in_processes_equals_encode(gpt2, shakespeare, monkeypatch):
+    monkeypatch.setattr(bpe_module, "BATCH_CHARS", 20_000)
+    docs = shakespeare[:150_000].split("\n\n") + ["", "<|endoftext|> x", "naïve 😀", "a" * 500]
+    expected = [gpt2.encode(doc) for doc in docs]
+    assert gpt2.encode_batch(docs, processes=2) == expected
+    assert gpt2.encode_batch(docs, processes=1) == expected
+    assert gpt2.encode_batch(iter(docs[:5])) == expected[:5]
+    none = gpt2.encode_batch(docs[-3:], allowed_special="none", processes=2)
+    assert none == [gpt2.encode(doc, allowed_special="none") for doc in docs[-3:]]
+    assert gpt2.encode_batch([], processes=2) == []
+
+
+def test_encode_batch_errors_name_the_problem(gpt2):
+    with pytest.raises(TokenizerError, match="disallowed"):
+        gpt2.encode_batch(["fine", "<|endoftext|>"], allowed_special="none", disallowed_special="all", processes=2)
+    with pytest.raises(TokenizerError, match="lone surrogate"):
+        gpt2.encode_batch(["fine", "bad \ud800 text"], processes=2)
+    with pytest.raises(TokenizerError, match="item of type int"):
+        gpt2.encode_batch(["fine", 3])
+    with pytest.raises(TokenizerError, match="use encode for a single text"):
+        gpt2.encode_batch("one text")
+
+
+def test_a_worker_loads_neither_torch_nor_lm():
+    """Workers load bpe_core by its path, so they start in milliseconds, not after importing torch."""
+    script = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('w', sys.argv[1]); "
+              "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+              "print(sorted(n for n in sys.modules if n == 'torch' or n == 'lm' or n.startswith('lm.')))")
+    out = subprocess.run([sys.executable, "-c", script, bpe_module.bpe_core.__file__], capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_a_worker_that_dies_is_reported():
+    worker = bpe_module.bpe_core.Worker("count", (None, None, False, []))
+    worker.process.kill()
+    with pytest.raises(bpe_module.WorkerError, match="exited with code"):
+        worker(["text"])
+    worker.close()

@@ -17,6 +17,7 @@ current folder.
 | `glossary_base.pt` | chapter 8's pretrained model (3.6 MB, float16 weights) | `scripts/make_glossary_base.py` |
 | `glossary_chat.pt` | chapter 9's chat model (3.6 MB, float16 weights) | `scripts/make_glossary_chat.py` |
 | `shakespeare_char.pt` | chapter 7's "model worth reading": 4.8M parameters, 5,000 steps on the plays (9.7 MB, float16 weights) | `scripts/make_shakespeare_model.py` (`make shakespeare-model`) |
+| `shakespeare_char_draft.pt` | its draft for speculative decoding (chapter 7, `lm.speculative`): 2 blocks, width 192, 1.0M parameters, the same tokenizer (1.9 MB, float16 weights) | `scripts/make_shakespeare_model.py --draft` |
 | `glossary/` | the hand-written fine-tuning data and its data card (`lm.glossary`) | written by hand |
 """
 

@@ -11,24 +11,41 @@ both: a pre-token starts as single bytes, then the adjacent pair whose concatena
 lowest id ("rank") is joined, again and again, exactly as tiktoken does.
 
     tok = ByteBPETokenizer.train(text, vocab_size=2000)
+    tok = ByteBPETokenizer.train(Path("corpus.txt"), 32_000)   # a file, streamed, counted in parallel
     tok.encode("To be, or not to be")          # -> ids
+    tok.encode_batch(documents)                # many documents, over several processes when large
     tok.merges[:3]                             # the first merges, as (left id, right id)
     gpt2 = ByteBPETokenizer.gpt2()             # GPT-2's 50,257 tokens, same ids as tiktoken
+
+What keeps pure Python within reach of the compiled libraries (bench/encode_throughput.py,
+bench/bpe_train.py; the numbers are in chapter 2): ASCII text is pre-tokenized by the standard
+library's `re`, twice as fast as `regex`; each distinct pre-token is merged once, then the ids of
+the whole text are gathered in one C loop (`bpe_core.TokenCache`); training updates pair counts
+only where a merge happened, with each word held as a str of one character per token so that
+finding and replacing a pair runs in C; and pre-tokens are counted in several processes that do not
+import torch (`bpe_core`).
 """
 
 from __future__ import annotations
 
-import heapq
+import gc
 import json
+import os
 import warnings
 from collections import Counter, defaultdict
+from heapq import heapify, heappop, heappush
+from itertools import chain
 from pathlib import Path
 from typing import AbstractSet, Iterable, Iterator, Mapping, Sequence
 
 import regex
 
+from . import bpe_core
 from .base import (ENDOFTEXT, MAX_SPECIAL_LENGTH, MAX_SPECIAL_TOKENS, MAX_VOCAB_SIZE, TOKENIZERS,
                    EndOfTextSpecials, Tokenizer, TokenizerError, check_kind, check_size, short_repr)
+from .bpe_core import (BYTES, LONG_PRETOKEN, NO_RANK, Splitter, TokenCache, WorkerError, bpe,  # noqa: F401
+                       bpe_heap, cpu_count, cut_blocks, cut_rule, encode_pieces, encode_text, find_cut, run_parallel,
+                       special_regex, surrogate_message)
 from .gpt2_ranks import GPT2_PATTERN, GPT2_SPECIAL_TOKENS, load_gpt2_ranks
 
 # GPT-4's pre-tokenizer (tiktoken's cl100k_base): case-insensitive contractions, numbers in groups
@@ -38,10 +55,15 @@ GPT4_PATTERN = (
     r"""\s+(?!\S)|\s"""
 )
 PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
+# The same patterns for ASCII text, in the standard `re` (see bpe_core): the same pieces, faster.
+ASCII_TWINS = {GPT2_PATTERN: bpe_core.GPT2_ASCII_PATTERN, GPT4_PATTERN: bpe_core.GPT4_ASCII_PATTERN}
 CACHE_SIZE = 100_000  # pre-tokens remembered by encode; the cache is emptied when it is full
-BYTES = [bytes([b]) for b in range(256)]
-NO_RANK = 2**63  # the rank of a pair that is not a token
-LONG_PRETOKEN = 64  # bytes; longer pre-tokens are split by `bpe_heap`, whose cost grows as n log n, not n²
+# Parallel work: below this many characters one process is faster. Workers start in ~60 ms, and
+# the text travels to them through pipes while this process only feeds them: training on
+# Shakespeare (5 MB) took 0.79 s with two workers and 0.65 s in one process (bench/bpe_train.py),
+# while a 500 MB file trained in 19 s with two. The input travels in blocks of BATCH_CHARS.
+PARALLEL_MIN_CHARS = 16_000_000
+BATCH_CHARS = 1 << 19
 
 
 # ---- pre-tokenization -----------------------------------------------------------------------------
@@ -84,47 +106,130 @@ def check_saved_pattern(pattern, trust_pattern: bool = False) -> None:
 
 
 class PreTokenizer:
-    """Cuts text into pre-tokens with a regex (or not at all when the pattern is None)."""
+    """Cuts text into pre-tokens with a regex (or not at all when the pattern is None); GPT-2's
+    and GPT-4's patterns run as their faster `re` twins on ASCII text (`bpe_core.Splitter`)."""
 
     def __init__(self, pattern: str | None):
         self.pattern = resolve_pattern(pattern)
-        self._findall = regex.compile(self.pattern).findall if self.pattern is not None else None
+        self.ascii_pattern = ASCII_TWINS.get(self.pattern)
         # GPT-2's and GPT-4's patterns match every character; a custom one might skip some, which
         # would silently drop text, so its pieces are checked.
-        self._check = self.pattern is not None and self.pattern not in PATTERNS.values()
+        self.check = self.pattern is not None and self.pattern not in PATTERNS.values()
+        self._split = Splitter(self.pattern, self.ascii_pattern, self.check)
 
     def __call__(self, text: str) -> list[str]:
-        if self._findall is None:
-            return [text] if text else []
-        pieces = self._findall(text)
-        if self._check and sum(map(len, pieces)) != len(text):
-            raise TokenizerError(f"pattern {self.pattern!r} skips some characters of the text, which would be "
-                                 f"lost; end it with an alternative that matches anything, e.g. |\\s+|.")
-        return pieces
+        try:
+            return self._split(text)
+        except ValueError as err:
+            raise TokenizerError(str(err)) from None
 
 
-def special_regex(names: Iterable[str]) -> regex.Pattern | None:
-    """A regex that finds the special tokens, longest first where one is a prefix of another."""
-    names = sorted(names, key=lambda s: (-len(s), s))
-    return regex.compile("|".join(regex.escape(s) for s in names)) if names else None
-
-
-def count_pretokens(texts: str | Iterable[str], pretokenize: PreTokenizer,
-                    special_tokens: Sequence[str] = ()) -> Counter:
-    """How often each pre-token occurs. Special tokens written in the text are cut out first, so
-    that they are never learned as ordinary text. Pre-tokens never span two strings of an iterable."""
+# ---- counting pre-tokens, in parallel -------------------------------------------------------------
+def _text_batches(texts, rule: str | None) -> Iterator[list[str]]:
+    """The training input as batches (lists of str) of about BATCH_CHARS characters. A batch's
+    texts are counted apart, so pre-tokens never span two of them: a long str or file is cut
+    only where its pre-tokens stay the same (`bpe_core.find_cut` with `rule`), or not at all if
+    `rule` is None."""
     if isinstance(texts, str):
-        texts = [texts]
+        blocks = cut_blocks(texts, BATCH_CHARS, rule) if rule is not None else [texts]
+        yield from ([block] for block in blocks)
+    elif isinstance(texts, os.PathLike):
+        yield from ([block] for block in _file_blocks(texts, rule))
     elif isinstance(texts, (bytes, bytearray)) or not isinstance(texts, Iterable):
-        raise TokenizerError(f"training text must be str or an iterable of str, got {type(texts).__name__}.")
-    specials = special_regex(special_tokens)
-    counts: Counter = Counter()
+        raise TokenizerError(f"training text must be str, an iterable of str or a pathlib.Path, got "
+                             f"{type(texts).__name__}.")
+    else:
+        yield from _batches(texts, "training text must be str or an iterable of str")
+
+
+def _batches(texts: Iterable[str], what: str = "encode_batch expects strings") -> Iterator[list[str]]:
+    """Consecutive texts grouped into lists of about BATCH_CHARS characters, each checked to be a str."""
+    batch, size = [], 0
     for text in texts:
         if not isinstance(text, str):
-            raise TokenizerError(f"training text must be str or an iterable of str, got an item of type "
-                                 f"{type(text).__name__}.")
-        for segment in (specials.split(text) if specials is not None else [text]):
-            counts.update(pretokenize(segment))
+            raise TokenizerError(f"{what}, got an item of type {type(text).__name__}.")
+        batch.append(text)
+        size += len(text)
+        if size >= BATCH_CHARS:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _file_blocks(path: os.PathLike, rule: str | None) -> Iterator[str]:
+    """A UTF-8 file's text in blocks of about BATCH_CHARS characters, read as they are consumed:
+    memory holds about one block (plus, where no cut is possible for a while, the text since the
+    last cut; each part of it is searched for a cut once). Line ends stay as they are in the file
+    (newline=""): "\\r\\n" is text that a byte-level tokenizer sees."""
+    try:
+        with open(path, encoding="utf-8", newline="") as file:
+            pending, searched = "", 0  # no cut before `searched` (beyond the first half block)
+            while chunk := file.read(BATCH_CHARS):
+                pending += chunk
+                while rule is not None and len(pending) >= BATCH_CHARS:
+                    cut = find_cut(pending, max(BATCH_CHARS // 2, searched), rule)
+                    if cut < 0:
+                        searched = max(len(pending) - 64, 0)  # a cut needs a few characters after it
+                        break
+                    yield pending[:cut]
+                    pending, searched = pending[cut:], 0
+            if pending:
+                yield pending
+    except FileNotFoundError:
+        raise TokenizerError(f"the training file {str(path)!r} does not exist; pass a path to a UTF-8 text file "
+                             f"(or the text itself as a str).") from None
+    except UnicodeDecodeError as err:
+        raise TokenizerError(f"the training file {str(path)!r} is not UTF-8 text ({err}); convert it first, "
+                             f"e.g. with iconv.") from None
+
+
+def _peek_size(batches: Iterator[list[str]], enough: int) -> tuple[Iterator[list[str]], bool]:
+    """`batches` unchanged, and whether they hold at least `enough` characters (reads only that far)."""
+    head, size = [], 0
+    for batch in batches:
+        head.append(batch)
+        size += sum(map(len, batch))
+        if size >= enough:
+            return chain(head, batches), True
+    return iter(head), False
+
+
+def resolve_processes(processes: int | None, argument: str = "processes") -> int | None:
+    """None (choose by input size) or a positive int; anything else is refused."""
+    if processes is not None and (isinstance(processes, bool) or not isinstance(processes, int) or processes < 1):
+        raise TokenizerError(f"{argument}={processes!r} must be a positive int (1: this process only) or None "
+                             f"(one per CPU when the input is large).")
+    return processes
+
+
+def count_pretokens(texts: str | Iterable[str] | os.PathLike, pretokenize: PreTokenizer,
+                    special_tokens: Sequence[str] = (), processes: int | None = 1) -> Counter:
+    """How often each pre-token occurs in a str, an iterable of str, or a UTF-8 file (a Path).
+
+    Special tokens written in the text are cut out first, so that they are never learned as
+    ordinary text. Pre-tokens never span two strings of an iterable. The input is read in batches
+    and counted in `processes` processes (None: one per CPU when it holds at least
+    PARALLEL_MIN_CHARS characters, else 1); the counts are the same whatever the number.
+    """
+    processes = resolve_processes(processes)
+    # A long text can be cut at newlines only for GPT-2's and GPT-4's patterns, and only if no
+    # special token contains a newline (a cut could fall inside one).
+    rule = None if any("\n" in s for s in special_tokens) else cut_rule(pretokenize.ascii_pattern)
+    batches = _text_batches(texts, rule)
+    if processes is None:
+        batches, large = _peek_size(batches, PARALLEL_MIN_CHARS)
+        processes = cpu_count() if large else 1
+    args = (pretokenize.pattern, pretokenize.ascii_pattern, pretokenize.check, list(special_tokens))
+    try:
+        _, finals = run_parallel("count", args, batches, processes)
+    except TokenizerError:
+        raise
+    except (WorkerError, ValueError) as err:  # e.g. a custom pattern that skips characters
+        raise TokenizerError(str(err)) from None
+    counts = finals[0]
+    for more in finals[1:]:
+        counts.update(more)
     return counts
 
 
@@ -136,138 +241,88 @@ def train_merges(word_counts: Mapping[bytes, int], num_merges: int, verbose: boo
     (left id, then right id) wins, so the result is deterministic. Instead of recounting every
     pair after each merge, the counts are updated where the merge happened:
       pair_counts  pair -> how often it occurs (weighted by word counts)
-      where        pair -> ids of the words that contain (or once contained) it
+      where        pair -> the words that contain (or once contained) it, a word once per occurrence
       heap         (-count, pair), with stale entries fixed when they reach the top.
     A merge only touches the words in `where[pair]`, and in each of them only the neighbours of
     the merged pair change: (left, a) and (b, right) disappear, (left, new) and (new, right) appear.
+
+    To keep that loop in C as much as possible, a word is a str with one character per token
+    (chr(id)) and a pair is a 2-character str: `word.find(pair)` finds the merges (and skips a
+    word that no longer holds the pair), `word.replace(pair, new)` makes them, left to right, as
+    BPE does ("aaa" -> new + "a"), and comparing two pairs compares (left id, right id).
+    The new pairs' counts are summed once per merge from the words they occur in. Python's cyclic
+    garbage collector is paused meanwhile: the loop makes no reference cycles, but its many new
+    lists would make the collector walk all of `where` again and again (about 8% of the time).
     `naive_bpe.train_naive` recounts everything instead; the tests check that both agree.
     """
-    words = [list(w) for w in word_counts if len(w) > 1]
-    counts = [word_counts[w] for w in word_counts if len(w) > 1]
-    pair_counts: defaultdict[tuple[int, int], int] = defaultdict(int)
-    where: defaultdict[tuple[int, int], set[int]] = defaultdict(set)
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _train_merges(word_counts, num_merges, verbose)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _train_merges(word_counts: Mapping[bytes, int], num_merges: int, verbose: bool) -> list[tuple[int, int]]:
+    words = [w.decode("latin-1") for w in word_counts if len(w) > 1]  # byte b -> chr(b)
+    counts = [n for w, n in word_counts.items() if len(w) > 1]
+    weight = counts.__getitem__
+    where: defaultdict[str, list[int]] = defaultdict(list)
     for i, word in enumerate(words):
-        for pair in zip(word, word[1:]):
-            pair_counts[pair] += counts[i]
-            where[pair].add(i)
+        for k in range(len(word) - 1):
+            where[word[k : k + 2]].append(i)
+    pair_counts = {pair: sum(map(weight, found)) for pair, found in where.items()}
     heap = [(-count, pair) for pair, count in pair_counts.items()]
-    heapq.heapify(heap)
+    heapify(heap)
 
     merges: list[tuple[int, int]] = []
     vocab = list(BYTES)  # for the progress report
     report_every = max(1, num_merges // 10)
     while len(merges) < num_merges and heap:
-        neg_count, pair = heapq.heappop(heap)
-        count = pair_counts.get(pair, 0)
+        neg_count, pair = heappop(heap)
+        count = pair_counts[pair]
         if count != -neg_count:  # stale: counts only ever fall, so re-queue with the true count
             if count > 0:
-                heapq.heappush(heap, (-count, pair))
+                heappush(heap, (-count, pair))
             continue
-        new = 256 + len(merges)
-        merges.append(pair)
-        del pair_counts[pair]
-        vocab.append(vocab[pair[0]] + vocab[pair[1]])
-        if verbose and (len(merges) % report_every == 0 or len(merges) == 1):
-            shown = " + ".join(repr(bytes_to_str(vocab[i])) for i in pair)
-            print(f"merge {len(merges)}/{num_merges}: {shown} -> {new} {bytes_to_str(vocab[new])!r} ({count:,} times)")
-
         a, b = pair
-        new_pairs = set()
-        for i in where.pop(pair):
-            word, n = words[i], counts[i]
-            if a not in word:  # `where` keeps stale entries; this word no longer holds the pair
+        new = chr(256 + len(merges))
+        merges.append((ord(a), ord(b)))
+        vocab.append(vocab[ord(a)] + vocab[ord(b)])
+        if verbose and (len(merges) % report_every == 0 or len(merges) == 1):
+            shown = " + ".join(repr(bytes_to_str(vocab[ord(c)])) for c in pair)
+            print(f"merge {len(merges)}/{num_merges}: {shown} -> {ord(new)} {bytes_to_str(vocab[-1])!r} "
+                  f"({count:,} times)")
+
+        made: defaultdict[str, list[int]] = defaultdict(list)  # new pair -> a word per occurrence
+        for i in set(where.pop(pair)):
+            word = words[i]
+            j = word.find(pair)
+            if j < 0:  # `where` keeps stale entries; this word no longer holds the pair
                 continue
-            merged = []
-            j, length = 0, len(word)
-            while j < length:
-                if j + 1 < length and word[j] == a and word[j + 1] == b:
-                    if merged:  # the left neighbour (already merged, if it was a match too)
-                        left = merged[-1]
-                        pair_counts[(left, a)] -= n
-                        pair_counts[(left, new)] += n
-                        new_pairs.add((left, new))
-                        where[(left, new)].add(i)
-                    if j + 2 < length:
-                        right = word[j + 2]
-                        pair_counts[(b, right)] -= n
-                        pair_counts[(new, right)] += n
-                        new_pairs.add((new, right))
-                        where[(new, right)].add(i)
-                    merged.append(new)
-                    j += 2
-                else:
-                    merged.append(word[j])
-                    j += 1
-            words[i] = merged
-        pair_counts.pop(pair, None)  # (a, a) merges decrement their own pair above
-        for p in new_pairs:
-            if pair_counts[p] > 0:
-                heapq.heappush(heap, (-pair_counts[p], p))
+            n, end, last = counts[i], -1, len(word) - 2
+            while j >= 0:
+                if j:
+                    if j == end:  # the left neighbour is the previous match, merged too: "abab"
+                        made[new + a].pop()  # (new, a) was never there: it is (new, new)
+                        made[new + new].append(i)
+                    else:
+                        pair_counts[word[j - 1 : j + 1]] -= n
+                        made[word[j - 1] + new].append(i)
+                if j < last:
+                    pair_counts[word[j + 1 : j + 3]] -= n
+                    made[new + word[j + 2]].append(i)
+                end = j + 2
+                j = word.find(pair, end)
+            words[i] = word.replace(pair, new)
+        pair_counts[pair] = 0
+        for made_pair, found in made.items():
+            if found:
+                pair_counts[made_pair] = count = sum(map(weight, found))
+                where[made_pair] = found
+                heappush(heap, (-count, made_pair))
     return merges
-
-
-# ---- encoding one pre-token ----------------------------------------------------------------------
-def bpe(data: bytes, ranks: Mapping[bytes, int]) -> list[bytes]:
-    """Split `data` into tokens: start from single bytes and keep joining the adjacent pair whose
-    concatenation has the lowest rank (the leftmost on ties), as tiktoken does."""
-    parts = [BYTES[b] for b in data]
-    get = ranks.get
-    pair_ranks = [get(left + right, NO_RANK) for left, right in zip(parts, parts[1:])]
-    while pair_ranks:
-        best = min(pair_ranks)
-        if best == NO_RANK:
-            break
-        i = pair_ranks.index(best)
-        parts[i : i + 2] = [parts[i] + parts[i + 1]]
-        del pair_ranks[i]
-        if i < len(pair_ranks):  # only the new token's two neighbouring pairs change
-            pair_ranks[i] = get(parts[i] + parts[i + 1], NO_RANK)
-        if i > 0:
-            pair_ranks[i - 1] = get(parts[i - 1] + parts[i], NO_RANK)
-    return parts
-
-
-def bpe_heap(data: bytes, ranks: Mapping[bytes, int]) -> list[bytes]:
-    """`bpe` for long pre-tokens: the same tokens, in O(n log n) steps instead of O(n²).
-
-    `bpe` scans every pair for the lowest rank at each merge, so a pre-token of n bytes costs about
-    n² steps: a 40,000-letter word (GPT-2's pattern keeps a run of letters whole) takes seconds.
-    Here the pairs wait in a heap ordered by (rank, position), which pops the lowest rank and, on
-    ties, the leftmost pair, as `bpe` chooses. The parts are a linked list of byte offsets:
-    part `s` is data[s : end[s]], and `before[s]` is where the part before it starts.
-    A merge does not remove the pairs it breaks from the heap; each heap entry (rank, s, stop)
-    records where its right part stopped, and is skipped when it comes up if `s` is no longer a
-    part or the part after `s` no longer stops there (one of the two has merged since).
-    """
-    n = len(data)
-    end = list(range(1, n + 1))  # -1 once the part that started here has joined the one before it
-    before = list(range(-1, n - 1))
-    get = ranks.get
-    heap = []
-    for s in range(n - 1):
-        rank = get(data[s : s + 2])
-        if rank is not None:
-            heap.append((rank, s, s + 2))
-    heapq.heapify(heap)
-    while heap:
-        _, s, stop = heapq.heappop(heap)
-        right = end[s]
-        if right < 0 or right >= n or end[right] != stop:  # stale: a part of this pair has merged since
-            continue
-        end[s], end[right] = stop, -1  # join part s and the part after it
-        if stop < n:
-            before[stop] = s
-        # the new part forms two new pairs, with its left and its right neighbour
-        left = before[s]
-        if left >= 0 and (rank := get(data[left:stop])) is not None:
-            heapq.heappush(heap, (rank, left, stop))
-        if stop < n and (rank := get(data[s : end[stop]])) is not None:
-            heapq.heappush(heap, (rank, s, end[stop]))
-    parts, s = [], 0
-    while s < n:
-        parts.append(data[s : end[s]])
-        s = end[s]
-    return parts
 
 
 # ---- readable bytes ------------------------------------------------------------------------------
@@ -336,14 +391,17 @@ class ByteBPETokenizer(EndOfTextSpecials, Tokenizer):
         self._merges = [tuple(m) for m in merges] if merges is not None else None
         self._special_regexes: dict[frozenset, regex.Pattern | None] = {}
         self._max_special_len = max(map(len, special_tokens), default=0)
-        self._cache: dict[str, list[int]] = {}
+        self._cache = TokenCache(self._ranks, CACHE_SIZE)
 
     # ---- construction --------------------------------------------------------------------------
     @classmethod
-    def train(cls, text: str | Iterable[str], vocab_size: int, special_tokens: Sequence[str] = (ENDOFTEXT,),
-              pattern: str | None = "gpt2", verbose: bool = False) -> "ByteBPETokenizer":
-        """Learn `vocab_size - 256 - len(special_tokens)` merges from `text` (a str, or an iterable
-        of str such as documents or lines; pre-tokens never span two of them).
+    def train(cls, text: str | Iterable[str] | os.PathLike, vocab_size: int,
+              special_tokens: Sequence[str] = (ENDOFTEXT,), pattern: str | None = "gpt2", verbose: bool = False,
+              processes: int | None = None) -> "ByteBPETokenizer":
+        """Learn `vocab_size - 256 - len(special_tokens)` merges from `text`: a str, an iterable
+        of str such as documents or lines (pre-tokens never span two of them), or the path of a
+        UTF-8 file (a `pathlib.Path`; a plain str is always text), read in blocks so that memory
+        holds the distinct pre-tokens and their counts, not the corpus.
 
         Each merge joins the most frequent adjacent pair; equal counts go to the smallest pair of
         ids (left id first), so the same text always gives the same merges. Special tokens written
@@ -352,6 +410,10 @@ class ByteBPETokenizer(EndOfTextSpecials, Tokenizer):
 
         `pattern`: "gpt2" (default), "gpt4", None (no split: each text is one sequence, fine for
         short demos, slow on a large corpus) or a regex of your own.
+
+        `processes`: how many processes count the pre-tokens (None: one per CPU when the input
+        holds at least PARALLEL_MIN_CHARS characters, else 1); the merges are the same whatever
+        the number. The merges themselves are learned in this process.
         """
         special_tokens = list(special_tokens)
         if len(set(special_tokens)) != len(special_tokens):
@@ -363,13 +425,16 @@ class ByteBPETokenizer(EndOfTextSpecials, Tokenizer):
             raise TokenizerError(f"vocab_size={vocab_size!r} is too small: a byte-level BPE needs the 256 bytes "
                                  f"plus {len(special_tokens)} special token(s); use vocab_size >= {minimum}.")
         pretokenize = PreTokenizer(pattern)
-        counts = count_pretokens(text, pretokenize, special_tokens)
+        counts = count_pretokens(text, pretokenize, special_tokens, processes)
         if not counts:
             raise TokenizerError("the training text is empty (or holds only special tokens); pass the corpus "
                                  "to learn the merges from.")
         word_counts = Counter()
         for piece, n in counts.items():
-            word_counts[piece.encode("utf-8")] += n
+            try:
+                word_counts[piece.encode("utf-8")] += n
+            except UnicodeEncodeError:
+                raise TokenizerError(surrogate_message(piece)) from None
         num_merges = vocab_size - minimum
         merges = train_merges(word_counts, num_merges, verbose=verbose)
         if len(merges) < num_merges:
@@ -452,6 +517,39 @@ class ByteBPETokenizer(EndOfTextSpecials, Tokenizer):
         self._encode_with_specials(text, allowed, ids)
         return ids
 
+    def encode_batch(self, texts: Iterable[str], allowed_special: str | AbstractSet[str] = "all",
+                     disallowed_special: str | AbstractSet[str] = (), processes: int | None = None) -> list[list[int]]:
+        """`[encode(text) for text in texts]`, spread over `processes` processes for a large corpus.
+
+        `processes`: None (default) uses one per CPU when the texts hold at least
+        PARALLEL_MIN_CHARS characters in all, else only this one; 1 never starts a process. The
+        workers are fresh Python processes that load only `bpe_core` (no torch), so this is safe in
+        Jupyter and after torch has started threads; each gets a copy of the ranks (GPT-2's: ~1 MB)
+        and batches of about BATCH_CHARS characters. The ids are exactly those of `encode`.
+        """
+        processes = resolve_processes(processes)
+        if isinstance(texts, (str, bytes)) or not isinstance(texts, Iterable):
+            raise TokenizerError(f"encode_batch expects a list of str, got {type(texts).__name__}; "
+                                 f"use encode for a single text.")
+        texts = list(texts)
+        bad = next((t for t in texts if not isinstance(t, str)), None)
+        if bad is not None:
+            raise TokenizerError(f"encode_batch expects strings, got an item of type {type(bad).__name__}.")
+        allowed, disallowed = self._special_sets(allowed_special, disallowed_special)
+        if processes is None:
+            processes = cpu_count() if sum(map(len, texts)) >= PARALLEL_MIN_CHARS else 1
+        if processes == 1:
+            return [self.encode(text, allowed_special, disallowed_special) for text in texts]
+        for text in texts:
+            self._check_disallowed(text, disallowed)
+        args = (self._ranks, self.pattern, self.pretokenize.ascii_pattern, self.pretokenize.check,
+                {name: self._specials[name] for name in allowed}, CACHE_SIZE)
+        try:
+            results, _ = run_parallel("encode", args, _batches(texts), processes)
+        except (WorkerError, ValueError) as err:
+            raise TokenizerError(str(err)) from None
+        return [ids for batch in results for ids in batch]
+
     def encode_iter(self, lines: Iterable[str], allowed_special: str | AbstractSet[str] = "all",
                     disallowed_special: str | AbstractSet[str] = (), chunk_chars: int = 1 << 16) -> Iterator[int]:
         """Encode a stream of strings (e.g. the lines of a big file) in bounded memory.
@@ -488,18 +586,26 @@ class ByteBPETokenizer(EndOfTextSpecials, Tokenizer):
 
     def _allowed_regex(self, allowed_special, disallowed_special, text: str) -> regex.Pattern | None:
         """The regex of the allowed special tokens; raises if `text` holds a disallowed one."""
+        allowed, disallowed = self._special_sets(allowed_special, disallowed_special)
+        self._check_disallowed(text, disallowed)
+        return self._special_regex(allowed)
+
+    def _special_sets(self, allowed_special, disallowed_special) -> tuple[set[str], set[str]]:
+        """The names of the allowed and of the disallowed special tokens."""
         allowed = self._special_names(allowed_special, "allowed_special")
         if disallowed_special == "all":
             disallowed = set(self._specials) - allowed
         else:
             disallowed = self._special_names(disallowed_special, "disallowed_special") - allowed
+        return allowed, disallowed
+
+    def _check_disallowed(self, text: str, disallowed: set[str]) -> None:
         if disallowed:
             found = self._special_regex(disallowed).search(text)
             if found:
                 raise TokenizerError(f"the text contains the special token {found.group()!r}, which is disallowed; "
                                      f"pass allowed_special={{{found.group()!r}}} (or 'all') to encode it as a "
                                      f"special token, or leave it out of disallowed_special to encode it as text.")
-        return self._special_regex(allowed)
 
     def _special_names(self, names, argument: str) -> set[str]:
         if names == "all":
@@ -520,35 +626,23 @@ class ByteBPETokenizer(EndOfTextSpecials, Tokenizer):
             self._special_regexes[key] = special_regex(names)
         return self._special_regexes[key]
 
+    def _token_cache(self) -> TokenCache:
+        """The pre-token cache, made anew if the ranks or CACHE_SIZE changed since it was filled."""
+        if self._cache.ranks is not self._ranks or self._cache.limit != CACHE_SIZE:
+            self._cache = TokenCache(self._ranks, CACHE_SIZE)
+        return self._cache
+
     def _encode_with_specials(self, text: str, specials: regex.Pattern | None, ids: list[int]) -> None:
-        start = 0
-        if specials is not None:
-            for match in specials.finditer(text):
-                self._encode_ordinary(self.pretokenize(text[start : match.start()]), ids)
-                ids.append(self._specials[match.group()])
-                start = match.end()
-        self._encode_ordinary(self.pretokenize(text[start:]), ids)
+        try:
+            encode_text(text, self.pretokenize, self._token_cache(), specials, self._specials, ids)
+        except UnicodeEncodeError as err:
+            raise TokenizerError(surrogate_message(err.object)) from None
 
     def _encode_ordinary(self, pieces: list[str], ids: list[int]) -> None:
-        cache, ranks = self._cache, self._ranks
-        for piece in pieces:
-            tokens = cache.get(piece)
-            if tokens is None:
-                try:
-                    data = piece.encode("utf-8")
-                except UnicodeEncodeError:
-                    raise TokenizerError(f"the text holds a lone surrogate in {piece!r}, which is not valid Unicode; "
-                                         f"clean it first, e.g. text.encode('utf-8', 'replace').decode().") from None
-                whole = ranks.get(data)  # a whole word that is one token (as tiktoken also checks first)
-                if whole is not None:
-                    tokens = [whole]
-                else:
-                    merge = bpe if len(data) <= LONG_PRETOKEN else bpe_heap
-                    tokens = [ranks[part] for part in merge(data, ranks)]
-                if len(cache) >= CACHE_SIZE:
-                    cache.clear()
-                cache[piece] = tokens
-            ids += tokens
+        try:
+            encode_pieces(pieces, self._token_cache(), ids)
+        except UnicodeEncodeError as err:
+            raise TokenizerError(surrogate_message(err.object)) from None
 
     def _encode_safe_prefix(self, buffer: str, specials: regex.Pattern | None, ids: list[int]) -> int:
         """Encode the part of `buffer` whose ids cannot change whatever text follows it; return

@@ -1,0 +1,134 @@
+"""LeanStep: one decoding step through the functional ops gives the module path's logits bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lm
+from lm.decode_step import LeanStep
+from lm.quantize import for_decoding, quantize_int8
+
+SHAPES = {
+    "gpt2": dict(),
+    "llama": dict(pos="rope", norm="rmsnorm", ffn="swiglu", n_kv_heads=2, bias=False, tie_weights=False),
+    "post_norm": dict(norm_position="post"),
+    "manual_tanh_sinusoidal": dict(attention="manual", ffn="gelu_tanh", pos="sinusoidal"),
+    "scalenorm_mqa_nopos": dict(norm="scalenorm", n_kv_heads=1, pos="none"),
+}
+
+
+def small(**options) -> lm.GPT:
+    torch.manual_seed(0)
+    config = lm.ModelConfig(vocab_size=61, block_size=48, n_layer=2, n_head=4, d_model=32, dropout=0.0, **options)
+    return lm.GPT(config).eval()
+
+
+def module_and_lean(model, prompt, steps):
+    """Logits of `steps` one-token steps after `prompt`, through model(...) and through LeanStep,
+    each with its own cache, feeding both the module path's greedy tokens."""
+    lean = LeanStep(model)
+    caches = [lm.KVCache(model, prompt.size(0), max_len=prompt.size(1) + steps), None]
+    caches[1] = lm.KVCache(model, prompt.size(0), max_len=prompt.size(1) + steps)
+    with torch.no_grad():
+        model(prompt, cache=caches[0])
+        model(prompt, cache=caches[1])
+        token = prompt[:, -1:]
+        pairs = []
+        for _ in range(steps):
+            ours = model(token, cache=caches[0])[0]
+            lean_logits = lean(token, caches[1])
+            pairs.append((ours, lean_logits))
+            token = ours[:, -1].argmax(-1, keepdim=True)
+    return pairs, caches
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("batch", [1, 3])
+def test_lean_step_equals_the_modules_bit_for_bit(shape, batch):
+    model = small(**SHAPES[shape])
+    prompt = torch.randint(0, 61, (batch, 5), generator=torch.Generator().manual_seed(1))
+    pairs, caches = module_and_lean(model, prompt, steps=12)
+    for ours, lean_logits in pairs:
+        assert lean_logits.shape == ours.shape == (batch, 1, 61)
+        assert torch.equal(lean_logits, ours)
+    assert caches[0].length == caches[1].length == 17
+    for a, b in zip(caches[0].layers, caches[1].layers):  # the same keys and values were stored
+        assert torch.equal(a.k[:, :, :17], b.k[:, :, :17]) and torch.equal(a.v[:, :, :17], b.v[:, :, :17])
+
+
+@pytest.mark.parametrize("change", ["for_decoding", "int8", "lora"])
+def test_lean_step_calls_layers_it_does_not_take_apart(change):
+    model = small(**SHAPES["llama"])
+    if change == "for_decoding":
+        for_decoding(model)
+    elif change == "int8":
+        quantize_int8(model)
+    else:
+        lm.apply_lora(model, lm.LoRAConfig(rank=2))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1)  # B starts at zero: make the adapter count
+    prompt = torch.randint(0, 61, (2, 4), generator=torch.Generator().manual_seed(2))
+    pairs, _ = module_and_lean(model, prompt, steps=6)
+    for ours, lean_logits in pairs:
+        assert torch.equal(lean_logits, ours)
+
+
+def greedy_without_lean(model, prompt, monkeypatch, **options):
+    with monkeypatch.context() as patch:
+        patch.setattr(LeanStep, "unsupported", staticmethod(lambda model: "switched off by the test"))
+        return model.generate(prompt, **options)
+
+
+@pytest.mark.parametrize("shape", ["gpt2", "llama"])
+def test_generate_gives_the_same_tokens_with_and_without_the_lean_step(shape, monkeypatch):
+    model = small(**SHAPES[shape])
+    prompt = torch.randint(0, 61, (2, 6), generator=torch.Generator().manual_seed(3))
+    calls = []
+    real_call = LeanStep.__call__
+    monkeypatch.setattr(LeanStep, "__call__", lambda self, idx, cache: calls.append(1) or real_call(self, idx, cache))
+    for options in [dict(temperature=0), dict(temperature=0.9, top_k=20, seed=7)]:
+        lean_ids = model.generate(prompt, max_new_tokens=60, **options)  # runs past block_size 48: refills
+        plain_ids = greedy_without_lean(model, prompt, monkeypatch, max_new_tokens=60, **options)
+        assert torch.equal(lean_ids, plain_ids)
+    assert len(calls) > 60  # the lean step did the one-token steps
+
+
+def test_padded_prompts_fall_back_to_the_modules(monkeypatch):
+    model = small()
+    prompt = torch.randint(1, 61, (2, 6), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(prompt, dtype=torch.bool)
+    mask[1, :3] = False  # left padding: the cache then holds padding, which the lean step does not mask
+    calls = []
+    monkeypatch.setattr(LeanStep, "__call__", lambda *args: calls.append(1))
+    ids = model.generate(prompt, attention_mask=mask, max_new_tokens=5, temperature=0)
+    assert ids.shape == (2, 11) and not calls
+
+
+class OwnForward(lm.GPT):
+    def forward(self, idx, targets=None, **options):
+        return super().forward(idx, targets, **options)
+
+
+def test_what_a_lean_step_refuses():
+    assert "its own way" in LeanStep.unsupported(OwnForward(small().config))
+    assert LeanStep.unsupported(small(attention="sliding_window", window=4)) is not None
+    assert "experts" in LeanStep.unsupported(small(ffn="moe", n_experts=2))
+    model = small()
+    handle = model.blocks[0].attn.register_forward_hook(lambda *args: None)
+    assert "hooks" in LeanStep.unsupported(model)
+    with pytest.raises(ValueError, match="hooks"):
+        LeanStep(model)
+    handle.remove()
+    lean = LeanStep(model)
+    static = lm.KVCache(model, 1, max_len=8, static=True)
+    assert not LeanStep.usable(static, 1) and not LeanStep.usable(lm.KVCache(model, 1, max_len=8), 2)
+    model.train()
+    with pytest.raises(RuntimeError, match="eval"):
+        lean(torch.zeros(1, 1, dtype=torch.long), lm.KVCache(model, 1, max_len=8))
+    model.eval()
+    full = lm.KVCache(model, 1, max_len=2)
+    model(torch.zeros(1, 2, dtype=torch.long), cache=full)
+    with pytest.raises(RuntimeError, match="max_len"):
+        lean(torch.zeros(1, 1, dtype=torch.long), full)
