@@ -28,6 +28,7 @@ import torch (`bpe_core`).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -255,10 +256,21 @@ def train_merges(word_counts: Mapping[bytes, int], num_merges: int, verbose: boo
     lists would make the collector walk all of `where` again and again (about 8% of the time).
     `naive_bpe.train_naive` recounts everything instead; the tests check that both agree.
     """
+    with collector_paused():
+        return _train_merges(word_counts, num_merges, verbose)
+
+
+@contextlib.contextmanager
+def collector_paused():
+    """Pause Python's cyclic garbage collector inside the block (and restore it after).
+
+    Training and encoding make many small containers (tuples of ids, lists of parts) and no
+    reference cycles; each batch of allocations would otherwise start a collection that walks the
+    young objects for nothing. Measured on Shakespeare: training about 8% faster, encoding 5%."""
     collecting = gc.isenabled()
     gc.disable()
     try:
-        return _train_merges(word_counts, num_merges, verbose)
+        yield
     finally:
         if collecting:
             gc.enable()
@@ -514,7 +526,8 @@ class ByteBPETokenizer(EndOfTextSpecials, Tokenizer):
             raise TokenizerError(f"encode expects a str, got {type(text).__name__}.")
         allowed = self._allowed_regex(allowed_special, disallowed_special, text)
         ids: list[int] = []
-        self._encode_with_specials(text, allowed, ids)
+        with collector_paused():
+            self._encode_with_specials(text, allowed, ids)
         return ids
 
     def encode_batch(self, texts: Iterable[str], allowed_special: str | AbstractSet[str] = "all",
