@@ -250,7 +250,8 @@ class Decoder:
         context once every block_size/4 tokens). Either way a prompt longer than block_size is read
         from its last block_size tokens, and the returned ids still hold all of it.
         """
-        run = Generation(self, prompt, GenerationConfig.build(config, **options), attention_mask)
+        run = Generation(self, prompt, GenerationConfig.build(config, **options), attention_mask,
+                         logprobs=return_logprobs)
         for _ in run.steps():
             pass
         return run.result(return_logprobs)
@@ -264,7 +265,7 @@ class Decoder:
         "".join(decoder.stream(...)) equals decoder.generate(...) with the same seed."""
         if not isinstance(prompt, str):
             raise ValueError("stream() takes a text prompt; use generate() for ids or lists of prompts.")
-        run = Generation(self, prompt, GenerationConfig.build(config, **options), None)
+        run = Generation(self, prompt, GenerationConfig.build(config, **options), None, logprobs=False)
         return stream_text(run)
 
     def cache(self, batch_size: int, positions: int, graph: bool, compile: bool):
@@ -295,9 +296,14 @@ class Decoder:
 
 
 class Generation:
-    """One call of `Decoder.generate` / `Decoder.stream`: its token buffer, cache and stopped rows."""
+    """One call of `Decoder.generate` / `Decoder.stream`: its token buffer, cache and stopped rows.
 
-    def __init__(self, decoder: Decoder, prompt, config: GenerationConfig, attention_mask: torch.Tensor | None):
+    `logprobs=False` does not compute the chosen tokens' log-probabilities (`result` cannot return
+    them then): on a GPU each step is a handful of small kernel launches from Python besides the
+    replayed graph, and those took about a fifth of a step at batch 1."""
+
+    def __init__(self, decoder: Decoder, prompt, config: GenerationConfig, attention_mask: torch.Tensor | None,
+                 logprobs: bool = True):
         model = decoder.model
         self.decoder, self.model, self.config = decoder, model, config
         self.sampling = config.sampling
@@ -315,7 +321,7 @@ class Generation:
         if mask is not None and not bool(mask.all()):
             self.mask = torch.ones(B, room, dtype=torch.bool, device=device)
             self.mask[:, :T0] = mask.to(device).bool()
-        self.logprobs = torch.zeros(B, room - T0, device=device)  # of the new tokens
+        self.logprobs = torch.zeros(B, room - T0, device=device) if logprobs else None  # of the new tokens
         self.start = self.length = T0
         self.finished = torch.zeros(B, dtype=torch.bool, device=device)
         seed = config.seed
@@ -327,6 +333,7 @@ class Generation:
         self.stop_ids = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
         self.stop_id_set = stop_ids
         self.stop_strings = list(config.stop)
+        self.can_finish = bool(stop_ids) or bool(self.stop_strings)  # can a row stop before the others?
         if self.stop_strings and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer to decode the text; pass stop_tokens (ids) instead.")
         self.cache, self.graph, self.cached = None, None, 0  # cached: positions in the cache
@@ -405,7 +412,8 @@ class Generation:
         room = min(2 * full, self.start + self.config.max_new_tokens)
         grow = room - full
         self.ids = torch.cat([self.ids, self.ids.new_full((self.ids.size(0), grow), self._pad_id())], dim=1)
-        self.logprobs = torch.cat([self.logprobs, self.logprobs.new_zeros(self.ids.size(0), grow)], dim=1)
+        if self.logprobs is not None:
+            self.logprobs = torch.cat([self.logprobs, self.logprobs.new_zeros(self.ids.size(0), grow)], dim=1)
         if self.mask is not None:
             self.mask = torch.cat([self.mask, self.mask.new_ones(self.ids.size(0), grow)], dim=1)
 
@@ -444,11 +452,16 @@ class Generation:
                 logits = self._logits()[:, -1, :]
                 L = self.length
                 history_mask = None if self.mask is None else self.mask[:, :L]
-                next_ids, logp = choose_next(logits, self.ids[:, :L], self.sampling, self.generator, mask=history_mask)
-                next_ids = next_ids.squeeze(1).masked_fill(self.finished, self._pad_id())
+                next_ids, logp = choose_next(logits, self.ids[:, :L], self.sampling, self.generator, mask=history_mask,
+                                             logprobs=self.logprobs is not None)
+                next_ids = next_ids.squeeze(1)
+                if self.can_finish:  # finished rows get padding (each masking is one more kernel launch)
+                    next_ids = next_ids.masked_fill(self.finished, self._pad_id())
                 self._make_room()
                 self.ids[:, L] = next_ids
-                self.logprobs[:, L - self.start] = logp.squeeze(1).masked_fill(self.finished, 0.0)
+                if logp is not None:
+                    logp = logp.squeeze(1)
+                    self.logprobs[:, L - self.start] = logp.masked_fill(self.finished, 0.0) if self.can_finish else logp
                 self.length = L + 1
                 if self.stop_ids.numel():
                     self.finished |= torch.isin(next_ids, self.stop_ids)
@@ -494,15 +507,18 @@ class Generation:
         return out
 
     def result(self, return_logprobs: bool = False):
-        logprobs = self.logprobs[:, :self.length - self.start]
+        if return_logprobs and self.logprobs is None:
+            raise ValueError("this generation ran with logprobs=False, so it has no log-probabilities to return; "
+                             "make it with Generation(..., logprobs=True) (generate(return_logprobs=True) does).")
+        logprobs = None if self.logprobs is None else self.logprobs[:, :self.length - self.start]
         if self.kind == "ids":
             out = self.ids[:, :self.length]
             return (out, logprobs) if return_logprobs else out
         texts = self.texts()
+        if not return_logprobs:
+            return texts[0] if self.kind == "text" else texts
         per_row = [logprobs[row, : len(self.new_ids(row))].tolist() for row in range(len(texts))]
-        if self.kind == "text":
-            return (texts[0], per_row[0]) if return_logprobs else texts[0]
-        return (texts, per_row) if return_logprobs else texts
+        return (texts[0], per_row[0]) if self.kind == "text" else (texts, per_row)
 
 
 __all__ = ["Decoder", "Generation", "GenerationConfig", "TextStream", "showable", "stop_token_ids", "stream_text"]

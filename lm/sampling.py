@@ -210,7 +210,8 @@ def choose_next(
     config: SamplingConfig,
     generator: torch.Generator | None = None,
     mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    logprobs: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Pick one token per row of (B, V) logits; returns (next_ids (B, 1) long, logprobs (B, 1) float).
 
     Greedy (argmax) when config.temperature is 0, otherwise a draw from the processed distribution
@@ -218,18 +219,25 @@ def choose_next(
     log-probabilities under the model's own, unprocessed distribution (log_softmax of the raw
     logits): the model's score for the text, which does not change with the sampling settings.
     These are the `scores` the generation API reports. (Hugging Face's `output_scores` gives the
-    processed logits instead; its `output_logits` the raw ones.)
+    processed logits instead; its `output_logits` the raw ones.) `logprobs=False` skips them
+    (None): generation asks only when they will be returned.
 
     Raises a SamplingError when no_repeat_ngram_size leaves a row no token to choose.
     """
-    processed = process_logits(logits, previous_ids, config, mask)
-    _check_a_token_is_left(processed, config)
-    if config.temperature == 0:
-        next_ids = processed.argmax(dim=-1, keepdim=True)
+    if config.temperature == 0 and config.repetition_penalty == 1.0 and config.no_repeat_ngram_size == 0:
+        # plain greedy: nothing to process, and the argmax of the raw logits is that of their
+        # float32 copy (widening is exact), without making the copy
+        next_ids = logits.argmax(dim=-1, keepdim=True)
     else:
-        next_ids = torch.multinomial(processed.softmax(dim=-1), num_samples=1, generator=generator)
-    logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, next_ids)
-    return next_ids, logprobs
+        processed = process_logits(logits, previous_ids, config, mask)
+        _check_a_token_is_left(processed, config)
+        if config.temperature == 0:
+            next_ids = processed.argmax(dim=-1, keepdim=True)
+        else:
+            next_ids = torch.multinomial(processed.softmax(dim=-1), num_samples=1, generator=generator)
+    if not logprobs:
+        return next_ids, None
+    return next_ids, torch.log_softmax(logits.float(), dim=-1).gather(-1, next_ids)
 
 
 def sample_next(

@@ -536,3 +536,31 @@ def test_attention_weights_leave_no_hooks_behind(tiny_model, tiny_config):
     assert all(not block.attn._forward_pre_hooks for block in tiny_model.blocks)
     logits = tiny_model(idx)[0]
     assert logits.shape == (1, 6, tiny_config.vocab_size)
+
+
+def test_log_probabilities_are_computed_only_when_asked_for():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=23, block_size=32, n_layer=1, n_head=2, d_model=16)).eval()
+    prompt = torch.randint(0, 23, (2, 4))
+    ids, logprobs = model.generate(prompt, max_new_tokens=6, temperature=0, return_logprobs=True)
+    assert torch.equal(model.generate(prompt, max_new_tokens=6, temperature=0), ids)  # the same tokens without them
+    full = torch.log_softmax(model(ids)[0][:, 3:-1].float(), dim=-1).gather(-1, ids[:, 4:, None])[..., 0]
+    assert torch.allclose(logprobs, full, atol=1e-5)
+    run = Generation(Decoder(model), prompt, GenerationConfig(max_new_tokens=3, temperature=0), None, logprobs=False)
+    for _ in run.steps():
+        pass
+    assert run.logprobs is None and torch.equal(run.result(), ids[:, :7])
+    with pytest.raises(ValueError, match="logprobs=False"):
+        run.result(return_logprobs=True)
+
+
+def test_plain_greedy_takes_the_argmax_of_the_raw_logits():
+    from lm.sampling import SamplingConfig, choose_next, process_logits
+
+    logits = torch.tensor([[0.5, 2.0, 2.0, -1.0], [3.0, 1.0, 3.0, 3.0]], dtype=torch.bfloat16)  # ties: the first wins
+    plain = SamplingConfig(temperature=0)
+    ids, logp = choose_next(logits, torch.zeros(2, 0, dtype=torch.long), plain)
+    assert ids.tolist() == [[1], [0]]
+    assert torch.equal(ids, process_logits(logits, torch.zeros(2, 0, dtype=torch.long), plain).argmax(-1, keepdim=True))
+    assert torch.allclose(logp, torch.log_softmax(logits.float(), -1).gather(-1, ids))
+    assert choose_next(logits, torch.zeros(2, 0, dtype=torch.long), plain, logprobs=False)[1] is None
