@@ -14,14 +14,17 @@ graph, and compiles for "lm compiled").
 
     python bench/gpu_decode.py --batch 1 64 --new 200 --out lm/assets/gpu_decode.json
 
-Measured on one H200 (torch 2.11), tokens/s, stored in lm/assets/gpu_decode.json:
+Measured on one H200 (torch 2.11; 2026-12-03), tokens/s, stored in lm/assets/gpu_decode.json:
 
                         batch 1    batch 64
-    lm                    1,352      42,645     (CUDA graph kept by a Decoder, the default)
-    lm compiled           1,784      48,844
-    lm eager                345      22,572
-    lm, model.generate    1,246      40,866     (captured again every call)
-    transformers            258      16,887
+    lm                    1,348      59,635     (CUDA graph kept by a Decoder, the default)
+    lm compiled           1,857      75,329
+    lm eager                340      17,532     (one-token steps through lm.decode_step.LeanStep)
+    lm, model.generate    1,263      53,352     (captured again every call)
+    transformers            153      10,537
+
+The eager rows depend on the host CPU that launches the kernels: in an earlier run the same day,
+on another machine of the same kind, transformers made 165 / 15,583 and lm eager 262 / 26,028.
 
 Eager, each step launches every kernel from Python: about 3 ms a step at batch 1 and at batch 64 alike.
 At batch 64 a few rows of the graph's greedy ids differ from eager's (about 52 of 64 rows equal): the

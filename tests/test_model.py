@@ -419,3 +419,18 @@ def test_logits_match_hugging_face_llama(n_kv_heads, tie_weights):
     torch.testing.assert_close(full, out.logits, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(logits, out.logits[:, :-1], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(loss, out.loss, atol=1e-4, rtol=1e-4)
+
+
+def test_the_loss_is_computed_in_float32_with_and_without_autocast():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, d_model=16, dropout=0.0))
+    idx, targets = torch.randint(0, 50, (2, 16)), torch.randint(0, 50, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss = model(idx, targets)
+    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    widened = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    assert torch.equal(loss, widened)  # the float32 cross-entropy of the bf16 logits
+    half = model.to(torch.bfloat16)  # no autocast: bf16 logits, still a float32 loss
+    logits, loss = half(idx, targets)
+    assert loss.dtype == torch.float32
+    assert torch.equal(loss, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()))
