@@ -190,10 +190,17 @@ def train_peer(config: lm.ModelConfig, data, batch: int, steps: int, warmup: int
     model = GPT2LMHeadModel._from_config(hf_config, attn_implementation="sdpa").cuda()
     # Name the loss: otherwise transformers logs a warning inside forward, a torch.compile graph break.
     model.loss_type = "ForCausalLM"
-    forward = model if compile_mode == "none" else torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
+    forward = compiled(model, compile_mode)
     # labels = inputs: transformers shifts them inside (T - 1 targets per row, lm has T: same work)
     return peer_training(model, lambda x, y: forward(input_ids=x, labels=x).loss, data, batch,
                          config.block_size, steps, warmup, profile)
+
+
+def compiled(model, compile_mode: str):
+    """`model` through torch.compile in `compile_mode` ("none": as it is), as both peers run."""
+    if compile_mode == "none":
+        return model
+    return torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
 
 
 def train_nanogpt_style(config: lm.ModelConfig, data, batch: int, steps: int, warmup: int, compile_mode: str,
@@ -202,7 +209,7 @@ def train_nanogpt_style(config: lm.ModelConfig, data, batch: int, steps: int, wa
     from _nanogpt_style import NanoStyleGPT
 
     model = NanoStyleGPT(config.vocab_size, config.block_size, config.n_layer, config.n_head, config.d_model).cuda()
-    forward = model if compile_mode == "none" else torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
+    forward = compiled(model, compile_mode)
     return peer_training(model, forward, data, batch, config.block_size, steps, warmup, profile)
 
 
