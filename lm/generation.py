@@ -295,6 +295,13 @@ class Decoder:
         self._kept = None
 
 
+def refill_length(block_size: int) -> int:
+    """How many of the latest tokens a cached generation keeps when its context is full: it starts
+    a fresh cache from the last 3/4 of block_size, so it re-reads the context once every
+    block_size/4 tokens (speculative decoding follows the same schedule, to choose the same tokens)."""
+    return (3 * block_size) // 4
+
+
 class Generation:
     """One call of `Decoder.generate` / `Decoder.stream`: its token buffer, cache and stopped rows.
 
@@ -429,7 +436,7 @@ class Generation:
             self.cache, self.graph = self.decoder.cache(self.ids.size(0), positions, self.cuda_graph,
                                                         self.config.compile)
         if self.cached == 0 or self.cached + 1 > block:  # prefill, or the cache is full: start afresh
-            keep = min(L, block) if self.cached == 0 else (3 * block) // 4
+            keep = min(L, block) if self.cached == 0 else refill_length(block)
             self.cache.reset()
             self.cached = keep
             return model(self.ids[:, L - keep:L], attention_mask=None if mask is None else mask[:, L - keep:L],
@@ -469,7 +476,7 @@ class Generation:
                     self._follow_text(next_ids)
                 yield step
                 # reading `finished` waits for the GPU: only when something can stop a row early
-                if (self.stop_ids.numel() or self.stop_strings) and bool(self.finished.all()):
+                if self.can_finish and bool(self.finished.all()):
                     break
         finally:
             model.train(was_training)
@@ -521,4 +528,5 @@ class Generation:
         return (texts[0], per_row[0]) if self.kind == "text" else (texts, per_row)
 
 
-__all__ = ["Decoder", "Generation", "GenerationConfig", "TextStream", "showable", "stop_token_ids", "stream_text"]
+__all__ = ["Decoder", "Generation", "GenerationConfig", "TextStream", "refill_length", "showable", "stop_token_ids",
+           "stream_text"]

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .decode_step import LeanStep
+from .generation import refill_length
 from .kv_cache import KVCache
 from .quantize import for_decoding
 from .sampling import SamplingConfig, process_logits
@@ -153,7 +154,7 @@ class _Window:
     def make_room(self, length: int, more: int) -> None:
         """Before feeding tokens fed .. length-1 and `more` after them: start afresh if they do not fit."""
         if length + more - self.start > self.block:
-            self.start = length - (3 * self.block) // 4
+            self.start = length - refill_length(self.block)
             self.fed = self.start
             self.cache.reset()
 

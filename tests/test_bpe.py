@@ -26,6 +26,7 @@ from lm import TokenizerError, load_tokenizer
 from lm.data import DataError
 from lm.tokenizers import GPT2_PATTERN, GPT2_SPECIAL_TOKENS, gpt2_ranks_path, load_gpt2_ranks, tokenizer_from_dict
 from lm.tokenizers import bpe as bpe_module
+from lm.tokenizers import bpe_core
 from lm.tokenizers.bpe import GPT4_PATTERN, ByteBPETokenizer, bytes_to_str, str_to_bytes
 from lm.tokenizers.naive_bpe import encode_naive, merge, pair_counts, train_naive
 
@@ -629,7 +630,7 @@ def random_text(rng: random.Random, n: int, alphabet: str = ASCII_ALPHABET) -> s
 def test_regex_whitespace_among_ascii_is_exactly_the_twins_set():
     """The twins spell out whitespace because `re`'s \\s (like str.isspace) also matches \\x1c-\\x1f."""
     regex_space = {chr(c) for c in range(128) if regex.fullmatch(r"\s", chr(c))}
-    assert regex_space == set(bpe_module.bpe_core.WHITESPACE)
+    assert regex_space == set(bpe_core.WHITESPACE)
     assert "\x1c".isspace() and regex.fullmatch(r"\s", "\x1c") is None
 
 
@@ -682,7 +683,7 @@ def test_cut_blocks_cover_the_text_and_find_cuts_between_paragraphs(rule):
 
 @pytest.mark.parametrize("pattern", [GPT2_PATTERN, GPT4_PATTERN])
 def test_mixed_text_is_split_block_by_block_as_the_regex_splits_it(pattern, shakespeare, monkeypatch):
-    monkeypatch.setattr(bpe_module.bpe_core, "BLOCK_CHARS", 1_000)
+    monkeypatch.setattr(bpe_core, "BLOCK_CHARS", 1_000)
     text = shakespeare[:20_000].replace("KING", "KÖNIG").replace("the", "thé 😀")
     assert not text.isascii()
     assert bpe_module.PreTokenizer(pattern)(text) == regex.findall(pattern, text)
@@ -809,13 +810,13 @@ def test_a_worker_loads_neither_torch_nor_lm():
     script = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('w', sys.argv[1]); "
               "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
               "print(sorted(n for n in sys.modules if n == 'torch' or n == 'lm' or n.startswith('lm.')))")
-    out = subprocess.run([sys.executable, "-c", script, bpe_module.bpe_core.__file__], capture_output=True,
+    out = subprocess.run([sys.executable, "-c", script, bpe_core.__file__], capture_output=True,
                          text=True, check=True).stdout
     assert out.strip() == "[]"
 
 
 def test_a_worker_that_dies_is_reported():
-    worker = bpe_module.bpe_core.Worker("count", (None, None, False, []))
+    worker = bpe_core.Worker("count", (None, None, False, []))
     worker.process.kill()
     with pytest.raises(bpe_module.WorkerError, match="exited with code"):
         worker(["text"])

@@ -41,12 +41,11 @@ from typing import AbstractSet, Iterable, Iterator, Mapping, Sequence
 
 import regex
 
-from . import bpe_core
 from .base import (ENDOFTEXT, MAX_SPECIAL_LENGTH, MAX_SPECIAL_TOKENS, MAX_VOCAB_SIZE, TOKENIZERS,
                    EndOfTextSpecials, Tokenizer, TokenizerError, check_kind, check_size, short_repr)
-from .bpe_core import (BYTES, LONG_PRETOKEN, NO_RANK, Splitter, TokenCache, WorkerError, bpe,  # noqa: F401
-                       bpe_heap, cpu_count, cut_blocks, cut_rule, encode_pieces, encode_text, find_cut, run_parallel,
-                       special_regex, surrogate_message)
+from .bpe_core import (BYTES, GPT2_ASCII_PATTERN, GPT4_ASCII_PATTERN, LONG_PRETOKEN, NO_RANK,  # noqa: F401
+                       Splitter, TokenCache, WorkerError, bpe, bpe_heap, cpu_count, cut_blocks, cut_rule,
+                       encode_pieces, encode_text, find_cut, run_parallel, special_regex, surrogate_message)
 from .gpt2_ranks import GPT2_PATTERN, GPT2_SPECIAL_TOKENS, load_gpt2_ranks
 
 # GPT-4's pre-tokenizer (tiktoken's cl100k_base): case-insensitive contractions, numbers in groups
@@ -57,7 +56,7 @@ GPT4_PATTERN = (
 )
 PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
 # The same patterns for ASCII text, in the standard `re` (see bpe_core): the same pieces, faster.
-ASCII_TWINS = {GPT2_PATTERN: bpe_core.GPT2_ASCII_PATTERN, GPT4_PATTERN: bpe_core.GPT4_ASCII_PATTERN}
+ASCII_TWINS = {GPT2_PATTERN: GPT2_ASCII_PATTERN, GPT4_PATTERN: GPT4_ASCII_PATTERN}
 CACHE_SIZE = 100_000  # pre-tokens remembered by encode; the cache is emptied when it is full
 # Parallel work: below this many characters one process is faster. Workers start in ~60 ms, and
 # the text travels to them through pipes while this process only feeds them: training on
