@@ -6,28 +6,34 @@ generated tokens of all rows; each side runs after one warm-up call (which captu
 graph, and compiles for "lm compiled").
 
     lm                   lm.Decoder(model).generate, the default on CUDA: each one-token step
-                         replays a CUDA graph, captured on the first call and kept by the decoder
-    lm compiled          the same with compile=True: the captured step is torch.compile'd first
+                         replays a CUDA graph, captured on the first call and kept by the decoder; at
+                         batch 1 and 2 the graph is of lm.fused_decode.FusedStep (Triton kernels), and
+                         greedy steps run back to back with nothing but graph launches
+    lm compiled          compile=True: the model's own step, torch.compile'd, then graphed
     lm eager             cuda_graph=False: every kernel launched from Python
     lm, model.generate   a new Decoder per call: the graph is captured again every call
     transformers         GPT2LMHeadModel.generate with its dynamic cache (sdpa attention)
 
     python bench/gpu_decode.py --batch 1 64 --new 200 --out lm/assets/gpu_decode.json
 
-Measured on one H200 (torch 2.11; 2026-12-03), tokens/s, stored in lm/assets/gpu_decode.json:
+Measured on one H200 (torch 2.11, Triton 3.6; 2026-12-03), tokens/s, the best of three calls,
+stored in lm/assets/gpu_decode.json:
 
                         batch 1    batch 64
-    lm                    1,348      59,635     (CUDA graph kept by a Decoder, the default)
-    lm compiled           1,857      75,329
-    lm eager                340      17,532     (one-token steps through lm.decode_step.LeanStep)
-    lm, model.generate    1,263      53,352     (captured again every call)
-    transformers            153      10,537
+    lm                    2,833      60,930     (fused step at batch 1; CUDA graph kept by a Decoder)
+    lm compiled           1,906      74,340
+    lm eager                385      15,671     (one-token steps through lm.decode_step.LeanStep)
+    lm, model.generate    2,440      53,660     (captured again every call)
+    transformers            210      13,506
 
-The eager rows depend on the host CPU that launches the kernels: in an earlier run the same day,
-on another machine of the same kind, transformers made 165 / 15,583 and lm eager 262 / 26,028.
+At batch 2 (another run the same day) the fused step made 5,018 tokens/s against 3,727 compiled.
+At batch 1 the fused graph's kernels take 287 us a token (3,480 tokens/s); the rest of the 353 us
+is each call's fixed cost, mostly the prompt's eager forward on the host that launches it.
+The eager rows depend on the host CPU that launches the kernels, which differs between machines of
+the same kind.
 
 Eager, each step launches every kernel from Python: about 3 ms a step at batch 1 and at batch 64 alike.
-At batch 64 a few rows of the graph's greedy ids differ from eager's (about 52 of 64 rows equal): the
+At batch 64 a few rows of the graph's greedy ids differ from eager's (53 of 64 rows equal): the
 static step attends through a mask, another bf16 kernel, and random weights leave near-ties in the
 logits; in float32 the tests find them identical.
 
@@ -93,7 +99,7 @@ def main() -> None:
         with torch.inference_mode():
             for name, fn in sides.items():
                 outputs[name] = fn()  # warm-up
-                seconds = timed(fn, sync)
+                seconds = min(timed(fn, sync) for _ in range(3))  # the best of three
                 run = {"side": name, "batch": B, "tokens_per_second": B * n / seconds, "ms_per_step": 1000 * seconds / n}
                 results["runs"].append(run)
                 print(json.dumps(run), flush=True)

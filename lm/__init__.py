@@ -34,6 +34,7 @@ from .device import auto_device, resolve_device
 from .memory import find_batch_size, training_memory
 from .generation import Decoder, GenerationConfig
 from .kv_cache import KVCache
+from .losses import linear_cross_entropy
 from .speculative import SpeculativeStats, speculative_generate
 from .model import GPT
 from .hf import ConversionError, export_hf, from_hf
@@ -63,5 +64,5 @@ __all__ = [
     "LoRAConfig", "LoRAError", "apply_lora", "load_adapters", "merge_lora", "save_adapters", "unmerge_lora",
     "SequenceClassifier", "classification_task", "train_classifier", "Retriever",
     "ConversionError", "convert_checkpoint", "export_hf", "from_hf",
-    "SpeculativeStats", "speculative_generate",
+    "SpeculativeStats", "speculative_generate", "linear_cross_entropy",
 ]

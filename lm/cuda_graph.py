@@ -34,26 +34,42 @@ def graph_unsupported(model) -> str | None:
 
 
 class GraphedStep:
-    """`model(token, cache=cache)` on a static cache, captured as a CUDA graph on the first call and
-    replayed on every later one; each replay also moves the cache's device position by one.
-    `compile=True` runs the step through `torch.compile` first (fewer, fused kernels inside the
-    graph; compiling takes a while on the first call)."""
+    """The decoding step on a static cache, captured as a CUDA graph on the first call and replayed on
+    every later one; each replay also moves the cache's device position by one.
 
-    def __init__(self, model, cache, compile: bool = False):
+    The step is `lm.fused_decode.FusedStep` (a few fused Triton kernels per block) whenever the
+    model and cache allow it, else `model(token, cache=cache)`. `compile=True` runs the module step
+    through `torch.compile` instead (fused kernels of inductor's choosing; compiling takes a while on
+    the first call). `greedy=True` also records the argmax of the logits in the graph: `next` (B, 1)
+    then holds the greedy choice after each call, with no kernel launched for it from Python; the
+    graph also feeds it back as the next step's token and stores it in `history` at its position in
+    the cache, so that `run(n)` makes n greedy steps with nothing but n replays (see `run`)."""
+
+    def __init__(self, model, cache, compile: bool = False, greedy: bool = False):
         reason = graph_unsupported(model)
         if reason is not None:
             raise ValueError(f"cannot decode with a CUDA graph: {reason}; pass cuda_graph=False.")
         if not cache.static:
             raise ValueError("GraphedStep needs KVCache(..., static=True): the graph must read a fixed buffer.")
-        self.cache = cache
+        from .fused_decode import FusedStep  # here: fused_decode imports the model's modules
+
+        self.cache, self.greedy = cache, greedy
         self.token = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=model.device)
+        # greedy: the token chosen after each position p, at p + 1 (position max_len is the last)
+        self.history = torch.zeros(cache.batch_size, cache.max_len + 1, dtype=torch.long, device=model.device) \
+            if greedy else None
+        self.fused = not compile and FusedStep.unsupported(model, cache) is None
+        if self.fused:
+            step = FusedStep(model, cache, greedy=greedy, feed=(self.token, self.history) if greedy else None)
+        else:
+            def step(token):
+                return model(token, cache=cache)[0]
 
-        def step(token):
-            return model(token, cache=cache)[0]
-
-        self.step = torch.compile(step, fullgraph=True, dynamic=False) if compile else step
+            step = torch.compile(step, fullgraph=True, dynamic=False) if compile else step
+        self.step = step
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
+        self.next: torch.Tensor | None = None
 
     def __call__(self, token: torch.Tensor) -> torch.Tensor:
         """Logits (B, 1, V) of `token` (B, 1) at the cache's next position."""
@@ -63,9 +79,36 @@ class GraphedStep:
         self.graph.replay()
         return self.logits
 
+    def run(self, token: torch.Tensor, n: int, position: int | None = None) -> torch.Tensor:
+        """n greedy steps from `token` (B, 1): n replays and nothing else, each feeding the next; returns
+        the n tokens chosen, (B, n), read from `history` (the cache's positions p+1 .. p+n, p its
+        position before: give it as `position` if you know it, else it is read from the device). The
+        host only launches; nothing waits for the GPU."""
+        if not self.greedy:
+            raise ValueError("run(n) makes greedy steps: build the GraphedStep with greedy=True.")
+        start = (self.cache.length if position is None else position) + 1
+        if start - 1 + n > self.cache.max_len:
+            raise ValueError(f"{n} steps from position {start - 1} do not fit the cache's {self.cache.max_len}.")
+        self.token.copy_(token)
+        if self.graph is None:
+            self._capture()
+        for _ in range(n):
+            self.graph.replay()
+        return self.history[:, start:start + n]
+
+    def _run(self):
+        out = self.step(self.token)
+        if not self.greedy or self.fused:  # the fused step's head finds the argmax and feeds it itself
+            return out
+        next_ids = out[:, -1].argmax(dim=-1, keepdim=True)
+        self.token.copy_(next_ids)
+        self.history.index_copy_(1, self.cache.cursor.position.view(1), next_ids)
+        return out, next_ids
+
     def _capture(self) -> None:
-        # The warm-up runs write the cache, so its state is put back before the capture.
-        self.graph, self.logits = capture(lambda: self.step(self.token), restore=self.cache.tensors())
+        # The warm-up runs write the cache and the token, so their state is put back before the capture.
+        self.graph, out = capture(self._run, restore=[*self.cache.tensors(), self.token])
+        self.logits, self.next = out if self.greedy else (out, None)
 
 
 def capture(step, warmup: int = 2, restore=(), pool=None):

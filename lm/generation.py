@@ -268,7 +268,7 @@ class Decoder:
         run = Generation(self, prompt, GenerationConfig.build(config, **options), None, logprobs=False)
         return stream_text(run)
 
-    def cache(self, batch_size: int, positions: int, graph: bool, compile: bool):
+    def cache(self, batch_size: int, positions: int, graph: bool, compile: bool, greedy: bool = False):
         """An empty KV cache for `positions` positions (at most block_size), and the graphed step
         that decodes with it (None without a graph).
 
@@ -280,12 +280,12 @@ class Decoder:
             return KVCache(self.model, batch_size, max_len=positions), None
         model = self.model
         addresses = tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
-        key = (batch_size, compile, addresses)
+        key = (batch_size, compile, greedy, addresses)
         if self._kept is None or self._kept[0] != key or self._kept[1].max_len < positions:
             self.release()  # free the old buffers before taking new ones
             size = min(model.config.block_size, max(64, 1 << (positions - 1).bit_length()))
             cache = KVCache(model, batch_size, max_len=max(size, positions), static=True)
-            self._kept = (key, cache, GraphedStep(model, cache, compile=compile))
+            self._kept = (key, cache, GraphedStep(model, cache, compile=compile, greedy=greedy))
         _, cache, step = self._kept
         cache.reset()
         return cache, step
@@ -344,6 +344,9 @@ class Generation:
         if self.stop_strings and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer to decode the text; pass stop_tokens (ids) instead.")
         self.cache, self.graph, self.cached = None, None, 0  # cached: positions in the cache
+        # plain greedy: the graph also takes the argmax, and `chosen` is its token after a graph step
+        self.greedy = self.sampling.plain_greedy
+        self.chosen: torch.Tensor | None = None
         self.cuda_graph = self._use_graph(config.cuda_graph, config.compile)
         # Each row's text as it grows, when something reads it: stop strings, or `stream_text`.
         self.streams: list[TextStream] | None = None
@@ -410,19 +413,40 @@ class Generation:
         return self.streams[row]
 
     # ---- the loop ------------------------------------------------------------------------------
-    def _make_room(self) -> None:
-        """Make room for the token at `length`: the buffers double (up to prompt + max_new_tokens)
+    def _make_room(self, n: int = 1) -> None:
+        """Make room for n tokens from `length`: the buffers double (up to prompt + max_new_tokens)
         when full, so n tokens cost O(n) copying in all."""
         full = self.ids.size(1)
-        if self.length < full:
+        if self.length + n <= full:
             return
-        room = min(2 * full, self.start + self.config.max_new_tokens)
+        room = min(max(2 * full, self.length + n), self.start + self.config.max_new_tokens)
         grow = room - full
         self.ids = torch.cat([self.ids, self.ids.new_full((self.ids.size(0), grow), self._pad_id())], dim=1)
         if self.logprobs is not None:
             self.logprobs = torch.cat([self.logprobs, self.logprobs.new_zeros(self.ids.size(0), grow)], dim=1)
         if self.mask is not None:
             self.mask = torch.cat([self.mask, self.mask.new_ones(self.ids.size(0), grow)], dim=1)
+
+    def _free_run(self, left: int) -> int:
+        """Greedy tokens made back to back by the graph (`GraphedStep.run`), up to `left` of them, when
+        nothing needs to look at a token before the end: no stop tokens or strings, no text stream,
+        no log-probabilities. Returns how many were made; 0 means: take an ordinary step (the prompt,
+        a refill, or a generation that watches its tokens). On the host each token is one graph
+        launch, so the host never holds the GPU back."""
+        graph = self.graph
+        if (graph is None or not graph.greedy or self.can_finish or self.streams is not None
+                or self.logprobs is not None):
+            return 0
+        block = self.model.config.block_size
+        n = min(left, block - self.cached)  # up to a full cache; the ordinary step then refills it
+        if self.cached == 0 or n <= 0:
+            return 0
+        L = self.length
+        self._make_room(n)
+        self.ids[:, L:L + n] = graph.run(self.ids[:, L - 1:L], n, position=self.cached)
+        self.cached += n
+        self.length = L + n
+        return n
 
     def _logits(self) -> torch.Tensor:
         """Logits (B, 1 or T, V) whose last position scores the next token."""
@@ -434,7 +458,7 @@ class Generation:
         if self.cache is None:  # positions needed: prompt and new tokens, never more than the context
             positions = min(block, self.start + self.config.max_new_tokens)
             self.cache, self.graph = self.decoder.cache(self.ids.size(0), positions, self.cuda_graph,
-                                                        self.config.compile)
+                                                        self.config.compile, self.greedy)
         if self.cached == 0 or self.cached + 1 > block:  # prefill, or the cache is full: start afresh
             keep = min(L, block) if self.cached == 0 else refill_length(block)
             self.cache.reset()
@@ -443,7 +467,9 @@ class Generation:
                          cache=self.cache)[0]
         self.cached += 1
         if self.graph is not None:  # the prompt's padding is in the cache's mask already; new tokens are real
-            return self.graph(self.ids[:, L - 1:L])
+            logits = self.graph(self.ids[:, L - 1:L])
+            self.chosen = self.graph.next
+            return logits
         if self.lean is not None and LeanStep.usable(self.cache, 1):
             return self.lean(self.ids[:, L - 1:L], self.cache)
         return model(self.ids[:, L - 1:L], attention_mask=None if mask is None else mask[:, :L], cache=self.cache)[0]
@@ -455,12 +481,23 @@ class Generation:
         was_training = model.training
         model.eval()
         try:
-            for step in range(self.config.max_new_tokens):
+            step = 0
+            while step < self.config.max_new_tokens:
+                made = self._free_run(self.config.max_new_tokens - step)
+                if made:
+                    for _ in range(made):
+                        yield step
+                        step += 1
+                    continue
                 logits = self._logits()[:, -1, :]
                 L = self.length
-                history_mask = None if self.mask is None else self.mask[:, :L]
-                next_ids, logp = choose_next(logits, self.ids[:, :L], self.sampling, self.generator, mask=history_mask,
-                                             logprobs=self.logprobs is not None)
+                if self.chosen is not None:  # the graph took the argmax already
+                    next_ids, self.chosen = self.chosen, None
+                    logp = None if self.logprobs is None else torch.log_softmax(logits.float(), -1).gather(-1, next_ids)
+                else:
+                    history_mask = None if self.mask is None else self.mask[:, :L]
+                    next_ids, logp = choose_next(logits, self.ids[:, :L], self.sampling, self.generator,
+                                                 mask=history_mask, logprobs=self.logprobs is not None)
                 next_ids = next_ids.squeeze(1)
                 if self.can_finish:  # finished rows get padding (each masking is one more kernel launch)
                     next_ids = next_ids.masked_fill(self.finished, self._pad_id())
@@ -475,6 +512,7 @@ class Generation:
                 if self.streams is not None:
                     self._follow_text(next_ids)
                 yield step
+                step += 1
                 # reading `finished` waits for the GPU: only when something can stop a row early
                 if self.can_finish and bool(self.finished.all()):
                     break

@@ -5,7 +5,9 @@ One step of AdamW training holds at its peak, for P bytes of parameters:
     grads         one gradient per parameter, of its dtype: P
     optimizer     AdamW's exp_avg and exp_avg_sq, two fp32 tensors per parameter: 2P in fp32
     activations   the tensors autograd saves in the forward pass for the backward pass; they grow
-                  with the batch B (linearly) and with the window T (linearly, or faster)
+                  with the batch B (linearly) and with the window T (linearly, or faster), on top of
+                  the output head's weight gradient, which the trainer's fused loss works out in the
+                  forward pass and keeps for the backward pass (`lm.losses`)
 (plus `buffers`: tensors the model keeps that are not parameters, such as RoPE's tables).
 
 `training_memory` measures each part on one real step: nothing is taken from a formula. The step is

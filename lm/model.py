@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import attention as _attention  # noqa: F401  (imported for its registrations)
 from .config import ModelConfig
+from .losses import linear_cross_entropy
 from .norms import NORM_TYPES
 from .positions import build_positions
 from .registry import ATTENTION, FEEDFORWARD, NORMS, PRETRAINED
@@ -129,7 +130,8 @@ class GPT(nn.Module):
 
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
-                attention_mask: torch.Tensor | None = None, cache=None, all_logits: bool = False):
+                attention_mask: torch.Tensor | None = None, cache=None, all_logits: bool = False,
+                return_logits: bool = True):
         """idx: (B, T) token ids. targets: (B, T) next-token ids, -100 where no loss is wanted.
         attention_mask: (B, T), True for real tokens and False for padding, or (B, T, T), True where
         query i may see key j (packed documents); see `lm.attention`.
@@ -143,18 +145,43 @@ class GPT(nn.Module):
         attention_mask (if any) covers at least them. Generation needs only the next token's
         scores, so without targets only the last position goes through the head: logits (B, 1, V);
         `all_logits=True` gives every new position's, (B, T, V) (speculative decoding scores several).
+
+        `return_logits=False` (with targets; without, it is an error) returns (None, loss): what training
+        wants. Then the head and the loss run fused, a chunk of positions at a time
+        (`lm.losses.linear_cross_entropy`), so the (B, T, V) logits and their float32 copy are never
+        held: the same loss and gradients with far less memory. A head that is not a plain bias-free
+        `nn.Linear` without hooks (a LoRA adapter on an untied head, an int8 head) gets the loss the
+        plain way, and None for logits all the same.
         """
+        if not return_logits and targets is None:
+            raise ValueError("return_logits=False leaves only the loss, and there is none without targets; "
+                             "give targets, or leave return_logits=True.")
         x = self._residual_stream(idx, attention_mask, cache)
         if cache is not None and targets is None and not all_logits:
             x = x[:, -1:]
-        logits = self.lm_head(self.norm_f(x))
+        fused = not return_logits and self._head_is_plain()
+        logits = None if fused else self.lm_head(self.norm_f(x))
         self.aux_loss = self._moe_aux_loss()
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+            if fused:  # the head's weight goes in once: tied to tok_emb, its two gradients add up on it
+                loss = linear_cross_entropy(self.norm_f(x), self.lm_head.weight, targets, ignore_index=-100)
+            else:
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
             if self.aux_loss is not None and self.training:
                 loss = loss + self.config.moe_aux_loss_coef * self.aux_loss
-        return logits, loss
+        return (logits if return_logits else None), loss
+
+    def _head_is_plain(self) -> bool:
+        """Whether `lm_head(h)` is just `h @ lm_head.weight.T`, so the fused loss may use the weight alone:
+        an nn.Linear itself (not a LoRA wrapper, an int8 layer or a subclass), no bias, and no hook, of its
+        own or global, that calling it would run."""
+        from torch.nn.modules import module as torch_module
+
+        head = self.lm_head
+        hooks = ("forward_hooks", "forward_pre_hooks", "backward_hooks", "backward_pre_hooks")
+        return (type(head) is nn.Linear and head.bias is None
+                and not any(getattr(head, f"_{name}") or getattr(torch_module, f"_global_{name}") for name in hooks))
 
     def forward_ids(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The logits (B, T, V) of ids (B, T), without a loss: seed 000's name for `forward(idx)[0]`."""

@@ -60,6 +60,11 @@ class SamplingConfig:
             raise SamplingError(f"no_repeat_ngram_size={self.no_repeat_ngram_size!r} must be an integer >= 0 "
                                 f"(0 means off).")
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with no penalty: the next token is the argmax of the raw logits."""
+        return self.temperature == 0 and self.repetition_penalty == 1.0 and self.no_repeat_ngram_size == 0
+
 
 # --- Penalties: they look at the tokens each row has produced so far, previous_ids (B, t). ------------
 # `mask` (B, t) marks the real tokens; padding positions (False) are ignored.
@@ -224,7 +229,7 @@ def choose_next(
 
     Raises a SamplingError when no_repeat_ngram_size leaves a row no token to choose.
     """
-    if config.temperature == 0 and config.repetition_penalty == 1.0 and config.no_repeat_ngram_size == 0:
+    if config.plain_greedy:
         # plain greedy: nothing to process, and the argmax of the raw logits is that of their
         # float32 copy (widening is exact), without making the copy
         next_ids = logits.argmax(dim=-1, keepdim=True)

@@ -4,7 +4,7 @@
         lr = lr_at(step)                          # linear warmup, then cosine down to min_lr
         for each of grad_accum_steps micro-batches:
             with autocast(precision):             # fp32, bf16, or fp16 (with a gradient scaler)
-                loss = model(x, y) / grad_accum_steps
+                loss = model(x, y) / grad_accum_steps   # the loss alone: no logits (return_logits=False)
             loss.backward()                       # gradients add up over the micro-batches
         clip the gradient norm; optimizer.step(); update the EMA of the weights
         every eval_interval steps: estimate train/val loss, write last.pt (and best.pt when val
@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import inspect
 import math
 import os
 import shutil
@@ -267,6 +268,30 @@ def check_same_run(checkpoint: dict, model: GPT, source: str = "the checkpoint")
                             f"(resume=None in Python) or another out_dir.")
 
 
+def loss_only(model: nn.Module) -> dict:
+    """The keywords that ask `model(x, y)` for its loss alone: {"return_logits": False} when its forward
+    takes that keyword by name (lm.GPT's does: the head and the loss then run fused, a chunk of positions
+    at a time, and the (B, T, V) logits are never held), else {} (a GPT subclass with a forward of its
+    own, say: it is called as before). DistributedDataParallel and torch.compile pass keywords on, so
+    the model inside them is the one asked."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    inner = model
+    while True:
+        if isinstance(inner, DistributedDataParallel):
+            inner = inner.module
+        elif isinstance(getattr(inner, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            inner = inner._orig_mod
+        else:
+            break
+    try:
+        parameter = inspect.signature(inner.forward).parameters.get("return_logits")
+    except (TypeError, ValueError):  # a forward whose signature cannot be read
+        return {}
+    keyword = parameter is not None and parameter.kind in (parameter.KEYWORD_ONLY, parameter.POSITIONAL_OR_KEYWORD)
+    return {"return_logits": False} if keyword else {}
+
+
 @torch.no_grad()
 def estimate_loss(model: nn.Module, data, batch_size: int, seq_len: int, iters: int, seed: int = 0, *,
                   grad_accum_steps: int = 1, precision: str = "fp32",
@@ -282,11 +307,12 @@ def estimate_loss(model: nn.Module, data, batch_size: int, seq_len: int, iters: 
     device = next(model.parameters()).device
     batches = batch_stream(data, batch_size, seq_len, seed=seed, grad_accum_steps=grad_accum_steps,
                            rank=dist_info.rank, world_size=dist_info.world_size)
+    options = loss_only(model)
     total = torch.zeros((), device=device)
     for _ in range(iters):
         for x, y, *mask in batches.next_step(device):
             with autocast(device, precision):
-                total += model(x, y, attention_mask=mask[0] if mask else None)[1].float()
+                total += model(x, y, attention_mask=mask[0] if mask else None, **options)[1].float()
     model.train(was_training)
     return distributed.all_mean(total / (iters * grad_accum_steps)).item()
 
@@ -364,6 +390,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if config.precision == "fp16" else None
         if config.compile:
             self.wrapped = torch.compile(self.wrapped)
+        self.loss_options = loss_only(model)  # the loss without the logits, where the model's forward allows
         self.batches = batch_stream(train_data, config.batch_size, self.seq_len, seed=config.seed,
                                     mode=config.sampling, grad_accum_steps=config.grad_accum_steps,
                                     rank=self.dist.rank, world_size=self.dist.world_size)
@@ -451,7 +478,7 @@ class Trainer:
             sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
             with sync:  # DDP averages gradients across processes only after the last micro-batch
                 with autocast(self.device, config.precision):
-                    _, loss = model(x, y, attention_mask=mask[0] if mask else None)
+                    _, loss = model(x, y, attention_mask=mask[0] if mask else None, **self.loss_options)
                 loss = loss / len(micro_batches)
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.detach().float()

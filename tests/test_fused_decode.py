@@ -1,0 +1,126 @@
+"""The fused decoding step (`lm.fused_decode`): Triton kernels for the norm + matrix-vector products
+and for one query's attention over the cache. Checked against the module path on CUDA (logits to a
+tolerance, greedy ids exactly in float32), and on the CPU through Triton's interpreter when Triton
+is installed (a CPU-only PyTorch has none: those tests skip)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import lm
+from lm.fused_decode import FusedStep
+
+from test_generation import VARIANTS, build
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+has_triton = importlib.util.find_spec("triton") is not None
+FUSED = ["mha", "manual", "gqa", "mqa+rope", "llama-like"]  # the variants the fused step takes
+OTHERS = ["sliding_window", "linear", "block_sparse", "sinusoidal+post-norm"]
+
+
+def test_unsupported_models_are_named_with_the_reason():
+    model = build("mha")
+    reason = FusedStep.unsupported(model)
+    assert reason is not None and ("CUDA" in reason or "Triton" in reason)
+    with pytest.raises(ValueError, match="FusedStep cannot run this model"):
+        FusedStep(model, lm.KVCache(model, 1, static=True))
+
+
+def check_fused_step(name: str, B: int, device: str, dtype=torch.float32, steps: int = 4) -> None:
+    """FusedStep's logits against `model(token, cache=cache)` step by step, from a prompt whose last
+    row is left-padded; and, greedy, the argmax its head kernel finds against torch.argmax."""
+    model = build(name).to(device, dtype)
+    ids = torch.randint(0, 50, (B, 6), device=device)
+    mask = torch.ones(B, 6, dtype=torch.bool, device=device)
+    mask[B - 1, :3] = False
+    ref_cache, cache = (lm.KVCache(model, B, max_len=32, static=True) for _ in range(2))
+    with torch.no_grad():
+        model(ids, attention_mask=mask, cache=ref_cache)
+        model(ids, attention_mask=mask, cache=cache)
+        step = FusedStep(model, cache, greedy=True)
+        token = ids[:, -1:]
+        for _ in range(steps):
+            want = model(token, cache=ref_cache)[0]
+            got, chosen = step(token)
+            tol = 1e-4 if dtype == torch.float32 else 0.05 * want.float().abs().max().item()
+            torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=tol)
+            assert torch.equal(chosen, got[:, -1].argmax(-1, keepdim=True))  # ties: the first, as torch
+            assert int(cache.cursor.position) == int(ref_cache.cursor.position)
+            token = want[:, -1].argmax(-1, keepdim=True)
+
+
+@pytest.mark.skipif(not has_triton or torch.cuda.is_available(),
+                    reason="needs Triton and no GPU (its interpreter runs the kernels on the CPU; with a GPU the CUDA "
+                           "tests below run them)")
+def test_the_kernels_match_the_modules_in_triton_interpreter():
+    # the interpreter must be chosen before triton is first imported: a fresh process
+    code = textwrap.dedent("""
+        from test_fused_decode import check_fused_step
+        for name, B in [("mha", 1), ("llama-like", 2), ("mqa+rope", 2)]:
+            check_fused_step(name, B, "cpu")
+        print("ok")
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(sys.path))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=os.path.dirname(__file__))
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+@cuda
+@pytest.mark.parametrize("name", FUSED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B", [1, 2])
+def test_fused_logits_match_the_module_step(name, dtype, B):
+    check_fused_step(name, B, "cuda", dtype, steps=8)
+
+
+@cuda
+@pytest.mark.parametrize("name", FUSED + OTHERS)
+def test_the_graph_takes_the_fused_step_where_it_can(name):
+    model = build(name).cuda()
+    cache = lm.KVCache(model, 2, max_len=32, static=True)
+    from lm.cuda_graph import GraphedStep
+    assert GraphedStep(model, cache).fused == (name in FUSED)
+    assert not GraphedStep(model, cache, compile=True).fused
+    if name in FUSED:
+        big = lm.KVCache(model, 3, max_len=32, static=True)  # more rows: cuBLAS's matrix products are faster
+        assert "batch size 3" in FusedStep.unsupported(model, big)
+
+
+@cuda
+@pytest.mark.parametrize("name", FUSED)
+def test_fused_greedy_generation_gives_the_eager_ids_and_logprobs(name):
+    model = build(name, block_size=24).cuda()
+    prompt = torch.randint(0, 50, (2, 6), device="cuda")
+    eager, eager_lp = model.generate(prompt, max_new_tokens=40, temperature=0, cuda_graph=False,
+                                     return_logprobs=True)  # refills past block_size 24
+    fused, fused_lp = model.generate(prompt, max_new_tokens=40, temperature=0, return_logprobs=True)
+    assert torch.equal(fused, eager)
+    torch.testing.assert_close(fused_lp, eager_lp, rtol=1e-4, atol=1e-4)
+    decoder = lm.Decoder(model)
+    decoder.generate(prompt, max_new_tokens=4, temperature=0)
+    assert decoder._kept[2].fused and decoder._kept[2].greedy  # the argmax is in the graph
+
+
+@cuda
+@pytest.mark.parametrize("name", ["mha", "sliding_window"])  # the fused graph, and the module graph
+def test_run_makes_greedy_steps_with_replays_only(name):
+    from lm.cuda_graph import GraphedStep
+    model = build(name).cuda()
+    prompt = torch.randint(0, 50, (2, 5), device="cuda")
+    eager = model.generate(prompt, max_new_tokens=30, temperature=0, cuda_graph=False)
+    cache = lm.KVCache(model, 2, max_len=40, static=True)
+    with torch.no_grad():
+        model(prompt, cache=cache)
+        step = GraphedStep(model, cache, greedy=True)
+        assert torch.equal(step.run(eager[:, 5:6], 20, position=5), eager[:, 6:26])
+        assert torch.equal(step.run(eager[:, 25:26], 9), eager[:, 26:35])  # the position read from the device
+        with pytest.raises(ValueError, match="do not fit"):
+            step.run(eager[:, 34:35], 10)
