@@ -158,7 +158,9 @@ class MoE(nn.Module):
         outputs = torch.cat([expert(run) for expert, run in zip(self.experts, runs)])  # (N*k, C)
 
         slot_weights = weights.flatten()[order].to(outputs.dtype)  # (N*k,)
-        combined = torch.zeros_like(tokens).index_add_(0, token_of_slot, outputs * slot_weights[:, None])
+        # in the experts' dtype: under autocast they return bfloat16 while the stream is float32
+        combined = tokens.new_zeros(tokens.shape, dtype=outputs.dtype)
+        combined.index_add_(0, token_of_slot, outputs * slot_weights[:, None])
         return combined.view(B, T, C)
 
     def residual_projections(self) -> list[nn.Linear]:

@@ -271,8 +271,8 @@ def launch_config(B: int, N: int, K: int) -> dict:
     A matrix-vector product is memory-bound: what counts is that many SMs read at once and that each
     program waits for memory few times. So a program takes a long stretch of K per load (up to 1,024
     inputs) and only 2 output columns (4 for a vocabulary-sized head): GPT-2's qkv projection is then
-    1,152 programs. Chosen by timing every combination on an H200 (`bench/fused_kernels.py --sweep`): 2.7-4.5 us
-    for GPT-2's four layer shapes at batch 1, where cuBLAS takes 4.0-6.9 us."""
+    1,152 programs. Chosen by timing every combination on an H200 (`bench/fused_kernels.py --sweep`):
+    2.7-4.5 us for GPT-2's four layer shapes at batch 1, where cuBLAS takes 4.0-6.9 us."""
     return dict(BM=_pow2(B), BN=4 if N > 8192 else 2, BK=min(_pow2(K), 1024), num_warps=2)
 
 
@@ -284,7 +284,8 @@ def attention_config(head_dim: int) -> dict:
 def norm_linear(x: torch.Tensor, linear: nn.Linear, norm: nn.Module | None = None, act: int = NO_ACT,
                 residual: torch.Tensor | None = None, gate: nn.Linear | None = None, kv=None,
                 argmax: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
-    """act(norm(x) @ linear.weight.T + linear.bias) (+ residual) for x (B, K), B <= 16, in one kernel.
+    """act(norm(x) @ linear.weight.T + linear.bias) (+ residual) for x (B, K) in one kernel; any B works,
+    but past MAX_ROWS rows cuBLAS's tensor cores are faster.
 
     `gate`: SwiGLU's second projection (act=SWIGLU gives silu(x W1) * (x W2)). `kv`: (k_cache,
     v_cache, position, q_cols, kv_cols, head_dim): the output's columns q_cols.. are also stored
@@ -296,10 +297,10 @@ def norm_linear(x: torch.Tensor, linear: nn.Linear, norm: nn.Module | None = Non
     N = W.size(0)
     y = torch.empty(B, N, device=x.device, dtype=x.dtype)
     kind = NO_NORM if norm is None else RMS_NORM if type(norm) is RMSNorm else LAYER_NORM
-    norm_w = W if norm is None or norm.weight is None else norm.weight
-    norm_b = getattr(norm, "bias", None)
-    if kind == RMS_NORM and norm.weight is None:
+    norm_w = W if norm is None else norm.weight  # W: a placeholder the kernel does not read
+    if norm is not None and norm_w is None:  # a norm without a learned scale
         norm_w = torch.ones(K, device=x.device, dtype=x.dtype)
+    norm_b = getattr(norm, "bias", None)
     bias = linear.bias
     k_cache, v_cache, position, q_cols, kv_cols, head_dim = kv if kv is not None else (W, W, W, 0, 0, 1)
     cache_strides = k_cache.stride()[:3] if kv is not None else (0, 0, 0)

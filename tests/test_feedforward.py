@@ -110,6 +110,21 @@ def test_moe_with_experts_that_get_no_tokens():
     assert (moe.last_usage > 0).sum() == 2 and moe.last_usage.sum().item() == pytest.approx(1.0)
 
 
+def test_moe_under_bf16_autocast_matches_the_dense_ffn_and_trains():
+    # the experts return bfloat16 under autocast while the stream is float32: the mix must add up
+    cfg = config(ffn="moe", n_experts=1, moe_top_k=1)
+    dense = randomize_(FEEDFORWARD.get("gelu")(cfg))
+    moe = MoE(cfg)
+    moe.experts[0].load_state_dict(dense.state_dict())
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, want = moe(x), dense(x)
+    assert out.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(out, want)
+    out.float().sum().backward()
+    assert x.grad is not None and moe.experts[0].fc.weight.grad.abs().sum() > 0
+
+
 def test_route_top_k():
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0], [3.0, 0.0, 0.0, 2.9]])
     probs, experts, weights = route_top_k(logits, 2)
