@@ -68,14 +68,15 @@ def _feedforward(ffn: nn.Module):
     return ffn
 
 
-def _has_hooks(model: nn.Module) -> bool:
-    """Whether a forward hook would run on some module of `model` (its own, or a global one)."""
+def has_hooks(model: nn.Module, backward: bool = False) -> bool:
+    """Whether a forward hook (and with `backward`, a backward hook) would run on some module of
+    `model`, its own or a global one: calling its functional ops instead would skip it."""
     from torch.nn.modules import module as torch_module
 
-    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+    kinds = ("forward_hooks", "forward_pre_hooks") + (("backward_hooks", "backward_pre_hooks") if backward else ())
+    if any(getattr(torch_module, f"_global_{kind}") for kind in kinds):
         return True
-    hooks = ("_forward_hooks", "_forward_pre_hooks")
-    return any(getattr(module, name, None) for module in model.modules() for name in hooks)
+    return any(getattr(module, f"_{kind}", None) for module in model.modules() for kind in kinds)
 
 
 def _defined_by(cls: type, name: str) -> str | None:
@@ -110,7 +111,7 @@ class LeanStep:
         """Why `model` cannot use a LeanStep, or None when it can."""
         if any(_defined_by(type(model), name) != "lm.model.GPT" for name in ("forward", "_residual_stream", "embed")):
             return f"{type(model).__name__} computes its forward its own way"
-        if _has_hooks(model):
+        if has_hooks(model):
             return "a module of the model has forward hooks, which a lean step would skip"
         for block in model.blocks:
             if _defined_by(type(block), "forward") != "lm.model.Block":
@@ -167,4 +168,4 @@ class LeanStep:
         return self.head(self.norm_f(x) if self.pre_norm else x)
 
 
-__all__ = ["LeanStep"]
+__all__ = ["LeanStep", "has_hooks"]

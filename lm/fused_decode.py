@@ -359,6 +359,7 @@ def unpack_argmax(argmax: torch.Tensor, feed=None) -> torch.Tensor:
 
 
 _NORMS = (LayerNorm, nn.LayerNorm, RMSNorm)
+_ACTIVATIONS = {MLP: GELU, TanhMLP: GELU_TANH, SwiGLU: SWIGLU}  # the feed-forwards it knows, and their kernel
 
 
 class FusedStep:
@@ -376,7 +377,6 @@ class FusedStep:
         self.model, self.cache, self.greedy, self.feed = model, cache, greedy, feed
         config = model.config
         self.H, self.H_kv, self.D = config.n_head, config.kv_heads, config.head_dim
-        self.act = {MLP: GELU, TanhMLP: GELU_TANH, SwiGLU: SWIGLU}
         pos = model.pos_emb
         # one embedding kernel for a table of positions (or none); other position kinds: the model's own
         self.pos_table = pos.weight if type(pos) is LearnedPositionEmbedding else pos.table \
@@ -404,7 +404,7 @@ class FusedStep:
             return f"head_dim={D} is not a power of two up to 256"
         for block in model.blocks:
             mlp = block.mlp
-            if type(mlp) not in (MLP, TanhMLP, SwiGLU):
+            if type(mlp) not in _ACTIVATIONS:
                 return f"feed-forward {type(mlp).__name__}"
             ffn = [mlp.w1, mlp.w2, mlp.w3] if type(mlp) is SwiGLU else [mlp.fc, mlp.proj]
             if any(type(layer) is not nn.Linear for layer in [block.attn.qkv, block.attn.proj, *ffn]):
@@ -449,7 +449,7 @@ class FusedStep:
                 h = norm_linear(x, mlp.w1, block.norm2, SWIGLU, gate=mlp.w2)
                 x = norm_linear(h, mlp.w3, residual=x)
             else:
-                h = norm_linear(x, mlp.fc, block.norm2, self.act[type(mlp)])
+                h = norm_linear(x, mlp.fc, block.norm2, _ACTIVATIONS[type(mlp)])
                 x = norm_linear(h, mlp.proj, residual=x)
         cache.end(1)
         model.aux_loss = None

@@ -35,7 +35,7 @@ from .cuda_graph import GraphedStep, graph_unsupported
 from .decode_step import LeanStep
 from .kv_cache import KVCache
 from .quantize import for_decoding
-from .sampling import SamplingConfig, SamplingError, choose_next
+from .sampling import SamplingConfig, SamplingError, choose_next, chosen_logprobs
 
 
 FIRST_ROOM = 1024  # new tokens the buffers of a generation hold before they first grow
@@ -493,7 +493,7 @@ class Generation:
                 L = self.length
                 if self.chosen is not None:  # the graph took the argmax already
                     next_ids, self.chosen = self.chosen, None
-                    logp = None if self.logprobs is None else torch.log_softmax(logits.float(), -1).gather(-1, next_ids)
+                    logp = None if self.logprobs is None else chosen_logprobs(logits, next_ids)
                 else:
                     history_mask = None if self.mask is None else self.mask[:, :L]
                     next_ids, logp = choose_next(logits, self.ids[:, :L], self.sampling, self.generator,

@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import attention as _attention  # noqa: F401  (imported for its registrations)
 from .config import ModelConfig
+from .decode_step import has_hooks
 from .losses import linear_cross_entropy
 from .norms import NORM_TYPES
 from .positions import build_positions
@@ -176,12 +177,8 @@ class GPT(nn.Module):
         """Whether `lm_head(h)` is just `h @ lm_head.weight.T`, so the fused loss may use the weight alone:
         an nn.Linear itself (not a LoRA wrapper, an int8 layer or a subclass), no bias, and no hook, of its
         own or global, that calling it would run."""
-        from torch.nn.modules import module as torch_module
-
         head = self.lm_head
-        hooks = ("forward_hooks", "forward_pre_hooks", "backward_hooks", "backward_pre_hooks")
-        return (type(head) is nn.Linear and head.bias is None
-                and not any(getattr(head, f"_{name}") or getattr(torch_module, f"_global_{name}") for name in hooks))
+        return type(head) is nn.Linear and head.bias is None and not has_hooks(head, backward=True)
 
     def forward_ids(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The logits (B, T, V) of ids (B, T), without a loss: seed 000's name for `forward(idx)[0]`."""

@@ -242,7 +242,12 @@ def choose_next(
             next_ids = torch.multinomial(processed.softmax(dim=-1), num_samples=1, generator=generator)
     if not logprobs:
         return next_ids, None
-    return next_ids, torch.log_softmax(logits.float(), dim=-1).gather(-1, next_ids)
+    return next_ids, chosen_logprobs(logits, next_ids)
+
+
+def chosen_logprobs(logits: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
+    """(B, 1): the log-probabilities of next_ids (B, 1) under the raw (B, V) logits, in float32."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, next_ids)
 
 
 def sample_next(
