@@ -7,33 +7,40 @@ graph, and compiles for "lm compiled").
 
     lm                   lm.Decoder(model).generate, the default on CUDA: each one-token step
                          replays a CUDA graph, captured on the first call and kept by the decoder; at
-                         batch 1 and 2 the graph is of lm.fused_decode.FusedStep (Triton kernels), and
-                         greedy steps run back to back with nothing but graph launches
+                         batch 1 and 2 the graph is of lm.fused_decode.FusedStep (Triton kernels,
+                         launched with programmatic dependent launch on Hopper), greedy steps run back
+                         to back with nothing but graph launches, and the prompt's forward replays a
+                         graph of its length bucket (lm.cuda_graph.GraphedPrefill)
+    lm, no PDL           the same with lm.fused_decode.PDL = False: each kernel starts when the last ends
     lm compiled          compile=True: the model's own step, torch.compile'd, then graphed
     lm eager             cuda_graph=False: every kernel launched from Python
-    lm, model.generate   a new Decoder per call: the graph is captured again every call
+    lm, model.generate   model.generate, which keeps one Decoder with the model (model.decoder)
+    lm, a new Decoder each call
+                         what a decoder's first call costs: the graphs are captured within the call
     transformers         GPT2LMHeadModel.generate with its dynamic cache (sdpa attention)
 
-    python bench/gpu_decode.py --batch 1 64 --new 200 --out lm/assets/gpu_decode.json
+    python bench/gpu_decode.py --batch 1 2 64 --new 200 --out lm/assets/gpu_decode.json
 
-Measured on one H200 (torch 2.11, Triton 3.6; 2026-12-03), tokens/s, the best of three calls,
+Measured on one H200 (torch 2.11, Triton 3.6; 2026-12-04), tokens/s, the best of three calls,
 stored in lm/assets/gpu_decode.json:
 
-                        batch 1    batch 64
-    lm                    2,833      60,930     (fused step at batch 1; CUDA graph kept by a Decoder)
-    lm compiled           1,906      74,340
-    lm eager                385      15,671     (one-token steps through lm.decode_step.LeanStep)
-    lm, model.generate    2,440      53,660     (captured again every call)
-    transformers            210      13,506
+                              batch 1   batch 2   batch 64
+    lm                          3,497     6,066     61,705   (fused step at batch 1 and 2)
+    lm, no PDL                  3,071     5,302     61,411
+    lm compiled                 1,956     3,855     76,776
+    lm eager                      299       710     23,138   (one-token steps through LeanStep)
+    lm, model.generate          3,495     6,115     61,729
+    lm, a new Decoder each call 2,279     4,563     54,803
+    transformers                  183       369     13,026
 
-At batch 2 (another run the same day) the fused step made 5,018 tokens/s against 3,727 compiled.
-At batch 1 the fused graph's kernels take 287 us a token (3,480 tokens/s); the rest of the 353 us
-is each call's fixed cost, mostly the prompt's eager forward on the host that launches it.
-The eager rows depend on the host CPU that launches the kernels, which differs between machines of
-the same kind.
+Without PDL and the prompt's graph (2026-12-03) the default made 2,833 tokens/s at batch 1. In
+another run the same day, with PDL on and off in turn (a script toggling lm.fused_decode.PDL, same model): 3,530 / 3,504
+against 3,096 / 3,067 tokens/s at batch 1, 6,116 / 6,120 against 5,306 / 5,303 at batch 2, the
+same ids. The eager rows depend on the host CPU that launches the kernels, which differs between
+machines of the same kind (385 tokens/s at batch 1 on 2026-12-03).
 
 Eager, each step launches every kernel from Python: about 3 ms a step at batch 1 and at batch 64 alike.
-At batch 64 a few rows of the graph's greedy ids differ from eager's (53 of 64 rows equal): the
+At batch 64 a few rows of the graph's greedy ids differ from eager's (56 of 64 rows equal): the
 static step attends through a mask, another bf16 kernel, and random weights leave near-ties in the
 logits; in float32 the tests find them identical.
 
@@ -51,6 +58,7 @@ import time
 import torch
 
 import lm
+import lm.fused_decode
 from _report import report
 
 
@@ -60,6 +68,17 @@ def timed(fn, sync) -> float:
     fn()
     sync()
     return time.perf_counter() - start
+
+
+class NoPDL(lm.Decoder):
+    """A decoder whose fused kernels launch one after another (programmatic dependent launch off)."""
+
+    def generate(self, *args, **options):
+        lm.fused_decode.PDL = False
+        try:
+            return super().generate(*args, **options)
+        finally:
+            lm.fused_decode.PDL = True
 
 
 def main() -> None:
@@ -85,13 +104,16 @@ def main() -> None:
                "new_tokens": args.new, "prompt_tokens": args.prompt, "runs": []}
     n = args.new
     graphed, compiled = lm.Decoder(ours), lm.Decoder(ours)  # each keeps its captured graph between calls
+    unlinked = NoPDL(ours)
     for B in args.batch:
         prompt = torch.randint(0, config.vocab_size, (B, args.prompt), device=device)
         sides = {
             "lm": lambda: graphed.generate(prompt, max_new_tokens=n, temperature=0),
+            "lm, no PDL": lambda: unlinked.generate(prompt, max_new_tokens=n, temperature=0),
             "lm compiled": lambda: compiled.generate(prompt, max_new_tokens=n, temperature=0, compile=True),
             "lm eager": lambda: graphed.generate(prompt, max_new_tokens=n, temperature=0, cuda_graph=False),
             "lm, model.generate": lambda: ours.generate(prompt, max_new_tokens=n, temperature=0),
+            "lm, a new Decoder each call": lambda: lm.Decoder(ours).generate(prompt, max_new_tokens=n, temperature=0),
             "transformers": lambda: peer.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                                   use_cache=True, attention_mask=torch.ones_like(prompt)),
         }

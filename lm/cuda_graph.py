@@ -16,12 +16,22 @@ output buffer:
     step = GraphedStep(model, cache)
     logits = step(next_ids)                        # (B, 1, V); overwritten by the next call
 
-`lm.generation.Decoder` does this for you on CUDA and keeps the graph between calls.
+Once the steps are graphed, the prompt's forward is the largest launch cost left (a 16-token
+prompt of GPT-2 124M: about 3 ms of launches, the time of ten graphed steps). `GraphedPrefill`
+graphs it too, one graph per bucket of prompt lengths (powers of two): the prompt is padded on the
+right up to its bucket, which no real position can see (attention is causal), the logits are read
+at its last real position, and the cache's position is moved back to just after it, so the next
+step overwrites the padding's slots before anything reads them. Each `GraphedStep` has one, as
+`step.prefill`.
+
+`lm.generation.Decoder` does all this for you on CUDA and keeps the graphs between calls.
 """
 
 from __future__ import annotations
 
 import torch
+
+from .kv_cache import StaticCache
 
 
 def graph_unsupported(model) -> str | None:
@@ -67,6 +77,7 @@ class GraphedStep:
 
             step = torch.compile(step, fullgraph=True, dynamic=False) if compile else step
         self.step = step
+        self.prefill = GraphedPrefill(model, cache)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
         self.next: torch.Tensor | None = None
@@ -106,24 +117,103 @@ class GraphedStep:
         return out, next_ids
 
     def _capture(self) -> None:
-        # The warm-up runs write the cache and the token, so their state is put back before the capture.
-        self.graph, out = capture(self._run, restore=[*self.cache.tensors(), self.token])
+        # The warm-up runs write the cache and the token, so their state is put back before the capture;
+        # they run from position 0, since two steps from the cache's position might pass its end.
+        self.graph, out = capture(self._run, restore=[*self.cache.tensors(), self.token],
+                                  prepare=self.cache.cursor.position.zero_)
         self.logits, self.next = out if self.greedy else (out, None)
 
 
-def capture(step, warmup: int = 2, restore=(), pool=None):
+class GraphedPrefill:
+    """Prompts fed to a static cache through CUDA graphs: `prefill(ids, attention_mask)` returns the
+    logits (B, 1, V) at the last of the T new positions and leaves the cache T positions further on,
+    as `model(ids, attention_mask=..., cache=cache)` does.
+
+    A graph is kept per bucket (T rounded up to a power of two, at least `smallest`, at most the
+    cache's length; see `bucket`) and per kind (with a padding mask or without), and captured the second time its
+    bucket is used, so a prompt length met once costs no capture; the first time runs the ordinary
+    forward. The padded positions are written to the cache's slots past the prompt and never seen:
+    real positions attend only to earlier ones, and the next tokens overwrite those slots. The
+    graphs share one memory pool (they never run at the same time). `start` (the cache's position,
+    if the caller knows it) saves a read of the device."""
+
+    smallest = 16
+
+    def __init__(self, model, cache):
+        self.model, self.cache = model, cache
+        self.graphs: dict = {}  # (bucket, masked, all_logits) -> (graph, ids, mask or None, last, pad, logits)
+        self.seen: set = set()  # the keys met so far
+        self.pool = None
+
+    def bucket(self, T: int) -> int:
+        """The length T is padded to: a power of two, or T itself where padding would be seen (a
+        rolling window's slots are reused, and linear attention sums every key it is given)."""
+        if not all(type(layer) is StaticCache for layer in self.cache.layers):
+            return T
+        return min(self.cache.max_len, max(self.smallest, 1 << (T - 1).bit_length()))
+
+    def __call__(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 start: int | None = None, all_logits: bool = False) -> torch.Tensor:
+        """`all_logits=True`: the logits of every new position, (B, T, V), as the model's
+        `all_logits` gives them (speculative decoding's check of the draft's guesses); its graphs
+        are per exact length, not per bucket."""
+        B, T = ids.shape
+        S = T if all_logits else self.bucket(T)
+        key = (S, attention_mask is not None, all_logits)
+        start = self.cache.length if start is None else start
+        entry = self.graphs.get(key)
+        first = entry is None and key not in self.seen
+        if first or start + S > self.cache.max_len or T > S:  # seen once, or the padding would not fit
+            self.seen.add(key)
+            return self.model(ids, attention_mask=attention_mask, cache=self.cache, all_logits=all_logits)[0]
+        if entry is None:
+            entry = self.graphs[key] = self._capture(B, S, attention_mask is not None, all_logits)
+        graph, ids_buf, mask_buf, last, pad, logits = entry
+        ids_buf[:, :T].copy_(ids)
+        if mask_buf is not None:
+            mask_buf[:, :T].copy_(attention_mask[:, -T:])
+            mask_buf[:, T:].fill_(True)
+        last.fill_(T - 1)
+        pad.fill_(S - T)
+        graph.replay()
+        return logits
+
+    def _capture(self, B: int, S: int, masked: bool, all_logits: bool):
+        model, cache, device = self.model, self.cache, self.model.device
+        ids = torch.zeros(B, S, dtype=torch.long, device=device)
+        mask = torch.ones(B, S, dtype=torch.bool, device=device) if masked else None
+        last = torch.full((1,), S - 1, dtype=torch.long, device=device)
+        pad = torch.zeros((), dtype=torch.long, device=device)
+
+        def forward():
+            x = model._residual_stream(ids, mask, cache)
+            x = x if all_logits else x.index_select(1, last)
+            cache.cursor.position.sub_(pad)  # back to just after the last real position
+            return model.lm_head(model.norm_f(x))
+
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        # warmed up from position 0, where S positions always fit
+        graph, logits = capture(forward, restore=cache.tensors(), pool=self.pool, prepare=cache.cursor.position.zero_)
+        return graph, ids, mask, last, pad, logits
+
+
+def capture(step, warmup: int = 2, restore=(), pool=None, prepare=None):
     """Record `step()` (a function of fixed buffers only) as a CUDA graph; returns (graph, output),
     where `output` is the buffer each `graph.replay()` overwrites.
 
     It runs `warmup` times on a side stream first, so that cuBLAS workspaces, kernel choices and
     compilation all happen before the capture (none of them may happen inside it). Tensors in
     `restore` get back the values they had before the warm-up. `pool` (torch.cuda.graph_pool_handle())
-    lets graphs that never run at the same time share their intermediate memory."""
+    lets graphs that never run at the same time share their intermediate memory. `prepare()` runs
+    before each warm-up run (after `restore` is saved), e.g. to put a position where the runs fit."""
     saved = [(t, t.clone()) for t in restore]
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(warmup):
+            if prepare is not None:
+                prepare()
             step()
     torch.cuda.current_stream().wait_stream(stream)
     for tensor, copy in saved:
@@ -134,4 +224,4 @@ def capture(step, warmup: int = 2, restore=(), pool=None):
     return graph, output
 
 
-__all__ = ["GraphedStep", "capture", "graph_unsupported"]
+__all__ = ["GraphedPrefill", "GraphedStep", "capture", "graph_unsupported"]

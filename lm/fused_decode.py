@@ -4,7 +4,8 @@ At batch 1 a GPT-2 124M step reads 250 MB of weights, which an H200 does in abou
 as a CUDA graph of the model's own step, compiled by `torch.compile`, it took 440 us, because it was
 136 kernels: a replayed kernel costs 2-4 us however little it does, cuBLAS splits the long
 matrix-vector products in two kernels, and cuDNN's attention kernel, built for long queries, took
-7 us for one query. The step here is 64 kernels and takes 285 us (`bench/gpu_decode.py`):
+7 us for one query. The step here is 64 kernels and takes 285 us, and about 40 us less launched
+with programmatic dependent launch (PDL, below; `bench/gpu_decode.py`):
 
     embedding: token row + position row, in one kernel
     for each block:
@@ -29,13 +30,21 @@ check the logits against `model(token, cache=cache)` to a tolerance, and greedy 
 whenever `FusedStep.unsupported(model, cache)` is None: CUDA, Triton (it ships with PyTorch's CUDA
 builds), pre-norm blocks of LayerNorm or RMSNorm, the GELU, tanh-GELU or SwiGLU feed-forward, plain
 `nn.Linear` layers, `CausalSelfAttention` (RoPE is applied by the model's own module between
-kernels 1 and 2), a power-of-two head size, a static cache of at most 2 rows. With
-`TRITON_INTERPRET=1` set before Triton is imported, Triton's interpreter runs the same kernels on
+kernels 1 and 2), a power-of-two head size, a static cache of at most 2 rows.
+
+PDL: on Hopper and later GPUs the kernels launch with programmatic dependent launch (`PDL = False`
+turns it off): each lets the next one start at once, and the next loads its weights, which no
+kernel writes, before it waits (`gdc_wait`) for the kernels before it to finish; so one kernel's
+weights stream in while the previous one computes. Every kernel waits before its first read of
+what another wrote and before its first write.
+
+With `TRITON_INTERPRET=1` set before Triton is imported, Triton's interpreter runs the same kernels on
 the CPU, slowly: a way to test them, or to step through one with a debugger.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -73,9 +82,13 @@ def _pack_argmax(value, col):
     return (key.to(tl.int64) << 32) | (4294967295 - col.to(tl.int64))
 
 
-def embed_kernel(TOKEN, stride_t, TOK_EMB, POS_EMB, POS, X, AMAX, C, HAS_POS: tl.constexpr, BC: tl.constexpr):
+def embed_kernel(TOKEN, stride_t, TOK_EMB, POS_EMB, POS, X, AMAX, C, HAS_POS: tl.constexpr, BC: tl.constexpr,
+                 PDL: tl.constexpr):
     """X[b] = TOK_EMB[token b] (+ POS_EMB[pos]); also starts row b's argmax afresh."""
     b = tl.program_id(0)
+    if PDL:  # see norm_linear_kernel
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     c = tl.arange(0, BC)
     ok = c < C
     x = tl.load(TOK_EMB + tl.load(TOKEN + b * stride_t) * C + c, mask=ok, other=0.0)
@@ -85,10 +98,14 @@ def embed_kernel(TOKEN, stride_t, TOK_EMB, POS_EMB, POS, X, AMAX, C, HAS_POS: tl
     tl.store(AMAX + b, -9223372036854775807)
 
 
-def unpack_argmax_kernel(AMAX, NEXT, TOKEN, HISTORY, POS, stride_t, stride_h, FEED: tl.constexpr):
+def unpack_argmax_kernel(AMAX, NEXT, TOKEN, HISTORY, POS, stride_t, stride_h, FEED: tl.constexpr,
+                         PDL: tl.constexpr):
     """NEXT[b] = the column packed in AMAX[b]; FEED: also TOKEN[b] (the next step's input) and
     HISTORY[b, pos] (pos: the cache's position, already moved past this step)."""
     b = tl.program_id(0)
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     col = 4294967295 - (tl.load(AMAX + b) & 4294967295)
     tl.store(NEXT + b, col)
     if FEED:
@@ -103,12 +120,19 @@ def norm_linear_kernel(
     NORM: tl.constexpr, NORM_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
     RESIDUAL: tl.constexpr, KV: tl.constexpr, Q_COLS: tl.constexpr, KV_COLS: tl.constexpr,
     HEAD_DIM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, K_ROW: tl.constexpr,
-    ONE_TILE: tl.constexpr, ARGMAX: tl.constexpr,
+    ONE_TILE: tl.constexpr, ARGMAX: tl.constexpr, PDL: tl.constexpr,
 ):
     """Y[b, cols] = act(norm(X[b]) @ W[cols].T + bias) (+ R[b, cols]) for this program's BN columns
     and the BM (>= B) rows. ONE_TILE: K <= BK, every input read in one load. K_ROW > 0: a power of
     two >= K, the statistics read each row at once. ARGMAX: also fold each row's largest output
-    (and its column) into AMAX[b] (see `_pack_argmax`)."""
+    (and its column) into AMAX[b] (see `_pack_argmax`).
+
+    PDL (programmatic dependent launch, Hopper and later): the kernel lets the next one start at
+    once, and waits (gdc_wait) for the one before it to finish only after loading what does not
+    depend on it, its weights and bias: so each kernel's weights stream in while the previous
+    kernel is still running, and its launch and first memory wait are hidden."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     rows = tl.arange(0, BM)
     cols = tl.program_id(0) * BN + tl.arange(0, BN)
     ks = tl.arange(0, BK)
@@ -122,15 +146,18 @@ def norm_linear_kernel(
         acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if ACT == 3:
             acc2 += tl.load(BIAS2 + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if RESIDUAL:
-        res = tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=out_ok, other=0.0).to(tl.float32)
-    if ONE_TILE:  # the whole row and the whole weight tile in one go
+    if ONE_TILE:  # the whole weight tile in one go
         k_ok = ks < K
         w_tile = cols[:, None] * K + ks[None, :]
         w_ok = col_ok[:, None] & k_ok[None, :]
         w = tl.load(W + w_tile, mask=w_ok, other=0.0).to(tl.float32)
         if ACT == 3:
             w2 = tl.load(W2 + w_tile, mask=w_ok, other=0.0).to(tl.float32)
+    if PDL:  # from here on, reads of what the kernels before wrote, and writes
+        tl.extra.cuda.gdc_wait()
+    if RESIDUAL:
+        res = tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=out_ok, other=0.0).to(tl.float32)
+    if ONE_TILE:  # and the whole input row
         m = row_ok[:, None] & k_ok[None, :]
         x = tl.load(x_rows + ks[None, :], mask=m, other=0.0).to(tl.float32)
         if NORM != 0:
@@ -219,9 +246,13 @@ def norm_linear_kernel(
 def decode_attention_kernel(
     Q, stride_qb, KC, VC, stride_cb, stride_ch, stride_cs, POS, REAL, stride_rb, Y, stride_yb, scale,
     H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, HAS_REAL: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One query head of one row over the cached keys 0..pos, in blocks of BS keys with an online
     softmax: the running maximum m, the running sum l of exp(score - m), the weighted values acc."""
+    if PDL:  # see norm_linear_kernel: everything here depends on the kernel before
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     b = tl.program_id(0) // H
     h = tl.program_id(0) % H
     d = tl.arange(0, D)
@@ -259,6 +290,28 @@ if triton is not None:
     _decode_attention_kernel = triton.jit(decode_attention_kernel)
     _embed_kernel = triton.jit(embed_kernel)
     _unpack_argmax_kernel = triton.jit(unpack_argmax_kernel)
+
+
+def use_pdl(device) -> bool:
+    """Whether the kernels launch with programmatic dependent launch: on Hopper and later GPUs
+    (compute capability 9+), unless `PDL` below is set False (bench/fused_kernels.py compares)."""
+    if not PDL or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= 9
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+PDL = True
+
+
+def _pdl(device) -> dict:
+    """The kernels' PDL switch, and Triton's launch option that goes with it."""
+    on = use_pdl(device)
+    return dict(PDL=on, launch_pdl=True) if on else dict(PDL=False)
 
 
 def _pow2(n: int) -> int:
@@ -314,7 +367,7 @@ def norm_linear(x: torch.Tensor, linear: nn.Linear, norm: nn.Module | None = Non
         B, N, K, float(getattr(norm, "eps", 0.0) or 0.0),
         NORM=kind, NORM_BIAS=norm_b is not None, ACT=act, HAS_BIAS=bias is not None, RESIDUAL=residual is not None,
         KV=kv is not None, Q_COLS=q_cols, KV_COLS=kv_cols, HEAD_DIM=head_dim,
-        K_ROW=k_row, ONE_TILE=K <= config["BK"], ARGMAX=argmax is not None, **config,
+        K_ROW=k_row, ONE_TILE=K <= config["BK"], ARGMAX=argmax is not None, **config, **_pdl(x.device),
     )
     return y
 
@@ -331,6 +384,7 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
         qkv, qkv.stride(0), k_cache, v_cache, cb, ch, cs, position,
         position if real is None else real, 0 if real is None else real.stride(0), y, y.stride(0), 1.0 / math.sqrt(D),
         H=n_head, GROUP=n_head // H_kv, D=D, HAS_REAL=real is not None, **(config or attention_config(D)),
+        **_pdl(qkv.device),
     )
     return y
 
@@ -343,7 +397,7 @@ def embed(token: torch.Tensor, tok_emb: torch.Tensor, pos_table: torch.Tensor | 
     x = torch.empty(B, C, device=tok_emb.device, dtype=tok_emb.dtype)
     table = tok_emb if pos_table is None else pos_table
     _embed_kernel[(B,)](token, token.stride(0), tok_emb, table, position, x, argmax, C,
-                        HAS_POS=pos_table is not None, BC=_pow2(C))
+                        HAS_POS=pos_table is not None, BC=_pow2(C), **_pdl(x.device))
     return x
 
 
@@ -354,7 +408,7 @@ def unpack_argmax(argmax: torch.Tensor, feed=None) -> torch.Tensor:
     out = torch.empty(argmax.size(0), 1, device=argmax.device, dtype=torch.long)
     token, history, position = feed if feed is not None else (out, out, argmax)
     _unpack_argmax_kernel[(argmax.size(0),)](argmax, out, token, history, position, token.stride(0),
-                                              history.stride(0), FEED=feed is not None)
+                                              history.stride(0), FEED=feed is not None, **_pdl(out.device))
     return out
 
 

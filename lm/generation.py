@@ -16,7 +16,8 @@
 - `TextStream`: the text of tokens arriving one at a time, decoded and searched for stop strings
   at a constant cost per token; `stream`, `lm.chat` and `lm.serving` all use it.
 
-On CUDA the one-token steps replay a CUDA graph (`lm.cuda_graph`) unless `cuda_graph=False`; the
+On CUDA the one-token steps replay a CUDA graph (`lm.cuda_graph`) unless `cuda_graph=False`, and
+so does the prompt's forward from the second prompt of a length bucket on; the
 loop itself never waits for the GPU unless something must be read back (stop tokens or strings,
 streaming), so Python can queue the next step while the GPU runs this one. On a CPU the Linear
 weights are laid out for decoding first (`lm.quantize.for_decoding`: same values, faster reads).
@@ -27,6 +28,7 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import itertools
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -226,6 +228,7 @@ class Decoder:
     def __init__(self, model):
         self.model = model
         self._kept: tuple | None = None  # (key, static cache, graphed step)
+        self.busy = threading.Lock()  # held by `model.generate` while it uses the model's own decoder
 
     def generate(self, prompt, config: GenerationConfig | None = None, *, attention_mask: torch.Tensor | None = None,
                  return_logprobs: bool = False, **options):
@@ -463,8 +466,10 @@ class Generation:
             keep = min(L, block) if self.cached == 0 else refill_length(block)
             self.cache.reset()
             self.cached = keep
-            return model(self.ids[:, L - keep:L], attention_mask=None if mask is None else mask[:, L - keep:L],
-                         cache=self.cache)[0]
+            ids, mask = self.ids[:, L - keep:L], None if mask is None else mask[:, L - keep:L]
+            if self.graph is not None:  # graphed too, from the second prompt of a length bucket on
+                return self.graph.prefill(ids, mask, start=0)
+            return model(ids, attention_mask=mask, cache=self.cache)[0]
         self.cached += 1
         if self.graph is not None:  # the prompt's padding is in the cache's mask already; new tokens are real
             logits = self.graph(self.ids[:, L - 1:L])

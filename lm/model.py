@@ -269,12 +269,38 @@ class GPT(nn.Module):
         config: a `lm.GenerationConfig`; keyword options (max_new_tokens=200, temperature=0.8,
         top_k=40, ...) build one or change the given one.
 
-        Each call starts afresh. On a GPU, where a CUDA graph is captured for the decoding step,
-        hold a `lm.Decoder(model)` instead: it keeps the graph between calls."""
-        from .generation import Decoder
+        On a GPU the calls share `model.decoder`, which keeps the static KV cache and the CUDA graphs
+        of the decoding step and the prompt between calls, so only the first call of a batch size
+        captures them (`model.decoder.release()` frees that memory). A call made while another
+        thread's is running gets a fresh decoder of its own."""
+        decoder = self.decoder
+        if not decoder.busy.acquire(blocking=False):
+            from .generation import Decoder
 
-        return Decoder(self).generate(prompt, config, attention_mask=attention_mask,
-                                      return_logprobs=return_logprobs, **options)
+            return Decoder(self).generate(prompt, config, attention_mask=attention_mask,
+                                          return_logprobs=return_logprobs, **options)
+        try:
+            return decoder.generate(prompt, config, attention_mask=attention_mask,
+                                    return_logprobs=return_logprobs, **options)
+        finally:
+            decoder.busy.release()
+
+    @property
+    def decoder(self):
+        """The `lm.Decoder` that `generate` uses, made on first use and kept with the model (it is left
+        out when the model is copied or pickled)."""
+        decoder = self.__dict__.get("_decoder")
+        if decoder is None:
+            from .generation import Decoder
+
+            decoder = self.__dict__["_decoder"] = Decoder(self)
+        return decoder
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        for kept in ("_decoder", "_speculative"):  # CUDA graphs and caches made for this copy's tensors
+            state.pop(kept, None)
+        return state
 
     def stream(self, prompt: str, config=None, **options):
         """Yield the continuation of a text prompt piece by piece as it is generated (whole

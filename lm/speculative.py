@@ -34,10 +34,12 @@ manual, block_sparse): sliding-window and linear attention caches cannot step ba
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
 
+from .cuda_graph import GraphedStep, graph_unsupported
 from .decode_step import LeanStep
 from .generation import refill_length
 from .kv_cache import KVCache
@@ -136,20 +138,39 @@ def _scores(model, ids: torch.Tensor, cache: KVCache, last: int) -> torch.Tensor
 class _Window:
     """One model's KV cache and the tokens in it: positions start .. fed-1 of the text.
 
-    Past block_size it starts afresh from the last 3/4 of block_size tokens, as `generate` does."""
+    Past block_size it starts afresh from the last 3/4 of block_size tokens, as `generate` does.
+    `graphed`: a static cache with CUDA graphs (`lm.cuda_graph`): the draft's greedy guesses are
+    `GraphedStep.run` (k replays, nothing read back), and the target's check of k+1 positions is a
+    graph too (`GraphedPrefill(all_logits=True)`, captured when the same k comes a second time)."""
 
-    def __init__(self, model, max_len: int):
+    def __init__(self, model, max_len: int, graphed: bool = False, greedy: bool = False):
         self.model, self.block = model, model.config.block_size
-        self.cache = KVCache(model, batch_size=1, max_len=max_len)
+        self.cache = KVCache(model, batch_size=1, max_len=max_len, static=graphed)
+        self.graph = GraphedStep(model, self.cache, greedy=greedy) if graphed else None
         self.start = self.fed = 0
         # one-token steps without the module machinery (`lm.decode_step`): the draft's guesses
-        self.lean = LeanStep(model) if LeanStep.unsupported(model) is None else None
+        self.lean = LeanStep(model) if not graphed and LeanStep.unsupported(model) is None else None
 
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         """Logits (1, V) after feeding ids (1, T) to the cache."""
+        if self.graph is not None:
+            if ids.size(1) == 1:
+                return self.graph(ids)[:, -1]
+            return self.graph.prefill(ids, start=self.fed - self.start)[:, -1]
         if self.lean is not None and LeanStep.usable(self.cache, ids.size(1)):
             return self.lean(ids, self.cache)[:, -1]
         return self.model(ids, cache=self.cache)[0][:, -1]
+
+    def scores(self, ids: torch.Tensor, last: int) -> torch.Tensor:
+        """Logits (last, V) of the last `last` positions of ids (1, T) fed after the cached ones."""
+        if self.graph is not None:
+            return self.graph.prefill(ids, start=self.fed - self.start, all_logits=True)[0, -last:]
+        return _scores(self.model, ids, self.cache, last)
+
+    def reset(self) -> None:
+        """Empty, for a new text (the cache's tensors, and so its graphs, stay)."""
+        self.cache.reset()
+        self.start = self.fed = 0
 
     def make_room(self, length: int, more: int) -> None:
         """Before feeding tokens fed .. length-1 and `more` after them: start afresh if they do not fit."""
@@ -195,7 +216,8 @@ def _verify_sampled(drafts, q, p, generator) -> tuple[int, int]:
 @torch.no_grad()
 def speculative_generate(target, draft, prompt, max_new_tokens: int = 100, *, num_draft: int = 4,
                          temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                         min_p: float | None = None, seed: int | None = None, return_stats: bool = False):
+                         min_p: float | None = None, seed: int | None = None, return_stats: bool = False,
+                         cuda_graph: bool | None = None):
     """Generate with `target`, `draft` proposing `num_draft` tokens per target forward.
 
     prompt: text (needs the target's tokenizer; returns the new text, cut at the end-of-text token as
@@ -206,6 +228,9 @@ def speculative_generate(target, draft, prompt, max_new_tokens: int = 100, *, nu
     the target with those settings; `seed` makes it reproducible. The history penalties
     (repetition_penalty, no_repeat_ngram_size) are not supported.
     return_stats: also return a `SpeculativeStats` (acceptance rate, tokens per target forward).
+    cuda_graph: on CUDA (None: whenever both models allow it) both models decode on static caches
+    through CUDA graphs, as `generate` does: the draft's guesses and the target's check replay graphs,
+    kept with the target for the next call with the same draft.
 
     Both models need the same tokenizer (vocab_size, and the same tokens where both have one
     attached) and the same device. On a CPU their Linear weights are laid out for decoding first,
@@ -224,8 +249,10 @@ def speculative_generate(target, draft, prompt, max_new_tokens: int = 100, *, nu
     eos = getattr(target.tokenizer, "eos_id", None) if is_text else None
     # A window never holds more than a block, nor more than the whole text: short texts take small caches.
     total = len(tokens) + max_new_tokens + num_draft
-    windows = [_Window(m, min(m.config.block_size, total)) for m in (target, draft)]
-    target_window, draft_window = windows
+    graphed = _use_graphs(cuda_graph, target, draft)
+    busy = target.decoder.busy  # the target's kept decoding state: one user at a time
+    mine = graphed and busy.acquire(blocking=False)
+    target_window, draft_window = _windows(target, draft, total, graphed, config is None, keep=mine)
     # At most a quarter of the draft's context per step, so its window always fits the guesses.
     num_draft = min(num_draft, max(1, draft.config.block_size // 4))
     stats = SpeculativeStats()
@@ -246,13 +273,14 @@ def speculative_generate(target, draft, prompt, max_new_tokens: int = 100, *, nu
                     max_new_tokens - (length - start) - 1)
             drafts, q = _propose(draft_window, tokens, k, config, generator, stats)
             new = torch.tensor([tokens[target_window.fed:length]], device=device)
-            logits = _scores(target, torch.cat([new, drafts[None]], 1), target_window.cache, k + 1)
-            proposed = drafts.tolist()
-            if config is None:
-                choices = logits.argmax(-1).tolist()
+            logits = target_window.scores(torch.cat([new, drafts[None]], 1), k + 1)
+            if config is None:  # the guesses and the target's choices read back together: one wait
+                both = torch.cat([drafts, logits.argmax(-1)]).tolist()
+                proposed, choices = both[:k], both[k:]
                 kept = next((i for i in range(k) if proposed[i] != choices[i]), k)
                 token = choices[kept]
             else:
+                proposed = drafts.tolist()
                 kept, token = _verify_sampled(drafts, q, _choose(logits, config, None, draw=False)[1], generator)
             tokens += proposed[:kept] + [token]
             target_window.keep(length + kept)
@@ -268,9 +296,43 @@ def speculative_generate(target, draft, prompt, max_new_tokens: int = 100, *, nu
     finally:
         for m, mode in modes:
             m.train(mode)
+        if mine:
+            busy.release()
     stats.new_tokens = len(tokens) - start
     out = target.tokenizer.decode(tokens[start:]) if is_text else torch.tensor([tokens], device=device)
     return (out, stats) if return_stats else out
+
+
+def _windows(target, draft, total: int, graphed: bool, greedy: bool, keep: bool) -> list[_Window]:
+    """The target's and the draft's windows for a text of `total` positions: new ones, or with CUDA
+    graphs and `keep`, the pair kept with the target from the last call with this draft (their graphs
+    then replay at once instead of being captured again), while the weights stay where they are and
+    the caches are long enough. A new pair gets the next power of two of positions (at least 64, at
+    most each model's block_size), as `lm.Decoder` sizes its cache."""
+    models = (target, draft)
+    if not graphed or not keep:
+        return [_Window(m, min(m.config.block_size, total), graphed, greedy) for m in models]
+    addresses = tuple(t.data_ptr() for m in models for t in itertools.chain(m.parameters(), m.buffers()))
+    key = (id(draft), greedy, addresses)  # the kept windows hold the draft, so its id stays its own
+    kept = target.__dict__.get("_speculative")
+    if kept is None or kept[0] != key or any(w.cache.max_len < min(w.block, total) for w in kept[1]):
+        target.__dict__.pop("_speculative", None)  # free the old caches before taking new ones
+        size = max(64, 1 << (total - 1).bit_length())
+        kept = target.__dict__["_speculative"] = (key, [_Window(m, min(m.config.block_size, size), True, greedy)
+                                                        for m in models])
+    for window in kept[1]:
+        window.reset()
+    return kept[1]
+
+
+def _use_graphs(cuda_graph, target, draft) -> bool:
+    """Whether both models decode through CUDA graphs (None: whenever they can)."""
+    if cuda_graph not in (None, True, False):
+        raise ValueError(f"cuda_graph={cuda_graph!r} must be True, False or None (automatic).")
+    reason = graph_unsupported(target) or graph_unsupported(draft)
+    if cuda_graph and reason is not None:
+        raise ValueError(f"cuda_graph=True: {reason}; pass cuda_graph=None to choose automatically.")
+    return reason is None if cuda_graph is None else cuda_graph
 
 
 def _propose(window: _Window, tokens: list[int], k: int, config, generator, stats) -> tuple:
@@ -282,6 +344,14 @@ def _propose(window: _Window, tokens: list[int], k: int, config, generator, stat
         return torch.empty(0, dtype=torch.long, device=model.device), None
     window.make_room(length, k - 1)
     ids = torch.tensor([tokens[window.fed:length]], device=model.device)
+    graph = window.graph
+    if graph is not None and graph.greedy:  # feed all but the last new token, then k greedy replays
+        if ids.size(1) > 1:
+            window.step(ids[:, :-1])
+        guesses = graph.run(ids[:, -1:], k, position=length - 1 - window.start)[0].clone()
+        stats.draft_forwards += k
+        window.fed = length + k - 1
+        return guesses, None
     guesses, dists = [], []
     for i in range(k):
         logits = window.step(ids)

@@ -31,6 +31,22 @@ def test_cuda_graph_errors_name_the_reason():
     assert "CUDA device" in graph_unsupported(moe)
 
 
+def test_model_generate_shares_one_decoder_left_out_of_copies():
+    import copy
+    import pickle
+
+    model = build("mha")
+    prompt = torch.randint(0, 50, (1, 5))
+    first = model.generate(prompt, max_new_tokens=6, temperature=0)
+    decoder = model.decoder
+    assert model.decoder is decoder and not decoder.busy.locked()
+    with decoder.busy:  # held by a call in another thread: this call makes its own, same ids
+        assert torch.equal(model.generate(prompt, max_new_tokens=6, temperature=0), first)
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert "_decoder" not in vars(twin) and twin.decoder is not decoder
+        assert torch.equal(twin.generate(prompt, max_new_tokens=6, temperature=0), first)
+
+
 # ---- the graph itself (CUDA) -----------------------------------------------------------------------
 @cuda
 @pytest.mark.parametrize("name", VARIANTS)
@@ -106,6 +122,92 @@ def test_a_decoder_sizes_its_static_cache_to_the_generation_and_reuses_a_longer_
     steps.close()
     assert run.cache is decoder._kept[1] and run.cache.max_len == 512
     assert run.ids.shape == (1, 5 + lm.generation.FIRST_ROOM)
+
+
+@cuda
+@pytest.mark.parametrize("name", VARIANTS)
+def test_prompts_replay_a_graph_from_the_second_of_a_length_bucket(name):
+    """The prompt's forward is graphed per bucket of lengths (a power of two, padded on the right;
+    the exact length where padding would be seen: rolling windows, linear attention), captured the
+    second time a bucket comes; the ids stay eager's, for prompts of several lengths in one bucket,
+    with left padding, and through refills of a full cache."""
+    model = build(name, block_size=48).cuda()
+    decoder = lm.Decoder(model)
+    torch.manual_seed(1)
+    prompts = [torch.randint(0, 50, (2, T), device="cuda") for T in (5, 7, 9, 20)]
+    for prompt in prompts * 2:
+        graphed = decoder.generate(prompt, max_new_tokens=12, temperature=0)
+        assert torch.equal(graphed, model.generate(prompt, max_new_tokens=12, temperature=0, cuda_graph=False))
+    prefill = decoder._kept[2].prefill
+    padded = name not in ("sliding_window", "sliding_window+rope+gqa", "linear")
+    assert set(prefill.graphs) == ({(16, False, False), (32, False, False)} if padded else
+                                  {(T, False, False) for T in (5, 7, 9, 20)})
+    assert (prefill.bucket(5), prefill.bucket(20)) == ((16, 32) if padded else (5, 20))
+    mask = torch.ones(2, 9, dtype=torch.bool, device="cuda")
+    mask[1, :3] = False
+    for _ in range(2):
+        graphed = decoder.generate(prompts[2], max_new_tokens=60, temperature=0, attention_mask=mask)  # refills
+        assert torch.equal(graphed, model.generate(prompts[2], max_new_tokens=60, temperature=0, attention_mask=mask,
+                                                   cuda_graph=False))
+    assert (prefill.bucket(9), True, False) in prefill.graphs
+
+
+@cuda
+def test_a_graphed_prefill_gives_the_forwards_logits_and_position():
+    model = build("llama-like").cuda()
+    cache = lm.KVCache(model, 2, max_len=40, static=True)
+    step = lm.cuda_graph.GraphedStep(model, cache)
+    prompt = torch.randint(0, 50, (2, 11), device="cuda")
+    eager, _ = model(prompt, cache=cache)
+    following = step(prompt[:, -1:]).clone()
+    for _ in range(3):  # eager, captured, replayed
+        cache.reset()
+        logits = step.prefill(prompt)
+        assert cache.length == 11 and logits.shape == (2, 1, 50)
+        torch.testing.assert_close(logits, eager, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(step(prompt[:, -1:]), following, rtol=1e-4, atol=1e-4)
+    assert list(step.prefill.graphs) == [(16, False, False)]
+    cache.reset()
+    model(prompt[:, :3], cache=cache)
+    step.prefill(prompt[:, 3:], start=3)  # a prompt after cached positions: the same end
+    assert cache.length == 11
+    long = torch.randint(0, 50, (2, 39), device="cuda")
+    cache.reset()
+    model(long[:, :30], cache=cache)
+    near_end = step.prefill(long[:, 30:], start=30)  # 30 + its bucket (16) > 40: the ordinary forward
+    assert cache.length == 39
+    torch.testing.assert_close(near_end, model(long)[0][:, -1:], rtol=1e-4, atol=1e-4)
+
+
+@cuda
+def test_a_step_captured_at_the_caches_last_slot():
+    """Capturing runs the step a few times first; from the cache's last slot those runs would pass
+    its end (and block_size), so they run from position 0 and the cache is put back."""
+    model = build("mha", block_size=16).cuda()
+    prompt = torch.randint(0, 50, (1, 16), device="cuda")
+    cache = lm.KVCache(model, 1, max_len=16, static=True)
+    model(prompt[:, :15], cache=cache)
+    logits = lm.cuda_graph.GraphedStep(model, cache)(prompt[:, 15:])
+    assert cache.length == 16
+    torch.testing.assert_close(logits, model(prompt)[0][:, -1:], rtol=1e-4, atol=1e-4)
+
+
+@cuda
+def test_model_generate_keeps_its_decoder_between_calls():
+    import copy
+
+    model = build("mha").cuda()
+    prompt = torch.randint(0, 50, (1, 5), device="cuda")
+    first = model.generate(prompt, max_new_tokens=8, temperature=0)
+    step = model.decoder._kept[2]
+    assert torch.equal(model.generate(prompt, max_new_tokens=8, temperature=0), first)
+    assert model.decoder._kept[2] is step  # replayed, not captured again
+    assert "_decoder" not in vars(copy.deepcopy(model))  # a copy's tensors are its own
+    with model.decoder.busy:  # another thread's call is running: this one gets a decoder of its own
+        assert torch.equal(model.generate(prompt, max_new_tokens=8, temperature=0), first)
+    assert model.decoder._kept[2] is step
+    model.decoder.release()
+    assert model.decoder._kept is None
 
 
 # ---- the serving engine's graphed step (CUDA) ---------------------------------------------------------

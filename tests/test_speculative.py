@@ -202,6 +202,33 @@ def test_wrong_inputs_get_clear_errors(target):
         speculative_generate(target, model(1, attention="linear"), prompt)
     with pytest.raises(lm.SamplingError, match="temperature"):
         speculative_generate(target, model(1), prompt, temperature=-1)
+    with pytest.raises(ValueError, match="cuda_graph=True: CUDA graphs need the model on a CUDA device"):
+        speculative_generate(target, model(1), prompt, cuda_graph=True)
+    with pytest.raises(ValueError, match="cuda_graph='yes' must be True, False or None"):
+        speculative_generate(target, model(1), prompt, cuda_graph="yes")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("num_draft", [1, 3, 5])
+def test_on_cuda_the_graphed_loop_gives_the_targets_greedy_tokens(target, num_draft):
+    """On CUDA both models decode through CUDA graphs (the draft's guesses as back-to-back replays, the
+    target's check of k+1 positions as a graph of its own): the same tokens as eager speculative
+    decoding and as the target's greedy `generate`, past block_size too; sampling stays seeded."""
+    big, draft = target.cuda(), nudged(target, 0.15).cuda()
+    generator = torch.Generator().manual_seed(num_draft)
+    try:
+        for length, new in [(1, 60), (5, 37), (23, 60)]:
+            prompt = torch.randint(0, V, (1, length), generator=generator).cuda()
+            expected = big.generate(prompt, max_new_tokens=new, temperature=0, cuda_graph=False)
+            graphed, stats = speculative_generate(big, draft, prompt, new, num_draft=num_draft, return_stats=True)
+            eager = speculative_generate(big, draft, prompt, new, num_draft=num_draft, cuda_graph=False)
+            assert torch.equal(graphed, expected) and torch.equal(eager, expected), (num_draft, length)
+            assert stats.new_tokens == new == stats.accepted + stats.steps
+        sampled = [speculative_generate(big, draft, prompt, 30, num_draft=num_draft, temperature=1.0, seed=4,
+                                        cuda_graph=g) for g in (True, True)]
+        assert torch.equal(*sampled)
+    finally:
+        target.cpu()
 
 
 def test_stats_without_steps():
