@@ -283,6 +283,11 @@ def build_parser() -> Parser:
     gen.add_argument("--spm", metavar="TOKENIZER.model",
                      help="use this SentencePiece model as the tokenizer (seed 002's flag; `lm prep --tokenizer "
                           "sentencepiece` writes one); its vocabulary must match the checkpoint's")
+    gen.add_argument("--draft", metavar="CKPT",
+                     help="speculative decoding: a small checkpoint with the same tokenizer guesses --num_draft tokens "
+                          "and the model checks them in one forward (greedy: the model's own text, faster; sampled: "
+                          "its distribution); lm/assets/shakespeare_char_draft.pt drafts for the Shakespeare model")
+    gen.add_argument("--num_draft", type=int, default=4, help="tokens the --draft guesses per step (default: 4)")
     add_dtype_flags(gen)
     gen.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default: auto)")
 
@@ -721,6 +726,8 @@ def cmd_generate(args) -> int:
         from .quantize import quantize_int8
 
         quantize_int8(model)
+    if args.draft:
+        return _speculative(args, model)
     decoder = Decoder(model)
     if args.stream:
         print(args.prompt, end="", flush=True)
@@ -729,6 +736,30 @@ def cmd_generate(args) -> int:
         print()
         return 0
     print(args.prompt + decoder.generate(args.prompt, config))
+    return 0
+
+
+def _speculative(args, model) -> int:
+    """`lm generate --draft`: lm.speculative_generate with the draft checkpoint on the model's device."""
+    from .checkpoint import load_model
+    from .speculative import speculative_generate
+
+    unsupported = [flag for flag, used in [("--stream", args.stream), ("--stop", args.stop),
+                                           ("--repetition_penalty", args.repetition_penalty != 1.0),
+                                           ("--no_repeat_ngram_size", args.no_repeat_ngram_size)] if used]
+    if unsupported:
+        raise ValueError(f"{', '.join(unsupported)} cannot be combined with --draft: speculative decoding here takes "
+                         f"temperature, top_k, top_p, min_p and seed; leave --draft out to use them.")
+    draft = load_model(args.draft, device=model.device)
+    draft.to(next(model.parameters()).dtype)
+    if args.int8:
+        from .quantize import quantize_int8
+
+        quantize_int8(draft)
+    text = speculative_generate(model, draft, args.prompt, args.max_new_tokens, num_draft=args.num_draft,
+                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                                seed=args.seed, cuda_graph=False if args.no_cuda_graph else None)
+    print(args.prompt + text)
     return 0
 
 

@@ -843,3 +843,21 @@ def test_rag_puts_retrieved_passages_before_each_question(chat_base, tmp_path, c
     assert scores[True]["loss"] != scores[False]["loss"]  # the context changed what the model read
     assert main(["eval", "--ckpt", str(out / "best.pt"), "--data", str(data), "--rag", str(tmp_path / "none.txt")]) == 2
     assert "none.txt" in capsys.readouterr().err
+
+
+def test_generate_with_a_draft_writes_the_models_greedy_text(capsys):
+    """`lm generate --draft`: speculative decoding with the shipped Shakespeare model and its draft;
+    greedy, the text is the model's own; flags it cannot honour are named."""
+    target, draft = lm.assets.path("shakespeare_char.pt"), lm.assets.path("shakespeare_char_draft.pt")
+    args = ["generate", "--ckpt", str(target), "--draft", str(draft), "--num_draft", "3", "--prompt", "ROMEO:",
+            "--max_new_tokens", "60", "--temperature", "0", "--device", "cpu"]
+    assert main(args) == 0
+    model = lm.load_model(target, device="cpu")
+    assert capsys.readouterr().out == "ROMEO:" + model.generate("ROMEO:", max_new_tokens=60, temperature=0) + "\n"
+    assert main(args[:-2] + ["--temperature", "0.8", "--seed", "1", "--device", "cpu"]) == 0
+    sampled = capsys.readouterr().out
+    assert main(args[:-2] + ["--temperature", "0.8", "--seed", "1", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out == sampled and sampled.startswith("ROMEO:")  # seeded
+    assert main(args + ["--stream", "--stop", "KING"]) == 2
+    err = capsys.readouterr().err
+    assert "--stream, --stop cannot be combined with --draft" in err
