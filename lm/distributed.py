@@ -83,12 +83,19 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def wrap(model: torch.nn.Module, parallel: str, device: torch.device) -> torch.nn.Module:
+def wrap(model: torch.nn.Module, parallel: str, device: torch.device, precision: str = "fp32",
+         prefetch: int = 2) -> torch.nn.Module:
     """The model each process trains: DistributedDataParallel around it, or FSDP shards of it.
 
     DDP keeps a full copy per process and averages gradients; FSDP (`fully_shard`, FSDP2) keeps
     1/world_size of every block's parameters per process and gathers a block's weights only while
     that block runs. FSDP changes the model in place (its parameters become sharded DTensors).
+
+    Under FSDP with precision "bf16" or "fp16", the shards stay float32 (the optimizer's master
+    weights) and are gathered in the low precision, half the bytes on the wire, while gradients are
+    reduced in float32 (`MixedPrecisionPolicy(param_dtype, reduce_dtype=float32)`). `prefetch`: how
+    many blocks ahead each block asks for its weights (forward) and how many behind (backward), so
+    the gathers overlap the blocks' compute instead of waiting for it.
     """
     if parallel not in PARALLEL:
         raise ValueError(f"parallel={parallel!r} is not one of {PARALLEL}.")
@@ -96,9 +103,16 @@ def wrap(model: torch.nn.Module, parallel: str, device: torch.device) -> torch.n
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    for block in model.blocks:
-        fully_shard(block)
-    fully_shard(model)
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32) if low else MixedPrecisionPolicy()
+    blocks = list(model.blocks)
+    for block in blocks:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    if prefetch > 1:  # FSDP2 prefetches one block on its own
+        for i, block in enumerate(blocks):
+            block.set_modules_to_forward_prefetch(blocks[i + 1:i + 1 + prefetch])
+            block.set_modules_to_backward_prefetch(blocks[max(0, i - prefetch):i][::-1])
     return model

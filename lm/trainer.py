@@ -382,7 +382,7 @@ class Trainer:
         self.ema = EMA(model, config.ema_decay) if config.ema_decay else None
         self.wrapped = model
         if self.dist.enabled:
-            self.wrapped = distributed.wrap(model, config.parallel, self.device)
+            self.wrapped = distributed.wrap(model, config.parallel, self.device, config.precision)
         self.fsdp = self.dist.enabled and config.parallel == "fsdp"
         if self.fsdp and self.ema is not None:
             raise TrainingError("ema_decay with parallel='fsdp' is not supported; use parallel='ddp' or no EMA.")

@@ -67,6 +67,48 @@ def test_fsdp_checkpoint_loads_and_resumes(tmp_path):
     assert resumed["val_loss"] == pytest.approx(reference.val_loss, rel=1e-4)
 
 
+def test_fsdp_in_bfloat16_trains_like_one_process_and_keeps_float32_weights(tmp_path):
+    """FSDP with precision="bf16": the weights gathered in bfloat16, the shards (the optimizer's
+    master weights) and the gradient reduction in float32. The loss follows one process's bf16
+    autocast run (not to the last bit: the gathered norms and embeddings are bfloat16 too), and the
+    checkpoint holds float32 weights that load on a CPU."""
+    runs = tmp_path / "runs"
+    torchrun("tests/dist_worker.py", str(tmp_path / "h.json"), "4", "fsdp", str(runs), "-", "bf16")
+    both = json.loads((tmp_path / "h.json").read_text())
+    one = dist_worker.run(batch_size=8, precision="bf16")
+    assert both["loss"] == pytest.approx(one.loss, rel=3e-2)
+    assert both["loss"][-1] < 0.9 * both["loss"][0]  # it learns
+    ckpt = lm.load_checkpoint(runs / "last.pt")
+    assert ckpt["train_config"]["precision"] == "bf16"
+    assert {v.dtype for v in ckpt["model"].values() if v.is_floating_point()} == {torch.float32}
+    lm.load_model(runs / "last.pt", device="cpu")
+
+
+def test_fsdp_wrap_prefetches_the_next_blocks():
+    """distributed.wrap's FSDP: each block asks for the weights of the next `prefetch` blocks in the
+    forward pass and of the previous ones in the backward pass (one process group of one, gloo)."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        model = lm.GPT(lm.ModelConfig(vocab_size=16, block_size=8, n_layer=4, n_head=2, d_model=16))
+        distributed.wrap(model, "fsdp", torch.device("cpu"), precision="bf16", prefetch=2)
+        blocks = list(model.blocks)
+        forward = [list(b._get_fsdp_state()._states_to_forward_prefetch) for b in blocks]
+        backward = [list(b._get_fsdp_state()._states_to_backward_prefetch) for b in blocks]
+        state = [b._get_fsdp_state() for b in blocks]
+        assert forward[0] == state[1:3] and forward[3] == [] and backward[3] == [state[2], state[1]]
+        policy = state[0]._mp_policy
+        assert policy.param_dtype == torch.bfloat16 and policy.reduce_dtype == torch.float32
+        assert model.blocks[0].attn.qkv.weight.dtype == torch.float32  # the shard: float32 master weights
+        loss = model(torch.randint(0, 16, (2, 8)), torch.randint(0, 16, (2, 8)))[1]
+        loss.backward()
+        assert model.blocks[0].attn.qkv.weight.grad.dtype == torch.float32
+    finally:
+        dist.destroy_process_group()
+
+
 def test_cli_under_torchrun_matches_one_process(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(dist_worker.TEXT + "\n")
