@@ -77,7 +77,8 @@ def worker(args) -> None:
     result = {"nproc": info.world_size, "parallel": parallel, "batch_per_gpu": args.batch, "model": args.model,
               "params": lm.count_params(config)}
     try:
-        model = lm.GPT(config).to(device)
+        with torch.device(device):  # built and initialised on the GPU: 13B float32 weights are 51 GB to
+            model = lm.GPT(config)  # fill, minutes on a CPU; FSDP then keeps 1/N of them per GPU
         data = torch.randint(0, min(config.vocab_size, GPT2_VOCAB), (20_000_000,),
                              generator=torch.Generator().manual_seed(0), dtype=torch.int32)
         steps = args.warmup + args.steps
