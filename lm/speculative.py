@@ -252,7 +252,12 @@ def speculative_generate(target, draft, prompt, max_new_tokens: int = 100, *, nu
     graphed = _use_graphs(cuda_graph, target, draft)
     busy = target.decoder.busy  # the target's kept decoding state: one user at a time
     mine = graphed and busy.acquire(blocking=False)
-    target_window, draft_window = _windows(target, draft, total, graphed, config is None, keep=mine)
+    try:
+        target_window, draft_window = _windows(target, draft, total, graphed, config is None, keep=mine)
+    except BaseException:
+        if mine:
+            busy.release()
+        raise
     # At most a quarter of the draft's context per step, so its window always fits the guesses.
     num_draft = min(num_draft, max(1, draft.config.block_size // 4))
     stats = SpeculativeStats()
