@@ -228,6 +228,7 @@ class Decoder:
     def __init__(self, model):
         self.model = model
         self._kept: tuple | None = None  # (key, static cache, graphed step)
+        self.speculative: tuple | None = None  # (key, windows): lm.speculative's graphed caches, on CUDA
         self.busy = threading.Lock()  # held by `model.generate` while it uses the model's own decoder
 
     def generate(self, prompt, config: GenerationConfig | None = None, *, attention_mask: torch.Tensor | None = None,
@@ -285,7 +286,7 @@ class Decoder:
         addresses = tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
         key = (batch_size, compile, greedy, addresses)
         if self._kept is None or self._kept[0] != key or self._kept[1].max_len < positions:
-            self.release()  # free the old buffers before taking new ones
+            self._kept = None  # free the old buffers before taking new ones
             size = min(model.config.block_size, max(64, 1 << (positions - 1).bit_length()))
             cache = KVCache(model, batch_size, max_len=max(size, positions), static=True)
             self._kept = (key, cache, GraphedStep(model, cache, compile=compile, greedy=greedy))
@@ -294,8 +295,8 @@ class Decoder:
         return cache, step
 
     def release(self) -> None:
-        """Drop the static cache and CUDA graph kept for the next call."""
-        self._kept = None
+        """Drop the static caches and CUDA graphs kept for the next call (speculative decoding's too)."""
+        self._kept = self.speculative = None
 
 
 def refill_length(block_size: int) -> int:

@@ -298,8 +298,7 @@ class GPT(nn.Module):
 
     def __getstate__(self):
         state = dict(super().__getstate__())
-        for kept in ("_decoder", "_speculative"):  # CUDA graphs and caches made for this copy's tensors
-            state.pop(kept, None)
+        state.pop("_decoder", None)  # its CUDA graphs and caches were made for this copy's tensors
         return state
 
     def stream(self, prompt: str, config=None, **options):

@@ -310,7 +310,7 @@ def speculative_generate(target, draft, prompt, max_new_tokens: int = 100, *, nu
 
 def _windows(target, draft, total: int, graphed: bool, greedy: bool, keep: bool) -> list[_Window]:
     """The target's and the draft's windows for a text of `total` positions: new ones, or with CUDA
-    graphs and `keep`, the pair kept with the target from the last call with this draft (their graphs
+    graphs and `keep`, the pair the target's `decoder` keeps from the last call with this draft (their graphs
     then replay at once instead of being captured again), while the weights stay where they are and
     the caches are long enough. A new pair gets the next power of two of positions (at least 64, at
     most each model's block_size), as `lm.Decoder` sizes its cache."""
@@ -319,12 +319,12 @@ def _windows(target, draft, total: int, graphed: bool, greedy: bool, keep: bool)
         return [_Window(m, min(m.config.block_size, total), graphed, greedy) for m in models]
     addresses = tuple(t.data_ptr() for m in models for t in itertools.chain(m.parameters(), m.buffers()))
     key = (id(draft), greedy, addresses)  # the kept windows hold the draft, so its id stays its own
-    kept = target.__dict__.get("_speculative")
+    holder = target.decoder  # model.decoder.release() frees them with the rest
+    kept = holder.speculative
     if kept is None or kept[0] != key or any(w.cache.max_len < min(w.block, total) for w in kept[1]):
-        target.__dict__.pop("_speculative", None)  # free the old caches before taking new ones
+        holder.speculative = None  # free the old caches before taking new ones
         size = max(64, 1 << (total - 1).bit_length())
-        kept = target.__dict__["_speculative"] = (key, [_Window(m, min(m.config.block_size, size), True, greedy)
-                                                        for m in models])
+        kept = holder.speculative = (key, [_Window(m, min(m.config.block_size, size), True, greedy) for m in models])
     for window in kept[1]:
         window.reset()
     return kept[1]

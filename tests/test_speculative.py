@@ -227,6 +227,9 @@ def test_on_cuda_the_graphed_loop_gives_the_targets_greedy_tokens(target, num_dr
         sampled = [speculative_generate(big, draft, prompt, 30, num_draft=num_draft, temperature=1.0, seed=4,
                                         cuda_graph=g) for g in (True, True)]
         assert torch.equal(*sampled)
+        assert big.decoder.speculative is not None  # kept for the next call, and freed with the decoder's graphs
+        big.decoder.release()
+        assert big.decoder.speculative is None
     finally:
         target.cpu()
 
