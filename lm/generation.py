@@ -299,6 +299,35 @@ class Decoder:
         self._kept = self.speculative = None
 
 
+class HeldStream:
+    """The pieces of a stream, holding `lock` until they run out, the stream is closed, or it is
+    dropped (`model.stream` holds the model's decoder this way, so no other call uses it meanwhile)."""
+
+    def __init__(self, pieces, lock):
+        self.pieces, self.lock = pieces, lock
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        try:
+            return next(self.pieces)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        lock, self.lock = self.lock, None
+        if lock is not None:
+            try:
+                self.pieces.close()
+            finally:
+                lock.release()
+
+    def __del__(self):
+        self.close()
+
+
 def refill_length(block_size: int) -> int:
     """How many of the latest tokens a cached generation keeps when its context is full: it starts
     a fresh cache from the last 3/4 of block_size, so it re-reads the context once every

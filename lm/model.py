@@ -303,7 +303,16 @@ class GPT(nn.Module):
 
     def stream(self, prompt: str, config=None, **options):
         """Yield the continuation of a text prompt piece by piece as it is generated (whole
-        characters only); see `lm.generation.Decoder.stream`."""
-        from .generation import Decoder
+        characters only); see `lm.generation.Decoder.stream`. Like `generate`, it uses `model.decoder`
+        (until the stream ends, is closed or is dropped), or a fresh decoder while that one is busy."""
+        from .generation import Decoder, HeldStream
 
-        return Decoder(self).stream(prompt, config, **options)
+        decoder = self.decoder
+        if not decoder.busy.acquire(blocking=False):
+            return Decoder(self).stream(prompt, config, **options)
+        try:
+            pieces = decoder.stream(prompt, config, **options)  # the prompt and settings are checked here
+        except BaseException:
+            decoder.busy.release()
+            raise
+        return HeldStream(pieces, decoder.busy)

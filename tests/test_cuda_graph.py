@@ -42,6 +42,17 @@ def test_model_generate_shares_one_decoder_left_out_of_copies():
     assert model.decoder is decoder and not decoder.busy.locked()
     with decoder.busy:  # held by a call in another thread: this call makes its own, same ids
         assert torch.equal(model.generate(prompt, max_new_tokens=6, temperature=0), first)
+    tok = lm.CharTokenizer.train("the cat sat on the mat, a bat")
+    texts = sharp_model(ModelConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=2, d_model=16))
+    texts.tokenizer = tok
+    pieces = texts.stream("the", max_new_tokens=8, temperature=0)
+    assert texts.decoder.busy.locked()  # held while the stream runs ...
+    assert "".join(pieces) == texts.generate("the", max_new_tokens=8, temperature=0)
+    assert not texts.decoder.busy.locked()  # ... and let go when it ends
+    pieces = texts.stream("the", max_new_tokens=10**6, temperature=0)
+    next(pieces)
+    del pieces  # dropped half way
+    assert not texts.decoder.busy.locked()
     for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         assert "_decoder" not in vars(twin) and twin.decoder is not decoder
         assert torch.equal(twin.generate(prompt, max_new_tokens=6, temperature=0), first)
