@@ -43,6 +43,16 @@ def graph_unsupported(model) -> str | None:
     return None
 
 
+def use_graph(cuda_graph: bool | None, reason: str | None) -> bool:
+    """Whether to decode through CUDA graphs: `cuda_graph` True, False or None (automatic), `reason`
+    why they cannot run here (None: they can). True where they cannot is a clear error."""
+    if cuda_graph not in (None, True, False):
+        raise ValueError(f"cuda_graph={cuda_graph!r} must be True, False or None (automatic).")
+    if cuda_graph and reason is not None:
+        raise ValueError(f"cuda_graph=True: {reason}; pass cuda_graph=None to choose automatically.")
+    return reason is None if cuda_graph is None else cuda_graph
+
+
 class GraphedStep:
     """The decoding step on a static cache, captured as a CUDA graph on the first call and replayed on
     every later one; each replay also moves the cache's device position by one.
@@ -224,4 +234,4 @@ def capture(step, warmup: int = 2, restore=(), pool=None, prepare=None):
     return graph, output
 
 
-__all__ = ["GraphedPrefill", "GraphedStep", "capture", "graph_unsupported"]
+__all__ = ["GraphedPrefill", "GraphedStep", "capture", "graph_unsupported", "use_graph"]

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .cuda_graph import GraphedStep, graph_unsupported
+from .cuda_graph import GraphedStep, graph_unsupported, use_graph
 from .decode_step import LeanStep
 from .kv_cache import KVCache
 from .quantize import for_decoding
@@ -396,12 +396,11 @@ class Generation:
     def _use_graph(self, cuda_graph, compile) -> bool:
         """None: on CUDA whenever the model allows it. True: always (a clear error where it cannot)."""
         reason = graph_unsupported(self.model) if self.config.use_cache else "use_cache=False decodes without a cache"
-        if cuda_graph and reason is not None:
-            raise ValueError(f"cuda_graph=True: {reason}; pass cuda_graph=None to choose automatically.")
-        if compile and not (cuda_graph or cuda_graph is None and reason is None):
+        graphed = use_graph(cuda_graph, reason)
+        if compile and not graphed:
             raise ValueError(f"compile=True compiles the CUDA-graph decoding step, which is off here "
                              f"({reason or 'cuda_graph=False'}).")
-        return reason is None if cuda_graph is None else bool(cuda_graph)
+        return graphed
 
     # ---- prompt --------------------------------------------------------------------------------
     def _prompt_ids(self, prompt, attention_mask):

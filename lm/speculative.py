@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cuda_graph import GraphedStep, graph_unsupported
+from .cuda_graph import GraphedStep, graph_unsupported, use_graph
 from .decode_step import LeanStep
 from .generation import refill_length
 from .kv_cache import KVCache
@@ -249,7 +249,7 @@ def speculative_generate(target, draft, prompt, max_new_tokens: int = 100, *, nu
     eos = getattr(target.tokenizer, "eos_id", None) if is_text else None
     # A window never holds more than a block, nor more than the whole text: short texts take small caches.
     total = len(tokens) + max_new_tokens + num_draft
-    graphed = _use_graphs(cuda_graph, target, draft)
+    graphed = use_graph(cuda_graph, graph_unsupported(target) or graph_unsupported(draft))
     busy = target.decoder.busy  # the target's kept decoding state: one user at a time
     mine = graphed and busy.acquire(blocking=False)
     try:
@@ -328,16 +328,6 @@ def _windows(target, draft, total: int, graphed: bool, greedy: bool, keep: bool)
     for window in kept[1]:
         window.reset()
     return kept[1]
-
-
-def _use_graphs(cuda_graph, target, draft) -> bool:
-    """Whether both models decode through CUDA graphs (None: whenever they can)."""
-    if cuda_graph not in (None, True, False):
-        raise ValueError(f"cuda_graph={cuda_graph!r} must be True, False or None (automatic).")
-    reason = graph_unsupported(target) or graph_unsupported(draft)
-    if cuda_graph and reason is not None:
-        raise ValueError(f"cuda_graph=True: {reason}; pass cuda_graph=None to choose automatically.")
-    return reason is None if cuda_graph is None else cuda_graph
 
 
 def _propose(window: _Window, tokens: list[int], k: int, config, generator, stats) -> tuple:

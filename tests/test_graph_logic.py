@@ -1,8 +1,10 @@
-"""The bookkeeping around CUDA graphs, checked on a CPU: capture is emulated (a "replay" runs the
-recorded step again and copies its result into the buffers the capture returned), so the prompt's
-bucket padding, the cache positions it moves, the greedy history and speculative decoding's graphed
-windows run here exactly as they are called on a GPU. What only a GPU shows (kernels frozen into a
-graph, PDL) is tested on CUDA in test_cuda_graph.py and test_fused_decode.py."""
+"""CUDA graphs of generation: the prompt's bucket padding, the cache positions it moves, refills,
+captures at the cache's end and speculative decoding's graphed windows give the ids and logits of
+the ordinary forward. Each test runs twice: on CUDA with real graphs (skipped without a GPU), and
+on a CPU with capture emulated (a "replay" runs the recorded step again and copies its result into
+the buffers the capture returned), so CI, which has no GPU, runs all the bookkeeping around the
+graphs. What only real graphs show (kernels frozen into a graph, PDL) is in test_cuda_graph.py
+and test_fused_decode.py."""
 
 from __future__ import annotations
 
@@ -42,20 +44,30 @@ def emulated_capture(step, warmup: int = 2, restore=(), pool=None, prepare=None)
     return EmulatedGraph(step, output), output
 
 
-@pytest.fixture
-def graphs_on_cpu(monkeypatch):
+@pytest.fixture(params=["emulated", "cuda"])
+def device(request, monkeypatch) -> str:
+    """Where the graphs run: "cuda" (real ones), or "cpu" with capture emulated."""
+    if request.param == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA GPU")
+        return "cuda"
     monkeypatch.setattr(lm.cuda_graph, "capture", emulated_capture)
     for module in (lm.cuda_graph, lm.generation, lm.speculative):
         monkeypatch.setattr(module, "graph_unsupported", lambda model: None)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    return "cpu"
 
 
 @pytest.mark.parametrize("name", VARIANTS)
-def test_graphed_prompts_and_steps_give_the_plain_ids(graphs_on_cpu, name):
-    model = build(name, block_size=48)
+def test_prompts_replay_a_graph_from_the_second_of_a_length_bucket(device, name):
+    """The prompt's forward is graphed per bucket of lengths (a power of two, padded on the right;
+    the exact length where padding would be seen: rolling windows, linear attention), captured the
+    second time a bucket comes; the ids stay eager's, for prompts of several lengths in one bucket,
+    with left padding, and through refills of a full cache."""
+    model = build(name, block_size=48).to(device)
     decoder = lm.Decoder(model)
     torch.manual_seed(1)
-    prompts = [torch.randint(0, 50, (2, T)) for T in (5, 7, 9, 20)]
+    prompts = [torch.randint(0, 50, (2, T), device=device) for T in (5, 7, 9, 20)]
     for prompt in prompts * 2:
         graphed = decoder.generate(prompt, max_new_tokens=12, temperature=0, cuda_graph=True)
         assert torch.equal(graphed, model.generate(prompt, max_new_tokens=12, temperature=0, cuda_graph=False))
@@ -63,44 +75,75 @@ def test_graphed_prompts_and_steps_give_the_plain_ids(graphs_on_cpu, name):
     padded = name not in ("sliding_window", "sliding_window+rope+gqa", "linear")
     assert set(prefill.graphs) == ({(16, False, False), (32, False, False)} if padded else
                                   {(T, False, False) for T in (5, 7, 9, 20)})
-    mask = torch.ones(2, 9, dtype=torch.bool)
+    assert (prefill.bucket(5), prefill.bucket(20)) == ((16, 32) if padded else (5, 20))
+    mask = torch.ones(2, 9, dtype=torch.bool, device=device)
     mask[1, :3] = False
     for _ in range(2):  # left padding, and refills of the full cache (60 new tokens, block 48)
         graphed = decoder.generate(prompts[2], max_new_tokens=60, attention_mask=mask, temperature=0, cuda_graph=True)
         assert torch.equal(graphed, model.generate(prompts[2], max_new_tokens=60, attention_mask=mask, temperature=0,
                                                    cuda_graph=False))
+    assert (prefill.bucket(9), True, False) in prefill.graphs
 
 
-def test_a_prompt_whose_padding_would_not_fit_runs_the_plain_forward(graphs_on_cpu):
-    model = build("llama-like")
-    cache = lm.KVCache(model, 1, max_len=40, static=True)
-    prefill = lm.cuda_graph.GraphedStep(model, cache).prefill
-    ids = torch.randint(0, 50, (1, 39))
-    expected = model(ids)[0][:, -1:]
-    for _ in range(3):  # bucket 16: met, captured, replayed
+def test_a_graphed_prefill_gives_the_forwards_logits_and_position(device):
+    model = build("llama-like").to(device)
+    cache = lm.KVCache(model, 2, max_len=40, static=True)
+    step = lm.cuda_graph.GraphedStep(model, cache)
+    prompt = torch.randint(0, 50, (2, 11), device=device)
+    eager, _ = model(prompt, cache=cache)
+    following = step(prompt[:, -1:]).clone()
+    for _ in range(3):  # eager, captured, replayed
         cache.reset()
-        model(ids[:, :20], cache=cache)
-        torch.testing.assert_close(prefill(ids[:, 20:30], start=20), model(ids[:, :30])[0][:, -1:])
+        logits = step.prefill(prompt)
+        assert cache.length == 11 and logits.shape == (2, 1, 50)
+        torch.testing.assert_close(logits, eager, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(step(prompt[:, -1:]), following, rtol=1e-4, atol=1e-4)
+    assert list(step.prefill.graphs) == [(16, False, False)]
+    long = torch.randint(0, 50, (2, 39), device=device)
+    for _ in range(2):  # a prompt after cached positions, into the captured bucket-16 graph
+        cache.reset()
+        model(long[:, :20], cache=cache)
+        torch.testing.assert_close(step.prefill(long[:, 20:30], start=20), model(long[:, :30])[0][:, -1:],
+                                   rtol=1e-4, atol=1e-4)
         assert cache.length == 30
     cache.reset()
-    model(ids[:, :30], cache=cache)
-    torch.testing.assert_close(prefill(ids[:, 30:], start=30), expected)  # 30 + 16 > 40: not the graph
+    model(long[:, :30], cache=cache)
+    near_end = step.prefill(long[:, 30:], start=30)  # 30 + its bucket (16) > 40: the ordinary forward
     assert cache.length == 39
+    torch.testing.assert_close(near_end, model(long)[0][:, -1:], rtol=1e-4, atol=1e-4)
+
+
+def test_a_step_captured_at_the_caches_last_slot(device):
+    """Capturing runs the step a few times first; from the cache's last slot those runs would pass
+    its end (and block_size), so they run from position 0 and the cache is put back."""
+    model = build("mha", block_size=16).to(device)
+    prompt = torch.randint(0, 50, (1, 16), device=device)
+    cache = lm.KVCache(model, 1, max_len=16, static=True)
+    model(prompt[:, :15], cache=cache)
+    logits = lm.cuda_graph.GraphedStep(model, cache)(prompt[:, 15:])
+    assert cache.length == 16
+    torch.testing.assert_close(logits, model(prompt)[0][:, -1:], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("num_draft", [1, 3, 5])
-def test_graphed_speculative_decoding_keeps_the_targets_tokens(graphs_on_cpu, num_draft):
+def test_graphed_speculative_decoding_keeps_the_targets_tokens(device, num_draft):
+    """Both models through graphs (the draft's guesses as back-to-back replays, the target's check of
+    k+1 positions as a graph of its own): the same tokens as eager speculative decoding and as the
+    target's greedy `generate`, past block_size too; sampling stays seeded; the windows are kept in
+    the target's decoder and freed with it."""
     from test_speculative import model as small, nudged
 
-    target = small(0)
+    target = small(0).to(device)
     draft = nudged(target, 0.15)
     generator = torch.Generator().manual_seed(num_draft)
     for length, new in [(1, 60), (5, 37), (23, 60)]:
-        prompt = torch.randint(0, 50, (1, length), generator=generator)
+        prompt = torch.randint(0, 50, (1, length), generator=generator).to(device)
         expected = target.generate(prompt, max_new_tokens=new, temperature=0, cuda_graph=False)
         out, stats = lm.speculative_generate(target, draft, prompt, new, num_draft=num_draft, return_stats=True,
                                              cuda_graph=True)
-        assert torch.equal(out, expected) and stats.new_tokens == new
+        eager = lm.speculative_generate(target, draft, prompt, new, num_draft=num_draft, cuda_graph=False)
+        assert torch.equal(out, expected) and torch.equal(eager, expected), (num_draft, length)
+        assert stats.new_tokens == new == stats.accepted + stats.steps
     assert target.decoder.speculative is not None  # kept for the next call with this draft
     sampled = [lm.speculative_generate(target, draft, prompt, 30, num_draft=num_draft, temperature=1.0, seed=4,
                                        cuda_graph=True) for _ in range(2)]

@@ -208,32 +208,6 @@ def test_wrong_inputs_get_clear_errors(target):
         speculative_generate(target, model(1), prompt, cuda_graph="yes")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("num_draft", [1, 3, 5])
-def test_on_cuda_the_graphed_loop_gives_the_targets_greedy_tokens(target, num_draft):
-    """On CUDA both models decode through CUDA graphs (the draft's guesses as back-to-back replays, the
-    target's check of k+1 positions as a graph of its own): the same tokens as eager speculative
-    decoding and as the target's greedy `generate`, past block_size too; sampling stays seeded."""
-    big, draft = target.cuda(), nudged(target, 0.15).cuda()
-    generator = torch.Generator().manual_seed(num_draft)
-    try:
-        for length, new in [(1, 60), (5, 37), (23, 60)]:
-            prompt = torch.randint(0, V, (1, length), generator=generator).cuda()
-            expected = big.generate(prompt, max_new_tokens=new, temperature=0, cuda_graph=False)
-            graphed, stats = speculative_generate(big, draft, prompt, new, num_draft=num_draft, return_stats=True)
-            eager = speculative_generate(big, draft, prompt, new, num_draft=num_draft, cuda_graph=False)
-            assert torch.equal(graphed, expected) and torch.equal(eager, expected), (num_draft, length)
-            assert stats.new_tokens == new == stats.accepted + stats.steps
-        sampled = [speculative_generate(big, draft, prompt, 30, num_draft=num_draft, temperature=1.0, seed=4,
-                                        cuda_graph=g) for g in (True, True)]
-        assert torch.equal(*sampled)
-        assert big.decoder.speculative is not None  # kept for the next call, and freed with the decoder's graphs
-        big.decoder.release()
-        assert big.decoder.speculative is None
-    finally:
-        target.cpu()
-
-
 def test_stats_without_steps():
     stats = SpeculativeStats()
     assert stats.acceptance_rate == 0.0 and stats.tokens_per_step == 0.0
