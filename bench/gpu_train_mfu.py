@@ -58,6 +58,23 @@ attention 17.6 ms, Triton's fused elementwise / LayerNorm / GELU / cross-entropy
 (cross-entropy over the 50,304 logits 9.5 ms, GELU 9.2 ms), AdamW + clipping 1.5 ms. With `fit` a
 step takes 123.7 ms: the GPU no longer waits for the host.
 
+Levers (`--lever`, lm alone with `--peers`; each in a fresh process, 20 timed steps after 3), measured on
+the H200 on 2026-12-04, MFU at batch 16 / 32, where the run-to-run spread is about a point:
+
+    none (as shipped: the loss fused with the head in chunks of 1,280)   40.6% / 43.4%
+    plain-loss (the (B, T, V) logits, then cross-entropy)                 42.1% / 43.3%  (12.4 / 22.8 GB peak, not 9.0 / 16.3)
+    loss-chunks-2560 / loss-chunks-5120                                   40.5% / 40.6%, 41.7% / 43.1%
+    gelu-tanh (GELU's tanh approximation)                                 40.8% / 42.5%
+    --compile-mode reduce-overhead (forward and backward as CUDA graphs)  41.5% / 42.2%
+    pointwise-autotune (inductor tunes its elementwise kernels; global)   40.6% / 39.9%
+
+None moves MFU past the spread. The profile at batch 16 (`--profile 2`): 33.6 ms of GPU work in a
+34.9 ms step, matrix products 16.6 ms (about 730 TFLOP/s, 74% of the peak), cuDNN attention 4.3 ms,
+Triton's elementwise, LayerNorm, GELU and loss-chunk kernels 10.2 ms, AdamW and clipping 1.5 ms.
+50% MFU means a 28.3 ms step: the elementwise work would have to move into the matrix products'
+epilogues (GELU and bias into the first MLP product, the residual add into the second), and attention
+would need a kernel near FlashAttention-3's speed; neither is in torch 2.11's kernels.
+
 Ends with one JSON line: {"bench", "unit": "MFU", "lm", "peer", "peer_name", "speedup"}; speedup > 1
 means lm reaches the higher MFU (= the higher tokens/s, since the work per token is the same).
 """
@@ -65,6 +82,7 @@ means lm reaches the higher MFU (= the higher tokens/s, since the work per token
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import time
@@ -72,6 +90,8 @@ import time
 import torch
 
 import lm
+import lm.losses
+import lm.trainer
 from lm.data import Batches
 from lm.optim import configure_optimizer
 from lm.trainer import TrainConfig, Trainer
@@ -213,6 +233,37 @@ def train_nanogpt_style(config: lm.ModelConfig, data, batch: int, steps: int, wa
     return peer_training(model, forward, data, batch, config.block_size, steps, warmup, profile)
 
 
+def _plain_loss() -> dict:
+    lm.trainer.loss_only = lambda model: {}  # the trainer then asks for logits and loss, as model(x, y) gives
+    return {}
+
+
+def _loss_chunks(numbers: int):
+    def apply() -> dict:
+        lm.losses.CHUNK_NUMBERS = numbers
+        return {}
+    return apply
+
+
+def _pointwise_autotune() -> dict:
+    import torch._inductor.config
+
+    torch._inductor.config.max_autotune_pointwise = True
+    return {}
+
+
+# --lever: one change to lm's run, applied before its model is built (returns ModelConfig changes);
+# measured values are in lm/assets/gpu_train_mfu.json under "levers". CUDA graphs: --compile-mode reduce-overhead.
+LEVERS = {
+    "none": dict,
+    "plain-loss": _plain_loss,                   # the (B, T, V) logits, then cross-entropy
+    "loss-chunks-2560": _loss_chunks(2 ** 27),   # 2**27 logits per chunk of the fused loss
+    "loss-chunks-5120": _loss_chunks(2 ** 28),
+    "gelu-tanh": lambda: {"ffn": "gelu_tanh"},   # GELU's tanh approximation
+    "pointwise-autotune": _pointwise_autotune,   # inductor tunes its elementwise kernels' launch settings
+}
+
+
 PEERS = {"nanogpt": ("nanoGPT-style GPT-2", train_nanogpt_style), "transformers": (PEER_NAME, train_peer)}
 
 
@@ -244,6 +295,8 @@ def main() -> None:
                         help="restrict scaled_dot_product_attention to one kernel, for both models (default: auto)")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="after timing, profile this many more steps of each run and print kernel times")
+    parser.add_argument("--lever", default="none", choices=sorted(LEVERS),
+                        help="change one thing in lm's run, to measure what it is worth (default: none)")
     parser.add_argument("--out", default=None, help="write device, settings and every run as JSON here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -254,6 +307,7 @@ def main() -> None:
     config = lm.preset("gpt2-124m", vocab_size=args.vocab)
     T = config.block_size
     flops, N, attention = flops_per_token(config, T)
+    config = dataclasses.replace(config, **LEVERS[args.lever]())
     data = torch.randint(0, 50257, (1 << 22,), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
 
     device_name = torch.cuda.get_device_name()
@@ -273,7 +327,7 @@ def main() -> None:
     sides = [("lm", train_lm)] + [PEERS[name] for name in args.peers]
     results = []
     record = {"bench": "gpu_train_mfu", "device_name": device_name, "torch": torch.__version__,
-              "compile_mode": args.compile_mode, "sdpa_backend": args.sdpa_backend, "vocab_size": args.vocab, "seq_len": T, "precision": "bf16 autocast",
+              "compile_mode": args.compile_mode, "lever": args.lever, "sdpa_backend": args.sdpa_backend, "vocab_size": args.vocab, "seq_len": T, "precision": "bf16 autocast",
               "steps": args.steps, "warmup": args.warmup, "flops_per_token": flops, "n_params_mfu": N,
               "peak_flops": PEAK_FLOPS, "runs": results}
     if "transformers" in args.peers:
