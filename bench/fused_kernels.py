@@ -2,11 +2,12 @@
 
 For each of GPT-2 124M's matrix-vector shapes at batch 1 (and `--batch`), the time of
 `lm.fused_decode.norm_linear` (lm's Triton kernel with its `launch_config`) against `F.linear`
-(cuBLAS); and of `decode_attention` over 200 and 1,000 cached keys against
-`F.scaled_dot_product_attention`. Each is timed as a CUDA graph of 20 back-to-back launches, the way
-a decoding step replays them, best of five replays. `--sweep` also times every (columns, inputs,
-warps) combination of the matrix-vector kernel and the attention kernel's keys per block, the
-search that chose `launch_config` and `attention_config`.
+(cuBLAS); and of `decode_attention` over 100 to 1,000 cached keys (a cache of 1,024 slots) with its
+default `attention_config` (the keys split over up to 16 programs per head), with one program per
+head, and `F.scaled_dot_product_attention`. Each is timed as a CUDA graph of 20 back-to-back
+launches, the way a decoding step replays them, best of five replays. `--sweep` also times every
+(columns, inputs, warps) combination of the matrix-vector kernel and (keys per block, blocks per
+program, warps) of the attention kernel, the searches behind `launch_config` and `attention_config`.
 
     python bench/fused_kernels.py [--batch 1 2] [--sweep]
 
@@ -18,13 +19,20 @@ Measured on one H200 (torch 2.11, Triton 3.6; 2026-12-03; the sweep's run), us p
     fc     3072 x 768              3.6                 3.99
     proj2   768 x 3072             4.5                 6.92
     head  50304 x 768             23.0                22.45
-    attention, 200 / 1,000 keys    4.2 / 11.0          SDPA 5.3 / 6.5
 
-The attention kernel gives each (row, head) one program, which reads every key itself: 12 programs
-for GPT-2, fine for a few hundred keys and slower than SDPA's split kernels at a thousand (splitting
-the keys over programs, flash-decoding, is what would fix that). At batch 8 the kernel's
-multiply-adds on CUDA cores take longer than cuBLAS's tensor cores (7.6 against 4.0 us for qkv), so
-lm uses it only up to batch 2 (`lm.fused_decode.MAX_ROWS`).
+Attention, 12 heads of 64 at batch 1 (2026-12-04, without --sweep):
+
+    keys                            101     201     501    1,001
+    lm (split, 8 programs a head)   2.8     4.3     4.4     4.5
+    lm, one program per head        3.8     3.8     6.0    10.2
+    SDPA                            4.1     5.3     6.8     6.8
+
+One program per (row, head) reads every key itself: 12 programs for GPT-2 on 132 SMs, fine for a
+few hundred keys and slower than SDPA's split kernels at a thousand. Split, each program reads 128
+keys, and the last to finish (an atomic count tells it) joins their partial softmax sums; only the
+programs that reach the current position work, and with one of them it writes the output directly.
+At batch 8 the matrix-vector kernel's multiply-adds on CUDA cores take longer than cuBLAS's tensor
+cores (7.6 against 4.0 us for qkv), so lm uses it only up to batch 2 (`lm.fused_decode.MAX_ROWS`).
 
 Ends with one JSON line: the sum over one block's four products plus the attention (200 keys) at
 the first batch size, lm against cuBLAS + SDPA; speedup > 1 means lm is faster.
@@ -100,18 +108,29 @@ def main() -> None:
         H, D, S = 12, 64, 1024
         q = torch.randn(B, 3 * H * D, device=device, dtype=torch.bfloat16)
         keys, values = (torch.randn(B, H, S, D, device=device, dtype=torch.bfloat16) for _ in range(2))
-        for length in (200, 1000):
+        one_program = dict(fd.attention_config(D, S), BS=256, NB=S // 256, SPLITS=1)  # one program per head
+        split = fd.attention_config(D, S)
+        scratch = fd.attention_scratch(B, H, D, 64, device)  # enough for any split count below
+        for length in (100, 200, 500, 1000):
             position = torch.tensor(length, device=device)
             heads = q[:, :H * D].view(B, H, 1, D)
-            ours = graph_us(lambda: fd.decode_attention(q, keys, values, position, H))
+            ours = graph_us(lambda: fd.decode_attention(q, keys, values, position, H, config=split, scratch=scratch))
+            single = graph_us(lambda: fd.decode_attention(q, keys, values, position, H, config=one_program,
+                                                          scratch=scratch))
             sdpa = graph_us(lambda: nn.functional.scaled_dot_product_attention(
                 heads, keys[:, :, :length + 1], values[:, :, :length + 1]))
-            row = {"batch": B, "attention_keys": length + 1, "lm_us": ours, "sdpa_us": sdpa}
+            row = {"batch": B, "attention_keys": length + 1, "lm_us": ours, "lm_one_program_per_head_us": single,
+                   "sdpa_us": sdpa, "config": split}
             if args.sweep:
-                tried = [(graph_us(lambda: fd.decode_attention(q, keys, values, position, H,
-                                                               config=dict(BS=bs, num_warps=w))), bs, w)
-                         for bs, w in itertools.product((16, 32, 64, 128, 256), (1, 2, 4, 8))]
-                row["fastest"] = [[round(t[0], 2), *t[1:]] for t in sorted(tried)[:5]]  # us, BS, warps
+                tried = []
+                for bs, warps in itertools.product((32, 64, 128, 256), (2, 4, 8)):
+                    for nb in (1, 2, 4, 8):
+                        if S % (bs * nb) == 0 and S // (bs * nb) <= 64:
+                            config = dict(BS=bs, NB=nb, SPLITS=S // (bs * nb), num_warps=warps)
+                            tried.append((graph_us(lambda: fd.decode_attention(q, keys, values, position, H,
+                                                                               config=config, scratch=scratch)),
+                                          bs, nb, warps))
+                row["fastest"] = [[round(t[0], 2), *t[1:]] for t in sorted(tried)[:5]]  # us, BS, NB, warps
             print(json.dumps(row), flush=True)
             if length == 200 and B == args.batch[0]:
                 block["attention"] = (ours, sdpa)

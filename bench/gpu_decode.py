@@ -12,6 +12,9 @@ graph, and compiles for "lm compiled").
                          to back with nothing but graph launches, and the prompt's forward replays a
                          graph of its length bucket (lm.cuda_graph.GraphedPrefill)
     lm, no PDL           the same with lm.fused_decode.PDL = False: each kernel starts when the last ends
+    lm, one attention program per head
+                         the same with lm.fused_decode.SPLIT_KEYS = False: each head's keys are read
+                         by one program, not split over up to 16 (matters for long contexts: --prompt 800)
     lm compiled          compile=True: the model's own step, torch.compile'd, then graphed
     lm eager             cuda_graph=False: every kernel launched from Python
     lm, model.generate   model.generate, which keeps one Decoder with the model (model.decoder)
@@ -36,7 +39,10 @@ stored in lm/assets/gpu_decode.json:
 Without PDL and the prompt's graph (2026-12-03) the default made 2,833 tokens/s at batch 1. In
 another run the same day, with PDL on and off in turn (a script toggling lm.fused_decode.PDL, same model): 3,530 / 3,504
 against 3,096 / 3,067 tokens/s at batch 1, 6,116 / 6,120 against 5,306 / 5,303 at batch 2, the
-same ids. The eager rows depend on the host CPU that launches the kernels, which differs between
+same ids. The side "lm, one attention program per head" came after that table (2026-12-04); the
+same two decoders in a shorter script (stored as "split_keys" in the asset), 200 new tokens:
+split 3,736 / 3,389 tokens/s against one program per head 3,611 / 2,432 at batch 1 after a prompt
+of 16 / 800; 6,314 / 5,364 against 6,356 / 4,354 at batch 2. The eager rows depend on the host CPU that launches the kernels, which differs between
 machines of the same kind (385 tokens/s at batch 1 on 2026-12-03).
 
 Eager, each step launches every kernel from Python: about 3 ms a step at batch 1 and at batch 64 alike.
@@ -70,15 +76,20 @@ def timed(fn, sync) -> float:
     return time.perf_counter() - start
 
 
-class NoPDL(lm.Decoder):
-    """A decoder whose fused kernels launch one after another (programmatic dependent launch off)."""
+class SwitchedOff(lm.Decoder):
+    """A decoder that runs with one of lm.fused_decode's switches off: "PDL" (each kernel starts when
+    the last ends) or "SPLIT_KEYS" (one attention program per head reads all its keys)."""
+
+    def __init__(self, model, switch: str):
+        super().__init__(model)
+        self.switch = switch
 
     def generate(self, *args, **options):
-        lm.fused_decode.PDL = False
+        setattr(lm.fused_decode, self.switch, False)
         try:
             return super().generate(*args, **options)
         finally:
-            lm.fused_decode.PDL = True
+            setattr(lm.fused_decode, self.switch, True)
 
 
 def main() -> None:
@@ -104,12 +115,13 @@ def main() -> None:
                "new_tokens": args.new, "prompt_tokens": args.prompt, "runs": []}
     n = args.new
     graphed, compiled = lm.Decoder(ours), lm.Decoder(ours)  # each keeps its captured graph between calls
-    unlinked = NoPDL(ours)
+    unlinked, unsplit = SwitchedOff(ours, "PDL"), SwitchedOff(ours, "SPLIT_KEYS")
     for B in args.batch:
         prompt = torch.randint(0, config.vocab_size, (B, args.prompt), device=device)
         sides = {
             "lm": lambda: graphed.generate(prompt, max_new_tokens=n, temperature=0),
             "lm, no PDL": lambda: unlinked.generate(prompt, max_new_tokens=n, temperature=0),
+            "lm, one attention program per head": lambda: unsplit.generate(prompt, max_new_tokens=n, temperature=0),
             "lm compiled": lambda: compiled.generate(prompt, max_new_tokens=n, temperature=0, compile=True),
             "lm eager": lambda: graphed.generate(prompt, max_new_tokens=n, temperature=0, cuda_graph=False),
             "lm, model.generate": lambda: ours.generate(prompt, max_new_tokens=n, temperature=0),

@@ -10,7 +10,8 @@ with programmatic dependent launch (PDL, below; `bench/gpu_decode.py`):
     embedding: token row + position row, in one kernel
     for each block:
         1. norm1 + qkv projection (+ bias), writing the new key and value into the cache
-        2. attention of the new query over the cache (online softmax, one pass over the keys)
+        2. attention of the new query over the cache (online softmax; a long cache is split over
+           several programs per head, and the last to finish joins their results: flash-decoding)
         3. output projection (+ bias) + the residual
         4. norm2 + fc (+ bias) + GELU        (or SwiGLU's two projections and their gate)
         5. the second projection (+ bias) + the residual
@@ -244,41 +245,76 @@ def norm_linear_kernel(
 
 
 def decode_attention_kernel(
-    Q, stride_qb, KC, VC, stride_cb, stride_ch, stride_cs, POS, REAL, stride_rb, Y, stride_yb, scale,
-    H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, HAS_REAL: tl.constexpr,
-    PDL: tl.constexpr,
+    Q, stride_qb, KC, VC, stride_cb, stride_ch, stride_cs, POS, REAL, stride_rb, PART_ML, PART_ACC, COUNT,
+    Y, stride_yb, scale,
+    H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, NB: tl.constexpr,
+    SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, HAS_REAL: tl.constexpr, PDL: tl.constexpr,
 ):
-    """One query head of one row over the cached keys 0..pos, in blocks of BS keys with an online
-    softmax: the running maximum m, the running sum l of exp(score - m), the weighted values acc."""
+    """One query head of one row over its share of the cached keys 0..pos (flash-decoding).
+
+    The cache's S slots are cut into SPLITS stretches of NB blocks of BS keys; program (row, head,
+    split) reads one stretch, with an online softmax: the running maximum m, the running sum l of
+    exp(score - m), the weighted values acc. So a long cache is read by many programs at once, not by
+    one per head. Only the `active` stretches that reach position pos have work; the others stop at once.
+    With one active stretch, its program writes the output itself. Otherwise each leaves (m, l, acc) in
+    PART_ML / PART_ACC and counts itself done in COUNT[row, head] (an atomic add, which also publishes its
+    writes); the program that finds itself last joins the partial results, rescaling each by
+    exp(m_s - max m), writes the output, and sets the count back to 0 for the next step."""
     if PDL:  # see norm_linear_kernel: everything here depends on the kernel before
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
-    b = tl.program_id(0) // H
-    h = tl.program_id(0) % H
+    pid = tl.program_id(0)
+    bh = pid // SPLITS
+    b = bh // H
+    h = bh % H
     d = tl.arange(0, D)
     q = tl.load(Q + b * stride_qb + h * D + d).to(tl.float32) * scale
     pos = tl.load(POS)
     cache = b * stride_cb + (h // GROUP) * stride_ch
-    m_i = tl.zeros([D], dtype=tl.float32) - 1.0e30  # finite: a block with no visible key changes nothing
-    l_i = tl.zeros([D], dtype=tl.float32)
-    acc = tl.zeros([D], dtype=tl.float32)
-    for start in range(0, pos + 1, BS):
-        s = start + tl.arange(0, BS)
-        visible = s <= pos
-        if HAS_REAL:  # padding is hidden, except from the query at its own position
-            real = tl.load(REAL + b * stride_rb + s, mask=visible, other=0)
-            visible = visible & ((real != 0) | (s == pos))
-        where = cache + s[:, None] * stride_cs + d[None, :]
-        k = tl.load(KC + where, mask=visible[:, None], other=0.0).to(tl.float32)
-        scores = tl.where(visible, tl.sum(k * q[None, :], axis=1), float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=0))
-        p = tl.exp(scores - tl.max(m_new, axis=0))
-        alpha = tl.exp(m_i - m_new)
-        v = tl.load(VC + where, mask=visible[:, None], other=0.0).to(tl.float32)
-        l_i = l_i * alpha + tl.sum(p, axis=0)
-        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-        m_i = m_new
-    tl.store(Y + b * stride_yb + h * D + d, (acc / l_i).to(Y.dtype.element_ty))
+    split = pid % SPLITS
+    active = pos // (NB * BS) + 1  # the splits that hold a visible key; the others have nothing to do
+    if split < active:
+        m_i = tl.zeros([D], dtype=tl.float32) - 1.0e30  # finite: a block with no visible key changes nothing
+        l_i = tl.zeros([D], dtype=tl.float32)
+        acc = tl.zeros([D], dtype=tl.float32)
+        first = split * (NB * BS)
+        for i in range(NB):
+            if first + i * BS <= pos:  # blocks past the position hold no visible key: skipped
+                s = first + i * BS + tl.arange(0, BS)
+                visible = s <= pos
+                if HAS_REAL:  # padding is hidden, except from the query at its own position
+                    real = tl.load(REAL + b * stride_rb + s, mask=visible, other=0)
+                    visible = visible & ((real != 0) | (s == pos))
+                where = cache + s[:, None] * stride_cs + d[None, :]
+                k = tl.load(KC + where, mask=visible[:, None], other=0.0).to(tl.float32)
+                scores = tl.where(visible, tl.sum(k * q[None, :], axis=1), float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(scores, axis=0))
+                p = tl.exp(scores - tl.max(m_new, axis=0))
+                alpha = tl.exp(m_i - m_new)
+                v = tl.load(VC + where, mask=visible[:, None], other=0.0).to(tl.float32)
+                l_i = l_i * alpha + tl.sum(p, axis=0)
+                acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+                m_i = m_new
+        out = Y + b * stride_yb + h * D + d
+        if active == 1:  # all the keys in one split (a short cache, or early positions): no partial results
+            tl.store(out, (acc / l_i).to(Y.dtype.element_ty))
+        else:
+            tl.store(PART_ACC + pid * D + d, acc)
+            tl.store(PART_ML + 2 * pid, tl.max(m_i, axis=0))
+            tl.store(PART_ML + 2 * pid + 1, tl.max(l_i, axis=0))
+            tl.debug_barrier()  # every thread's stores are made before the count goes up
+            done = tl.atomic_add(COUNT + bh, 1)  # acq_rel: the stores above are seen by whoever counts last
+            if done == active - 1:
+                part = bh * SPLITS + tl.arange(0, SPLITS_P2)
+                ok = tl.arange(0, SPLITS_P2) < active
+                m_s = tl.load(PART_ML + 2 * part, mask=ok, other=-1.0e30, cache_modifier=".cg")
+                l_s = tl.load(PART_ML + 2 * part + 1, mask=ok, other=0.0, cache_modifier=".cg")
+                acc_s = tl.load(PART_ACC + part[:, None] * D + d[None, :], mask=ok[:, None], other=0.0,
+                                cache_modifier=".cg")
+                weight = tl.exp(m_s - tl.max(m_s, axis=0))
+                total = tl.sum(acc_s * weight[:, None], axis=0) / tl.sum(l_s * weight, axis=0)
+                tl.store(out, total.to(Y.dtype.element_ty))
+                tl.store(COUNT + bh, 0)
 
 
 # The kernels above are plain Python functions, so that they can be read (and shown in the book) on a
@@ -314,6 +350,10 @@ def _pdl(device) -> dict:
     return dict(PDL=on, launch_pdl=True) if on else dict(PDL=False)
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -329,9 +369,22 @@ def launch_config(B: int, N: int, K: int) -> dict:
     return dict(BM=_pow2(B), BN=4 if N > 8192 else 2, BK=min(_pow2(K), 1024), num_warps=2)
 
 
-def attention_config(head_dim: int) -> dict:
-    """Keys per block of the attention kernel: as many as fit its registers (measured on an H200)."""
-    return dict(BS=max(16, min(256, 16384 // head_dim)), num_warps=4)
+SPLIT_KEYS = True  # long caches are read by several programs per head (False: one; bench/fused_kernels.py compares)
+
+
+def attention_config(head_dim: int, max_len: int) -> dict:
+    """Keys per block (BS), blocks per program (NB) and programs per head (SPLITS) of the attention kernel
+    for a cache of `max_len` slots. A block is as many keys as fit the registers; with SPLIT_KEYS a
+    program reads at most one block of 128 keys (64 at head_dim 128 and up), and a head takes as many
+    programs as its cache needs, up to 16 (then each reads several blocks): GPT-2's 1,024 slots are 8
+    programs per head. Measured on an H200 with `bench/fused_kernels.py --sweep`."""
+    block = max(16, min(256, 16384 // head_dim))
+    if not SPLIT_KEYS:
+        return dict(BS=block, NB=_cdiv(max_len, block), SPLITS=1, num_warps=4)
+    block = min(block, 8192 // head_dim if head_dim >= 128 else 128)
+    blocks = _cdiv(max_len, block)
+    per_program = _cdiv(blocks, 16)
+    return dict(BS=block, NB=per_program, SPLITS=_cdiv(blocks, per_program), num_warps=4)
 
 
 def norm_linear(x: torch.Tensor, linear: nn.Linear, norm: nn.Module | None = None, act: int = NO_ACT,
@@ -373,20 +426,43 @@ def norm_linear(x: torch.Tensor, linear: nn.Linear, norm: nn.Module | None = Non
 
 
 def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, position: torch.Tensor,
-                     n_head: int, real: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+                     n_head: int, real: torch.Tensor | None = None, config: dict | None = None,
+                     scratch: dict | None = None) -> torch.Tensor:
     """The new queries (the first H*D columns of qkv (B, ...)) over keys 0..position of the caches
-    (B, H_kv, S, D), hiding positions where `real` (B, S) is False except each query's own; (B, H*D)."""
+    (B, H_kv, S, D), hiding positions where `real` (B, S) is False except each query's own; (B, H*D).
+    `config`: attention_config's keys (default: attention_config(D, S)). `scratch`: the split programs'
+    partial results and counts, from `attention_scratch` (a step keeps one for all its layers; without
+    one each call makes its own)."""
     B = qkv.size(0)
-    H_kv, D = k_cache.size(1), k_cache.size(3)
+    H_kv, S, D = k_cache.size(1), k_cache.size(2), k_cache.size(3)
+    config = dict(config or attention_config(D, S))
+    splits = config["SPLITS"]
+    if splits * config["NB"] * config["BS"] < S:
+        raise ValueError(f"attention config {config} covers {splits * config['NB'] * config['BS']} of the cache's {S} slots.")
+    if scratch is None:
+        scratch = attention_scratch(B, n_head, D, splits, qkv.device)
+    elif scratch["count"].numel() < B * n_head or scratch["ml"].numel() < 2 * B * n_head * splits:
+        raise ValueError(f"the scratch holds {scratch['ml'].numel() // 2} partial results, and {B} rows x {n_head} "
+                         f"heads x {splits} splits need more; make it with attention_scratch(B, H, D, splits).")
     y = torch.empty(B, n_head * D, device=qkv.device, dtype=qkv.dtype)
     cb, ch, cs = k_cache.stride()[:3]
-    _decode_attention_kernel[(B * n_head,)](
+    _decode_attention_kernel[(B * n_head * splits,)](
         qkv, qkv.stride(0), k_cache, v_cache, cb, ch, cs, position,
-        position if real is None else real, 0 if real is None else real.stride(0), y, y.stride(0), 1.0 / math.sqrt(D),
-        H=n_head, GROUP=n_head // H_kv, D=D, HAS_REAL=real is not None, **(config or attention_config(D)),
+        position if real is None else real, 0 if real is None else real.stride(0),
+        scratch["ml"], scratch["acc"], scratch["count"], y, y.stride(0), 1.0 / math.sqrt(D),
+        H=n_head, GROUP=n_head // H_kv, D=D, SPLITS_P2=_pow2(splits), HAS_REAL=real is not None, **config,
         **_pdl(qkv.device),
     )
     return y
+
+
+def attention_scratch(B: int, n_head: int, head_dim: int, splits: int, device) -> dict:
+    """What split programs leave for the last of them: (m, l) and acc per (row, head, split), float32, and
+    a count per (row, head) that starts at 0 (the kernel sets it back to 0 after each call)."""
+    n = B * n_head * max(splits, 1)
+    return {"ml": torch.empty(2 * n, device=device, dtype=torch.float32),
+            "acc": torch.empty(n * head_dim, device=device, dtype=torch.float32),
+            "count": torch.zeros(B * n_head, device=device, dtype=torch.int32)}
 
 
 def embed(token: torch.Tensor, tok_emb: torch.Tensor, pos_table: torch.Tensor | None, position: torch.Tensor,
@@ -437,6 +513,8 @@ class FusedStep:
             if type(pos) is SinusoidalPositionEmbedding else None
         self.own_embed = pos is not None and self.pos_table is None
         self.argmax = torch.empty(cache.batch_size, dtype=torch.long, device=cache.cursor.position.device)
+        self.attention = attention_config(self.D, cache.max_len)  # one scratch for every layer: they run in turn
+        self.scratch = attention_scratch(cache.batch_size, self.H, self.D, self.attention["SPLITS"], self.argmax.device)
 
     @staticmethod
     def unsupported(model, cache=None) -> str | None:
@@ -497,7 +575,7 @@ class FusedStep:
                 layer.k.index_copy_(2, position.view(1), k)
                 layer.v.index_copy_(2, position.view(1), v)
                 qkv = q.transpose(1, 2).reshape(B, H * D)
-            y = decode_attention(qkv, layer.k, layer.v, position, H, real)
+            y = decode_attention(qkv, layer.k, layer.v, position, H, real, self.attention, self.scratch)
             x = norm_linear(y, attn.proj, residual=x)
             if type(mlp) is SwiGLU:
                 h = norm_linear(x, mlp.w1, block.norm2, SWIGLU, gate=mlp.w2)
@@ -514,4 +592,4 @@ class FusedStep:
         return logits.view(B, 1, -1), unpack_argmax(self.argmax, feed)
 
 
-__all__ = ["FusedStep", "MAX_ROWS", "decode_attention", "embed", "launch_config", "norm_linear", "unpack_argmax"]
+__all__ = ["FusedStep", "MAX_ROWS", "SPLIT_KEYS", "attention_config", "attention_scratch", "decode_attention", "embed", "launch_config", "norm_linear", "unpack_argmax"]

@@ -33,14 +33,15 @@ def test_unsupported_models_are_named_with_the_reason():
         FusedStep(model, lm.KVCache(model, 1, static=True))
 
 
-def check_fused_step(name: str, B: int, device: str, dtype=torch.float32, steps: int = 4) -> None:
+def check_fused_step(name: str, B: int, device: str, dtype=torch.float32, steps: int = 4, prompt: int = 6,
+                     max_len: int = 32) -> None:
     """FusedStep's logits against `model(token, cache=cache)` step by step, from a prompt whose last
     row is left-padded; and, greedy, the argmax its head kernel finds against torch.argmax."""
-    model = build(name).to(device, dtype)
-    ids = torch.randint(0, 50, (B, 6), device=device)
-    mask = torch.ones(B, 6, dtype=torch.bool, device=device)
+    model = build(name, block_size=max(max_len, 40)).to(device, dtype)
+    ids = torch.randint(0, 50, (B, prompt), device=device)
+    mask = torch.ones(B, prompt, dtype=torch.bool, device=device)
     mask[B - 1, :3] = False
-    ref_cache, cache = (lm.KVCache(model, B, max_len=32, static=True) for _ in range(2))
+    ref_cache, cache = (lm.KVCache(model, B, max_len=max_len, static=True) for _ in range(2))
     with torch.no_grad():
         model(ids, attention_mask=mask, cache=ref_cache)
         model(ids, attention_mask=mask, cache=cache)
@@ -56,15 +57,56 @@ def check_fused_step(name: str, B: int, device: str, dtype=torch.float32, steps:
             token = want[:, -1].argmax(-1, keepdim=True)
 
 
+def reference_attention(q, keys, values, pos: int, H: int, real=None):
+    """One new query per row and head over keys 0..pos, written out in float32 (GQA: heads share K/V)."""
+    B, H_kv, S, D = keys.shape
+    heads = q[:, :H * D].view(B, H, 1, D).float()
+    k = keys[:, :, :pos + 1].float().repeat_interleave(H // H_kv, 1)
+    v = values[:, :, :pos + 1].float().repeat_interleave(H // H_kv, 1)
+    scores = heads @ k.transpose(-1, -2) / D ** 0.5
+    if real is not None:  # padding hidden, except the query's own position
+        seen = real[:, :pos + 1].clone()
+        seen[:, pos] = True
+        scores = scores.masked_fill(~seen[:, None, None, :], float("-inf"))
+    return (scores.softmax(-1) @ v).reshape(B, H * D)
+
+
+def check_split_attention(device: str, dtype=torch.float32) -> None:
+    """decode_attention with the keys split over programs in several ways (one block each, two blocks
+    each, one program per head, the default) against the reference: positions at, before and after a
+    split's first key, with and without padding, GQA; and the counts are back at 0 after every call."""
+    from lm import fused_decode as fd
+    torch.manual_seed(0)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=0.02, atol=0.02)
+    for B, H, H_kv, S, D in [(1, 4, 4, 40, 16), (2, 4, 2, 70, 32)]:
+        keys, values = (torch.randn(B, H_kv, S, D, device=device, dtype=dtype) for _ in range(2))
+        q = torch.randn(B, (H + 2 * H_kv) * D, device=device, dtype=dtype)
+        real = torch.rand(B, S, device=device) > 0.3
+        configs = [dict(BS=16, NB=1, SPLITS=-(-S // 16)), dict(BS=16, NB=2, SPLITS=-(-S // 32)),
+                   dict(BS=16, NB=-(-S // 16), SPLITS=1), fd.attention_config(D, S)]
+        for config in configs:
+            config.setdefault("num_warps", 4)
+            scratch = fd.attention_scratch(B, H, D, config["SPLITS"], device)
+            for pos in (0, 5, 15, 16, 17, 33, S - 1):
+                for mask in (None, real):
+                    got = fd.decode_attention(q, keys, values, torch.tensor(pos, device=device), H, mask, config,
+                                              scratch)
+                    torch.testing.assert_close(got.float(), reference_attention(q, keys, values, pos, H, mask), **tol)
+                    assert not scratch["count"].any()  # the last program of each head reset its count
+        with pytest.raises(ValueError, match=f"covers 32 of the cache's {S} slots"):
+            fd.decode_attention(q, keys, values, torch.tensor(0, device=device), H, config=dict(BS=16, NB=1, SPLITS=2))
+
+
 @pytest.mark.skipif(not has_triton or torch.cuda.is_available(),
                     reason="needs Triton and no GPU (its interpreter runs the kernels on the CPU; with a GPU the CUDA "
                            "tests below run them)")
 def test_the_kernels_match_the_modules_in_triton_interpreter():
     # the interpreter must be chosen before triton is first imported: a fresh process
     code = textwrap.dedent("""
-        from test_fused_decode import check_fused_step
+        from test_fused_decode import check_fused_step, check_split_attention
         for name, B in [("mha", 1), ("llama-like", 2), ("mqa+rope", 2)]:
             check_fused_step(name, B, "cpu")
+        check_split_attention("cpu")
         print("ok")
     """)
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(sys.path))
@@ -79,6 +121,30 @@ def test_the_kernels_match_the_modules_in_triton_interpreter():
 @pytest.mark.parametrize("B", [1, 2])
 def test_fused_logits_match_the_module_step(name, dtype, B):
     check_fused_step(name, B, "cuda", dtype, steps=8)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_split_over_programs_matches_the_reference(dtype):
+    check_split_attention("cuda", dtype)
+
+
+@cuda
+@pytest.mark.parametrize("name", ["mha", "gqa", "llama-like"])
+def test_fused_step_over_a_long_cache_read_by_several_programs_per_head(name):
+    from lm import fused_decode as fd
+    assert fd.attention_config(8, 512)["SPLITS"] > 1  # the test models: d_model 32, 4 heads of 8
+    check_fused_step(name, 2, "cuda", steps=6, prompt=300, max_len=512)  # positions 300-305 of 512
+
+
+@cuda
+@pytest.mark.parametrize("name", ["mha", "mqa+rope"])
+def test_fused_step_with_small_splits_and_with_none(name, monkeypatch):
+    from lm import fused_decode as fd
+    monkeypatch.setattr(fd, "attention_config", lambda D, S: dict(BS=16, NB=1, SPLITS=S // 16, num_warps=4))
+    check_fused_step(name, 2, "cuda", steps=12)  # positions 6-17: the keys cross a split
+    monkeypatch.setattr(fd, "attention_config", lambda D, S: dict(BS=16, NB=S // 16, SPLITS=1, num_warps=4))
+    check_fused_step(name, 2, "cuda", steps=12)
 
 
 @cuda
