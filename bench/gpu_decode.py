@@ -42,8 +42,9 @@ against 3,096 / 3,067 tokens/s at batch 1, 6,116 / 6,120 against 5,306 / 5,303 a
 same ids. The side "lm, one attention program per head" came after that table (2026-12-04); the
 same two decoders in a shorter script (stored as "split_keys" in the asset), 200 new tokens:
 split 3,736 / 3,389 tokens/s against one program per head 3,611 / 2,432 at batch 1 after a prompt
-of 16 / 800; 6,314 / 5,364 against 6,356 / 4,354 at batch 2. The eager rows depend on the host CPU that launches the kernels, which differs between
-machines of the same kind (385 tokens/s at batch 1 on 2026-12-03).
+of 16 / 800; 6,314 / 5,364 against 6,356 / 4,354 at batch 2. The eager rows depend on the host CPU
+that launches the kernels, which differs between machines of the same kind (385 tokens/s at batch 1
+on 2026-12-03).
 
 Eager, each step launches every kernel from Python: about 3 ms a step at batch 1 and at batch 64 alike.
 At batch 64 a few rows of the graph's greedy ids differ from eager's (56 of 64 rows equal): the

@@ -62,7 +62,8 @@ Levers (`--lever`, lm alone with `--peers`; each in a fresh process, 20 timed st
 the H200 on 2026-12-04, MFU at batch 16 / 32, where the run-to-run spread is about a point:
 
     none (as shipped: the loss fused with the head in chunks of 1,280)   40.6% / 43.4%
-    plain-loss (the (B, T, V) logits, then cross-entropy)                 42.1% / 43.3%  (12.4 / 22.8 GB peak, not 9.0 / 16.3)
+    plain-loss (the (B, T, V) logits, then cross-entropy)                 42.1% / 43.3%
+                                     (12.4 / 22.8 GB at the peak, where the fused loss needs 9.0 / 16.3)
     loss-chunks-2560 / loss-chunks-5120                                   40.5% / 40.6%, 41.7% / 43.1%
     gelu-tanh (GELU's tanh approximation)                                 40.8% / 42.5%
     --compile-mode reduce-overhead (forward and backward as CUDA graphs)  41.5% / 42.2%
