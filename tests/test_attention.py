@@ -419,3 +419,78 @@ def test_invalid_settings_are_refused_by_the_config(overrides, words):
         ModelConfig(**{"d_model": 32, "n_head": 4, **overrides})
     for word in words:
         assert word in str(error.value)
+
+
+# ---- causal attention keeping its probabilities (CPU, bfloat16 training) ---------------------------
+def test_attention_keeping_probabilities_equals_sdpa_in_float64():
+    from lm.attention.kernels import _CausalAttentionKeepingProbabilities
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    grad = torch.randn(2, 3, 7, 8, dtype=torch.float64)
+    ours = _CausalAttentionKeepingProbabilities.apply(q, k, v)
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    close(ours, want, 1e-12)
+    for a, b in zip(torch.autograd.grad(ours, (q, k, v), grad), torch.autograd.grad(want, (q, k, v), grad)):
+        close(a, b, 1e-12)
+
+
+def test_sdpa_keeps_probabilities_only_for_short_bfloat16_training_on_a_cpu(monkeypatch):
+    from lm.attention import kernels
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 16, 8, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    kept = lambda out: type(out.grad_fn).__name__.startswith("_CausalAttentionKeepingProbabilities")  # noqa: E731
+    assert kept(kernels.sdpa(q, k, v))
+    with torch.no_grad():  # no backward to keep them for
+        assert kernels.sdpa(q, k, v).grad_fn is None
+    assert not kept(kernels.sdpa(q, k, v, causal_mask(16)))  # a mask: SDPA
+    assert not kept(kernels.sdpa(q, k, v, dropout_p=0.1))
+    assert not kept(kernels.sdpa(q, k[:, :2], v[:, :2]))  # fewer K/V heads: SDPA's native GQA
+    assert not kept(kernels.sdpa(*(x.float() for x in (q, k, v))))  # float32: the kernels tie
+    monkeypatch.setattr(kernels, "SAVED_PROBABILITIES", 2 * 4 * 16 * 16 - 1)  # one number too many
+    assert not kept(kernels.sdpa(q, k, v))
+
+
+def test_attention_keeping_probabilities_is_as_accurate_as_sdpa_in_bfloat16():
+    from lm.attention import kernels
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 64, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    grad = torch.randn(2, 4, 64, 16, dtype=torch.bfloat16)
+    exact = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    want = F.scaled_dot_product_attention(*exact, is_causal=True)
+    want_grads = torch.autograd.grad(want, exact, grad.double())
+    ours = kernels.sdpa(q, k, v)
+    flash = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    for out in (ours, flash):  # the error of each against float64, outputs and gradients
+        grads = torch.autograd.grad(out, (q, k, v), grad)
+        errors = [(out.double() - want).abs().max()] + [(a.double() - b).abs().max() for a, b in zip(grads, want_grads)]
+        if out is ours:
+            ours_errors = errors
+        else:
+            flash_errors = errors
+    for ours_error, flash_error in zip(ours_errors, flash_errors):
+        assert ours_error <= 2 * flash_error + 0.01, (ours_errors, flash_errors)
+
+
+def test_a_bfloat16_cpu_training_step_gives_the_same_loss_and_gradients_either_way(monkeypatch):
+    from lm.attention import kernels
+    config = ModelConfig(vocab_size=40, block_size=32, n_layer=2, n_head=4, d_model=32, dropout=0.0)
+    ids = torch.randint(0, 40, (3, 32), generator=torch.Generator().manual_seed(1))
+
+    def step():
+        torch.manual_seed(0)
+        model = GPT(config)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, loss = model(ids[:, :-1], ids[:, 1:])
+        loss.backward()
+        grads = {}
+        for name, p in model.named_parameters():  # the query, key and value rows of qkv apart
+            parts = p.grad.chunk(3) if "qkv" in name else [p.grad]
+            grads.update({f"{name}[{i}]": part for i, part in enumerate(parts)})
+        return loss.detach(), grads
+
+    loss, grads = step()
+    monkeypatch.setattr(kernels, "SAVED_PROBABILITIES", 0)  # SDPA's flash kernel throughout
+    flash_loss, flash_grads = step()
+    torch.testing.assert_close(loss, flash_loss, rtol=0, atol=0.02)
+    for name, grad in grads.items():  # each weight's gradient, the attention projections' included
+        assert (grad - flash_grads[name]).norm() <= 0.05 * flash_grads[name].norm() + 1e-4, name
