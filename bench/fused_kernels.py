@@ -108,8 +108,7 @@ def main() -> None:
         H, D, S = 12, 64, 1024
         q = torch.randn(B, 3 * H * D, device=device, dtype=torch.bfloat16)
         keys, values = (torch.randn(B, H, S, D, device=device, dtype=torch.bfloat16) for _ in range(2))
-        one_program = dict(fd.attention_config(D, S), BS=256, NB=S // 256, SPLITS=1)  # one program per head
-        split = fd.attention_config(D, S)
+        one_program, split = fd.attention_config(D, S, split=False), fd.attention_config(D, S, split=True)
         scratch = fd.attention_scratch(B, H, D, 64, device)  # enough for any split count below
         for length in (100, 200, 500, 1000):
             position = torch.tensor(length, device=device)

@@ -372,15 +372,16 @@ def launch_config(B: int, N: int, K: int) -> dict:
 SPLIT_KEYS = True  # long caches are read by several programs per head (False: one; bench/fused_kernels.py compares)
 
 
-def attention_config(head_dim: int, max_len: int) -> dict:
+def attention_config(head_dim: int, max_len: int, split: bool | None = None) -> dict:
     """Keys per block (BS), blocks per program (NB) and programs per head (SPLITS) of the attention kernel
-    for a cache of `max_len` slots. A block is as many keys as fit the registers; with SPLIT_KEYS a
+    for a cache of `max_len` slots. A block is as many keys as fit the registers; with `split` (None:
+    SPLIT_KEYS; False: one program per head reads every key) a
     program reads at most one block of 128 keys (64 at head_dim 128 and up), and a head takes as many
     programs as its cache needs, up to 16 (then each reads several blocks): GPT-2's 1,024 slots are 8
     programs per head. On an H200 (`bench/fused_kernels.py`, 2026-12-04) that takes 4.5 us over 1,001
     keys, where one program per head took 10.2; other splits have not been swept yet (`--sweep`)."""
     block = max(16, min(256, 16384 // head_dim))
-    if not SPLIT_KEYS:
+    if not (SPLIT_KEYS if split is None else split):
         return dict(BS=block, NB=_cdiv(max_len, block), SPLITS=1, num_warps=4)
     block = min(block, 8192 // head_dim if head_dim >= 128 else 128)
     blocks = _cdiv(max_len, block)

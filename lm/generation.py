@@ -283,8 +283,7 @@ class Decoder:
         if not graph:
             return KVCache(self.model, batch_size, max_len=positions), None
         model = self.model
-        addresses = tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
-        key = (batch_size, compile, greedy, addresses)
+        key = (batch_size, compile, greedy, tensor_addresses(model))
         if self._kept is None or self._kept[0] != key or self._kept[1].max_len < positions:
             self._kept = None  # free the old buffers before taking new ones
             size = min(model.config.block_size, max(64, 1 << (positions - 1).bit_length()))
@@ -326,6 +325,12 @@ class HeldStream:
 
     def __del__(self):
         self.close()
+
+
+def tensor_addresses(*models) -> tuple[int, ...]:
+    """Where the models' parameters and buffers live: CUDA graphs kept for them replay only while these
+    stay the same (moving a model, or loading weights into new tensors, changes them)."""
+    return tuple(t.data_ptr() for m in models for t in itertools.chain(m.parameters(), m.buffers()))
 
 
 def refill_length(block_size: int) -> int:

@@ -273,17 +273,13 @@ class GPT(nn.Module):
         of the decoding step and the prompt between calls, so only the first call of a batch size
         captures them (`model.decoder.release()` frees that memory). A call made while another
         thread's is running gets a fresh decoder of its own."""
-        decoder = self.decoder
-        if not decoder.busy.acquire(blocking=False):
-            from .generation import Decoder
-
-            return Decoder(self).generate(prompt, config, attention_mask=attention_mask,
-                                          return_logprobs=return_logprobs, **options)
+        decoder, held = self._claim_decoder()
         try:
             return decoder.generate(prompt, config, attention_mask=attention_mask,
                                     return_logprobs=return_logprobs, **options)
         finally:
-            decoder.busy.release()
+            if held:
+                decoder.busy.release()
 
     @property
     def decoder(self):
@@ -296,6 +292,15 @@ class GPT(nn.Module):
             decoder = self.__dict__["_decoder"] = Decoder(self)
         return decoder
 
+    def _claim_decoder(self):
+        """(model.decoder, True) with its lock taken, or (a fresh Decoder, False) while another call holds it."""
+        decoder = self.decoder
+        if decoder.busy.acquire(blocking=False):
+            return decoder, True
+        from .generation import Decoder
+
+        return Decoder(self), False
+
     def __getstate__(self):
         state = dict(super().__getstate__())
         state.pop("_decoder", None)  # its CUDA graphs and caches were made for this copy's tensors
@@ -305,11 +310,11 @@ class GPT(nn.Module):
         """Yield the continuation of a text prompt piece by piece as it is generated (whole
         characters only); see `lm.generation.Decoder.stream`. Like `generate`, it uses `model.decoder`
         (until the stream ends, is closed or is dropped), or a fresh decoder while that one is busy."""
-        from .generation import Decoder, HeldStream
+        from .generation import HeldStream
 
-        decoder = self.decoder
-        if not decoder.busy.acquire(blocking=False):
-            return Decoder(self).stream(prompt, config, **options)
+        decoder, held = self._claim_decoder()
+        if not held:
+            return decoder.stream(prompt, config, **options)
         try:
             pieces = decoder.stream(prompt, config, **options)  # the prompt and settings are checked here
         except BaseException:

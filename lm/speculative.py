@@ -34,14 +34,13 @@ manual, block_sparse): sliding-window and linear attention caches cannot step ba
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 
 import torch
 
 from .cuda_graph import GraphedStep, graph_unsupported, use_graph
 from .decode_step import LeanStep
-from .generation import refill_length
+from .generation import refill_length, tensor_addresses
 from .kv_cache import KVCache
 from .quantize import for_decoding
 from .sampling import SamplingConfig, process_logits
@@ -317,8 +316,7 @@ def _windows(target, draft, total: int, graphed: bool, greedy: bool, keep: bool)
     models = (target, draft)
     if not graphed or not keep:
         return [_Window(m, min(m.config.block_size, total), graphed, greedy) for m in models]
-    addresses = tuple(t.data_ptr() for m in models for t in itertools.chain(m.parameters(), m.buffers()))
-    key = (id(draft), greedy, addresses)  # the kept windows hold the draft, so its id stays its own
+    key = (id(draft), greedy, tensor_addresses(*models))  # the kept windows hold the draft, so its id stays its own
     holder = target.decoder  # model.decoder.release() frees them with the rest
     kept = holder.speculative
     if kept is None or kept[0] != key or any(w.cache.max_len < min(w.block, total) for w in kept[1]):
