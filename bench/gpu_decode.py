@@ -21,21 +21,34 @@ graph, and compiles for "lm compiled").
     lm, a new Decoder each call
                          what a decoder's first call costs: the graphs are captured within the call
     transformers         GPT2LMHeadModel.generate with its dynamic cache (sdpa attention)
+    lm, sampled          what a chat asks for: temperature 0.8, top_k 50, stopping at <|endoftext|>
+                         (seeded draws that never make it, so n tokens are made); the graph draws
+                         each token and pads rows that have finished, and the host reads back
+                         whether all have, a few steps behind (lm.cuda_graph.GraphedStep.run_until)
+    lm, sampled, eager   the same with cuda_graph=False
+    transformers, sampled
+                         generate(do_sample=True, temperature=0.8, top_k=50, eos_token_id=<|endoftext|>)
 
     python bench/gpu_decode.py --batch 1 2 64 --new 200 --out lm/assets/gpu_decode.json
 
-Measured on one H200 (torch 2.11, Triton 3.6; 2026-12-04), tokens/s, the best of three calls,
-stored in lm/assets/gpu_decode.json:
+Measured on one H200 (torch 2.11, Triton 3.6; 2026-12-04, after the draw and the stops went into
+the graph), tokens/s, the best of three calls, stored in lm/assets/gpu_decode.json:
 
                               batch 1   batch 2   batch 64
-    lm                          3,497     6,066     61,705   (fused step at batch 1 and 2)
-    lm, no PDL                  3,071     5,302     61,411
-    lm compiled                 1,956     3,855     76,776
-    lm eager                      299       710     23,138   (one-token steps through LeanStep)
-    lm, model.generate          3,495     6,115     61,729
-    lm, a new Decoder each call 2,279     4,563     54,803
-    transformers                  183       369     13,026
+    lm                          3,680     6,203     61,881   (fused step at batch 1 and 2)
+    lm, no PDL                  3,192     5,438     61,674
+    lm, one attention program   3,589     6,233     61,732   (a 16-token prompt: the split matters later)
+    lm compiled                 1,959     3,830     76,808
+    lm eager                      365       568     27,007   (one-token steps through LeanStep)
+    lm, model.generate          3,736     6,295     61,874
+    lm, a new Decoder each call 2,831     4,457     57,232
+    transformers                  221       398     12,250
+    lm, sampled                 2,278     3,968     49,904
+    lm, sampled, eager            290       658     15,360
+    transformers, sampled         175       396      9,565
 
+Before the draw and the stop check went into the graph (the same day, a probe script timing lm.Decoder.generate on the same model and settings),
+"lm, sampled" made 1,526 tokens/s at batch 1 and greedy with a stop token 2,986 (3,356 after).
 Without PDL and the prompt's graph (2026-12-03) the default made 2,833 tokens/s at batch 1. In
 another run the same day, with PDL on and off in turn (a script toggling lm.fused_decode.PDL, same model): 3,530 / 3,504
 against 3,096 / 3,067 tokens/s at batch 1, 6,116 / 6,120 against 5,306 / 5,303 at batch 2, the
@@ -67,6 +80,16 @@ import torch
 import lm
 import lm.fused_decode
 from _report import report
+
+
+SAMPLED = dict(temperature=0.8, top_k=50, seed=0)
+STOP = 50256
+
+
+def seeded(generate, *args, **options):
+    """transformers' draws come from torch's generator: seeded per call, so each call makes the same tokens."""
+    torch.manual_seed(SAMPLED["seed"])
+    return generate(*args, **options)
 
 
 def timed(fn, sync) -> float:
@@ -129,11 +152,21 @@ def main() -> None:
             "lm, a new Decoder each call": lambda: lm.Decoder(ours).generate(prompt, max_new_tokens=n, temperature=0),
             "transformers": lambda: peer.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                                   use_cache=True, attention_mask=torch.ones_like(prompt)),
+            # what a chat does: a draw at temperature 0.8 among the 50 likeliest tokens, watching for a stop
+            # token (GPT-2's <|endoftext|>); seeded draws that never make it, so every call makes n tokens
+            "lm, sampled": lambda: graphed.generate(prompt, max_new_tokens=n, **SAMPLED, stop_tokens=[STOP]),
+            "lm, sampled, eager": lambda: graphed.generate(prompt, max_new_tokens=n, **SAMPLED, stop_tokens=[STOP],
+                                                           cuda_graph=False),
+            "transformers, sampled": lambda: seeded(peer.generate, prompt, max_new_tokens=n, do_sample=True,
+                                                    temperature=0.8, top_k=50, eos_token_id=STOP, use_cache=True,
+                                                    attention_mask=torch.ones_like(prompt)),
         }
         outputs = {}
         with torch.inference_mode():
             for name, fn in sides.items():
                 outputs[name] = fn()  # warm-up
+                if outputs[name].size(1) != args.prompt + n:
+                    raise SystemExit(f"{name} stopped after {outputs[name].size(1) - args.prompt} of {n} tokens")
                 seconds = min(timed(fn, sync) for _ in range(3))  # the best of three
                 run = {"side": name, "batch": B, "tokens_per_second": B * n / seconds, "ms_per_step": 1000 * seconds / n}
                 results["runs"].append(run)

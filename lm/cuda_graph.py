@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 
 from .kv_cache import StaticCache
+from .sampling import SamplingConfig, choose_next
 
 
 def graph_unsupported(model) -> str | None:
@@ -53,6 +54,9 @@ def use_graph(cuda_graph: bool | None, reason: str | None) -> bool:
     return reason is None if cuda_graph is None else cuda_graph
 
 
+STOP_SLOTS = 16  # stop token ids a graph watching for stops holds (more: generation watches them itself)
+
+
 class GraphedStep:
     """The decoding step on a static cache, captured as a CUDA graph on the first call and replayed on
     every later one; each replay also moves the cache's device position by one.
@@ -60,27 +64,48 @@ class GraphedStep:
     The step is `lm.fused_decode.FusedStep` (a few fused Triton kernels per block) whenever the
     model and cache allow it, else `model(token, cache=cache)`. `compile=True` runs the module step
     through `torch.compile` instead (fused kernels of inductor's choosing; compiling takes a while on
-    the first call). `greedy=True` also records the argmax of the logits in the graph: `next` (B, 1)
-    then holds the greedy choice after each call, with no kernel launched for it from Python; the
-    graph also feeds it back as the next step's token and stores it in `history` at its position in
-    the cache, so that `run(n)` makes n greedy steps with nothing but n replays (see `run`)."""
+    the first call).
 
-    def __init__(self, model, cache, compile: bool = False, greedy: bool = False):
+    The graph can also choose the next token, with no kernel launched for it from Python:
+    `greedy=True` records the argmax of the logits, `sampling=SamplingConfig(...)` a draw (temperature,
+    top_k, top_p, min_p: the settings that need no history; `choose_next`'s kernels, drawing from
+    `generator`, which `seed` sets). `next` (B, 1) then holds the choice after each call; the graph
+    also feeds it back as the next step's token and stores it in `history` at its position in the
+    cache, so that `run(n)` makes n steps with nothing but n replays (see `run`).
+
+    `stops=True` (with a choice) also keeps, in the graph, which rows have finished: a row's choice
+    after it made one of the ids given to `watch` is the padding id, and `finished` (B,) marks the
+    rows that made one. `run_until` then stops soon after every row has finished, without the host
+    waiting on each step."""
+
+    def __init__(self, model, cache, compile: bool = False, greedy: bool = False,
+                 sampling: SamplingConfig | None = None, stops: bool = False):
         reason = graph_unsupported(model)
         if reason is not None:
             raise ValueError(f"cannot decode with a CUDA graph: {reason}; pass cuda_graph=False.")
         if not cache.static:
             raise ValueError("GraphedStep needs KVCache(..., static=True): the graph must read a fixed buffer.")
+        if sampling is not None and (greedy or not sampling.graphable):
+            raise ValueError(f"sampling={sampling} cannot be drawn in the graph: it needs a temperature > 0 and no "
+                             f"penalty (they read each row's history), and not greedy=True as well.")
+        chooses = greedy or sampling is not None
+        if stops and not chooses:
+            raise ValueError("stops=True needs the graph to choose the tokens: pass greedy=True or sampling=...")
         from .fused_decode import FusedStep  # here: fused_decode imports the model's modules
 
-        self.cache, self.greedy = cache, greedy
-        self.token = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=model.device)
-        # greedy: the token chosen after each position p, at p + 1 (position max_len is the last)
-        self.history = torch.zeros(cache.batch_size, cache.max_len + 1, dtype=torch.long, device=model.device) \
-            if greedy else None
+        device, B = model.device, cache.batch_size
+        self.cache, self.greedy, self.sampling, self.chooses = cache, greedy, sampling, chooses
+        self.token = torch.zeros(B, 1, dtype=torch.long, device=device)
+        # the token chosen after each position p, at p + 1 (position max_len is the last)
+        self.history = torch.zeros(B, cache.max_len + 1, dtype=torch.long, device=device) if chooses else None
+        self.generator = torch.Generator(device=device) if sampling is not None else None
+        self.finished = torch.zeros(B, dtype=torch.bool, device=device) if stops else None
+        self.stop_ids = torch.full((STOP_SLOTS,), -1, dtype=torch.long, device=device) if stops else None
+        self.pad = torch.zeros((), dtype=torch.long, device=device) if stops else None
         self.fused = not compile and FusedStep.unsupported(model, cache) is None
         if self.fused:
-            step = FusedStep(model, cache, greedy=greedy, feed=(self.token, self.history) if greedy else None)
+            feeds = greedy and not stops  # the fused head writes its argmax into token and history itself
+            step = FusedStep(model, cache, greedy=greedy, feed=(self.token, self.history) if feeds else None)
         else:
             def step(token):
                 return model(token, cache=cache)[0]
@@ -91,47 +116,121 @@ class GraphedStep:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
         self.next: torch.Tensor | None = None
+        self.all_finished: torch.Tensor | None = None
 
     def __call__(self, token: torch.Tensor) -> torch.Tensor:
         """Logits (B, 1, V) of `token` (B, 1) at the cache's next position."""
         self.token.copy_(token)
-        if self.graph is None:
-            self._capture()
+        self.ready()
         self.graph.replay()
         return self.logits
 
-    def run(self, token: torch.Tensor, n: int, position: int | None = None) -> torch.Tensor:
-        """n greedy steps from `token` (B, 1): n replays and nothing else, each feeding the next; returns
-        the n tokens chosen, (B, n), read from `history` (the cache's positions p+1 .. p+n, p its
-        position before: give it as `position` if you know it, else it is read from the device). The
-        host only launches; nothing waits for the GPU."""
-        if not self.greedy:
-            raise ValueError("run(n) makes greedy steps: build the GraphedStep with greedy=True.")
-        start = (self.cache.length if position is None else position) + 1
-        if start - 1 + n > self.cache.max_len:
-            raise ValueError(f"{n} steps from position {start - 1} do not fit the cache's {self.cache.max_len}.")
-        self.token.copy_(token)
+    def ready(self) -> None:
+        """Capture the graph now if it is not captured yet (a capture's warm-up runs draw from the
+        generator: seed it after this)."""
         if self.graph is None:
             self._capture()
+
+    def seed(self, seed: int) -> None:
+        """Start the sampling graph's draws from `seed` (the draws then equal `choose_next`'s with a
+        generator seeded so, given the same logits)."""
+        self.generator.manual_seed(seed)
+
+    def watch(self, stop_ids, pad: int) -> torch.Tensor:
+        """Stop ids (at most STOP_SLOTS) and the padding id for the next generation; every row starts
+        unfinished. Returns `finished`, which each replay updates."""
+        stop_ids = sorted(set(stop_ids))
+        if self.finished is None or len(stop_ids) > STOP_SLOTS:
+            raise ValueError(f"this graph watches no stops, or not {len(stop_ids)} (at most {STOP_SLOTS}).")
+        self.stop_ids.fill_(-1)
+        if stop_ids:
+            self.stop_ids[:len(stop_ids)] = torch.tensor(stop_ids, dtype=torch.long)
+        self.pad.fill_(pad)
+        self.finished.zero_()
+        return self.finished
+
+    def run(self, token: torch.Tensor, n: int, position: int | None = None) -> torch.Tensor:
+        """n steps from `token` (B, 1), each choosing the next token in the graph: n replays and nothing
+        else, each feeding the next; returns the n tokens chosen, (B, n), read from `history` (the
+        cache's positions p+1 .. p+n, p its position before: give it as `position` if you know it,
+        else it is read from the device). The host only launches; nothing waits for the GPU."""
+        start = self._start(token, n, position)
         for _ in range(n):
             self.graph.replay()
         return self.history[:, start:start + n]
 
+    def run_until(self, token: torch.Tensor, n: int, position: int | None = None, lag: int = 2) -> torch.Tensor:
+        """`run(n)`, stopping early once every row has finished (`stops=True`): after each replay the
+        host copies "all finished" to pinned memory and reads the copy made `lag` replays earlier,
+        so the GPU always has work queued while the host looks, and at most `lag` + 1 steps are made
+        after the last row finished (their tokens are the padding). Returns the tokens made, (B, m)."""
+        if self.finished is None:
+            raise ValueError("run_until needs a graph built with stops=True.")
+        start = self._start(token, n, position)
+        pinned = self.token.device.type == "cuda"
+        flags = torch.zeros(lag + 1, dtype=torch.bool, pin_memory=pinned)
+        events = [torch.cuda.Event() if pinned else None for _ in range(lag + 1)]
+        made = 0
+        while made < n:
+            self.graph.replay()
+            slot = made % (lag + 1)
+            flags[slot].copy_(self.all_finished, non_blocking=True)
+            if pinned:
+                events[slot].record()
+            made += 1
+            if made > lag:  # read the flag of `lag` replays ago, while the ones since run
+                old = (made - 1 - lag) % (lag + 1)
+                if pinned:
+                    events[old].synchronize()
+                if bool(flags[old]):
+                    break
+        return self.history[:, start:start + made]
+
+    def _start(self, token: torch.Tensor, n: int, position: int | None) -> int:
+        if not self.chooses:
+            raise ValueError("run(n) needs the graph to choose the tokens: build it with greedy=True or sampling=...")
+        start = (self.cache.length if position is None else position) + 1
+        if start - 1 + n > self.cache.max_len:
+            raise ValueError(f"{n} steps from position {start - 1} do not fit the cache's {self.cache.max_len}.")
+        self.token.copy_(token)
+        self.ready()
+        return start
+
     def _run(self):
         out = self.step(self.token)
-        if not self.greedy or self.fused:  # the fused step's head finds the argmax and feeds it itself
+        if not self.chooses:
             return out
-        next_ids = out[:, -1].argmax(dim=-1, keepdim=True)
-        self.token.copy_(next_ids)
-        self.history.index_copy_(1, self.cache.cursor.position.view(1), next_ids)
-        return out, next_ids
+        if self.fused and self.greedy:  # the fused head found the argmax (and fed it, without stops)
+            logits, next_ids = out
+        else:
+            logits = out
+            if self.greedy:
+                next_ids = logits[:, -1].argmax(dim=-1, keepdim=True)
+            else:
+                no_history = self.token[:, :0]
+                next_ids = choose_next(logits[:, -1], no_history, self.sampling, self.generator, logprobs=False)[0]
+        if self.finished is not None:  # finished rows get the padding; then note who finishes now
+            next_ids = torch.where(self.finished[:, None], self.pad, next_ids)
+            self.finished |= (next_ids == self.stop_ids).any(dim=1)  # (torch.isin cannot be captured)
+        if not (self.fused and self.greedy and self.finished is None):
+            self.token.copy_(next_ids)
+            self.history.index_copy_(1, self.cache.cursor.position.view(1), next_ids)
+        if self.finished is None:
+            return logits, next_ids
+        return logits, next_ids, self.finished.all()
 
     def _capture(self) -> None:
         # The warm-up runs write the cache and the token, so their state is put back before the capture;
         # they run from position 0, since two steps from the cache's position might pass its end.
-        self.graph, out = capture(self._run, restore=[*self.cache.tensors(), self.token],
-                                  prepare=self.cache.cursor.position.zero_)
-        self.logits, self.next = out if self.greedy else (out, None)
+        restore = [*self.cache.tensors(), self.token] + ([self.finished] if self.finished is not None else [])
+        self.graph, out = capture(self._run, restore=restore, prepare=self.cache.cursor.position.zero_,
+                                  generators=[self.generator] if self.generator is not None else [])
+        if not self.chooses:
+            self.logits = out
+        elif self.finished is None:
+            self.logits, self.next = out
+        else:
+            self.logits, self.next, self.all_finished = out
 
 
 class GraphedPrefill:
@@ -208,7 +307,7 @@ class GraphedPrefill:
         return graph, ids, mask, last, pad, logits
 
 
-def capture(step, warmup: int = 2, restore=(), pool=None, prepare=None):
+def capture(step, warmup: int = 2, restore=(), pool=None, prepare=None, generators=()):
     """Record `step()` (a function of fixed buffers only) as a CUDA graph; returns (graph, output),
     where `output` is the buffer each `graph.replay()` overwrites.
 
@@ -216,7 +315,9 @@ def capture(step, warmup: int = 2, restore=(), pool=None, prepare=None):
     compilation all happen before the capture (none of them may happen inside it). Tensors in
     `restore` get back the values they had before the warm-up. `pool` (torch.cuda.graph_pool_handle())
     lets graphs that never run at the same time share their intermediate memory. `prepare()` runs
-    before each warm-up run (after `restore` is saved), e.g. to put a position where the runs fit."""
+    before each warm-up run (after `restore` is saved), e.g. to put a position where the runs fit.
+    `generators`: the torch.Generators the step draws from, registered with the graph (each replay
+    then draws on from the generator's state, as the same kernels run eagerly would)."""
     saved = [(t, t.clone()) for t in restore]
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -229,9 +330,11 @@ def capture(step, warmup: int = 2, restore=(), pool=None, prepare=None):
     for tensor, copy in saved:
         tensor.copy_(copy)
     graph = torch.cuda.CUDAGraph()
+    for generator in generators:
+        graph.register_generator_state(generator)
     with torch.cuda.graph(graph, pool=pool):
         output = step()
     return graph, output
 
 
-__all__ = ["GraphedPrefill", "GraphedStep", "capture", "graph_unsupported", "use_graph"]
+__all__ = ["STOP_SLOTS", "GraphedPrefill", "GraphedStep", "capture", "graph_unsupported", "use_graph"]

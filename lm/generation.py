@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .cuda_graph import GraphedStep, graph_unsupported, use_graph
+from .cuda_graph import STOP_SLOTS, GraphedStep, graph_unsupported, use_graph
 from .decode_step import LeanStep
 from .kv_cache import KVCache
 from .quantize import for_decoding
@@ -227,7 +227,7 @@ class Decoder:
 
     def __init__(self, model):
         self.model = model
-        self._kept: tuple | None = None  # (key, static cache, graphed step)
+        self._kept: tuple | None = None  # (cache key, static cache, step key, graphed step)
         self.speculative: tuple | None = None  # (key, windows): lm.speculative's graphed caches, on CUDA
         self.busy = threading.Lock()  # held by `model.generate` while it uses the model's own decoder
 
@@ -272,24 +272,35 @@ class Decoder:
         run = Generation(self, prompt, GenerationConfig.build(config, **options), None, logprobs=False)
         return stream_text(run)
 
-    def cache(self, batch_size: int, positions: int, graph: bool, compile: bool, greedy: bool = False):
+    def cache(self, batch_size: int, positions: int, graph: bool, compile: bool, choice=None, stops: bool = False):
         """An empty KV cache for `positions` positions (at most block_size), and the graphed step
-        that decodes with it (None without a graph).
+        that decodes with it (None without a graph): one that chooses the tokens itself when `choice`
+        is "greedy" or a `SamplingConfig` it can draw from, and watches for stop ids with `stops`
+        (see `GraphedStep`).
 
         A graph's static cache is kept for the next call, and reused as long as it is long enough:
         a new one gets the next power of two (at least 64, at most block_size) positions, so calls
         of growing lengths capture a new graph only a few times, and a short generation with a
-        large block_size does not reserve the whole context."""
+        large block_size does not reserve the whole context. A call that chooses otherwise (another
+        temperature, say) gets a new step over the same cache."""
         if not graph:
             return KVCache(self.model, batch_size, max_len=positions), None
         model = self.model
-        key = (batch_size, compile, greedy, tensor_addresses(model))
-        if self._kept is None or self._kept[0] != key or self._kept[1].max_len < positions:
-            self._kept = None  # free the old buffers before taking new ones
+        cache_key = (batch_size, tensor_addresses(model))
+        step_key = (compile, choice, stops)
+        kept = self._kept
+        if kept is None or kept[0] != cache_key or kept[1].max_len < positions:
+            self._kept = kept = None  # free the old buffers before taking new ones
             size = min(model.config.block_size, max(64, 1 << (positions - 1).bit_length()))
             cache = KVCache(model, batch_size, max_len=max(size, positions), static=True)
-            self._kept = (key, cache, GraphedStep(model, cache, compile=compile, greedy=greedy))
-        _, cache, step = self._kept
+        else:
+            cache = kept[1]
+        if kept is None or kept[2] != step_key:
+            self._kept = None
+            greedy, sampling = choice == "greedy", None if choice in (None, "greedy") else choice
+            step = GraphedStep(model, cache, compile=compile, greedy=greedy, sampling=sampling, stops=stops)
+            self._kept = (cache_key, cache, step_key, step)
+        _, cache, _, step = self._kept
         cache.reset()
         return cache, step
 
@@ -382,9 +393,15 @@ class Generation:
         if self.stop_strings and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer to decode the text; pass stop_tokens (ids) instead.")
         self.cache, self.graph, self.cached = None, None, 0  # cached: positions in the cache
-        # plain greedy: the graph also takes the argmax, and `chosen` is its token after a graph step
-        self.greedy = self.sampling.plain_greedy
+        # What a CUDA graph can choose itself (then `chosen` is its token after a graph step): the argmax
+        # (plain greedy), or a draw that needs no history. With stop ids (few enough) it also pads
+        # finished rows and keeps `finished`, so that whole runs of steps need no host read.
+        sampling = self.sampling
+        self.choice = "greedy" if sampling.plain_greedy else sampling if sampling.graphable else None
+        self.graph_stops = self.choice is not None and bool(stop_ids) and len(stop_ids) <= STOP_SLOTS
         self.chosen: torch.Tensor | None = None
+        self.stopped = False  # every row finished within a run of graph steps
+        self.was_finished: torch.Tensor | None = None  # `finished` before a graph step that updates it
         self.cuda_graph = self._use_graph(config.cuda_graph, config.compile)
         # Each row's text as it grows, when something reads it: stop strings, or `stream_text`.
         self.streams: list[TextStream] | None = None
@@ -406,6 +423,23 @@ class Generation:
             raise ValueError(f"compile=True compiles the CUDA-graph decoding step, which is off here "
                              f"({reason or 'cuda_graph=False'}).")
         return graphed
+
+    def _prepare_graph(self) -> None:
+        """Hand the kept graph this generation's stops and seed. Its `finished` becomes this
+        generation's (the eager steps, the prompt's and refills', update the same tensor), and its
+        draws start from `seed`, or without one from a seed drawn from torch's default (CPU)
+        generator, so torch.manual_seed makes them repeatable; the prompt's token is drawn from the
+        same generator, so the draws equal the eager path's with the same seed."""
+        graph = self.graph
+        if graph is None:
+            return
+        if graph.finished is not None:
+            self.finished = graph.watch(self.stop_id_set, self._pad_id())
+        if graph.generator is not None:
+            graph.ready()  # the capture's warm-up draws come before the seed
+            seed = self.config.seed
+            graph.seed(seed if seed is not None else int(torch.randint(0, 2**62, ())))
+            self.generator = graph.generator
 
     # ---- prompt --------------------------------------------------------------------------------
     def _prompt_ids(self, prompt, attention_mask):
@@ -471,8 +505,8 @@ class Generation:
         a refill, or a generation that watches its tokens). On the host each token is one graph
         launch, so the host never holds the GPU back."""
         graph = self.graph
-        if (graph is None or not graph.greedy or self.can_finish or self.streams is not None
-                or self.logprobs is not None):
+        if (graph is None or not graph.chooses or self.streams is not None or self.logprobs is not None
+                or (self.can_finish and graph.finished is None)):
             return 0
         block = self.model.config.block_size
         n = min(left, block - self.cached)  # up to a full cache; the ordinary step then refills it
@@ -480,10 +514,24 @@ class Generation:
             return 0
         L = self.length
         self._make_room(n)
-        self.ids[:, L:L + n] = graph.run(self.ids[:, L - 1:L], n, position=self.cached)
+        if graph.finished is None:
+            made = graph.run(self.ids[:, L - 1:L], n, position=self.cached)
+        else:  # stops soon after every row has finished, reading back a flag some steps behind
+            made = graph.run_until(self.ids[:, L - 1:L], n, position=self.cached)
+        n = made.size(1)
+        self.ids[:, L:L + n] = made
         self.cached += n
+        if graph.finished is not None and bool(self.finished.all()):
+            n = self._until_last_stop(made)
+            self.stopped = True
         self.length = L + n
         return n
+
+    def _until_last_stop(self, made: torch.Tensor) -> int:
+        """How many of the steps `made` (B, m) count, once every row has finished within them: up to
+        the one where the last row made its stop token (the later ones only padded every row)."""
+        stops = self.stop_id_set
+        return max(next((j + 1 for j, t in enumerate(row) if t in stops), 0) for row in made.tolist())
 
     def _logits(self) -> torch.Tensor:
         """Logits (B, 1 or T, V) whose last position scores the next token."""
@@ -495,7 +543,8 @@ class Generation:
         if self.cache is None:  # positions needed: prompt and new tokens, never more than the context
             positions = min(block, self.start + self.config.max_new_tokens)
             self.cache, self.graph = self.decoder.cache(self.ids.size(0), positions, self.cuda_graph,
-                                                        self.config.compile, self.greedy)
+                                                        self.config.compile, self.choice, self.graph_stops)
+            self._prepare_graph()
         if self.cached == 0 or self.cached + 1 > block:  # prefill, or the cache is full: start afresh
             keep = min(L, block) if self.cached == 0 else refill_length(block)
             self.cache.reset()
@@ -506,6 +555,8 @@ class Generation:
             return model(ids, attention_mask=mask, cache=self.cache)[0]
         self.cached += 1
         if self.graph is not None:  # the prompt's padding is in the cache's mask already; new tokens are real
+            if self.logprobs is not None and self.graph.finished is not None:
+                self.was_finished = self.finished.clone()  # the graph updates `finished` within the step
             logits = self.graph(self.ids[:, L - 1:L])
             self.chosen = self.graph.next
             return logits
@@ -527,26 +578,32 @@ class Generation:
                     for _ in range(made):
                         yield step
                         step += 1
+                    if self.stopped:
+                        break
                     continue
                 logits = self._logits()[:, -1, :]
                 L = self.length
-                if self.chosen is not None:  # the graph took the argmax already
+                graph_masked = False  # did the graph pad finished rows and note the stops itself?
+                if self.chosen is not None:  # the graph chose already
                     next_ids, self.chosen = self.chosen, None
                     logp = None if self.logprobs is None else chosen_logprobs(logits, next_ids)
+                    graph_masked = self.graph.finished is not None
                 else:
                     history_mask = None if self.mask is None else self.mask[:, :L]
                     next_ids, logp = choose_next(logits, self.ids[:, :L], self.sampling, self.generator,
                                                  mask=history_mask, logprobs=self.logprobs is not None)
                 next_ids = next_ids.squeeze(1)
-                if self.can_finish:  # finished rows get padding (each masking is one more kernel launch)
+                if self.can_finish and not graph_masked:  # finished rows get padding (one more kernel launch)
                     next_ids = next_ids.masked_fill(self.finished, self._pad_id())
                 self._make_room()
                 self.ids[:, L] = next_ids
                 if logp is not None:
                     logp = logp.squeeze(1)
-                    self.logprobs[:, L - self.start] = logp.masked_fill(self.finished, 0.0) if self.can_finish else logp
+                    if self.can_finish:  # 0 for rows finished before this step
+                        logp = logp.masked_fill(self.was_finished if graph_masked else self.finished, 0.0)
+                    self.logprobs[:, L - self.start] = logp
                 self.length = L + 1
-                if self.stop_ids.numel():
+                if self.stop_ids.numel() and not graph_masked:
                     self.finished |= torch.isin(next_ids, self.stop_ids)
                 if self.streams is not None:
                     self._follow_text(next_ids)

@@ -61,9 +61,20 @@ class SamplingConfig:
                                 f"(0 means off).")
 
     @property
+    def needs_history(self) -> bool:
+        """Whether a penalty is on: they read the tokens each row has made so far."""
+        return self.repetition_penalty != 1.0 or self.no_repeat_ngram_size != 0
+
+    @property
     def plain_greedy(self) -> bool:
         """Greedy with no penalty: the next token is the argmax of the raw logits."""
-        return self.temperature == 0 and self.repetition_penalty == 1.0 and self.no_repeat_ngram_size == 0
+        return self.temperature == 0 and not self.needs_history
+
+    @property
+    def graphable(self) -> bool:
+        """A draw (temperature > 0) with no penalty: fixed kernels on the logits alone, which a CUDA
+        graph can record (`lm.cuda_graph.GraphedStep(sampling=...)`)."""
+        return self.temperature > 0 and not self.needs_history
 
 
 # --- Penalties: they look at the tokens each row has produced so far, previous_ids (B, t). ------------

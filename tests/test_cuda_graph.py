@@ -98,13 +98,13 @@ def test_a_decoder_keeps_the_graph_and_renews_it_when_the_model_moves():
     decoder = lm.Decoder(model)
     prompt = torch.randint(0, 50, (2, 5), device="cuda")
     first = decoder.generate(prompt, max_new_tokens=8, temperature=0)
-    step = decoder._kept[2]
+    step = decoder._kept[-1]
     assert torch.equal(decoder.generate(prompt, max_new_tokens=8, temperature=0), first)
-    assert decoder._kept[2] is step  # same batch size: captured once
+    assert decoder._kept[-1] is step  # same batch size: captured once
     model.double()  # new tensors: the old graph would read freed memory
     assert torch.equal(decoder.generate(prompt, max_new_tokens=8, temperature=0, cuda_graph=False),
                        decoder.generate(prompt, max_new_tokens=8, temperature=0))
-    assert decoder._kept[2] is not step
+    assert decoder._kept[-1] is not step
     assert "_graphed_decoder" not in vars(model)  # the model itself keeps nothing
 
 
@@ -119,12 +119,12 @@ def test_a_decoder_sizes_its_static_cache_to_the_generation_and_reuses_a_longer_
     prompt = torch.randint(0, 50, (1, 5), device="cuda")
     short = decoder.generate(prompt, max_new_tokens=8, temperature=0)
     assert decoder._kept[1].max_len == 64  # 13 positions
-    step = decoder._kept[2]
+    step = decoder._kept[-1]
     long = decoder.generate(prompt, max_new_tokens=100, temperature=0)
-    assert decoder._kept[1].max_len == 128 and decoder._kept[2] is not step
-    step = decoder._kept[2]
+    assert decoder._kept[1].max_len == 128 and decoder._kept[-1] is not step
+    step = decoder._kept[-1]
     assert torch.equal(decoder.generate(prompt, max_new_tokens=8, temperature=0), short)
-    assert decoder._kept[2] is step  # long enough: reused as it is
+    assert decoder._kept[-1] is step  # long enough: reused as it is
     assert torch.equal(long, model.generate(prompt, max_new_tokens=100, temperature=0, cuda_graph=False))
     run = lm.generation.Generation(decoder, prompt, lm.GenerationConfig(max_new_tokens=10**9, temperature=0), None)
     steps = run.steps()
@@ -142,13 +142,13 @@ def test_model_generate_keeps_its_decoder_between_calls():
     model = build("mha").cuda()
     prompt = torch.randint(0, 50, (1, 5), device="cuda")
     first = model.generate(prompt, max_new_tokens=8, temperature=0)
-    step = model.decoder._kept[2]
+    step = model.decoder._kept[-1]
     assert torch.equal(model.generate(prompt, max_new_tokens=8, temperature=0), first)
-    assert model.decoder._kept[2] is step  # replayed, not captured again
+    assert model.decoder._kept[-1] is step  # replayed, not captured again
     assert "_decoder" not in vars(copy.deepcopy(model))  # a copy's tensors are its own
     with model.decoder.busy:  # another thread's call is running: this one gets a decoder of its own
         assert torch.equal(model.generate(prompt, max_new_tokens=8, temperature=0), first)
-    assert model.decoder._kept[2] is step
+    assert model.decoder._kept[-1] is step
     model.decoder.release()
     assert model.decoder._kept is None
 

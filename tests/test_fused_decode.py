@@ -172,7 +172,13 @@ def test_fused_greedy_generation_gives_the_eager_ids_and_logprobs(name):
     torch.testing.assert_close(fused_lp, eager_lp, rtol=1e-4, atol=1e-4)
     decoder = lm.Decoder(model)
     decoder.generate(prompt, max_new_tokens=4, temperature=0)
-    assert decoder._kept[2].fused and decoder._kept[2].greedy  # the argmax is in the graph
+    assert decoder._kept[-1].fused and decoder._kept[-1].greedy  # the argmax is in the graph
+    sampled = [model.generate(prompt, max_new_tokens=30, temperature=0.9, top_k=20, seed=4, stop_tokens=[7],
+                              cuda_graph=graph) for graph in (False, True)]
+    assert torch.equal(*sampled)
+    decoder.generate(prompt, max_new_tokens=4, temperature=0.9, stop_tokens=[7])
+    step = decoder._kept[-1]  # the fused step, then the draw and the stops in the same graph
+    assert step.fused and step.sampling.top_k is None and step.finished is not None
 
 
 @cuda
