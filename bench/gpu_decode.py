@@ -23,32 +23,39 @@ graph, and compiles for "lm compiled").
     transformers         GPT2LMHeadModel.generate with its dynamic cache (sdpa attention)
     lm, sampled          what a chat asks for: temperature 0.8, top_k 50, stopping at <|endoftext|>
                          (seeded draws that never make it, so n tokens are made); the graph draws
-                         each token and pads rows that have finished, and the host reads back
-                         whether all have, a few steps behind (lm.cuda_graph.GraphedStep.run_until)
-    lm, sampled, eager   the same with cuda_graph=False
+                         each token (the Gumbel-max kernels of lm.fused_sampling) and pads rows that
+                         have finished, and the host reads back whether all have, a few steps
+                         behind (lm.cuda_graph.GraphedStep.run_until)
+    lm, sampled, eager   the same with cuda_graph=False (the same kernels draw, launched from Python)
     transformers, sampled
                          generate(do_sample=True, temperature=0.8, top_k=50, eos_token_id=<|endoftext|>)
 
     python bench/gpu_decode.py --batch 1 2 64 --new 200 --out lm/assets/gpu_decode.json
 
-Measured on one H200 (torch 2.11, Triton 3.6; 2026-12-04, after the draw and the stops went into
-the graph), tokens/s, the best of three calls, stored in lm/assets/gpu_decode.json:
+Measured on one H200 (torch 2.11, Triton 3.6; 2026-12-04, after the draw went into the graph as
+lm.fused_sampling's Gumbel-max kernels), tokens/s, the best of three calls, stored in
+lm/assets/gpu_decode.json:
 
                               batch 1   batch 2   batch 64
-    lm                          3,680     6,203     61,881   (fused step at batch 1 and 2)
-    lm, no PDL                  3,192     5,438     61,674
-    lm, one attention program   3,589     6,233     61,732   (a 16-token prompt: the split matters later)
-    lm compiled                 1,959     3,830     76,808
-    lm eager                      365       568     27,007   (one-token steps through LeanStep)
-    lm, model.generate          3,736     6,295     61,874
-    lm, a new Decoder each call 2,831     4,457     57,232
-    transformers                  221       398     12,250
-    lm, sampled                 2,278     3,968     49,904
-    lm, sampled, eager            290       658     15,360
-    transformers, sampled         175       396      9,565
+    lm                          3,700     6,219     62,135   (fused step at batch 1 and 2)
+    lm, no PDL                  3,177     5,431     62,072
+    lm, one attention program   3,586     6,216     62,201   (a 16-token prompt: the split matters later)
+    lm compiled                 1,968     3,855     77,193
+    lm eager                      293       867     25,513   (one-token steps through LeanStep)
+    lm, model.generate          3,676     6,400     62,099
+    lm, a new Decoder each call 2,783     5,050     54,081
+    transformers                  217       413      7,492
+    lm, sampled                 2,859     4,998     53,816
+    lm, sampled, eager            306       553     12,307
+    transformers, sampled         115       262      5,767
 
-Before the draw and the stop check went into the graph (the same day, a probe script timing lm.Decoder.generate on the same model and settings),
-"lm, sampled" made 1,526 tokens/s at batch 1 and greedy with a stop token 2,986 (3,356 after).
+transformers' rows vary between machines of the same kind (an earlier run the same day: 221 / 398 /
+12,250 greedy, 175 / 396 / 9,565 sampled). "lm, sampled" at batch 1 was 1,526 tokens/s with the
+draw and the stop check in Python after each replay (a probe script timing lm.Decoder.generate,
+same settings), and 2,278 with torch.multinomial's kernels in the graph (this bench, earlier the
+same day). In the probe, plain sampling at temperature 0.8 now makes 3,746 tokens/s, greedy's
+speed, and greedy with a stop token 3,561 (2,986 before).
+
 Without PDL and the prompt's graph (2026-12-03) the default made 2,833 tokens/s at batch 1. In
 another run the same day, with PDL on and off in turn (a script toggling lm.fused_decode.PDL, same model): 3,530 / 3,504
 against 3,096 / 3,067 tokens/s at batch 1, 6,116 / 6,120 against 5,306 / 5,303 at batch 2, the

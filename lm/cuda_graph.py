@@ -32,7 +32,9 @@ from __future__ import annotations
 import torch
 
 from .kv_cache import StaticCache
-from .sampling import SamplingConfig, choose_next
+from . import fused_sampling
+from .fused_sampling import Draw
+from .sampling import SamplingConfig, choose_next, process_logits
 
 
 def graph_unsupported(model) -> str | None:
@@ -52,6 +54,20 @@ def use_graph(cuda_graph: bool | None, reason: str | None) -> bool:
     if cuda_graph and reason is not None:
         raise ValueError(f"cuda_graph=True: {reason}; pass cuda_graph=None to choose automatically.")
     return reason is None if cuda_graph is None else cuda_graph
+
+
+def draw_input(logits: torch.Tensor, sampling: SamplingConfig, previous_ids: torch.Tensor | None = None,
+               mask: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    """What `Draw` draws from for (B, V) logits under `sampling` (temperature > 0), and at which
+    temperature: the raw logits at the sampling temperature when nothing else is on, else the
+    processed logits (`process_logits`: penalties, given each row's history `previous_ids`;
+    temperature; filters, as -inf) at temperature 1."""
+    if (sampling.top_k is None and sampling.top_p is None and sampling.min_p is None
+            and not sampling.needs_history):
+        return logits, sampling.temperature
+    if previous_ids is None:
+        previous_ids = logits.new_zeros(logits.size(0), 0, dtype=torch.long)
+    return process_logits(logits, previous_ids, sampling, mask), 1.0
 
 
 STOP_SLOTS = 16  # stop token ids a graph watching for stops holds (more: generation watches them itself)
@@ -98,14 +114,17 @@ class GraphedStep:
         self.token = torch.zeros(B, 1, dtype=torch.long, device=device)
         # the token chosen after each position p, at p + 1 (position max_len is the last)
         self.history = torch.zeros(B, cache.max_len + 1, dtype=torch.long, device=device) if chooses else None
-        self.generator = torch.Generator(device=device) if sampling is not None else None
+        # the draw: Triton's Gumbel-max kernels where they run (lm.fused_sampling), else choose_next's own
+        self.draw = Draw(B, device) if sampling is not None and fused_sampling.usable(device) else None
+        self.generator = torch.Generator(device=device) if sampling is not None and self.draw is None else None
         self.finished = torch.zeros(B, dtype=torch.bool, device=device) if stops else None
         self.stop_ids = torch.full((STOP_SLOTS,), -1, dtype=torch.long, device=device) if stops else None
         self.pad = torch.zeros((), dtype=torch.long, device=device) if stops else None
         self.fused = not compile and FusedStep.unsupported(model, cache) is None
-        if self.fused:
-            feeds = greedy and not stops  # the fused head writes its argmax into token and history itself
-            step = FusedStep(model, cache, greedy=greedy, feed=(self.token, self.history) if feeds else None)
+        if self.fused:  # greedy: the fused head writes its argmax into token and history, and watches the stops
+            watch = (self.finished, self.stop_ids, self.pad) if stops else None
+            step = FusedStep(model, cache, greedy=greedy, feed=(self.token, self.history) if greedy else None,
+                             watch=watch if greedy else None)
         else:
             def step(token):
                 return model(token, cache=cache)[0]
@@ -132,9 +151,13 @@ class GraphedStep:
             self._capture()
 
     def seed(self, seed: int) -> None:
-        """Start the sampling graph's draws from `seed` (the draws then equal `choose_next`'s with a
-        generator seeded so, given the same logits)."""
-        self.generator.manual_seed(seed)
+        """Start the sampling graph's draws from `seed`: they then equal those of the same `draw`
+        (or `choose_next` with a generator seeded so, where Triton does not run) outside the graph,
+        given the same logits."""
+        if self.draw is not None:
+            self.draw.reseed(seed)
+        else:
+            self.generator.manual_seed(seed)
 
     def watch(self, stop_ids, pad: int) -> torch.Tensor:
         """Stop ids (at most STOP_SLOTS) and the padding id for the next generation; every row starts
@@ -200,29 +223,34 @@ class GraphedStep:
         out = self.step(self.token)
         if not self.chooses:
             return out
-        if self.fused and self.greedy:  # the fused head found the argmax (and fed it, without stops)
+        watch = None if self.finished is None else (self.finished, self.stop_ids, self.pad)
+        if self.fused and self.greedy:  # the fused head found the argmax, fed it and watched the stops
             logits, next_ids = out
-        else:
+        elif self.draw is not None:  # the draw's second kernel pads, watches and feeds the choice itself
+            logits = out
+            x, temperature = draw_input(logits[:, -1], self.sampling)
+            next_ids = self.draw(x, temperature, feed=(self.token, self.history, self.cache.cursor.position),
+                                 watch=watch)
+        else:  # the module step's argmax, or choose_next's draw (where Triton does not run), in torch ops
             logits = out
             if self.greedy:
                 next_ids = logits[:, -1].argmax(dim=-1, keepdim=True)
             else:
                 no_history = self.token[:, :0]
                 next_ids = choose_next(logits[:, -1], no_history, self.sampling, self.generator, logprobs=False)[0]
-        if self.finished is not None:  # finished rows get the padding; then note who finishes now
-            next_ids = torch.where(self.finished[:, None], self.pad, next_ids)
-            self.finished |= (next_ids == self.stop_ids).any(dim=1)  # (torch.isin cannot be captured)
-        if not (self.fused and self.greedy and self.finished is None):
+            if watch is not None:  # finished rows get the padding; then note who finishes now
+                next_ids = torch.where(self.finished[:, None], self.pad, next_ids)
+                self.finished |= (next_ids == self.stop_ids).any(dim=1)  # (torch.isin cannot be captured)
             self.token.copy_(next_ids)
             self.history.index_copy_(1, self.cache.cursor.position.view(1), next_ids)
-        if self.finished is None:
-            return logits, next_ids
-        return logits, next_ids, self.finished.all()
+        return (logits, next_ids) if watch is None else (logits, next_ids, self.finished.all())
 
     def _capture(self) -> None:
         # The warm-up runs write the cache and the token, so their state is put back before the capture;
         # they run from position 0, since two steps from the cache's position might pass its end.
         restore = [*self.cache.tensors(), self.token] + ([self.finished] if self.finished is not None else [])
+        if self.draw is not None:
+            restore += [self.draw.seed, self.draw.count]
         self.graph, out = capture(self._run, restore=restore, prepare=self.cache.cursor.position.zero_,
                                   generators=[self.generator] if self.generator is not None else [])
         if not self.chooses:
@@ -337,4 +365,4 @@ def capture(step, warmup: int = 2, restore=(), pool=None, prepare=None, generato
     return graph, output
 
 
-__all__ = ["STOP_SLOTS", "GraphedPrefill", "GraphedStep", "capture", "graph_unsupported", "use_graph"]
+__all__ = ["STOP_SLOTS", "GraphedPrefill", "GraphedStep", "capture", "draw_input", "graph_unsupported", "use_graph"]

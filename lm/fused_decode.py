@@ -114,6 +114,35 @@ def unpack_argmax_kernel(AMAX, NEXT, TOKEN, HISTORY, POS, stride_t, stride_h, FE
         tl.store(HISTORY + b * stride_h + tl.load(POS), col)
 
 
+def chosen_kernel(AMAX, NEXT, TOKEN, HISTORY, POS, stride_t, stride_h, COUNT, FINISHED, STOPS, PAD,
+                  FEED: tl.constexpr, WATCH: tl.constexpr, N_STOPS: tl.constexpr, COUNTS: tl.constexpr,
+                  PDL: tl.constexpr):
+    """`unpack_argmax_kernel` that also watches for stops, for the fused greedy head and for the
+    draws of `lm.fused_sampling`. Row `program_id(0)`: NEXT = the column packed in AMAX (then reset
+    for the next draw); WATCH: the padding id PAD if the row had finished, and FINISHED notes a
+    stop id among STOPS (-1: an empty slot); FEED: also TOKEN (the next step's input) and HISTORY at
+    the cache's position. COUNTS: row 0 counts the draw (COUNT)."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    b = tl.program_id(0)
+    col = 4294967295 - (tl.load(AMAX + b) & 4294967295)
+    tl.store(AMAX + b, -9223372036854775807)  # below every packed value: ready for the next draw
+    if WATCH:
+        done = tl.load(FINISHED + b) != 0
+        col = tl.where(done, tl.load(PAD), col)
+        stops = tl.load(STOPS + tl.arange(0, N_STOPS))
+        hit = tl.sum((stops == col).to(tl.int32), axis=0) > 0
+        tl.store(FINISHED + b, (done | hit).to(tl.int1))
+    tl.store(NEXT + b, col)
+    if FEED:
+        tl.store(TOKEN + b * stride_t, col)
+        tl.store(HISTORY + b * stride_h + tl.load(POS), col)
+    if COUNTS:
+        if b == 0:
+            tl.store(COUNT, tl.load(COUNT) + 1)
+
+
 def norm_linear_kernel(
     X, stride_x, W, W2, BIAS, BIAS2, NW, NB, R, stride_r, Y, stride_y,
     KC, VC, POS, stride_cb, stride_ch, stride_cs, AMAX,
@@ -326,6 +355,7 @@ if triton is not None:
     _decode_attention_kernel = triton.jit(decode_attention_kernel)
     _embed_kernel = triton.jit(embed_kernel)
     _unpack_argmax_kernel = triton.jit(unpack_argmax_kernel)
+    _chosen_kernel = triton.jit(chosen_kernel)
 
 
 def use_pdl(device) -> bool:
@@ -492,6 +522,21 @@ def unpack_argmax(argmax: torch.Tensor, feed=None) -> torch.Tensor:
     return out
 
 
+def pick(amax: torch.Tensor, out: torch.Tensor, feed=None, watch=None, count: torch.Tensor | None = None):
+    """`chosen_kernel`: out (B, 1) = the columns packed in amax (B,), which is reset; `feed` and
+    `watch` as `lm.fused_sampling.Draw` takes them; `count` (0-d), if given, goes up by one."""
+    B = amax.numel()
+    token, history, position = feed if feed is not None else (out, out, amax)
+    finished, stops, pad = watch if watch is not None else (out, out, amax)
+    n_stops = stops.numel() if watch is not None else 1
+    if n_stops & (n_stops - 1):
+        raise ValueError(f"stop_ids holds {n_stops} slots; give a power of two (fill with -1).")
+    _chosen_kernel[(B,)](amax, out, token, history, position, token.stride(0), history.stride(0),
+                         amax if count is None else count, finished, stops, pad, FEED=feed is not None,
+                         WATCH=watch is not None, N_STOPS=n_stops, COUNTS=count is not None, **_pdl(amax.device))
+    return out
+
+
 _NORMS = (LayerNorm, nn.LayerNorm, RMSNorm)
 _ACTIVATIONS = {MLP: GELU, TanhMLP: GELU_TANH, SwiGLU: SWIGLU}  # the feed-forwards it knows, and their kernel
 
@@ -502,13 +547,15 @@ class FusedStep:
     `greedy=True`: the head kernel also finds each row's largest logit, and the step returns
     (logits, next (B, 1)), the same token torch.argmax would choose, without an argmax kernel.
     `feed=(token, history)`: greedy steps also write their choice into `token` (B, 1), the next
-    step's input, and into `history` (B, max_len + 1) at the position it takes in the cache."""
+    step's input, and into `history` (B, max_len + 1) at the position it takes in the cache.
+    `watch=(finished, stop_ids, pad)`: and a row that has finished gets the padding id, and is marked
+    when it makes a stop id (`pick`, in the same one kernel)."""
 
-    def __init__(self, model, cache, greedy: bool = False, feed=None):
+    def __init__(self, model, cache, greedy: bool = False, feed=None, watch=None):
         reason = self.unsupported(model, cache)
         if reason is not None:
             raise ValueError(f"FusedStep cannot run this model: {reason}.")
-        self.model, self.cache, self.greedy, self.feed = model, cache, greedy, feed
+        self.model, self.cache, self.greedy, self.feed, self.watch = model, cache, greedy, feed, watch
         config = model.config
         self.H, self.H_kv, self.D = config.n_head, config.kv_heads, config.head_dim
         pos = model.pos_emb
@@ -517,6 +564,7 @@ class FusedStep:
             if type(pos) is SinusoidalPositionEmbedding else None
         self.own_embed = pos is not None and self.pos_table is None
         self.argmax = torch.empty(cache.batch_size, dtype=torch.long, device=cache.cursor.position.device)
+        self.chosen = torch.empty(cache.batch_size, 1, dtype=torch.long, device=self.argmax.device)
         self.attention = attention_config(self.D, cache.max_len)  # one scratch for every layer: they run in turn
         self.scratch = attention_scratch(cache.batch_size, self.H, self.D, self.attention["SPLITS"], self.argmax.device)
 
@@ -593,8 +641,10 @@ class FusedStep:
         if not self.greedy:
             return logits.view(B, 1, -1)
         feed = None if self.feed is None else (*self.feed, position)
+        if self.watch is not None:
+            return logits.view(B, 1, -1), pick(self.argmax, self.chosen, feed, self.watch)
         return logits.view(B, 1, -1), unpack_argmax(self.argmax, feed)
 
 
 __all__ = ["FusedStep", "MAX_ROWS", "SPLIT_KEYS", "attention_config", "attention_scratch", "decode_attention", "embed",
-           "launch_config", "norm_linear", "unpack_argmax"]
+           "launch_config", "norm_linear", "pick", "unpack_argmax"]

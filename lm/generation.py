@@ -33,11 +33,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .cuda_graph import STOP_SLOTS, GraphedStep, graph_unsupported, use_graph
+from . import fused_sampling
+from .cuda_graph import STOP_SLOTS, GraphedStep, draw_input, graph_unsupported, use_graph
+from .fused_sampling import Draw
 from .decode_step import LeanStep
 from .kv_cache import KVCache
 from .quantize import for_decoding
-from .sampling import SamplingConfig, SamplingError, choose_next, chosen_logprobs
+from .sampling import SamplingConfig, SamplingError, check_a_token_is_left, choose_next, chosen_logprobs
 
 
 FIRST_ROOM = 1024  # new tokens the buffers of a generation hold before they first grow
@@ -382,6 +384,13 @@ class Generation:
         self.finished = torch.zeros(B, dtype=torch.bool, device=device)
         seed = config.seed
         self.generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+        self.seed: int | None = None  # the draws' seed on a GPU (`_draw_seed`)
+        # On a GPU, draws run as Triton's Gumbel-max kernels (lm.fused_sampling), the same with a graph
+        # or without; the graph brings its own `Draw` (see `_prepare_graph`).
+        self.draw = None
+        if self.sampling.temperature > 0 and device.type == "cuda" and fused_sampling.usable(device):
+            self.draw = Draw(B, device)
+            self.draw.reseed(self._draw_seed())
         stop_ids = set(stop_token_ids(config.stop_tokens, self.tokenizer))
         eos = getattr(self.tokenizer, "eos_id", None)
         if self.kind != "ids" and config.stop_at_eos and eos is not None:
@@ -435,11 +444,18 @@ class Generation:
             return
         if graph.finished is not None:
             self.finished = graph.watch(self.stop_id_set, self._pad_id())
-        if graph.generator is not None:
+        if graph.sampling is not None:
             graph.ready()  # the capture's warm-up draws come before the seed
+            graph.seed(self._draw_seed())
+            self.generator, self.draw = graph.generator, graph.draw
+
+    def _draw_seed(self) -> int:
+        """The seed of this generation's draws on a GPU: `seed`, or without one a seed drawn once from
+        torch's default CPU generator (so torch.manual_seed makes the draws repeatable)."""
+        if self.seed is None:
             seed = self.config.seed
-            graph.seed(seed if seed is not None else int(torch.randint(0, 2**62, ())))
-            self.generator = graph.generator
+            self.seed = seed if seed is not None else int(torch.randint(0, 2**62, ()))
+        return self.seed
 
     # ---- prompt --------------------------------------------------------------------------------
     def _prompt_ids(self, prompt, attention_mask):
@@ -590,8 +606,14 @@ class Generation:
                     graph_masked = self.graph.finished is not None
                 else:
                     history_mask = None if self.mask is None else self.mask[:, :L]
-                    next_ids, logp = choose_next(logits, self.ids[:, :L], self.sampling, self.generator,
-                                                 mask=history_mask, logprobs=self.logprobs is not None)
+                    if self.draw is not None:  # on a GPU: the Gumbel-max kernels, as the graph draws
+                        x, temperature = draw_input(logits, self.sampling, self.ids[:, :L], history_mask)
+                        check_a_token_is_left(x, self.sampling)
+                        next_ids = self.draw(x, temperature)
+                        logp = None if self.logprobs is None else chosen_logprobs(logits, next_ids)
+                    else:
+                        next_ids, logp = choose_next(logits, self.ids[:, :L], self.sampling, self.generator,
+                                                     mask=history_mask, logprobs=self.logprobs is not None)
                 next_ids = next_ids.squeeze(1)
                 if self.can_finish and not graph_masked:  # finished rows get padding (one more kernel launch)
                     next_ids = next_ids.masked_fill(self.finished, self._pad_id())

@@ -199,7 +199,7 @@ def process_logits(
     return logits
 
 
-def _check_a_token_is_left(processed: torch.Tensor, config: SamplingConfig) -> None:
+def check_a_token_is_left(processed: torch.Tensor, config: SamplingConfig) -> None:
     """Raise a SamplingError if some row of the processed (B, V) logits bans every token (all -inf).
 
     Such a row has no distribution to draw from (its softmax is NaN) and no meaningful argmax.
@@ -246,7 +246,7 @@ def choose_next(
         next_ids = logits.argmax(dim=-1, keepdim=True)
     else:
         processed = process_logits(logits, previous_ids, config, mask)
-        _check_a_token_is_left(processed, config)
+        check_a_token_is_left(processed, config)
         if config.temperature == 0:
             next_ids = processed.argmax(dim=-1, keepdim=True)
         else:

@@ -196,3 +196,72 @@ def test_run_makes_greedy_steps_with_replays_only(name):
         assert torch.equal(step.run(eager[:, 25:26], 9), eager[:, 26:35])  # the position read from the device
         with pytest.raises(ValueError, match="do not fit"):
             step.run(eager[:, 34:35], 10)
+
+
+# ---- the draw: Gumbel-max in two Triton kernels (lm.fused_sampling) ---------------------------------
+def chi_square(samples: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
+    """Pearson's statistic of `samples` (ids) against `probs`, the classes expected fewer than 5
+    times pooled into one; and its degrees of freedom."""
+    n = samples.numel()
+    counts = torch.bincount(samples.flatten().cpu(), minlength=probs.numel()).double()
+    expected = probs.double().cpu() * n
+    big = expected >= 5
+    observed = torch.cat([counts[big], counts[~big].sum().view(1)])
+    wanted = torch.cat([expected[big], expected[~big].sum().view(1)])
+    keep = wanted > 0
+    stat = float(((observed[keep] - wanted[keep]) ** 2 / wanted[keep]).sum())
+    return stat, int(keep.sum()) - 1
+
+
+@cuda
+def test_the_draw_follows_the_softmax_at_the_temperature():
+    """20,480 draws from one (1000-class) row of logits at temperature 0.7 fit softmax(logits / 0.7)
+    (chi-square within 6 standard deviations of its mean), and clearly do not fit temperature 1."""
+    from lm.fused_sampling import Draw
+
+    torch.manual_seed(0)
+    logits = torch.randn(1000, device="cuda") * 2
+    rows = 2048
+    draw = Draw(rows, "cuda")
+    draw.reseed(1)
+    samples = torch.cat([draw(logits.expand(rows, -1), 0.7).clone() for _ in range(10)])
+    stat, df = chi_square(samples, torch.softmax(logits / 0.7, dim=0))
+    assert stat < df + 6 * (2 * df) ** 0.5
+    wrong, df = chi_square(samples, torch.softmax(logits, dim=0))
+    assert wrong > df + 20 * (2 * df) ** 0.5
+    assert int(draw.count) == 10  # each draw counted
+
+
+@cuda
+def test_the_draw_is_seeded_filtered_and_feeds_and_watches_rows():
+    from lm.fused_sampling import Draw
+
+    torch.manual_seed(0)
+    B, V = 3, 5000
+    logits = torch.randn(B, V, device="cuda", dtype=torch.bfloat16)
+    draw = Draw(B, "cuda")
+    runs = []
+    for _ in range(2):  # the same seed, the same draws; the draws after it differ
+        draw.reseed(7)
+        runs.append(torch.cat([draw(logits, 1.0).clone() for _ in range(4)], dim=1))
+    assert torch.equal(runs[0], runs[1])
+    assert len({tuple(column.tolist()) for column in runs[0].T}) > 1
+    same = logits[:1].expand(64, -1)  # identical rows draw apart (the noise is per row)
+    assert Draw(64, "cuda")(same, 1.0).unique().numel() > 1
+    kept = torch.full((B, V), float("-inf"), device="cuda")
+    kept[:, 10:13] = 0.0  # only three columns left: the draw never leaves them
+    picks = torch.cat([draw(kept, 2.0).clone() for _ in range(50)])
+    assert ((picks >= 10) & (picks < 13)).all() and picks.unique().numel() == 3
+    # feed and watch: row 1 has finished (gets the padding 99); row 0 draws a stop id, row 2 not
+    token = torch.zeros(B, 1, dtype=torch.long, device="cuda")
+    history = torch.zeros(B, 8, dtype=torch.long, device="cuda")
+    position = torch.tensor(5, device="cuda")
+    finished = torch.tensor([False, True, False], device="cuda")
+    only = torch.full((B, V), float("-inf"), device="cuda")
+    only[0, 42], only[1, 43], only[2, 44] = 0.0, 0.0, 0.0
+    stops = torch.tensor([42, 43, -1, -1], device="cuda")
+    out = draw(only, 1.0, feed=(token, history, position), watch=(finished, stops, torch.tensor(99, device="cuda")))
+    assert out.flatten().tolist() == [42, 99, 44] and token.flatten().tolist() == [42, 99, 44]
+    assert history[:, 5].tolist() == [42, 99, 44] and finished.tolist() == [True, True, False]
+    with pytest.raises(ValueError, match="power of two"):
+        draw(only, 1.0, watch=(finished, stops[:3], torch.tensor(99, device="cuda")))

@@ -1,0 +1,107 @@
+"""Drawing the next token on a GPU in two small Triton kernels: the Gumbel-max trick.
+
+`torch.multinomial(softmax(x / T), 1)` at batch 1 on an H200 is about 66 us inside a CUDA graph:
+a softmax over one row of 50,304 logits, checks of the probabilities, exponential noise, a division
+and an argmax, each a kernel that runs a single row on one or two of the GPU's 132 SMs. The same
+draw is an argmax: for independent Gumbel noise g_v = -log(-log(u_v)), u_v uniform in (0, 1),
+
+    argmax_v (x_v / T + g_v)   is distributed as   softmax(x / T)
+
+(the Gumbel-max trick), and needs no softmax at all. So:
+
+1. `draw_kernel`: program (row, block of columns) adds the noise to its block of x / T and folds
+   the largest score and its column into one int64 per row with an atomic max (the same packing
+   as the fused head's argmax, `lm.fused_decode._pack_argmax`: ties go to the first column);
+2. `lm.fused_decode.chosen_kernel` (`pick`): one program per row unpacks the column, resets the
+   packed maximum for the next draw, gives a row that has finished the padding id and notes whether
+   the row has just made one of the stop ids, stores the token where the next step reads it and in
+   the history, and moves the draw count on.
+
+The noise comes from Philox (Triton's `tl.rand`), keyed by `seed + count`, the count of draws made
+since `Draw.reseed`, at offset row * V + column: a seeded generation draws the same tokens each
+time, with the graph and without it, as long as the logits are the same. These draws are not
+`torch.multinomial`'s (on a CPU generation keeps that); they follow the same distribution, which
+tests/test_fused_decode.py checks with a chi-square test. Filters (top-k, top-p, min-p) and
+penalties are applied to x first (`lm.sampling.process_logits`), as -inf, which the draw never picks.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .fused_decode import _pdl, pick, triton
+
+if triton is not None:
+    import triton.language as tl
+
+LOWEST = -9223372036854775807  # below every packed (score, column)
+BLOCK = 1024  # columns per program of the draw: 50 programs for GPT-2's 50,304
+
+
+def draw_kernel(X, stride_x, N, inv_temperature, SEED, COUNT, AMAX, BN: tl.constexpr, PDL: tl.constexpr):
+    """Row `program_id(0)`, columns of block `program_id(1)`: score = X * inv_temperature + Gumbel
+    noise; the largest score of the block and its column go into AMAX[row] (atomic max of packed)."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    ok = cols < N
+    x = tl.load(X + row * stride_x + cols, mask=ok, other=float("-inf")).to(tl.float32)
+    key = tl.load(SEED) + tl.load(COUNT)  # each draw its own Philox key
+    u = tl.rand(key, row * N + cols)  # in [0, 1): u = 0 gives -inf, never chosen
+    score = x * inv_temperature - tl.log(-tl.log(u))
+    packed = tl.where(ok, _pack_argmax(score, cols), -9223372036854775807)  # LOWEST
+    tl.atomic_max(AMAX + row, tl.max(packed, axis=0))
+
+
+if triton is not None:
+    from .fused_decode import _pack_argmax  # the jitted packing, called from inside draw_kernel
+
+    _draw_kernel = triton.jit(draw_kernel)
+
+
+def usable(device: torch.device) -> bool:
+    """Whether draws on `device` can run these kernels: CUDA with Triton (or Triton's interpreter)."""
+    return triton is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+class Draw:
+    """The state of a generation's draws on a GPU: the seed and the count of draws made (0-d device
+    tensors, so that a CUDA graph reads them where they are), and the packed maximum per row.
+
+        draw = Draw(batch_size, device)
+        draw.reseed(1234)
+        next_ids = draw(logits, temperature=0.8)           # (B, 1): a draw from softmax(logits / 0.8)
+
+    `feed=(token, history, position)` also stores each choice in `token` (B, 1) and in `history`
+    (B, S) at `position` (a 0-d device tensor); `watch=(finished, stop_ids, pad)` gives rows already
+    `finished` (B,) bool the padding id `pad` (0-d), and marks the rows whose choice is one of
+    `stop_ids` (a 1-d tensor of a power-of-two length, -1 in unused slots). Nothing waits for the GPU."""
+
+    def __init__(self, batch_size: int, device):
+        device = torch.device(device)
+        self.seed = torch.zeros((), dtype=torch.long, device=device)
+        self.count = torch.zeros((), dtype=torch.long, device=device)
+        self.amax = torch.full((batch_size,), LOWEST, dtype=torch.long, device=device)
+        self.next = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+
+    def reseed(self, seed: int) -> None:
+        """Start the draws afresh from `seed` (an integer of up to 63 bits)."""
+        self.seed.fill_(seed)
+        self.count.zero_()
+
+    def __call__(self, logits: torch.Tensor, temperature: float = 1.0, feed=None, watch=None) -> torch.Tensor:
+        B, N = logits.shape
+        if B != self.amax.numel():
+            raise ValueError(f"this Draw was made for {self.amax.numel()} rows, got logits of {B}.")
+        if logits.stride(1) != 1:
+            logits = logits.contiguous()
+        _draw_kernel[(B, triton.cdiv(N, BLOCK))](logits, logits.stride(0), N, 1.0 / temperature, self.seed,
+                                                self.count, self.amax, BN=BLOCK, **_pdl(logits.device))
+        return pick(self.amax, self.next, feed, watch, self.count)
+
+
+__all__ = ["Draw", "draw_kernel", "usable"]
