@@ -84,10 +84,11 @@ class GraphedStep:
 
     The graph can also choose the next token, with no kernel launched for it from Python:
     `greedy=True` records the argmax of the logits, `sampling=SamplingConfig(...)` a draw (temperature,
-    top_k, top_p, min_p: the settings that need no history; `choose_next`'s kernels, drawing from
-    `generator`, which `seed` sets). `next` (B, 1) then holds the choice after each call; the graph
-    also feeds it back as the next step's token and stores it in `history` at its position in the
-    cache, so that `run(n)` makes n steps with nothing but n replays (see `run`).
+    top_k, top_p, min_p: the settings that need no history), made by `draw`, the Gumbel-max kernels
+    of `lm.fused_sampling` (where Triton does not run, `choose_next`'s torch ops drawing from
+    `generator`); `seed` starts the draws. `next` (B, 1) then holds the choice after each call; the
+    graph also feeds it back as the next step's token and stores it in `history` at its position in
+    the cache, so that `run(n)` makes n steps with nothing but n replays (see `run`).
 
     `stops=True` (with a choice) also keeps, in the graph, which rows have finished: a row's choice
     after it made one of the ids given to `watch` is the padding id, and `finished` (B,) marks the

@@ -27,8 +27,6 @@ penalties are applied to x first (`lm.sampling.process_logits`), as -inf, which 
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .fused_decode import _pdl, pick, triton
@@ -64,8 +62,9 @@ if triton is not None:
 
 
 def usable(device: torch.device) -> bool:
-    """Whether draws on `device` can run these kernels: CUDA with Triton (or Triton's interpreter)."""
-    return triton is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+    """Whether generation on `device` draws with these kernels: on CUDA, with Triton (which PyTorch's
+    CUDA wheels bring)."""
+    return triton is not None and torch.device(device).type == "cuda"
 
 
 class Draw:

@@ -384,11 +384,11 @@ class Generation:
         self.finished = torch.zeros(B, dtype=torch.bool, device=device)
         seed = config.seed
         self.generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-        self.seed: int | None = None  # the draws' seed on a GPU (`_draw_seed`)
+        self.draw_seed: int | None = None  # the draws' seed on a GPU (`_draw_seed`)
         # On a GPU, draws run as Triton's Gumbel-max kernels (lm.fused_sampling), the same with a graph
         # or without; the graph brings its own `Draw` (see `_prepare_graph`).
         self.draw = None
-        if self.sampling.temperature > 0 and device.type == "cuda" and fused_sampling.usable(device):
+        if self.sampling.temperature > 0 and fused_sampling.usable(device):
             self.draw = Draw(B, device)
             self.draw.reseed(self._draw_seed())
         stop_ids = set(stop_token_ids(config.stop_tokens, self.tokenizer))
@@ -452,10 +452,10 @@ class Generation:
     def _draw_seed(self) -> int:
         """The seed of this generation's draws on a GPU: `seed`, or without one a seed drawn once from
         torch's default CPU generator (so torch.manual_seed makes the draws repeatable)."""
-        if self.seed is None:
+        if self.draw_seed is None:
             seed = self.config.seed
-            self.seed = seed if seed is not None else int(torch.randint(0, 2**62, ()))
-        return self.seed
+            self.draw_seed = seed if seed is not None else int(torch.randint(0, 2**62, ()))
+        return self.draw_seed
 
     # ---- prompt --------------------------------------------------------------------------------
     def _prompt_ids(self, prompt, attention_mask):
