@@ -17,9 +17,10 @@ draw is an argmax: for independent Gumbel noise g_v = -log(-log(u_v)), u_v unifo
    the row has just made one of the stop ids, stores the token where the next step reads it and in
    the history, and moves the draw count on.
 
-The noise comes from Philox (Triton's `tl.rand`), keyed by `seed + count`, the count of draws made
-since `Draw.reseed`, at offset row * V + column: a seeded generation draws the same tokens each
-time, with the graph and without it, as long as the logits are the same. These draws are not
+The noise comes from Philox (Triton's `tl.philox`), keyed by the seed, with the counter (row * V +
+column, the count of draws made since `Draw.reseed`): a seeded generation draws the same tokens each
+time, with the graph and without it, as long as the logits are the same, and two seeds never share
+their numbers. These draws are not
 `torch.multinomial`'s (on a CPU generation keeps that); they follow the same distribution, which
 tests/test_fused_decode.py checks with a chi-square test. Filters (top-k, top-p, min-p) and
 penalties are applied to x first (`lm.sampling.process_logits`), as -inf, which the draw never picks.
@@ -48,8 +49,14 @@ def draw_kernel(X, stride_x, N, inv_temperature, SEED, COUNT, AMAX, BN: tl.const
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     ok = cols < N
     x = tl.load(X + row * stride_x + cols, mask=ok, other=float("-inf")).to(tl.float32)
-    key = tl.load(SEED) + tl.load(COUNT)  # each draw its own Philox key
-    u = tl.rand(key, row * N + cols)  # in [0, 1): u = 0 gives -inf, never chosen
+    # Philox keyed by the seed, its counter (column and row; the draw count): every draw of every seed
+    # its own numbers, with no overlap between nearby seeds or counts
+    count = tl.load(COUNT)
+    where = row * N + cols
+    zero = where * 0
+    bits, _, _, _ = tl.philox(tl.load(SEED), where, zero + (count & 0x7FFFFFFF).to(tl.int32),
+                              zero + ((count >> 31) & 0x7FFFFFFF).to(tl.int32), zero)
+    u = tl.uint_to_uniform_float(bits)  # in [0, 1): u = 0 gives -inf, never chosen
     score = x * inv_temperature - tl.log(-tl.log(u))
     packed = tl.where(ok, _pack_argmax(score, cols), -9223372036854775807)  # LOWEST
     tl.atomic_max(AMAX + row, tl.max(packed, axis=0))

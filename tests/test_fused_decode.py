@@ -265,3 +265,17 @@ def test_the_draw_is_seeded_filtered_and_feeds_and_watches_rows():
     assert history[:, 5].tolist() == [42, 99, 44] and finished.tolist() == [True, True, False]
     with pytest.raises(ValueError, match="power of two"):
         draw(only, 1.0, watch=(finished, stops[:3], torch.tensor(99, device="cuda")))
+
+
+@cuda
+def test_nearby_seeds_and_counts_draw_apart():
+    """Seed s and seed s+1 do not share their noise shifted by a draw (a key of seed + count would):
+    the second draw from seed 3 is not the first draw from seed 4."""
+    from lm.fused_sampling import Draw
+
+    logits = torch.zeros(1, 50_000, device="cuda")  # uniform: the draw is the noise's argmax
+    draw = Draw(1, "cuda")
+    draw.reseed(3)
+    first, second = int(draw(logits, 1.0)), int(draw(logits, 1.0))
+    draw.reseed(4)
+    assert int(draw(logits, 1.0)) not in (first, second)
