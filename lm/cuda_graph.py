@@ -33,8 +33,8 @@ import torch
 
 from .kv_cache import StaticCache
 from . import fused_sampling
-from .fused_sampling import Draw
-from .sampling import SamplingConfig, choose_next, process_logits
+from .fused_sampling import Draw, draw_input
+from .sampling import SamplingConfig, choose_next
 
 
 def graph_unsupported(model) -> str | None:
@@ -54,20 +54,6 @@ def use_graph(cuda_graph: bool | None, reason: str | None) -> bool:
     if cuda_graph and reason is not None:
         raise ValueError(f"cuda_graph=True: {reason}; pass cuda_graph=None to choose automatically.")
     return reason is None if cuda_graph is None else cuda_graph
-
-
-def draw_input(logits: torch.Tensor, sampling: SamplingConfig, previous_ids: torch.Tensor | None = None,
-               mask: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
-    """What `Draw` draws from for (B, V) logits under `sampling` (temperature > 0), and at which
-    temperature: the raw logits at the sampling temperature when nothing else is on, else the
-    processed logits (`process_logits`: penalties, given each row's history `previous_ids`;
-    temperature; filters, as -inf) at temperature 1."""
-    if (sampling.top_k is None and sampling.top_p is None and sampling.min_p is None
-            and not sampling.needs_history):
-        return logits, sampling.temperature
-    if previous_ids is None:
-        previous_ids = logits.new_zeros(logits.size(0), 0, dtype=torch.long)
-    return process_logits(logits, previous_ids, sampling, mask), 1.0
 
 
 STOP_SLOTS = 16  # stop token ids a graph watching for stops holds (more: generation watches them itself)
@@ -366,4 +352,4 @@ def capture(step, warmup: int = 2, restore=(), pool=None, prepare=None, generato
     return graph, output
 
 
-__all__ = ["STOP_SLOTS", "GraphedPrefill", "GraphedStep", "capture", "draw_input", "graph_unsupported", "use_graph"]
+__all__ = ["STOP_SLOTS", "GraphedPrefill", "GraphedStep", "capture", "graph_unsupported", "use_graph"]

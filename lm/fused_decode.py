@@ -99,29 +99,14 @@ def embed_kernel(TOKEN, stride_t, TOK_EMB, POS_EMB, POS, X, AMAX, C, HAS_POS: tl
     tl.store(AMAX + b, -9223372036854775807)
 
 
-def unpack_argmax_kernel(AMAX, NEXT, TOKEN, HISTORY, POS, stride_t, stride_h, FEED: tl.constexpr,
-                         PDL: tl.constexpr):
-    """NEXT[b] = the column packed in AMAX[b]; FEED: also TOKEN[b] (the next step's input) and
-    HISTORY[b, pos] (pos: the cache's position, already moved past this step)."""
-    b = tl.program_id(0)
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
-    col = 4294967295 - (tl.load(AMAX + b) & 4294967295)
-    tl.store(NEXT + b, col)
-    if FEED:
-        tl.store(TOKEN + b * stride_t, col)
-        tl.store(HISTORY + b * stride_h + tl.load(POS), col)
-
-
-def chosen_kernel(AMAX, NEXT, TOKEN, HISTORY, POS, stride_t, stride_h, COUNT, FINISHED, STOPS, PAD,
+def unpack_argmax_kernel(AMAX, NEXT, TOKEN, HISTORY, POS, stride_t, stride_h, COUNT, FINISHED, STOPS, PAD,
                   FEED: tl.constexpr, WATCH: tl.constexpr, N_STOPS: tl.constexpr, COUNTS: tl.constexpr,
                   PDL: tl.constexpr):
-    """`unpack_argmax_kernel` that also watches for stops, for the fused greedy head and for the
-    draws of `lm.fused_sampling`. Row `program_id(0)`: NEXT = the column packed in AMAX (then reset
-    for the next draw); WATCH: the padding id PAD if the row had finished, and FINISHED notes a
-    stop id among STOPS (-1: an empty slot); FEED: also TOKEN (the next step's input) and HISTORY at
-    the cache's position. COUNTS: row 0 counts the draw (COUNT)."""
+    """The choice of the fused greedy head and of `lm.fused_sampling`'s draws, from its packed
+    maximum. Row `program_id(0)`: NEXT = the column packed in AMAX (then reset for the next draw);
+    WATCH: the padding id PAD if the row had finished, and FINISHED notes a stop id among STOPS (-1:
+    an empty slot); FEED: also TOKEN (the next step's input) and HISTORY at POS, the cache's
+    position (already moved past this step). COUNTS: row 0 counts the draw (COUNT)."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
@@ -355,7 +340,6 @@ if triton is not None:
     _decode_attention_kernel = triton.jit(decode_attention_kernel)
     _embed_kernel = triton.jit(embed_kernel)
     _unpack_argmax_kernel = triton.jit(unpack_argmax_kernel)
-    _chosen_kernel = triton.jit(chosen_kernel)
 
 
 def use_pdl(device) -> bool:
@@ -511,29 +495,25 @@ def embed(token: torch.Tensor, tok_emb: torch.Tensor, pos_table: torch.Tensor | 
     return x
 
 
-def unpack_argmax(argmax: torch.Tensor, feed=None) -> torch.Tensor:
-    """(B, 1) long: the columns that `norm_linear(..., argmax=...)` found largest in each row.
-    `feed`: (token (B, 1), history (B, S), position): also write them into token, and into history at
-    the 0-d device `position`, in the same kernel."""
-    out = torch.empty(argmax.size(0), 1, device=argmax.device, dtype=torch.long)
+def unpack_argmax(argmax: torch.Tensor, out: torch.Tensor | None = None, feed=None, watch=None,
+                  count: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, 1) long, into `out` if given: the columns that `norm_linear(..., argmax=...)` (or a draw of
+    `lm.fused_sampling`) packed into `argmax` (B,), which is reset for the next one, in one kernel.
+    `feed=(token (B, 1), history (B, S), position)`: also write them into token, and into history at
+    the 0-d device `position`. `watch=(finished (B,) bool, stop_ids, pad)`: a row already finished
+    gets the padding id `pad` (0-d), and is marked when it makes one of `stop_ids` (a power-of-two
+    length, -1 in unused slots). `count` (0-d), if given, goes up by one (the draws made)."""
+    B = argmax.numel()
+    out = torch.empty(B, 1, device=argmax.device, dtype=torch.long) if out is None else out
     token, history, position = feed if feed is not None else (out, out, argmax)
-    _unpack_argmax_kernel[(argmax.size(0),)](argmax, out, token, history, position, token.stride(0),
-                                              history.stride(0), FEED=feed is not None, **_pdl(out.device))
-    return out
-
-
-def pick(amax: torch.Tensor, out: torch.Tensor, feed=None, watch=None, count: torch.Tensor | None = None):
-    """`chosen_kernel`: out (B, 1) = the columns packed in amax (B,), which is reset; `feed` and
-    `watch` as `lm.fused_sampling.Draw` takes them; `count` (0-d), if given, goes up by one."""
-    B = amax.numel()
-    token, history, position = feed if feed is not None else (out, out, amax)
-    finished, stops, pad = watch if watch is not None else (out, out, amax)
+    finished, stops, pad = watch if watch is not None else (out, out, argmax)
     n_stops = stops.numel() if watch is not None else 1
     if n_stops & (n_stops - 1):
         raise ValueError(f"stop_ids holds {n_stops} slots; give a power of two (fill with -1).")
-    _chosen_kernel[(B,)](amax, out, token, history, position, token.stride(0), history.stride(0),
-                         amax if count is None else count, finished, stops, pad, FEED=feed is not None,
-                         WATCH=watch is not None, N_STOPS=n_stops, COUNTS=count is not None, **_pdl(amax.device))
+    _unpack_argmax_kernel[(B,)](argmax, out, token, history, position, token.stride(0), history.stride(0),
+                                argmax if count is None else count, finished, stops, pad, FEED=feed is not None,
+                                WATCH=watch is not None, N_STOPS=n_stops, COUNTS=count is not None,
+                                **_pdl(argmax.device))
     return out
 
 
@@ -549,7 +529,7 @@ class FusedStep:
     `feed=(token, history)`: greedy steps also write their choice into `token` (B, 1), the next
     step's input, and into `history` (B, max_len + 1) at the position it takes in the cache.
     `watch=(finished, stop_ids, pad)`: and a row that has finished gets the padding id, and is marked
-    when it makes a stop id (`pick`, in the same one kernel)."""
+    when it makes a stop id (in the same one kernel, `unpack_argmax`)."""
 
     def __init__(self, model, cache, greedy: bool = False, feed=None, watch=None):
         reason = self.unsupported(model, cache)
@@ -641,10 +621,8 @@ class FusedStep:
         if not self.greedy:
             return logits.view(B, 1, -1)
         feed = None if self.feed is None else (*self.feed, position)
-        if self.watch is not None:
-            return logits.view(B, 1, -1), pick(self.argmax, self.chosen, feed, self.watch)
-        return logits.view(B, 1, -1), unpack_argmax(self.argmax, feed)
+        return logits.view(B, 1, -1), unpack_argmax(self.argmax, self.chosen, feed, self.watch)
 
 
 __all__ = ["FusedStep", "MAX_ROWS", "SPLIT_KEYS", "attention_config", "attention_scratch", "decode_attention", "embed",
-           "launch_config", "norm_linear", "pick", "unpack_argmax"]
+           "launch_config", "norm_linear", "unpack_argmax"]

@@ -12,7 +12,7 @@ draw is an argmax: for independent Gumbel noise g_v = -log(-log(u_v)), u_v unifo
 1. `draw_kernel`: program (row, block of columns) adds the noise to its block of x / T and folds
    the largest score and its column into one int64 per row with an atomic max (the same packing
    as the fused head's argmax, `lm.fused_decode._pack_argmax`: ties go to the first column);
-2. `lm.fused_decode.chosen_kernel` (`pick`): one program per row unpacks the column, resets the
+2. `lm.fused_decode.unpack_argmax`: one program per row unpacks the column, resets the
    packed maximum for the next draw, gives a row that has finished the padding id and notes whether
    the row has just made one of the stop ids, stores the token where the next step reads it and in
    the history, and moves the draw count on.
@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import torch
 
-from .fused_decode import _pdl, pick, triton
+from .fused_decode import _pdl, triton, unpack_argmax
+from .sampling import SamplingConfig, process_logits
 
 if triton is not None:
     import triton.language as tl
@@ -66,6 +67,20 @@ if triton is not None:
     from .fused_decode import _pack_argmax  # the jitted packing, called from inside draw_kernel
 
     _draw_kernel = triton.jit(draw_kernel)
+
+
+def draw_input(logits: torch.Tensor, sampling: SamplingConfig, previous_ids: torch.Tensor | None = None,
+               mask: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    """What `Draw` draws from for (B, V) logits under `sampling` (temperature > 0), and at which
+    temperature: the raw logits at the sampling temperature when nothing else is on, else the
+    processed logits (`process_logits`: penalties, given each row's history `previous_ids`;
+    temperature; filters, as -inf) at temperature 1."""
+    if (sampling.top_k is None and sampling.top_p is None and sampling.min_p is None
+            and not sampling.needs_history):
+        return logits, sampling.temperature
+    if previous_ids is None:
+        previous_ids = logits.new_zeros(logits.size(0), 0, dtype=torch.long)
+    return process_logits(logits, previous_ids, sampling, mask), 1.0
 
 
 def usable(device: torch.device) -> bool:
@@ -107,7 +122,7 @@ class Draw:
             logits = logits.contiguous()
         _draw_kernel[(B, triton.cdiv(N, BLOCK))](logits, logits.stride(0), N, 1.0 / temperature, self.seed,
                                                 self.count, self.amax, BN=BLOCK, **_pdl(logits.device))
-        return pick(self.amax, self.next, feed, watch, self.count)
+        return unpack_argmax(self.amax, self.next, feed, watch, self.count)
 
 
-__all__ = ["Draw", "draw_kernel", "usable"]
+__all__ = ["Draw", "draw_input", "draw_kernel", "usable"]

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 import torch
 
 from . import fused_sampling
-from .cuda_graph import STOP_SLOTS, GraphedStep, draw_input, graph_unsupported, use_graph
-from .fused_sampling import Draw
+from .cuda_graph import STOP_SLOTS, GraphedStep, graph_unsupported, use_graph
+from .fused_sampling import Draw, draw_input
 from .decode_step import LeanStep
 from .kv_cache import KVCache
 from .quantize import for_decoding
@@ -386,11 +386,9 @@ class Generation:
         self.generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
         self.draw_seed: int | None = None  # the draws' seed on a GPU (`_draw_seed`)
         # On a GPU, draws run as Triton's Gumbel-max kernels (lm.fused_sampling), the same with a graph
-        # or without; the graph brings its own `Draw` (see `_prepare_graph`).
-        self.draw = None
-        if self.sampling.temperature > 0 and fused_sampling.usable(device):
-            self.draw = Draw(B, device)
-            self.draw.reseed(self._draw_seed())
+        # or without: the graph's own `Draw` (see `_prepare_graph`), else one made on the first draw.
+        self.draw: Draw | None = None
+        self.gpu_draws = self.sampling.temperature > 0 and fused_sampling.usable(device)
         stop_ids = set(stop_token_ids(config.stop_tokens, self.tokenizer))
         eos = getattr(self.tokenizer, "eos_id", None)
         if self.kind != "ids" and config.stop_at_eos and eos is not None:
@@ -606,7 +604,10 @@ class Generation:
                     graph_masked = self.graph.finished is not None
                 else:
                     history_mask = None if self.mask is None else self.mask[:, :L]
-                    if self.draw is not None:  # on a GPU: the Gumbel-max kernels, as the graph draws
+                    if self.gpu_draws:  # the Gumbel-max kernels, as the graph draws
+                        if self.draw is None:
+                            self.draw = Draw(self.ids.size(0), self.ids.device)
+                            self.draw.reseed(self._draw_seed())
                         x, temperature = draw_input(logits, self.sampling, self.ids[:, :L], history_mask)
                         check_a_token_is_left(x, self.sampling)
                         next_ids = self.draw(x, temperature)
