@@ -32,29 +32,31 @@ graph, and compiles for "lm compiled").
 
     python bench/gpu_decode.py --batch 1 2 64 --new 200 --out lm/assets/gpu_decode.json
 
-Measured on one H200 (torch 2.11, Triton 3.6; 2026-12-04, after the draw went into the graph as
-lm.fused_sampling's Gumbel-max kernels), tokens/s, the best of three calls, stored in
+Measured on one H200 (torch 2.11, Triton 3.6; 2026-12-04, after top-k became the draw's own
+threshold in lm.fused_sampling's kernels), tokens/s, the best of three calls, stored in
 lm/assets/gpu_decode.json:
 
                               batch 1   batch 2   batch 64
-    lm                          3,700     6,219     62,135   (fused step at batch 1 and 2)
-    lm, no PDL                  3,177     5,431     62,072
-    lm, one attention program   3,586     6,216     62,201   (a 16-token prompt: the split matters later)
-    lm compiled                 1,968     3,855     77,193
-    lm eager                      293       867     25,513   (one-token steps through LeanStep)
-    lm, model.generate          3,676     6,400     62,099
-    lm, a new Decoder each call 2,783     5,050     54,081
-    transformers                  217       413      7,492
-    lm, sampled                 2,859     4,998     53,816
-    lm, sampled, eager            306       553     12,307
-    transformers, sampled         115       262      5,767
+    lm                          3,769     6,228     62,079   (fused step at batch 1 and 2)
+    lm, no PDL                  3,209     5,463     62,110
+    lm, one attention program   3,664     6,268     61,908   (a 16-token prompt: the split matters later)
+    lm compiled                 1,959     3,897     77,723
+    lm eager                      351       546     17,164   (one-token steps through LeanStep)
+    lm, model.generate          3,756     6,249     62,031
+    lm, a new Decoder each call 2,875     4,230     53,918
+    transformers                  212       294      8,474
+    lm, sampled                 3,261     5,481     55,767
+    lm, sampled, eager            246       550     14,009
+    transformers, sampled         182       233      8,400
 
-transformers' rows vary between machines of the same kind (an earlier run the same day: 221 / 398 /
-12,250 greedy, 175 / 396 / 9,565 sampled). "lm, sampled" at batch 1 was 1,526 tokens/s with the
-draw and the stop check in Python after each replay (a probe script timing lm.Decoder.generate,
-same settings), and 2,278 with torch.multinomial's kernels in the graph (this bench, earlier the
-same day). In the probe, plain sampling at temperature 0.8 now makes 3,746 tokens/s, greedy's
-speed, and greedy with a stop token 3,561 (2,986 before).
+transformers' rows vary between machines of the same kind (runs the same day: 217 / 413 / 7,492
+and 221 / 398 / 12,250 greedy, 115 / 262 / 5,767 and 175 / 396 / 9,565 sampled). "lm, sampled" at
+batch 1 was 1,526 tokens/s with the draw and the stop check in Python after each replay (a probe
+script timing lm.Decoder.generate, same settings), 2,278 with torch.multinomial's kernels in the
+graph, and 2,859 / 4,998 / 53,816 with the Gumbel-max kernels but top-k still torch.topk's filter
+(this bench, earlier the same day). In the probe, plain sampling at temperature 0.8 makes 3,812
+tokens/s, greedy's speed; top-k 50 3,460 (3,092 with torch.topk); greedy with a stop token 3,580
+(2,986 before the stops went into the graph); top-p 0.95, which still sorts the row, 2,887.
 
 Without PDL and the prompt's graph (2026-12-03) the default made 2,833 tokens/s at batch 1. In
 another run the same day, with PDL on and off in turn (a script toggling lm.fused_decode.PDL, same model): 3,530 / 3,504
@@ -67,7 +69,7 @@ that launches the kernels, which differs between machines of the same kind (385 
 on 2026-12-03).
 
 Eager, each step launches every kernel from Python: about 3 ms a step at batch 1 and at batch 64 alike.
-At batch 64 a few rows of the graph's greedy ids differ from eager's (56 of 64 rows equal): the
+At batch 64 a few rows of the graph's greedy ids differ from eager's (55 of 64 rows equal): the
 static step attends through a mask, another bf16 kernel, and random weights leave near-ties in the
 logits; in float32 the tests find them identical.
 

@@ -215,9 +215,9 @@ class GraphedStep:
             logits, next_ids = out
         elif self.draw is not None:  # the draw's second kernel pads, watches and feeds the choice itself
             logits = out
-            x, temperature = draw_input(logits[:, -1], self.sampling)
+            x, temperature, top_k = draw_input(logits[:, -1], self.sampling)
             next_ids = self.draw(x, temperature, feed=(self.token, self.history, self.cache.cursor.position),
-                                 watch=watch)
+                                 watch=watch, top_k=top_k)
         else:  # the module step's argmax, or choose_next's draw (where Triton does not run), in torch ops
             logits = out
             if self.greedy:

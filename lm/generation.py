@@ -608,9 +608,9 @@ class Generation:
                         if self.draw is None:
                             self.draw = Draw(self.ids.size(0), self.ids.device)
                             self.draw.reseed(self._draw_seed())
-                        x, temperature = draw_input(logits, self.sampling, self.ids[:, :L], history_mask)
+                        x, temperature, top_k = draw_input(logits, self.sampling, self.ids[:, :L], history_mask)
                         check_a_token_is_left(x, self.sampling)
-                        next_ids = self.draw(x, temperature)
+                        next_ids = self.draw(x, temperature, top_k=top_k)
                         logp = None if self.logprobs is None else chosen_logprobs(logits, next_ids)
                     else:
                         next_ids, logp = choose_next(logits, self.ids[:, :L], self.sampling, self.generator,

@@ -279,3 +279,50 @@ def test_nearby_seeds_and_counts_draw_apart():
     first, second = int(draw(logits, 1.0)), int(draw(logits, 1.0))
     draw.reseed(4)
     assert int(draw(logits, 1.0)) not in (first, second)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_top_k_threshold_is_torch_topks_kth_value(dtype):
+    """The draw's top-k threshold (block candidates, then one program per row) is exactly the k-th
+    largest of logits / T, as torch.topk gives it: widths that are not multiples of the block,
+    bf16 rows full of ties, k of 1, of a power of two, larger than the row; and a k too large for
+    the kernels falls back to top_k_filter. Every pick is one of the kept columns."""
+    from lm.fused_sampling import Draw, top_k_plan
+
+    torch.manual_seed(0)
+    T = 0.8
+    for N in (50_304, 50_257, 3_000, 128_256):
+        x = torch.randn(3, N, device="cuda") * 3
+        x = x.round().to(dtype) if dtype == torch.bfloat16 else x.to(dtype)  # integers: many ties
+        for k in (1, 7, 50, 64, 200, 1000, 5000, N + 5):  # 5,000 of 50,304: top_k_filter's fallback
+            draw = Draw(3, "cuda")
+            draw.reseed(k)
+            picks = torch.cat([draw(x, T, top_k=k).clone() for _ in range(8)], dim=1)
+            scaled = x.float() * (1 / T)
+            kth = torch.topk(scaled, min(k, N), dim=-1).values[:, -1]
+            if top_k_plan(N, k) is not None:
+                assert torch.equal(draw.threshold, kth), (N, k)
+            assert (scaled.gather(1, picks) >= kth[:, None]).all(), (N, k)
+            if k == 1 and dtype == torch.float32:  # one token kept: the argmax every time
+                assert torch.equal(picks, x.argmax(dim=1, keepdim=True).expand(-1, 8))
+    assert top_k_plan(50_304, 5_000) is None  # 5,000 of 50,304: torch.topk's filter instead
+
+
+@cuda
+def test_the_top_k_draw_follows_the_filtered_softmax():
+    """20,480 draws with top_k=40 from one (1000-class) row fit softmax(top_k_filter(logits / 0.7))
+    and never leave its 40 columns."""
+    from lm.fused_sampling import Draw
+    from lm.sampling import top_k_filter
+
+    torch.manual_seed(1)
+    logits = torch.randn(1000, device="cuda")
+    rows = 2048
+    draw = Draw(rows, "cuda")
+    draw.reseed(2)
+    samples = torch.cat([draw(logits.expand(rows, -1), 0.7, top_k=40).clone() for _ in range(10)])
+    want = torch.softmax(top_k_filter(logits[None] / 0.7, 40)[0], dim=0)
+    assert bool((want[samples] > 0).all())
+    stat, df = chi_square(samples, want)
+    assert stat < df + 6 * (2 * df) ** 0.5
