@@ -187,6 +187,8 @@ class Draw:
         if logits.stride(1) != 1:
             logits = logits.contiguous()
         pdl = _pdl(logits.device)
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k={top_k!r} must be a positive integer or None (every column).")
         if top_k is not None and top_k >= N:  # keeps every column
             top_k = None
         plan = None if top_k is None else top_k_plan(N, top_k)

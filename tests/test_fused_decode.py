@@ -326,3 +326,23 @@ def test_the_top_k_draw_follows_the_filtered_softmax():
     assert bool((want[samples] > 0).all())
     stat, df = chi_square(samples, want)
     assert stat < df + 6 * (2 * df) ** 0.5
+
+
+@pytest.mark.parametrize("k", [0, -3, 2.5, True, "50"])
+def test_a_draw_with_a_bad_top_k_names_it(k):
+    """Draw(..., top_k=k) checks k before it launches anything, so this runs without a GPU too."""
+    from lm.fused_sampling import Draw
+
+    with pytest.raises(ValueError, match=f"top_k={k!r} must be a positive integer"):
+        Draw(1, "cpu")(torch.zeros(1, 100), 1.0, top_k=k)
+
+
+def test_the_top_k_plan_widens_blocks_until_the_candidates_fit_one_program():
+    from lm.fused_sampling import BLOCK, MAX_CANDIDATES, top_k_plan
+
+    assert top_k_plan(50_304, 50) == (2 * BLOCK, 64)  # 25 blocks of 2,048 keep 64 each: 1,600 candidates
+    assert top_k_plan(50_304, 1) == (2 * BLOCK, 2)  # tl.topk keeps two at least
+    width, kept = top_k_plan(50_304, 1000)
+    assert kept == 1024 and -(-50_304 // width) * kept <= MAX_CANDIDATES
+    assert top_k_plan(128, 50) == (2 * BLOCK, 64)  # one block holds the whole row
+    assert top_k_plan(50_304, 1025) is None  # more than 1,024 kept per block: torch.topk's filter
