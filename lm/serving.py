@@ -22,8 +22,8 @@ slots, and between two tokens
     engine.close()
 
 Rows never share state: each slot has its own keys and values, position, sampling settings and
-random generator (a seeded request draws exactly what `model.generate(..., seed=...)` draws from the
-same logits). With `max_batch=1`, or for a model whose attention keeps a running state instead of
+random draws (a seeded request draws exactly what `model.generate(..., seed=...)` draws from the
+same logits: on a GPU from its own `lm.fused_sampling.Draw`, elsewhere from its own generator). With `max_batch=1`, or for a model whose attention keeps a running state instead of
 keys (linear attention), the engine serves one request at a time through `lm.Decoder` (CUDA graph
 and all): the baseline `bench/serve_load.py` compares against.
 """
@@ -39,9 +39,11 @@ from dataclasses import dataclass
 
 import torch
 
+from . import fused_sampling
 from .cuda_graph import capture, graph_unsupported
+from .fused_sampling import Draw, draw_input
 from .generation import Decoder, Generation, GenerationConfig, TextStream, stop_token_ids
-from .sampling import choose_next
+from .sampling import check_a_token_is_left, choose_next
 
 
 class EngineBusy(RuntimeError):
@@ -230,9 +232,16 @@ class Request:
             stops.add(eos)
         self.stop_ids, self.stop_strings = stops, list(config.stop)
         self.sampling = config.sampling
-        self.generator = None
-        if config.seed is not None:
-            self.generator = torch.Generator(device=engine.model.device).manual_seed(config.seed)
+        # A seeded request draws as `model.generate(..., seed=...)` does: on a GPU with the Gumbel-max
+        # kernels (lm.fused_sampling) from its own Draw, elsewhere torch.multinomial from its generator.
+        self.generator: torch.Generator | None = None
+        self.draw: Draw | None = None
+        device = engine.model.device
+        if config.seed is not None and self.sampling.temperature > 0 and fused_sampling.usable(device):
+            self.draw = Draw(1, device)
+            self.draw.reseed(config.seed)
+        elif config.seed is not None:
+            self.generator = torch.Generator(device=device).manual_seed(config.seed)
         self.new_ids: list[int] = []
         self.text = TextStream(tokenizer, self.stop_strings) if tokenizer is not None else None
         self.cancelled = False
@@ -528,7 +537,7 @@ class Engine:
         chosen = [0] * len(requests)
         groups: dict = {}
         for i, request in enumerate(requests):
-            shared = request.generator is None and not request.needs_history
+            shared = request.generator is None and request.draw is None and not request.needs_history
             groups.setdefault(request.sampling if shared else ("alone", i), []).append(i)
         for key, rows in groups.items():
             request = requests[rows[0]]
@@ -540,7 +549,12 @@ class Engine:
                 logits_of = logits.index_select(0, torch.tensor(rows, device=logits.device))
             else:  # every row shares the settings (the usual case): no gather
                 logits_of = logits
-            picked = choose_next(logits_of, history, request.sampling, request.generator)[0]
+            if request.draw is not None:  # a seeded draw on a GPU, as Generation's eager steps make it
+                x, temperature, top_k = draw_input(logits_of, request.sampling, history)
+                check_a_token_is_left(x, request.sampling)
+                picked = request.draw(x, temperature, top_k=top_k)
+            else:
+                picked = choose_next(logits_of, history, request.sampling, request.generator)[0]
             for i, token in zip(rows, picked.view(-1).tolist()):
                 chosen[i] = token
         return chosen
@@ -550,11 +564,11 @@ class Engine:
         if self._ended_early(request):
             return
         self.active = [request]
+        # the request's own seed: its draws are generate's, on a GPU (Draw) as on a CPU (a generator)
         config = dataclasses.replace(request.config, max_new_tokens=request.max_new, stop=(), stop_tokens=(),
-                                     stop_at_eos=False, seed=None)
+                                     stop_at_eos=False)
         prompt = torch.tensor([request.ids], dtype=torch.long, device=self.model.device)
         run = Generation(self.decoder, prompt, config, None)
-        run.generator = request.generator
         for _ in run.steps():
             self.counts["tokens"] += 1
             self.counts["steps"] += 1

@@ -202,6 +202,19 @@ def test_max_batch_one_serves_one_request_at_a_time_with_the_same_output(engines
     assert engine.stats()["batched"] is False and engine.stats()["mean_batch"] == 1.0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("max_batch", [1, 3])
+def test_seeded_requests_on_a_gpu_draw_what_generate_draws(engines, max_batch):
+    """On a GPU generate draws with lm.fused_sampling's kernels, seeded by the config's seed; so does
+    each seeded request, batched (its own Draw) or alone (through lm.Decoder, with its seed)."""
+    model = build("sdpa").cuda()
+    engine = engines(model, max_batch=max_batch)
+    prompts, configs = prompts_of(LENGTHS[:5]), configs_for("seeded")[:5]
+    done = run_together(engine, prompts, configs)
+    assert [r.new_ids for _, _, r in done] == [reference(model, p, c) for p, c in zip(prompts, configs)]
+    assert all(r.draw is not None for _, _, r in done if r.config.seed is not None and r.sampling.temperature > 0)
+
+
 def test_engine_generate_waits_for_the_result(engines):
     model = build("sdpa")
     engine = engines(model, max_batch=4)
