@@ -23,9 +23,10 @@ slots, and between two tokens
 
 Rows never share state: each slot has its own keys and values, position, sampling settings and
 random draws (a seeded request draws exactly what `model.generate(..., seed=...)` draws from the
-same logits: on a GPU from its own `lm.fused_sampling.Draw`, elsewhere from its own generator). With `max_batch=1`, or for a model whose attention keeps a running state instead of
-keys (linear attention), the engine serves one request at a time through `lm.Decoder` (CUDA graph
-and all): the baseline `bench/serve_load.py` compares against.
+same logits: on a GPU from its own `lm.fused_sampling.Draw`, elsewhere from its own generator).
+With `max_batch=1`, or for a model whose attention keeps a running state instead of keys (linear
+attention), the engine serves one request at a time through `lm.Decoder` (CUDA graph and all): the
+baseline `bench/serve_load.py` compares against.
 """
 
 from __future__ import annotations
