@@ -24,16 +24,10 @@ their numbers. These draws are not
 `torch.multinomial`'s (on a CPU generation keeps that); they follow the same distribution, which
 tests/test_fused_decode.py checks with a chi-square test.
 
-Top-k alone (the most common filter; transformers' default of 50) is folded into the draw as a
-threshold, found in two more kernels instead of `torch.topk`, which takes 50 us (k = 50) to 63 us
-(k = 200) for one row of 50,304 in a CUDA graph on an H200; the two kernels take about 10 us:
-
-3. `block_top_kernel`: program (row, block of columns) keeps the K' largest of its block's x / T
-   (K' = k rounded up to a power of two, 2 at least; Triton's bitonic `tl.topk`), as candidates;
-4. `threshold_kernel`: one program per row finds the k-th largest candidate. It is the k-th largest
-   of the whole row: each block holds at most k of the row's k largest, and all of them are among
-   its candidates. `draw_kernel` then scores only the columns at or above it, as `top_k_filter`
-   keeps them (ties at the k-th value included).
+Top-k alone (the most common filter; transformers' default of 50) is folded into the draw: the
+k-th largest of x / T comes from `lm.fused_topk`'s two kernels instead of `torch.topk`, and
+`draw_kernel` scores only the columns at or above it, as `top_k_filter` keeps them (ties at the
+k-th value included).
 
 Top-p, min-p and the penalties (and top-k with them) are applied to x first
 (`lm.sampling.process_logits`), as -inf, which the draw never picks.
@@ -43,7 +37,8 @@ from __future__ import annotations
 
 import torch
 
-from .fused_decode import _cdiv, _pdl, _pow2, triton, unpack_argmax
+from .fused_decode import _pdl, triton, unpack_argmax
+from .fused_topk import kth_largest
 from .sampling import SamplingConfig, process_logits, top_k_filter
 
 if triton is not None:
@@ -51,9 +46,6 @@ if triton is not None:
 
 LOWEST = -9223372036854775807  # below every packed (score, column)
 BLOCK = 1024  # columns per program of the draw: 50 programs for GPT-2's 50,304
-MAX_CANDIDATES = 8192  # the most top-k candidates one row's threshold program sorts through
-LARGEST_TOP_BLOCK = 8192  # the widest block one program of block_top_kernel takes the top K' of
-MAX_KEPT = 1024  # the most candidates one such program keeps
 
 
 def draw_kernel(X, stride_x, N, inv_temperature, SEED, COUNT, AMAX, THRESHOLD, BN: tl.constexpr,
@@ -84,52 +76,10 @@ def draw_kernel(X, stride_x, N, inv_temperature, SEED, COUNT, AMAX, THRESHOLD, B
     tl.atomic_max(AMAX + row, tl.max(packed, axis=0))
 
 
-def block_top_kernel(X, stride_x, N, inv_temperature, CANDIDATES, BN: tl.constexpr, KP: tl.constexpr,
-                     PDL: tl.constexpr):
-    """Row `program_id(0)`, block `program_id(1)` of BN columns: its KP largest values of
-    X * inv_temperature (computed as draw_kernel does), in CANDIDATES[row, block * KP :][:KP]."""
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
-    row, block = tl.program_id(0), tl.program_id(1)
-    cols = block * BN + tl.arange(0, BN)
-    x = tl.load(X + row * stride_x + cols, mask=cols < N, other=float("-inf")).to(tl.float32)
-    top = tl.topk(x * inv_temperature, KP)
-    tl.store(CANDIDATES + (row * tl.num_programs(1) + block) * KP + tl.arange(0, KP), top)
-
-
-def threshold_kernel(CANDIDATES, used, k, THRESHOLD, M: tl.constexpr, KP: tl.constexpr, PDL: tl.constexpr):
-    """Row `program_id(0)`: THRESHOLD[row] = the k-th largest of its `used` candidates (k <= KP)."""
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
-    row = tl.program_id(0)
-    i = tl.arange(0, M)
-    candidates = tl.load(CANDIDATES + row * used + i, mask=i < used, other=float("-inf"))
-    top = tl.topk(candidates, KP)  # descending
-    kth = tl.max(tl.where(tl.arange(0, KP) == k - 1, top, float("-inf")), axis=0)
-    tl.store(THRESHOLD + row, kth)
-
-
-def top_k_plan(vocab_size: int, k: int) -> tuple[int, int] | None:
-    """(columns per block_top_kernel program, candidates kept per block) for top-k over rows of
-    `vocab_size`, or None where the candidates would not fit one program (k above MAX_KEPT):
-    the blocks widen from 2 * BLOCK until their candidates fit MAX_CANDIDATES."""
-    kept = max(2, _pow2(min(k, vocab_size)))  # tl.topk needs two at least
-    width = 2 * BLOCK  # on an H200 at k = 50, blocks of 1,024 made 4,096 candidates, twice as slow to sort
-    while width <= LARGEST_TOP_BLOCK and kept <= MAX_KEPT:
-        if kept < width and _cdiv(vocab_size, width) * kept <= MAX_CANDIDATES:
-            return width, kept
-        width *= 2
-    return None
-
-
 if triton is not None:
     from .fused_decode import _pack_argmax  # the jitted packing, called from inside draw_kernel
 
     _draw_kernel = triton.jit(draw_kernel)
-    _block_top_kernel = triton.jit(block_top_kernel)
-    _threshold_kernel = triton.jit(threshold_kernel)
 
 
 def draw_input(logits: torch.Tensor, sampling: SamplingConfig, previous_ids: torch.Tensor | None = None,
@@ -171,8 +121,7 @@ class Draw:
         self.count = torch.zeros((), dtype=torch.long, device=device)
         self.amax = torch.full((batch_size,), LOWEST, dtype=torch.long, device=device)
         self.next = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
-        self.threshold = torch.zeros(batch_size, dtype=torch.float32, device=device)
-        self.candidates: torch.Tensor | None = None  # block_top_kernel's, made on the first top-k draw
+        self._top_k_buffers: dict = {}  # lm.fused_topk's candidates and threshold, made on the first top-k draw
 
     def reseed(self, seed: int) -> None:
         """Start the draws afresh from `seed` (an integer of up to 63 bits)."""
@@ -191,22 +140,15 @@ class Draw:
             raise ValueError(f"top_k={top_k!r} must be a positive integer or None (every column).")
         if top_k is not None and top_k >= N:  # keeps every column
             top_k = None
-        plan = None if top_k is None else top_k_plan(N, top_k)
-        if plan is not None:  # the threshold in two kernels (see the module's docstring)
-            width, kept = plan
-            blocks = _cdiv(N, width)
-            if self.candidates is None or self.candidates.shape != (B, blocks * kept):
-                self.candidates = torch.empty(B, blocks * kept, dtype=torch.float32, device=logits.device)
-            _block_top_kernel[(B, blocks)](logits, logits.stride(0), N, 1.0 / temperature, self.candidates,
-                                           BN=width, KP=kept, num_warps=8, **pdl)
-            _threshold_kernel[(B,)](self.candidates, blocks * kept, top_k, self.threshold,
-                                    M=_pow2(blocks * kept), KP=kept, num_warps=16, **pdl)
-        elif top_k is not None:  # a k too large for the kernels: torch.topk's filter, then the plain draw
-            logits, temperature = top_k_filter(logits.float() / temperature, top_k), 1.0
+        threshold = None
+        if top_k is not None:  # the k-th largest of x / T (lm.fused_topk), in buffers a graph can keep
+            threshold = kth_largest(logits, top_k, 1.0 / temperature, self._top_k_buffers)
+            if threshold is None:  # a k too large for the kernels: torch.topk's filter, then the plain draw
+                logits, temperature = top_k_filter(logits.float() / temperature, top_k), 1.0
         _draw_kernel[(B, triton.cdiv(N, BLOCK))](logits, logits.stride(0), N, 1.0 / temperature, self.seed,
-                                                self.count, self.amax, self.threshold, BN=BLOCK,
-                                                HAS_THRESHOLD=plan is not None, **pdl)
+                                                self.count, self.amax, self.amax if threshold is None else threshold,
+                                                BN=BLOCK, HAS_THRESHOLD=threshold is not None, **pdl)
         return unpack_argmax(self.amax, self.next, feed, watch, self.count)
 
 
-__all__ = ["Draw", "block_top_kernel", "draw_input", "draw_kernel", "threshold_kernel", "top_k_plan", "usable"]
+__all__ = ["Draw", "draw_input", "draw_kernel", "usable"]

@@ -284,29 +284,35 @@ def test_nearby_seeds_and_counts_draw_apart():
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_top_k_threshold_is_torch_topks_kth_value(dtype):
-    """The draw's top-k threshold (block candidates, then one program per row) is exactly the k-th
-    largest of logits / T, as torch.topk gives it: widths that are not multiples of the block,
-    bf16 rows full of ties, k of 1, of a power of two, larger than the row; and a k too large for
-    the kernels falls back to top_k_filter. Every pick is one of the kept columns."""
-    from lm.fused_sampling import Draw, top_k_plan
+    """lm.fused_topk's k-th largest (block candidates, then one program per row) is exactly
+    torch.topk's k-th value of logits / T: widths that are not multiples of the block, bf16 rows
+    full of ties, k of 1, of a power of two, larger than the row; a k too large for the kernels
+    gives None (torch.topk's turn). top_k_filter on the GPU keeps what it keeps on the CPU, and
+    every pick of the draw with top_k is one of the kept columns."""
+    from lm.fused_sampling import Draw
+    from lm.fused_topk import kth_largest, top_k_plan
+    from lm.sampling import top_k_filter
 
     torch.manual_seed(0)
     T = 0.8
     for N in (50_304, 50_257, 3_000, 128_256):
         x = torch.randn(3, N, device="cuda") * 3
         x = x.round().to(dtype) if dtype == torch.bfloat16 else x.to(dtype)  # integers: many ties
-        for k in (1, 7, 50, 64, 200, 1000, 5000, N + 5):  # 5,000 of 50,304: top_k_filter's fallback
+        scaled = x.float() * (1 / T)
+        for k in (1, 7, 50, 64, 200, 1000, 5000, N + 5):  # 5,000 of 50,304: too many for the kernels
+            kth = torch.topk(scaled, min(k, N), dim=-1).values[:, -1]
+            found = kth_largest(x, k, 1 / T)
+            assert (found is None) == (top_k_plan(N, k) is None)
+            if found is not None:
+                assert torch.equal(found, kth), (N, k)
+            assert torch.equal(top_k_filter(scaled, k), top_k_filter(scaled.cpu(), k).cuda()), (N, k)
             draw = Draw(3, "cuda")
             draw.reseed(k)
             picks = torch.cat([draw(x, T, top_k=k).clone() for _ in range(8)], dim=1)
-            scaled = x.float() * (1 / T)
-            kth = torch.topk(scaled, min(k, N), dim=-1).values[:, -1]
-            if top_k_plan(N, k) is not None:
-                assert torch.equal(draw.threshold, kth), (N, k)
             assert (scaled.gather(1, picks) >= kth[:, None]).all(), (N, k)
             if k == 1 and dtype == torch.float32:  # one token kept: the argmax every time
                 assert torch.equal(picks, x.argmax(dim=1, keepdim=True).expand(-1, 8))
-    assert top_k_plan(50_304, 5_000) is None  # 5,000 of 50,304: torch.topk's filter instead
+    assert top_k_plan(50_304, 5_000) is None
 
 
 @cuda
@@ -338,11 +344,12 @@ def test_a_draw_with_a_bad_top_k_names_it(k):
 
 
 def test_the_top_k_plan_widens_blocks_until_the_candidates_fit_one_program():
-    from lm.fused_sampling import BLOCK, MAX_CANDIDATES, top_k_plan
+    from lm.fused_topk import BLOCK_COLUMNS, MAX_CANDIDATES, kth_largest, top_k_plan
 
-    assert top_k_plan(50_304, 50) == (2 * BLOCK, 64)  # 25 blocks of 2,048 keep 64 each: 1,600 candidates
-    assert top_k_plan(50_304, 1) == (2 * BLOCK, 2)  # tl.topk keeps two at least
+    assert top_k_plan(50_304, 50) == (BLOCK_COLUMNS, 64)  # 25 blocks of 2,048 keep 64 each: 1,600 candidates
+    assert top_k_plan(50_304, 1) == (BLOCK_COLUMNS, 2)  # tl.topk keeps two at least
     width, kept = top_k_plan(50_304, 1000)
     assert kept == 1024 and -(-50_304 // width) * kept <= MAX_CANDIDATES
-    assert top_k_plan(128, 50) == (2 * BLOCK, 64)  # one block holds the whole row
+    assert top_k_plan(128, 50) == (BLOCK_COLUMNS, 64)  # one block holds the whole row
     assert top_k_plan(50_304, 1025) is None  # more than 1,024 kept per block: torch.topk's filter
+    assert kth_largest(torch.zeros(2, 100), 5) is None  # on a CPU: torch.topk's filter
