@@ -33,7 +33,7 @@ import torch
 
 from .kv_cache import StaticCache
 from . import fused_sampling
-from .fused_sampling import Draw, draw_input
+from .fused_sampling import Draw
 from .sampling import SamplingConfig, choose_next
 
 
@@ -215,9 +215,8 @@ class GraphedStep:
             logits, next_ids = out
         elif self.draw is not None:  # the draw's second kernel pads, watches and feeds the choice itself
             logits = out
-            x, temperature, top_k = draw_input(logits[:, -1], self.sampling)
-            next_ids = self.draw(x, temperature, feed=(self.token, self.history, self.cache.cursor.position),
-                                 watch=watch, top_k=top_k)
+            next_ids = self.draw.choose(logits[:, -1], self.sampling,
+                                        feed=(self.token, self.history, self.cache.cursor.position), watch=watch)
         else:  # the module step's argmax, or choose_next's draw (where Triton does not run), in torch ops
             logits = out
             if self.greedy:

@@ -39,7 +39,7 @@ import torch
 
 from .fused_decode import _pdl, triton, unpack_argmax
 from .fused_topk import kth_largest
-from .sampling import SamplingConfig, process_logits, top_k_filter
+from .sampling import SamplingConfig, check_a_token_is_left, process_logits, top_k_filter
 
 if triton is not None:
     import triton.language as tl
@@ -149,6 +149,16 @@ class Draw:
                                                 self.count, self.amax, self.amax if threshold is None else threshold,
                                                 BN=BLOCK, HAS_THRESHOLD=threshold is not None, **pdl)
         return unpack_argmax(self.amax, self.next, feed, watch, self.count)
+
+    def choose(self, logits: torch.Tensor, sampling: SamplingConfig, previous_ids: torch.Tensor | None = None,
+               mask: torch.Tensor | None = None, feed=None, watch=None) -> torch.Tensor:
+        """(B, 1): a draw from (B, V) `logits` under `sampling` (temperature > 0), as `choose_next`
+        draws, given each row's history `previous_ids` (B, t) and its `mask` for the penalties
+        (`draw_input`); a SamplingError if no_repeat_ngram_size left a row nothing. `feed`, `watch`:
+        see the class."""
+        x, temperature, top_k = draw_input(logits, sampling, previous_ids, mask)
+        check_a_token_is_left(x, sampling)
+        return self(x, temperature, feed=feed, watch=watch, top_k=top_k)
 
 
 __all__ = ["Draw", "draw_input", "draw_kernel", "usable"]

@@ -35,11 +35,11 @@ import torch
 
 from . import fused_sampling
 from .cuda_graph import STOP_SLOTS, GraphedStep, graph_unsupported, use_graph
-from .fused_sampling import Draw, draw_input
+from .fused_sampling import Draw
 from .decode_step import LeanStep
 from .kv_cache import KVCache
 from .quantize import for_decoding
-from .sampling import SamplingConfig, SamplingError, check_a_token_is_left, choose_next, chosen_logprobs
+from .sampling import SamplingConfig, SamplingError, choose_next, chosen_logprobs
 
 
 FIRST_ROOM = 1024  # new tokens the buffers of a generation hold before they first grow
@@ -608,9 +608,7 @@ class Generation:
                         if self.draw is None:
                             self.draw = Draw(self.ids.size(0), self.ids.device)
                             self.draw.reseed(self._draw_seed())
-                        x, temperature, top_k = draw_input(logits, self.sampling, self.ids[:, :L], history_mask)
-                        check_a_token_is_left(x, self.sampling)
-                        next_ids = self.draw(x, temperature, top_k=top_k)
+                        next_ids = self.draw.choose(logits, self.sampling, self.ids[:, :L], history_mask)
                         logp = None if self.logprobs is None else chosen_logprobs(logits, next_ids)
                     else:
                         next_ids, logp = choose_next(logits, self.ids[:, :L], self.sampling, self.generator,

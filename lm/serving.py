@@ -42,9 +42,9 @@ import torch
 
 from . import fused_sampling
 from .cuda_graph import capture, graph_unsupported
-from .fused_sampling import Draw, draw_input
+from .fused_sampling import Draw
 from .generation import Decoder, Generation, GenerationConfig, TextStream, stop_token_ids
-from .sampling import check_a_token_is_left, choose_next
+from .sampling import choose_next
 
 
 class EngineBusy(RuntimeError):
@@ -538,7 +538,7 @@ class Engine:
         chosen = [0] * len(requests)
         groups: dict = {}
         for i, request in enumerate(requests):
-            shared = request.generator is None and request.draw is None and not request.needs_history
+            shared = request.config.seed is None and not request.needs_history  # a seed: its own draws
             groups.setdefault(request.sampling if shared else ("alone", i), []).append(i)
         for key, rows in groups.items():
             request = requests[rows[0]]
@@ -551,9 +551,7 @@ class Engine:
             else:  # every row shares the settings (the usual case): no gather
                 logits_of = logits
             if request.draw is not None:  # a seeded draw on a GPU, as Generation's eager steps make it
-                x, temperature, top_k = draw_input(logits_of, request.sampling, history)
-                check_a_token_is_left(x, request.sampling)
-                picked = request.draw(x, temperature, top_k=top_k)
+                picked = request.draw.choose(logits_of, request.sampling, history)
             else:
                 picked = choose_next(logits_of, history, request.sampling, request.generator)[0]
             for i, token in zip(rows, picked.view(-1).tolist()):
