@@ -1,4 +1,5 @@
-"""LeanStep: one decoding step through the functional ops gives the module path's logits bit for bit."""
+"""LeanStep: one decoding step through the functional ops gives the module path's logits, bit for bit
+with F.linear's products and to float tolerance with oneDNN's (the default on a CPU)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import pytest
 import torch
 
 import lm
-from lm.decode_step import LeanStep
-from lm.quantize import for_decoding, quantize_int8
+from lm.decode_step import LeanStep, onednn_usable
+from lm.quantize import Int8Linear, for_decoding, quantize_int8
 
 SHAPES = {
     "gpt2": dict(),
@@ -24,10 +25,14 @@ def small(**options) -> lm.GPT:
     return lm.GPT(config).eval()
 
 
-def module_and_lean(model, prompt, steps):
+needs_onednn = pytest.mark.skipif(not onednn_usable(), reason="this torch has no oneDNN linear for the CPU")
+
+
+def module_and_lean(model, prompt, steps, onednn=False):
     """Logits of `steps` one-token steps after `prompt`, through model(...) and through LeanStep,
     each with its own cache, feeding both the module path's greedy tokens."""
-    lean = LeanStep(model)
+    lean = LeanStep(model, onednn=onednn)
+    assert lean.onednn == (onednn and onednn_usable())
     caches = [lm.KVCache(model, prompt.size(0), max_len=prompt.size(1) + steps), None]
     caches[1] = lm.KVCache(model, prompt.size(0), max_len=prompt.size(1) + steps)
     with torch.no_grad():
@@ -57,12 +62,59 @@ def test_lean_step_equals_the_modules_bit_for_bit(shape, batch):
         assert torch.equal(a.k[:, :, :17], b.k[:, :, :17]) and torch.equal(a.v[:, :, :17], b.v[:, :, :17])
 
 
-@pytest.mark.parametrize("change", ["for_decoding", "int8", "lora"])
+@needs_onednn
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("batch", [1, 3])
+def test_lean_step_with_onednn_products_equals_the_modules_to_float_tolerance(shape, batch):
+    """oneDNN's products (with the GELU / SiLU, the gate and the residual additions fused into them)
+    sum in another order than F.linear's BLAS: the same logits to float32 rounding, the same tokens."""
+    model = small(**SHAPES[shape])
+    prompt = torch.randint(0, 61, (batch, 5), generator=torch.Generator().manual_seed(1))
+    pairs, caches = module_and_lean(model, prompt, steps=12, onednn=True)
+    for ours, lean_logits in pairs:
+        assert lean_logits.shape == ours.shape == (batch, 1, 61)
+        torch.testing.assert_close(lean_logits, ours, rtol=1e-5, atol=1e-5)
+        assert torch.equal(lean_logits.argmax(-1), ours.argmax(-1))
+    for a, b in zip(caches[0].layers, caches[1].layers):
+        torch.testing.assert_close(a.k[:, :, :17], b.k[:, :, :17], rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_onednn_products_are_used_by_default_on_a_cpu():
+    model = small()
+    lean = LeanStep(model)  # the default: oneDNN where torch has it
+    assert lean.onednn
+    cache = lm.KVCache(model, 1, max_len=4)
+    with torch.no_grad():
+        model(torch.zeros(1, 1, dtype=torch.long), cache=cache)
+        profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+        with profile:
+            lean(torch.zeros(1, 1, dtype=torch.long), cache)
+    names = [event.name for event in profile.events()]
+    # every product: the head, and each block's qkv, proj (+ x), fc (with its GELU) and proj (+ x)
+    assert names.count("mkldnn::_linear_pointwise") == 1 + 2 * 4
+    assert not {"aten::gelu", "aten::addmm", "aten::mm", "aten::linear"} & set(names)
+    assert names.count("aten::add") == 1  # the embedding's (token + position); no residual addition of its own
+
+
+def test_onednn_is_only_used_for_float32_weights():
+    model = small().to(torch.float64)
+    lean = LeanStep(model)
+    cache = lm.KVCache(model, 1, max_len=4)
+    with torch.no_grad():
+        model(torch.zeros(1, 1, dtype=torch.long), cache=cache)
+        logits = lean(torch.zeros(1, 1, dtype=torch.long), cache)
+    assert logits.dtype == torch.float64  # F.linear's path: oneDNN takes float32 products here
+
+
+@pytest.mark.parametrize("change", ["for_decoding", "int8", "int8_gpt2", "lora"])
 def test_lean_step_calls_layers_it_does_not_take_apart(change):
-    model = small(**SHAPES["llama"])
+    """Bit for bit with F.linear's products: the transposed layout, int8 layers (biased or not, taken
+    apart into their kernel call where torch has it), LoRA layers (called as modules)."""
+    model = small(**SHAPES["gpt2" if change == "int8_gpt2" else "llama"])
     if change == "for_decoding":
         for_decoding(model)
-    elif change == "int8":
+    elif change.startswith("int8"):
         quantize_int8(model)
     else:
         lm.apply_lora(model, lm.LoRAConfig(rank=2))
@@ -73,6 +125,23 @@ def test_lean_step_calls_layers_it_does_not_take_apart(change):
     pairs, _ = module_and_lean(model, prompt, steps=6)
     for ours, lean_logits in pairs:
         assert torch.equal(lean_logits, ours)
+
+
+def test_int8_layers_run_their_kernel_without_the_module(monkeypatch):
+    model = quantize_int8(small())
+    if not model.blocks[0].attn.qkv.fused:
+        pytest.skip("this torch has no fused int8 kernel for the CPU")
+    lean = LeanStep(model, onednn=False)
+    with torch.no_grad():
+        expected = model(torch.ones(1, 1, dtype=torch.long), cache=lm.KVCache(model, 1, max_len=4))[0]
+        monkeypatch.setattr(Int8Linear, "forward", lambda self, x: pytest.fail("the module was called"))
+        profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+        with profile:
+            logits = lean(torch.ones(1, 1, dtype=torch.long), lm.KVCache(model, 1, max_len=4))
+    assert torch.equal(logits, expected)
+    names = [event.name for event in profile.events()]
+    assert names.count("aten::_weight_int8pack_mm") == 2 * 4  # each block's four products (the tied head stays float)
+
 
 
 def greedy_without_lean(model, prompt, monkeypatch, **options):
@@ -132,3 +201,10 @@ def test_what_a_lean_step_refuses():
     model(torch.zeros(1, 2, dtype=torch.long), cache=full)
     with pytest.raises(RuntimeError, match="max_len"):
         lean(torch.zeros(1, 1, dtype=torch.long), full)
+
+
+@needs_onednn
+def test_torch_switching_onednn_off_keeps_f_linear():
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert not LeanStep(small()).onednn
+    assert LeanStep(small()).onednn and not LeanStep(small(), onednn=False).onednn
