@@ -168,7 +168,8 @@ def _defined_by(cls: type, name: str) -> str | None:
 
 class LeanStep:
     """`step(idx, cache)` == `model(idx, cache=cache)[0]` for idx (B, 1), in eval mode, with a
-    `KVCache` of `DynamicCache` layers that holds no padding; see the module docstring."""
+    `KVCache` of `DynamicCache` layers that holds no padding: bit for bit with `onednn=False`, to
+    float32 rounding with oneDNN's products; see the module docstring."""
 
     def __init__(self, model, onednn: bool | None = None):
         """`onednn`: float32 products on a CPU through oneDNN's kernel (None: wherever torch has it,
