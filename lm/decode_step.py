@@ -48,7 +48,7 @@ from .attention.modules import CausalSelfAttention
 from .feedforward import MLP, MoE, SwiGLU, TanhMLP
 from .kv_cache import DynamicCache
 from .norms import LayerNorm, RMSNorm, rms_norm
-from .quantize import Int8Linear
+from .quantize import Int8Linear, int8_product
 
 
 @functools.cache
@@ -77,8 +77,7 @@ def onednn_usable() -> bool:
 def _fast(layer: nn.Module, onednn: bool) -> bool:
     """Whether `layer` is a plain Linear whose products go to oneDNN: float32 weights on a CPU."""
     weight = getattr(layer, "weight", None)
-    return (onednn and type(layer) is nn.Linear and weight.dtype == torch.float32 and weight.device.type == "cpu"
-            and weight.dim() == 2)
+    return onednn and type(layer) is nn.Linear and weight.dtype == torch.float32 and weight.device.type == "cpu"
 
 
 def _linear(layer: nn.Module, onednn: bool = False, activation: str = "none", approximate: str = ""):
@@ -106,11 +105,10 @@ def _int8_product(layer: nn.Module):
             and layer.scale.dtype == torch.float32 and layer.scale_bf16.dtype == torch.bfloat16  # a float32 model
             and (layer.bias is None or layer.bias.dtype == torch.float32)):
         return None
-    mm, q, scale, bias = torch.ops.aten._weight_int8pack_mm, layer.weight_int8, layer.scale_bf16, layer.bias
-    n_in, n_out = layer.in_features, layer.out_features
+    q, scale, bias, n_out = layer.weight_int8, layer.scale_bf16, layer.bias, layer.out_features
     if bias is None:
-        return lambda x: mm(x.reshape(-1, n_in).to(torch.bfloat16), q, scale).view(*x.shape[:-1], n_out).float()
-    return lambda x: torch.add(bias, mm(x.reshape(-1, n_in).to(torch.bfloat16), q, scale).view(*x.shape[:-1], n_out))
+        return lambda x: int8_product(x, q, scale, n_out).float()
+    return lambda x: torch.add(bias, int8_product(x, q, scale, n_out))
 
 
 def _linear_then(layer: nn.Module, onednn: bool, combine: str):

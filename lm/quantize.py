@@ -33,6 +33,14 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+def int8_product(x: torch.Tensor, weight_int8: torch.Tensor, scale_bf16: torch.Tensor,
+                 out_features: int) -> torch.Tensor:
+    """x @ (scale * q)^T in bfloat16, shaped (..., out_features), through torch's fused int8 CPU kernel
+    (`_weight_int8pack_mm`): x is cast to bfloat16 and flattened to the kernel's rows."""
+    flat = x.reshape(-1, weight_int8.size(1)).to(torch.bfloat16)
+    return torch.ops.aten._weight_int8pack_mm(flat, weight_int8, scale_bf16).view(*x.shape[:-1], out_features)
+
+
 def _fused_kernel_available(device: torch.device) -> bool:
     return device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int8pack_mm")
 
@@ -55,12 +63,9 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused and x.device.type == "cpu":
-            flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
             # The kernel wants scales in its input's dtype; model.to(torch.float16) casts this buffer
             # too, so convert back (free when it is still bfloat16).
-            scale = self.scale_bf16.to(torch.bfloat16)
-            y = torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, scale)
-            y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+            y = int8_product(x, self.weight_int8, self.scale_bf16.to(torch.bfloat16), self.out_features).to(x.dtype)
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.dequantized(x.dtype), self.bias)
 

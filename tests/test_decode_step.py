@@ -143,7 +143,6 @@ def test_int8_layers_run_their_kernel_without_the_module(monkeypatch):
     assert names.count("aten::_weight_int8pack_mm") == 2 * 4  # each block's four products (the tied head stays float)
 
 
-
 def greedy_without_lean(model, prompt, monkeypatch, **options):
     with monkeypatch.context() as patch:
         patch.setattr(LeanStep, "unsupported", staticmethod(lambda model: "switched off by the test"))
