@@ -17,15 +17,17 @@ step then runs
 with the operations the modules run, in the same order. With `onednn=False` the logits are the
 same floats (tests/test_decode_step.py checks them bit for bit against `model(idx, cache=cache)`).
 
-By default, on a CPU, the float32 products go to oneDNN's inner-product kernel instead of the BLAS
-that `F.linear` calls (`torch.ops.mkldnn._linear_pointwise`, PyTorch's own fused linear for the CPU,
-which its compiler uses): at batch 1 a product reads its whole weight for one row of input, and
-oneDNN streams the transposed weights `generate` lays out (`lm.quantize.for_decoding`) faster. The
+On a CPU, for models large enough, the float32 products go to oneDNN's inner-product kernel instead
+of the BLAS that `F.linear` calls (`torch.ops.mkldnn._linear_pointwise`, PyTorch's own fused linear
+for the CPU, which its compiler uses): at batch 1 a product reads its whole weight for one row of
+input, and oneDNN splits that stream over the threads where the BLAS keeps it on one core. The
 same kernel applies the GELU (or SiLU) of the first feed-forward product, the gate's multiplication,
 and the residual additions as it writes its output, so these cost no pass of their own. Summed in
 another order, the logits differ from the modules' in the last bits (about 1e-6 relative), like
-any two BLAS libraries. On a 2-core AVX2 CPU, seed 000's model decodes about 1.17x faster than
-with F.linear at batch 1 and 1.5x at batch 8 (bench/cpu_decode.py has the figures against transformers).
+any two BLAS libraries. Each oneDNN call costs about 30 us more to start, so `onednn_pays` keeps
+F.linear for models under 32 MiB of weights (they sit in the CPU's cache) and on one thread. On a
+2-core AVX2 CPU, seed 000's model decodes about 1.17x faster than with F.linear at batch 1 and
+1.5x at batch 8 (bench/cpu_decode.py has the figures against transformers).
 
 Only what it knows is taken apart: LayerNorm and RMSNorm, plain `nn.Linear`, the GELU, tanh-GELU
 and SwiGLU feed-forwards, `CausalSelfAttention` with a `DynamicCache`. Anything else (int8 or
@@ -72,6 +74,26 @@ def onednn_usable() -> bool:
         return all(a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in pairs)
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
+
+
+ONEDNN_MIN_BYTES = 32 * 2**20  # float32 Linear weights; below this, F.linear's products are faster
+
+
+def onednn_pays(model: nn.Module) -> bool:
+    """Whether oneDNN's products are the faster choice for `model` on this CPU, as `LeanStep` decides
+    by default: torch may use oneDNN (`torch.backends.mkldnn.flags`), it runs on two threads or more,
+    and the model's float32 Linear weights fill at least ONEDNN_MIN_BYTES (32 MiB).
+
+    Measured on a 2-core CPU: at batch 1 the BLAS behind F.linear runs a matrix-vector product on
+    one core, and oneDNN splits it over both, so it streams weights from memory faster (seed 000's
+    101 MB model: 6.9 against 8.0 ms per step); but each oneDNN call costs about 30 us more before
+    it starts, which a small model, whose weights sit in the CPU's cache, never earns back (the
+    4.8M-parameter Shakespeare model: 2.6 against 2.3 ms; its 1M-parameter draft 0.81 against
+    0.51). On one thread oneDNN gains nothing at any size."""
+    if not torch.backends.mkldnn.enabled or torch.get_num_threads() < 2:
+        return False
+    size = sum(m.weight.numel() * 4 for m in model.modules() if _fast(m, True))
+    return size >= ONEDNN_MIN_BYTES
 
 
 def _fast(layer: nn.Module, onednn: bool) -> bool:
@@ -170,14 +192,15 @@ class LeanStep:
     float32 rounding with oneDNN's products; see the module docstring."""
 
     def __init__(self, model, onednn: bool | None = None):
-        """`onednn`: float32 products on a CPU through oneDNN's kernel (None: wherever torch has it,
-        see `onednn_usable`, unless `torch.backends.mkldnn.flags(enabled=False)` is on); False keeps
-        F.linear, and the modules' floats bit for bit."""
+        """`onednn`: float32 products on a CPU through oneDNN's kernel where torch has it (see
+        `onednn_usable`); None: where that is faster (`onednn_pays`: two threads or more and at least
+        32 MiB of float32 Linear weights, unless `torch.backends.mkldnn.flags(enabled=False)` is on);
+        False keeps F.linear, and the modules' floats bit for bit."""
         reason = self.unsupported(model)
         if reason is not None:
             raise ValueError(f"LeanStep cannot run this model: {reason}.")
         self.model = model
-        wanted = onednn if onednn is not None else torch.backends.mkldnn.enabled  # torch.backends.mkldnn.flags
+        wanted = onednn if onednn is not None else onednn_pays(model)
         self.onednn = bool(wanted) and onednn_usable()
         fast = self.onednn
         config = model.config
@@ -253,4 +276,4 @@ class LeanStep:
         return self.head(self.norm_f(x) if self.pre_norm else x)
 
 
-__all__ = ["LeanStep", "has_hooks", "onednn_usable"]
+__all__ = ["ONEDNN_MIN_BYTES", "LeanStep", "has_hooks", "onednn_pays", "onednn_usable"]

@@ -15,7 +15,7 @@ tied to the embedding (the embedding is a lookup, not a product), in place, for 
 `for_decoding(model)` keeps float weights but stores each Linear's weight transposed in memory,
 (in, out) contiguous: at batch 1 the product x @ W^T then streams the weight in the order the
 CPU's BLAS reads fastest (bench/cpu_decode.py measures it); `generate`'s one-token steps give these
-products to oneDNN (`lm.decode_step`), which streams them faster still.
+products to oneDNN (`lm.decode_step`) when the model is large enough, which streams them faster still.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """LeanStep: one decoding step through the functional ops gives the module path's logits, bit for bit
-with F.linear's products and to float tolerance with oneDNN's (the default on a CPU)."""
+with F.linear's products and to float tolerance with oneDNN's (the default on a CPU for models of
+32 MiB of weights and more)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 import lm
+from lm import decode_step
 from lm.decode_step import LeanStep, onednn_usable
 from lm.quantize import Int8Linear, for_decoding, quantize_int8
 
@@ -32,7 +34,8 @@ def module_and_lean(model, prompt, steps, onednn=False):
     """Logits of `steps` one-token steps after `prompt`, through model(...) and through LeanStep,
     each with its own cache, feeding both the module path's greedy tokens."""
     lean = LeanStep(model, onednn=onednn)
-    assert lean.onednn == (onednn and onednn_usable())
+    if onednn is not None:
+        assert lean.onednn == (onednn and onednn_usable())
     caches = [lm.KVCache(model, prompt.size(0), max_len=prompt.size(1) + steps), None]
     caches[1] = lm.KVCache(model, prompt.size(0), max_len=prompt.size(1) + steps)
     with torch.no_grad():
@@ -80,9 +83,9 @@ def test_lean_step_with_onednn_products_equals_the_modules_to_float_tolerance(sh
 
 
 @needs_onednn
-def test_onednn_products_are_used_by_default_on_a_cpu():
+def test_onednn_products_fuse_the_activation_and_the_residual_additions():
     model = small()
-    lean = LeanStep(model)  # the default: oneDNN where torch has it
+    lean = LeanStep(model, onednn=True)
     assert lean.onednn
     cache = lm.KVCache(model, 1, max_len=4)
     with torch.no_grad():
@@ -202,8 +205,27 @@ def test_what_a_lean_step_refuses():
         lean(torch.zeros(1, 1, dtype=torch.long), full)
 
 
+def fp32_linear_bytes(model) -> int:
+    return sum(m.weight.numel() * 4 for m in model.modules() if type(m) is torch.nn.Linear)
+
+
 @needs_onednn
-def test_torch_switching_onednn_off_keeps_f_linear():
-    with torch.backends.mkldnn.flags(enabled=False):
-        assert not LeanStep(small()).onednn
-    assert LeanStep(small()).onednn and not LeanStep(small(), onednn=False).onednn
+def test_by_default_onednn_is_used_for_large_models_on_two_threads_or_more(monkeypatch):
+    threads = torch.get_num_threads()
+    model = small()
+    try:
+        torch.set_num_threads(2)
+        assert fp32_linear_bytes(model) < decode_step.ONEDNN_MIN_BYTES
+        assert not LeanStep(model).onednn and LeanStep(model, onednn=True).onednn  # small: F.linear
+        pairs, _ = module_and_lean(model, torch.zeros(1, 2, dtype=torch.long), steps=3, onednn=None)
+        assert all(torch.equal(a, b) for a, b in pairs)  # the default on a small model: the modules' floats
+        monkeypatch.setattr(decode_step, "ONEDNN_MIN_BYTES", fp32_linear_bytes(model))
+        assert decode_step.onednn_pays(model) and LeanStep(model).onednn  # as large as the threshold: oneDNN
+        assert not LeanStep(model, onednn=False).onednn
+        with torch.backends.mkldnn.flags(enabled=False):
+            assert not LeanStep(model).onednn
+        assert not decode_step.onednn_pays(small().to(torch.float64))  # only float32 weights count
+        torch.set_num_threads(1)
+        assert not LeanStep(model).onednn  # one thread: oneDNN gains nothing
+    finally:
+        torch.set_num_threads(threads)
