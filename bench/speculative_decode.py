@@ -12,6 +12,11 @@ of draft tokens the target kept) and tokens per target forward; on CUDA, the eag
 draft's guesses as back-to-back replays, the target's check of k+1 positions as a graph), kept with
 the target between calls, so only the first (warm-up) call captures them.
 
+On a 2-core AVX2 CPU (2026-12-05), three runs: 1.07-1.09x at k=3 (2.49-2.61 against 2.70-2.85
+ms/token), 1.12-1.13x at k=4, the same with --threads 1; both models' forwards, the target's check
+of k+1 positions too, go through `lm.decode_step.LeanStep` (through the modules the check made it
+0.94x at k=3 the same day).
+
 Measured on one H200 (2026-12-04), three runs, k=3: 0.242-0.287 ms/token against 0.120-0.194 for
 greedy decoding's fused graph (0.50-0.70x); k=6 0.195-0.240 (0.61-0.84x). Eager, before the
 graphs: 1.26 against 0.47 (0.37x). Each round still reads the guesses and the target's choices

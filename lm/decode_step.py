@@ -35,6 +35,8 @@ LoRA layers, other norms) is called as its module, which gives the same result m
 `LeanStep.unsupported(model)` says whether a model can use it at all (no hooks, no MoE, a plain
 causal attention); generation uses it on its one-token steps whenever it can, and falls back to
 `model(idx, cache=cache)` when the cache holds padding (batched prompts) or is static (CUDA graphs).
+A step may also take several new tokens, attending through the mask the cache builds for the
+modules: speculative decoding checks a draft's guesses that way (`lm.speculative`).
 """
 
 from __future__ import annotations
@@ -187,7 +189,7 @@ def _defined_by(cls: type, name: str) -> str | None:
 
 
 class LeanStep:
-    """`step(idx, cache)` == `model(idx, cache=cache)[0]` for idx (B, 1), in eval mode, with a
+    """`step(idx, cache)` == `model(idx, cache=cache, all_logits=True)[0]` for idx (B, T), in eval mode, with a
     `KVCache` of `DynamicCache` layers that holds no padding: bit for bit with `onednn=False`, to
     float32 rounding with oneDNN's products; see the module docstring."""
 
@@ -232,22 +234,24 @@ class LeanStep:
 
     @staticmethod
     def usable(cache, T: int) -> bool:
-        """Whether a step of T new tokens with `cache` can run lean: one token, a growing cache of
-        plain keys and values, no padding."""
-        return (T == 1 and not cache.static and cache.cursor.real is None
+        """Whether a step of T new tokens with `cache` can run lean: a growing cache of plain keys
+        and values, no padding."""
+        return (T >= 1 and not cache.static and cache.cursor.real is None
                 and all(type(layer) is DynamicCache for layer in cache.layers))
 
     @torch.no_grad()
     def __call__(self, idx: torch.Tensor, cache) -> torch.Tensor:
-        """Logits (B, 1, V) of the next token after idx (B, 1), which is stored in `cache`."""
+        """Logits (B, T, V) after each of idx's (B, T) tokens, which are stored in `cache`: one token
+        when decoding, a few when a speculative step checks a draft's guesses. With T > 1 the queries
+        see the keys through the mask the cache builds for the modules (causal, after the cached ones)."""
         model = self.model
         if model.training:
             raise RuntimeError("LeanStep runs the model in eval mode (no dropout); call model.eval() first.")
-        B = idx.size(0)
+        B, T = idx.shape
         n = cache.cursor.length
-        if n + 1 > cache.max_len:
-            raise RuntimeError(f"the KV cache holds {cache.max_len} positions and all are filled; reset it or "
-                               f"build it with a larger max_len.")
+        if n + T > cache.max_len:
+            raise RuntimeError(f"the KV cache holds {cache.max_len} positions and {n} are filled, so {T} more do "
+                               f"not fit; reset it or build it with a larger max_len.")
         cache.cursor.masks = {}
         x = model.embed(idx, n)
         H, H_kv, D = self.heads
@@ -256,22 +260,26 @@ class LeanStep:
         for (norm1, qkv, proj_add, norm2, ffn_add, use_sdpa), layer in zip(self.layers, cache.layers):
             h = norm1(x) if self.pre_norm else x
             q, k, v = qkv(h).split_with_sizes(sizes, dim=2)
-            q = q.view(B, 1, H, D).transpose(1, 2)
-            k = k.view(B, 1, H_kv, D).transpose(1, 2)
-            v = v.view(B, 1, H_kv, D).transpose(1, 2)
+            q = q.view(B, T, H, D).transpose(1, 2)
+            k = k.view(B, T, H_kv, D).transpose(1, 2)
+            v = v.view(B, T, H_kv, D).transpose(1, 2)
             if rope is not None:
                 q, k = rope(q, k, offset=n)
-            layer.k.narrow(2, n, 1).copy_(k)  # narrow/copy_: what k[:, :, n:n+1] = ... does, without parsing the index
-            layer.v.narrow(2, n, 1).copy_(v)
-            y = attend_over(q, layer.k.narrow(2, 0, n + 1), layer.v.narrow(2, 0, n + 1), None, use_sdpa)
-            y = y.transpose(1, 2).contiguous().view(B, 1, H * D)
+            if T == 1:  # one new token sees every cached key: no mask
+                layer.k.narrow(2, n, 1).copy_(k)  # narrow/copy_: k[:, :, n:n+1] = ... without parsing the index
+                layer.v.narrow(2, n, 1).copy_(v)
+                keys, values, mask = layer.k.narrow(2, 0, n + 1), layer.v.narrow(2, 0, n + 1), None
+            else:
+                keys, values, mask = layer.update(k, v)
+            y = attend_over(q, keys, values, mask, use_sdpa)
+            y = y.transpose(1, 2).contiguous().view(B, T, H * D)
             if self.pre_norm:
                 x = proj_add(y, x)  # x + proj(y)
                 x = ffn_add(norm2(x), x)  # x + ffn(norm2(x))
             else:
                 x = norm1(proj_add(y, x))
                 x = norm2(ffn_add(x, x))
-        cache.cursor.length = n + 1
+        cache.cursor.length = n + T
         model.aux_loss = None
         return self.head(self.norm_f(x) if self.pre_norm else x)
 

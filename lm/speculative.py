@@ -147,7 +147,7 @@ class _Window:
         self.cache = KVCache(model, batch_size=1, max_len=max_len, static=graphed)
         self.graph = GraphedStep(model, self.cache, greedy=greedy) if graphed else None
         self.start = self.fed = 0
-        # one-token steps without the module machinery (`lm.decode_step`): the draft's guesses
+        # forwards without the module machinery (`lm.decode_step`): the draft's guesses, the target's check
         self.lean = LeanStep(model) if not graphed and LeanStep.unsupported(model) is None else None
 
     def step(self, ids: torch.Tensor) -> torch.Tensor:
@@ -164,6 +164,8 @@ class _Window:
         """Logits (last, V) of the last `last` positions of ids (1, T) fed after the cached ones."""
         if self.graph is not None:
             return self.graph.prefill(ids, start=self.fed - self.start, all_logits=True)[0, -last:]
+        if self.lean is not None and LeanStep.usable(self.cache, ids.size(1)):
+            return self.lean(ids, self.cache)[0, -last:]
         return _scores(self.model, ids, self.cache, last)
 
     def reset(self) -> None:

@@ -65,6 +65,38 @@ def test_lean_step_equals_the_modules_bit_for_bit(shape, batch):
         assert torch.equal(a.k[:, :, :17], b.k[:, :, :17]) and torch.equal(a.v[:, :, :17], b.v[:, :, :17])
 
 
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("onednn", [False, True])
+def test_several_new_tokens_at_once_equal_the_modules(shape, onednn):
+    """A forward over T new tokens after cached ones (a speculative step's check): the logits of every
+    position, and the cache after it, as model(ids, cache=cache, all_logits=True) gives them."""
+    model = small(**SHAPES[shape])
+    lean = LeanStep(model, onednn=onednn)
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(0, 61, (2, 6), generator=g)
+    chunks = [torch.randint(0, 61, (2, t), generator=g) for t in (4, 1, 3)]
+    caches = [lm.KVCache(model, 2, max_len=20), lm.KVCache(model, 2, max_len=20)]
+    with torch.no_grad():
+        for cache in caches:
+            model(prompt, cache=cache)
+        for chunk in chunks:
+            ours = model(chunk, cache=caches[0], all_logits=True)[0]
+            theirs = lean(chunk, caches[1])
+            assert theirs.shape == ours.shape == (2, chunk.size(1), 61)
+            if lean.onednn:
+                torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+            else:
+                assert torch.equal(theirs, ours)
+            for cache in caches:  # step back over the last token, as speculative decoding does
+                cache.crop(cache.length - 1)
+    assert caches[0].length == caches[1].length == 6 + 4 + 1 + 3 - 3
+    for a, b in zip(caches[0].layers, caches[1].layers):
+        torch.testing.assert_close(b.k[:, :, :11], a.k[:, :, :11], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b.v[:, :, :11], a.v[:, :, :11], rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="do not fit"):
+        lean(torch.zeros(2, 10, dtype=torch.long), caches[1])
+
+
 @needs_onednn
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 @pytest.mark.parametrize("batch", [1, 3])
@@ -194,7 +226,7 @@ def test_what_a_lean_step_refuses():
     handle.remove()
     lean = LeanStep(model)
     static = lm.KVCache(model, 1, max_len=8, static=True)
-    assert not LeanStep.usable(static, 1) and not LeanStep.usable(lm.KVCache(model, 1, max_len=8), 2)
+    assert not LeanStep.usable(static, 1) and not LeanStep.usable(lm.KVCache(model, 1, max_len=8), 0)
     model.train()
     with pytest.raises(RuntimeError, match="eval"):
         lean(torch.zeros(1, 1, dtype=torch.long), lm.KVCache(model, 1, max_len=8))
