@@ -240,10 +240,12 @@ class LeanStep:
                 and all(type(layer) is DynamicCache for layer in cache.layers))
 
     @torch.no_grad()
-    def __call__(self, idx: torch.Tensor, cache) -> torch.Tensor:
+    def __call__(self, idx: torch.Tensor, cache, last: int | None = None) -> torch.Tensor:
         """Logits (B, T, V) after each of idx's (B, T) tokens, which are stored in `cache`: one token
         when decoding, a few when a speculative step checks a draft's guesses. With T > 1 the queries
-        see the keys through the mask the cache builds for the modules (causal, after the cached ones)."""
+        see the keys through the mask the cache builds for the modules (causal, after the cached ones).
+        `last`: only the last `last` positions go through the head, (B, last, V); a long prompt's
+        forward then never computes scores nobody reads (`last=1` is `model(idx, cache=cache)`)."""
         model = self.model
         if model.training:
             raise RuntimeError("LeanStep runs the model in eval mode (no dropout); call model.eval() first.")
@@ -281,6 +283,8 @@ class LeanStep:
                 x = norm2(ffn_add(x, x))
         cache.cursor.length = n + T
         model.aux_loss = None
+        if last is not None and last < T:
+            x = x[:, T - last :]
         return self.head(self.norm_f(x) if self.pre_norm else x)
 
 

@@ -157,7 +157,7 @@ class _Window:
                 return self.graph(ids)[:, -1]
             return self.graph.prefill(ids, start=self.fed - self.start)[:, -1]
         if self.lean is not None and LeanStep.usable(self.cache, ids.size(1)):
-            return self.lean(ids, self.cache)[:, -1]
+            return self.lean(ids, self.cache, last=1)[:, -1]
         return self.model(ids, cache=self.cache)[0][:, -1]
 
     def scores(self, ids: torch.Tensor, last: int) -> torch.Tensor:
@@ -165,7 +165,7 @@ class _Window:
         if self.graph is not None:
             return self.graph.prefill(ids, start=self.fed - self.start, all_logits=True)[0, -last:]
         if self.lean is not None and LeanStep.usable(self.cache, ids.size(1)):
-            return self.lean(ids, self.cache)[0, -last:]
+            return self.lean(ids, self.cache, last=last)[0]
         return _scores(self.model, ids, self.cache, last)
 
     def reset(self) -> None:

@@ -95,6 +95,12 @@ def test_several_new_tokens_at_once_equal_the_modules(shape, onednn):
         torch.testing.assert_close(b.v[:, :, :11], a.v[:, :, :11], rtol=1e-5, atol=1e-5)
     with pytest.raises(RuntimeError, match="do not fit"):
         lean(torch.zeros(2, 10, dtype=torch.long), caches[1])
+    with torch.no_grad():  # only the last position through the head: what model(ids, cache=cache) returns
+        ours, theirs = model(chunks[0], cache=caches[0])[0], lean(chunks[0], caches[1], last=1)
+    assert theirs.shape == ours.shape == (2, 1, 61)
+    if not lean.onednn:
+        assert torch.equal(theirs, ours)
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
 
 
 @needs_onednn
