@@ -250,10 +250,7 @@ class LeanStep:
         if model.training:
             raise RuntimeError("LeanStep runs the model in eval mode (no dropout); call model.eval() first.")
         B, T = idx.shape
-        n = cache.cursor.length
-        if n + T > cache.max_len:
-            raise RuntimeError(f"the KV cache holds {cache.max_len} positions and {n} are filled, so {T} more do "
-                               f"not fit; reset it or build it with a larger max_len.")
+        n = cache.cursor.length  # layer.update refuses tokens that do not fit, before anything is written
         cache.cursor.masks = {}
         x = model.embed(idx, n)
         H, H_kv, D = self.heads
@@ -267,12 +264,7 @@ class LeanStep:
             v = v.view(B, T, H_kv, D).transpose(1, 2)
             if rope is not None:
                 q, k = rope(q, k, offset=n)
-            if T == 1:  # one new token sees every cached key: no mask
-                layer.k.narrow(2, n, 1).copy_(k)  # narrow/copy_: k[:, :, n:n+1] = ... without parsing the index
-                layer.v.narrow(2, n, 1).copy_(v)
-                keys, values, mask = layer.k.narrow(2, 0, n + 1), layer.v.narrow(2, 0, n + 1), None
-            else:
-                keys, values, mask = layer.update(k, v)
+            keys, values, mask = layer.update(k, v)  # mask None for one new token: it sees every key
             y = attend_over(q, keys, values, mask, use_sdpa)
             y = y.transpose(1, 2).contiguous().view(B, T, H * D)
             if self.pre_norm:

@@ -114,9 +114,9 @@ class DynamicCache:
         if n + T > self.slots:
             raise RuntimeError(f"the KV cache holds {self.slots} positions and {n} are filled, so {T} more do not "
                                f"fit; reset it or build it with a larger max_len (generate does this for you).")
-        self.k[:, :, n : n + T] = k
-        self.v[:, :, n : n + T] = v
-        keys, values = self.k[:, :, : n + T], self.v[:, :, : n + T]
+        self.k.narrow(2, n, T).copy_(k)  # narrow/copy_: k[:, :, n:n+T] = ... without parsing the index
+        self.v.narrow(2, n, T).copy_(v)
+        keys, values = self.k.narrow(2, 0, n + T), self.v.narrow(2, 0, n + T)
         real = self.cursor.real
         if T == 1 and pattern is None and real is None:
             return keys, values, None  # one new token sees every cached one
