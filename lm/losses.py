@@ -150,6 +150,7 @@ def _chunked(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, 
                 grad_weight.addmm_(g.t(), h)
             else:  # a bfloat16 product, added up in float32
                 grad_weight += g.t() @ h
+        del g  # (the same tensor as logits when no cast was needed): not alive beside the next chunk's
     loss = loss_sum / n_valid
     return loss, grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype)
 

@@ -6,6 +6,7 @@ sizes, shapes, no-grad and frozen inputs, torch.compile, errors, that no (N, V) 
 from __future__ import annotations
 
 import copy
+import weakref
 
 import pytest
 import torch
@@ -147,6 +148,32 @@ def test_the_full_logits_are_never_made():
     # no more rows of V scores than a chunk has ((C, V) is the weight, transposed as a view)
     assert all(shape[-1] != V or shape[0] <= 5 or shape == (C, V) for shape in shapes if len(shape) == 2)
     assert max(torch.Size(shape).numel() for shape in shapes) < 36 * V  # the largest: hidden (36, C)
+
+
+class ChunkLogits(TorchDispatchMode):
+    """Counts, each time a product makes a chunk's (rows, V) scores, how many earlier ones (or copies) are alive."""
+
+    def __init__(self, rows: int):
+        super().__init__()
+        self.rows = rows
+        self.made: list[weakref.ref] = []
+        self.alive_at_each_chunk: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and out.dim() == 2 and out.size(1) == V and out.size(0) <= self.rows:
+            if str(func.overloadpacket) in ("aten.mm", "aten.addmm"):
+                self.alive_at_each_chunk.append(sum(ref() is not None for ref in self.made))
+            self.made.append(weakref.ref(out))
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_one_chunk_of_scores_is_alive_at_a_time(dtype):
+    hidden, weight, targets = inputs((4, 9), dtype=dtype)
+    with ChunkLogits(rows=5) as mode:
+        linear_cross_entropy(hidden, weight, targets, chunk_rows=5)
+    assert mode.alive_at_each_chunk == [0] * 8  # 36 rows in chunks of 5: the last chunk's scores were let go
 
 
 def test_without_gradients_only_the_loss_is_computed():
