@@ -76,6 +76,15 @@ Triton's elementwise, LayerNorm, GELU and loss-chunk kernels 10.2 ms, AdamW and 
 epilogues (GELU and bias into the first MLP product, the residual add into the second), and attention
 would need a kernel near FlashAttention-3's speed; neither is in torch 2.11's kernels.
 
+Also tried on 2026-12-05 (H200, batch 16; the same profile again: 33.2 ms busy in a 35.1 ms step,
+matrix products 16.4, attention 4.2, Triton 10.1, AdamW 1.5): a Triton kernel per loss chunk that
+reads the bfloat16 scores twice and writes their gradient over them (the whole loss, 16 x 1024 rows
+of 50,304, products included: 9.50 ms against 9.14 for the compiled torch operations, 6.0 of either
+being the three products), no gain at the shipped chunk size; at 2,560 rows a chunk the kernel took
+7.98 ms (the compiled operations at that size were not timed alone, and gave no gain in a whole
+step: the loss-chunks-2560 lever above), a lead of about 1 ms a step not yet tried in `fit`; `--compile-mode
+max-autotune-no-cudagraphs` did not finish compiling within 6 minutes, a cost no reader would pay.
+
 Ends with one JSON line: {"bench", "unit": "MFU", "lm", "peer", "peer_name", "speedup"}; speedup > 1
 means lm reaches the higher MFU (= the higher tokens/s, since the work per token is the same).
 """
