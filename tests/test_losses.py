@@ -173,7 +173,7 @@ def test_one_chunk_of_scores_is_alive_at_a_time(dtype):
     hidden, weight, targets = inputs((4, 9), dtype=dtype)
     with ChunkLogits(rows=5) as mode:
         linear_cross_entropy(hidden, weight, targets, chunk_rows=5)
-    assert mode.alive_at_each_chunk == [0] * 8  # 36 rows in chunks of 5: the last chunk's scores were let go
+    assert mode.alive_at_each_chunk == [0] * 8  # 36 rows, 8 chunks: each made after the last one's were let go
 
 
 def test_without_gradients_only_the_loss_is_computed():
