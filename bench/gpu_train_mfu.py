@@ -82,8 +82,18 @@ reads the bfloat16 scores twice and writes their gradient over them (the whole l
 of 50,304, products included: 9.50 ms against 9.14 for the compiled torch operations, 6.0 of either
 being the three products), no gain at the shipped chunk size; at 2,560 rows a chunk the kernel took
 7.98 ms (the compiled operations at that size were not timed alone, and gave no gain in a whole
-step: the loss-chunks-2560 lever above), a lead of about 1 ms a step not yet tried in `fit`; `--compile-mode
+step: the loss-chunks-2560 lever above), a lead of about 1 ms a step; `--compile-mode
 max-autotune-no-cudagraphs` did not finish compiling within 6 minutes, a cost no reader would pay.
+
+Later that day (two H200 machines, one after the other): the loss kernel inside `fit`'s compiled step
+stopped the run with an illegal memory access (it passes its own tests, eager and compiled, and the
+step runs with CUDA_LAUNCH_BLOCKING=1), so it is not in lm. A trace of `fit` at batch 16 (CPU and
+CUDA, 12 steady steps) found the GPU idle before each step's first forward kernel and around the
+batch copy, the clipping and the optimizer: the host spends 28.6 ms of a 36.7 ms step inside
+`_start_step` launching ~980 kernels (median; 32.3 ms of 70.0 at batch 32), so at batch 16 the host
+is close to being the limit, and a slower host CPU costs MFU directly. This script gave 42.2% MFU
+(33.6 ms a step) at batch 16 on one machine; the same `fit` on another machine within the hour gave
+36.7 ms a step (median; mean 35.4): compare levers only within one run.
 
 Ends with one JSON line: {"bench", "unit": "MFU", "lm", "peer", "peer_name", "speedup"}; speedup > 1
 means lm reaches the higher MFU (= the higher tokens/s, since the work per token is the same).
