@@ -1,5 +1,7 @@
 """CPU decode latency, ms per token at batch 1: lm's `model.generate` (its defaults: KV cache, the
-weights laid out for decoding) against transformers' `generate`.
+one-token steps through `lm.decode_step.LeanStep`, whose float32 products and attention run in lm's
+compiled kernels, `lm.cpu_kernels`, where they can be built) against transformers' `generate`.
+The first line says whether the kernels ran; `LM_CPU_KERNELS=0` measures torch's products instead.
 
 Seed 000's configuration (preset "roketmodel": 8 layers, d_model 512, 8 heads, d_ff 2048, learned
 positions, untied head, 256-token character vocabulary), random weights (speed does not depend on
@@ -24,6 +26,7 @@ import time
 import torch
 
 import lm
+import lm.cpu_kernels
 from _report import report
 
 
@@ -56,6 +59,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    print("lm's CPU kernels:", lm.cpu_kernels.unavailable() or "compiled and used")
     ours, peer = build(vocab=256, block=1024)
     prompt = torch.randint(0, 256, (args.batch, args.prompt))
     n = args.new

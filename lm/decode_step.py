@@ -14,10 +14,22 @@ step then runs
     for each block:  x = x + proj(attend(qkv(norm1(x))))   x = x + ffn(norm2(x))     (or post-norm)
     logits = lm_head(norm_f(x))
 
-with the operations the modules run, in the same order. With `onednn=False` the logits are the
-same floats (tests/test_decode_step.py checks them bit for bit against `model(idx, cache=cache)`).
+with the operations the modules run, in the same order. With `onednn=False, matvec=False` the
+logits are the same floats (tests/test_decode_step.py checks them bit for bit against
+`model(idx, cache=cache)`).
 
-On a CPU, for models large enough, the float32 products go to oneDNN's inner-product kernel instead
+By default, wherever lm's compiled CPU kernels run (`lm.cpu_kernels`: Linux on x86-64 with AVX2 and
+a C compiler), the float32 products of up to MATVEC_MAX_ROWS (8) rows and the attention over the
+cache go to them instead: a product streams its weight at the memory's speed with the bias, the
+activation and the residual addition (or SwiGLU's gate) applied as it writes, and each new query's
+attention is computed on its own. On a 2-core AVX2 CPU that decodes seed 000's model in about 6 ms a
+token where oneDNN took 8 (bench/cpu_decode.py). Each output is summed in one fixed order whatever
+the threads and the rows beside it, so a speculative step's check of k tokens gives the same logits,
+bit for bit, as k one-token steps; against the modules they differ in the last bits (another order
+of additions), like any two BLAS libraries.
+
+Where they do not run (and for more rows: a prompt), the float32 products of models large enough
+go to oneDNN's inner-product kernel instead
 of the BLAS that `F.linear` calls (`torch.ops.mkldnn._linear_pointwise`, PyTorch's own fused linear
 for the CPU, which its compiler uses): at batch 1 a product reads its whole weight for one row of
 input, and oneDNN splits that stream over the threads where the BLAS keeps it on one core. The
@@ -47,6 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_kernels
 from .attention.kernels import attend_over
 from .attention.modules import CausalSelfAttention
 from .feedforward import MLP, MoE, SwiGLU, TanhMLP
@@ -104,21 +117,48 @@ def _fast(layer: nn.Module, onednn: bool) -> bool:
     return onednn and type(layer) is nn.Linear and weight.dtype == torch.float32 and weight.device.type == "cpu"
 
 
-def _linear(layer: nn.Module, onednn: bool = False, activation: str = "none", approximate: str = ""):
+def _linear(layer: nn.Module, onednn: bool = False, activation: str = "none", approximate: str = "",
+            matvec: bool = False):
     """A function computing `activation(layer(x))` (activation "none", "gelu" or "swish"): oneDNN's
     kernel when `onednn` and the layer is a float32 Linear, else F.linear with its tensors for a plain
-    Linear, else the layer itself (int8, LoRA) followed by the activation."""
+    Linear, else the layer itself (int8, LoRA) followed by the activation; with `matvec`, lm's compiled
+    kernel takes the products of a few rows (`_few_rows_first`)."""
     weight, bias = getattr(layer, "weight", None), getattr(layer, "bias", None)
     if _fast(layer, onednn):
         op = torch.ops.mkldnn._linear_pointwise
-        return lambda x: op(x, weight, bias, activation, [], approximate)
-    product = ((lambda x: F.linear(x, weight, bias)) if type(layer) is nn.Linear
-               else _int8_product(layer) or layer)  # LoRA and the rest: its own forward
-    if activation == "gelu":
-        return lambda x: F.gelu(product(x), approximate=approximate)
-    if activation == "swish":
-        return lambda x: F.silu(product(x))
-    return product
+        rows = lambda x: op(x, weight, bias, activation, [], approximate)
+    else:
+        product = ((lambda x: F.linear(x, weight, bias)) if type(layer) is nn.Linear
+                   else _int8_product(layer) or layer)  # LoRA and the rest: its own forward
+        if activation == "gelu":
+            rows = lambda x: F.gelu(product(x), approximate=approximate)
+        elif activation == "swish":
+            rows = lambda x: F.silu(product(x))
+        else:
+            rows = product
+    kernel_activation = "gelu_tanh" if activation == "gelu" and approximate == "tanh" else activation
+    return _few_rows_first(layer, rows, kernel_activation) if matvec else rows
+
+
+MATVEC_MAX_ROWS = 8  # products of up to this many rows go to lm's kernel; more rows: a matrix product
+
+
+def _few_rows_first(layer: nn.Module, rows, activation: str = "none", combine: str = "none"):
+    """`rows` (a function for any number of rows: of x, or of x and other), except that products of
+    up to MATVEC_MAX_ROWS contiguous rows go to lm's compiled kernel (`lm.cpu_kernels`), with the
+    activation and the combination done as it writes. `rows` takes the rest: more rows, a weight stored
+    transposed (`for_decoding(model, "columns")`), layers that are not plain float32 CPU Linears."""
+    if not _fast(layer, True):
+        return rows
+    weight, bias = layer.weight, layer.bias
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        return rows
+    most, few = MATVEC_MAX_ROWS * weight.size(1), cpu_kernels.product(weight, bias, activation, combine)
+    # checked at every call: `for_decoding(model, "columns")` may transpose the weight in memory later
+    if combine == "none":
+        return lambda x: few(x) if x.numel() <= most and x.is_contiguous() and weight.is_contiguous() else rows(x)
+    return lambda x, other: (few(x, other) if x.numel() <= most and x.is_contiguous() and other.is_contiguous()
+                             and weight.is_contiguous() else rows(x, other))
 
 
 def _int8_product(layer: nn.Module):
@@ -135,16 +175,20 @@ def _int8_product(layer: nn.Module):
     return lambda x: torch.add(bias, int8_product(x, q, scale, n_out))
 
 
-def _linear_then(layer: nn.Module, onednn: bool, combine: str):
+def _linear_then(layer: nn.Module, onednn: bool, combine: str, matvec: bool = False):
     """A function computing `layer(x) + other` (combine "add") or `layer(x) * other` ("mul") from
-    (x, other), the addition or multiplication done by oneDNN's kernel where `_linear` would use it."""
+    (x, other), the addition or multiplication done by oneDNN's kernel where `_linear` would use it,
+    and by lm's compiled kernel for a few rows with `matvec`."""
     if _fast(layer, onednn):
         op, weight, bias = torch.ops.mkldnn._linear_pointwise.binary, layer.weight, layer.bias
-        return lambda x, other: op(x, other, weight, bias, combine)
-    product = _linear(layer)
-    if combine == "add":
-        return lambda x, other: other + product(x)
-    return lambda x, other: product(x) * other
+        rows = lambda x, other: op(x, other, weight, bias, combine)
+    else:
+        product = _linear(layer)
+        if combine == "add":
+            rows = lambda x, other: other + product(x)
+        else:
+            rows = lambda x, other: product(x) * other
+    return _few_rows_first(layer, rows, combine=combine) if matvec else rows
 
 
 def _norm(norm: nn.Module):
@@ -158,16 +202,40 @@ def _norm(norm: nn.Module):
     return norm
 
 
-def _feedforward_add(ffn: nn.Module, onednn: bool):
+def _feedforward_add(ffn: nn.Module, onednn: bool, matvec: bool = False):
     """A function computing `other + ffn(x)` in eval mode from (x, other), from the layers' functions."""
     if type(ffn) in (MLP, TanhMLP):
-        fc, proj = _linear(ffn.fc, onednn, "gelu", ffn.approximate), _linear_then(ffn.proj, onednn, "add")
+        fc = _linear(ffn.fc, onednn, "gelu", ffn.approximate, matvec)
+        proj = _linear_then(ffn.proj, onednn, "add", matvec)
         return lambda x, other: proj(fc(x), other)
     if type(ffn) is SwiGLU:
-        gate, value = _linear(ffn.w1, onednn, "swish"), _linear_then(ffn.w2, onednn, "mul")
-        down = _linear_then(ffn.w3, onednn, "add")
+        gate, value = _linear(ffn.w1, onednn, "swish", matvec=matvec), _linear_then(ffn.w2, onednn, "mul", matvec)
+        down = _linear_then(ffn.w3, onednn, "add", matvec)
         return lambda x, other: down(value(x, gate(x)), other)  # silu(w1 x) * w2 x, as SwiGLU.forward
     return lambda x, other: other + ffn(x)
+
+
+def _attend(attn: CausalSelfAttention, kernel: bool):
+    """A function (q, keys, values, mask) -> (B, T, H * D): the attention of the new queries over the
+    cache's keys and values, as the module computes it (F.scaled_dot_product_attention, or the
+    written-out path), or with `kernel` through lm's compiled kernel for float32 on the CPU, which
+    applies by itself the one mask a LeanStep's cache builds (causal, after the cached positions)."""
+    use_sdpa = attn.use_sdpa
+
+    def as_the_module(q, keys, values, mask):
+        B, H, T, D = q.shape
+        return attend_over(q, keys, values, mask, use_sdpa).transpose(1, 2).reshape(B, T, H * D)
+
+    if not kernel:
+        return as_the_module
+    attention = functools.partial(cpu_kernels.attention, kernels=cpu_kernels._load()[0])
+
+    def compiled(q, keys, values, mask):
+        if q.dtype is torch.float32 and q.device.type == "cpu" and keys.size(2) <= cpu_kernels.MAX_KEYS:
+            return attention(q, keys, values)
+        return as_the_module(q, keys, values, mask)
+
+    return compiled
 
 
 def has_hooks(model: nn.Module, backward: bool = False) -> bool:
@@ -190,31 +258,35 @@ def _defined_by(cls: type, name: str) -> str | None:
 
 class LeanStep:
     """`step(idx, cache)` == `model(idx, cache=cache, all_logits=True)[0]` for idx (B, T), in eval mode, with a
-    `KVCache` of `DynamicCache` layers that holds no padding: bit for bit with `onednn=False`, to
-    float32 rounding with oneDNN's products; see the module docstring."""
+    `KVCache` of `DynamicCache` layers that holds no padding: bit for bit with `onednn=False,
+    matvec=False`, to float32 rounding with oneDNN's or lm's compiled products; see the module docstring."""
 
-    def __init__(self, model, onednn: bool | None = None):
+    def __init__(self, model, onednn: bool | None = None, matvec: bool | None = None):
         """`onednn`: float32 products on a CPU through oneDNN's kernel where torch has it (see
         `onednn_usable`); None: where that is faster (`onednn_pays`: two threads or more and at least
-        32 MiB of float32 Linear weights, unless `torch.backends.mkldnn.flags(enabled=False)` is on);
-        False keeps F.linear, and the modules' floats bit for bit."""
+        32 MiB of float32 Linear weights, unless `torch.backends.mkldnn.flags(enabled=False)` is on).
+        `matvec`: products of a single row (one token at batch 1) through lm's compiled kernel
+        (`lm.cpu_kernels`) instead; None: wherever it is available. `onednn=False, matvec=False` keep
+        F.linear, and the modules' floats bit for bit."""
         reason = self.unsupported(model)
         if reason is not None:
             raise ValueError(f"LeanStep cannot run this model: {reason}.")
         self.model = model
         wanted = onednn if onednn is not None else onednn_pays(model)
         self.onednn = bool(wanted) and onednn_usable()
-        fast = self.onednn
+        self.matvec = (matvec is None or bool(matvec)) and cpu_kernels.unavailable() is None
+        fast, one_row = self.onednn, self.matvec
         config = model.config
         self.pre_norm = config.norm_position == "pre"
         self.layers = []
         for block in model.blocks:
             attn = block.attn
-            self.layers.append((_norm(block.norm1), _linear(attn.qkv, fast), _linear_then(attn.proj, fast, "add"),
-                                _norm(block.norm2), _feedforward_add(block.mlp, fast), attn.use_sdpa))
+            self.layers.append((_norm(block.norm1), _linear(attn.qkv, fast, matvec=one_row),
+                                _linear_then(attn.proj, fast, "add", one_row), _norm(block.norm2),
+                                _feedforward_add(block.mlp, fast, one_row), _attend(attn, one_row)))
         self.heads = (config.n_head, config.kv_heads, config.head_dim)
         self.norm_f = _norm(model.norm_f) if self.pre_norm else None
-        self.head = _linear(model.lm_head, fast)
+        self.head = _linear(model.lm_head, fast, matvec=one_row)
 
     @staticmethod
     def unsupported(model) -> str | None:
@@ -256,7 +328,7 @@ class LeanStep:
         H, H_kv, D = self.heads
         sizes = [H * D, H_kv * D, H_kv * D]
         rope = model.rope
-        for (norm1, qkv, proj_add, norm2, ffn_add, use_sdpa), layer in zip(self.layers, cache.layers):
+        for (norm1, qkv, proj_add, norm2, ffn_add, attend), layer in zip(self.layers, cache.layers):
             h = norm1(x) if self.pre_norm else x
             q, k, v = qkv(h).split_with_sizes(sizes, dim=2)
             q = q.view(B, T, H, D).transpose(1, 2)
@@ -265,8 +337,7 @@ class LeanStep:
             if rope is not None:
                 q, k = rope(q, k, offset=n)
             keys, values, mask = layer.update(k, v)  # mask None for one new token: it sees every key
-            y = attend_over(q, keys, values, mask, use_sdpa)
-            y = y.transpose(1, 2).contiguous().view(B, T, H * D)
+            y = attend(q, keys, values, mask)  # (B, T, H * D)
             if self.pre_norm:
                 x = proj_add(y, x)  # x + proj(y)
                 x = ffn_add(norm2(x), x)  # x + ffn(norm2(x))

@@ -21,8 +21,9 @@ so does the prompt's forward from the second prompt of a length bucket on; the
 loop itself never waits for the GPU unless something must be read back (stop tokens or strings,
 streaming), so Python can queue the next step while the GPU runs this one. On a CPU the Linear
 weights are laid out for decoding first (`lm.quantize.for_decoding`: same values, faster reads),
-and the one-token steps run as `lm.decode_step.LeanStep`, whose float32 products go through oneDNN
-where that is faster (two threads or more, 32 MiB of weights and more: `lm.decode_step.onednn_pays`).
+and the one-token steps run as `lm.decode_step.LeanStep`, whose float32 products and attention go
+through lm's compiled kernels where they run (`lm.cpu_kernels`), else through oneDNN where that is
+faster (two threads or more, 32 MiB of weights and more: `lm.decode_step.onednn_pays`).
 """
 
 from __future__ import annotations

@@ -12,10 +12,11 @@ Activations stay in floating point ("weight-only"). Where torch has a fused int8
 the weights are dequantized on the fly. `quantize_int8(model)` swaps every Linear except a head
 tied to the embedding (the embedding is a lookup, not a product), in place, for inference only.
 
-`for_decoding(model)` keeps float weights but stores each Linear's weight transposed in memory,
-(in, out) contiguous: at batch 1 the product x @ W^T then streams the weight in the order the
-CPU's BLAS reads fastest (bench/cpu_decode.py measures it); `generate`'s one-token steps give these
-products to oneDNN (`lm.decode_step`) when the model is large enough, which streams them faster still.
+`for_decoding(model)` keeps float weights but stores each Linear's weight in the order the CPU's
+decoding products read fastest: row by row, as nn.Linear stores it, for lm's compiled kernel
+(`lm.cpu_kernels`, which `generate`'s one-token steps use wherever it runs), and otherwise transposed
+in memory, (in, out) contiguous, the order in which the BLAS behind F.linear streams x @ W^T fastest
+at batch 1 (bench/cpu_decode.py measures it).
 """
 
 from __future__ import annotations
@@ -74,16 +75,29 @@ class Int8Linear(nn.Module):
 
 
 @torch.no_grad()
-def for_decoding(model: nn.Module) -> nn.Module:
-    """Store every Linear weight transposed in memory, in place, and return the model.
+def for_decoding(model: nn.Module, layout: str | None = None) -> nn.Module:
+    """Store every Linear weight in the memory order the CPU's decoding products read fastest, in
+    place, and return the model.
 
-    The weight keeps its shape (out, in), its values and its Parameter; only its strides change,
-    to those of a contiguous (in, out) matrix, so that `F.linear` computes x @ W^T from a matrix the
-    CPU's BLAS streams in the order it reads fastest at batch 1. Training, saving and loading work
-    as before. `generate` does this on a CPU; doing it twice changes nothing."""
+    layout "columns": each weight transposed in memory, its strides those of a contiguous (in, out)
+    matrix, so that `F.linear` computes x @ W^T from a matrix the CPU's BLAS streams in the order it
+    reads fastest at batch 1. "rows": the usual contiguous (out, in), which lm's compiled kernel
+    (`lm.cpu_kernels`) streams row by row. None: "rows" where that kernel runs, else "columns". The
+    weight keeps its shape (out, in), its values and its Parameter; only its strides change. Training,
+    saving and loading work as before. `generate` does this on a CPU; doing it twice changes nothing."""
+    if layout is None:
+        from .cpu_kernels import unavailable
+
+        layout = "rows" if unavailable() is None else "columns"
+    if layout not in ("rows", "columns"):
+        raise ValueError(f"for_decoding: layout {layout!r}; choose 'rows', 'columns' or None (the faster here)")
     for module in model.modules():
-        if isinstance(module, nn.Linear) and module.weight.is_contiguous() and module.weight.dim() == 2:
-            module.weight.data = module.weight.data.t().contiguous().t()
+        if isinstance(module, nn.Linear) and module.weight.dim() == 2:
+            weight = module.weight.data
+            if layout == "columns" and weight.is_contiguous():
+                module.weight.data = weight.t().contiguous().t()
+            elif layout == "rows" and not weight.is_contiguous():
+                module.weight.data = weight.contiguous()
     return model
 
 

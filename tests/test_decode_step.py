@@ -1,6 +1,6 @@
 """LeanStep: one decoding step through the functional ops gives the module path's logits, bit for bit
-with F.linear's products and to float tolerance with oneDNN's (the default on a CPU for models of
-32 MiB of weights and more)."""
+with F.linear's products and to float tolerance with oneDNN's (the default on a CPU for several rows
+and models of 32 MiB of weights and more) and lm's compiled kernel's (one row: tests/test_cpu_kernels.py)."""
 
 from __future__ import annotations
 
@@ -30,10 +30,10 @@ def small(**options) -> lm.GPT:
 needs_onednn = pytest.mark.skipif(not onednn_usable(), reason="this torch has no oneDNN linear for the CPU")
 
 
-def module_and_lean(model, prompt, steps, onednn=False):
+def module_and_lean(model, prompt, steps, onednn=False, matvec=False):
     """Logits of `steps` one-token steps after `prompt`, through model(...) and through LeanStep,
     each with its own cache, feeding both the module path's greedy tokens."""
-    lean = LeanStep(model, onednn=onednn)
+    lean = LeanStep(model, onednn=onednn, matvec=matvec)
     if onednn is not None:
         assert lean.onednn == (onednn and onednn_usable())
     caches = [lm.KVCache(model, prompt.size(0), max_len=prompt.size(1) + steps), None]
@@ -71,7 +71,7 @@ def test_several_new_tokens_at_once_equal_the_modules(shape, onednn):
     """A forward over T new tokens after cached ones (a speculative step's check): the logits of every
     position, and the cache after it, as model(ids, cache=cache, all_logits=True) gives them."""
     model = small(**SHAPES[shape])
-    lean = LeanStep(model, onednn=onednn)
+    lean = LeanStep(model, onednn=onednn, matvec=False)
     g = torch.Generator().manual_seed(3)
     prompt = torch.randint(0, 61, (2, 6), generator=g)
     chunks = [torch.randint(0, 61, (2, t), generator=g) for t in (4, 1, 3)]
@@ -123,7 +123,7 @@ def test_lean_step_with_onednn_products_equals_the_modules_to_float_tolerance(sh
 @needs_onednn
 def test_onednn_products_fuse_the_activation_and_the_residual_additions():
     model = small()
-    lean = LeanStep(model, onednn=True)
+    lean = LeanStep(model, onednn=True, matvec=False)
     assert lean.onednn
     cache = lm.KVCache(model, 1, max_len=4)
     with torch.no_grad():
@@ -154,7 +154,7 @@ def test_lean_step_calls_layers_it_does_not_take_apart(change):
     apart into their kernel call where torch has it), LoRA layers (called as modules)."""
     model = small(**SHAPES["gpt2" if change == "int8_gpt2" else "llama"])
     if change == "for_decoding":
-        for_decoding(model)
+        for_decoding(model, "columns")
     elif change.startswith("int8"):
         quantize_int8(model)
     else:
@@ -172,7 +172,7 @@ def test_int8_layers_run_their_kernel_without_the_module(monkeypatch):
     model = quantize_int8(small())
     if not model.blocks[0].attn.qkv.fused:
         pytest.skip("this torch has no fused int8 kernel for the CPU")
-    lean = LeanStep(model, onednn=False)
+    lean = LeanStep(model, onednn=False, matvec=False)
     with torch.no_grad():
         expected = model(torch.ones(1, 1, dtype=torch.long), cache=lm.KVCache(model, 1, max_len=4))[0]
         monkeypatch.setattr(Int8Linear, "forward", lambda self, x: pytest.fail("the module was called"))
@@ -256,7 +256,7 @@ def test_by_default_onednn_is_used_for_large_models_on_two_threads_or_more(monke
         assert fp32_linear_bytes(model) < decode_step.ONEDNN_MIN_BYTES
         assert not LeanStep(model).onednn and LeanStep(model, onednn=True).onednn  # small: F.linear
         pairs, _ = module_and_lean(model, torch.zeros(1, 2, dtype=torch.long), steps=3, onednn=None)
-        assert all(torch.equal(a, b) for a, b in pairs)  # the default on a small model: the modules' floats
+        assert all(torch.equal(a, b) for a, b in pairs)  # several rows' default on a small model: F.linear's floats
         monkeypatch.setattr(decode_step, "ONEDNN_MIN_BYTES", fp32_linear_bytes(model))
         assert decode_step.onednn_pays(model) and LeanStep(model).onednn  # as large as the threshold: oneDNN
         assert not LeanStep(model, onednn=False).onednn

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import lm
+from lm import cpu_kernels
 from lm.quantize import Int8Linear, for_decoding, quantize_int8, quantize_weight, weight_bytes
 
 from helpers import sharp_model
@@ -40,12 +41,23 @@ def test_decoding_layout_keeps_shapes_values_and_parameters():
     linear = nn.Linear(64, 40)
     weight, x = linear.weight, torch.randn(2, 7, 64)
     before, values = linear(x), weight.detach().clone()
-    for_decoding(linear)
+    for_decoding(linear, "columns")
     assert linear.weight is weight and weight.shape == (40, 64) and torch.equal(weight, values)
     assert weight.stride() == (1, 40)  # a contiguous (in, out) matrix underneath
     torch.testing.assert_close(linear(x), before, atol=1e-6, rtol=1e-6)
-    for_decoding(linear)  # twice: nothing more changes
+    for_decoding(linear, "columns")  # twice: nothing more changes
     assert weight.stride() == (1, 40)
+    for_decoding(linear, "rows")  # back to nn.Linear's own order, for lm's compiled kernel
+    assert linear.weight is weight and weight.stride() == (64, 1) and torch.equal(weight, values)
+    with pytest.raises(ValueError, match="layout 'transposed'"):
+        for_decoding(linear, "transposed")
+
+
+def test_the_default_layout_is_the_one_the_decoding_products_read_fastest(monkeypatch):
+    """Rows where lm's kernel runs (it streams each weight row by row), transposed for F.linear."""
+    for why, strides in ((None, (64, 1)), ("switched off by the test", (1, 40))):
+        monkeypatch.setattr(cpu_kernels, "unavailable", lambda: why)
+        assert for_decoding(nn.Linear(64, 40)).weight.stride() == strides
 
 
 def test_generate_on_cpu_lays_the_weights_out_for_decoding():
@@ -55,7 +67,8 @@ def test_generate_on_cpu_lays_the_weights_out_for_decoding():
     model = lm.GPT(lm.ModelConfig(vocab_size=50, block_size=32, n_layer=2, n_head=4, d_model=32))
     reference = copy.deepcopy(model)
     model.generate(torch.zeros(1, 1, dtype=torch.long), max_new_tokens=2)
-    assert all(not m.weight.is_contiguous() for m in model.modules() if isinstance(m, nn.Linear))
+    transposed = cpu_kernels.unavailable() is not None  # else rows, as lm's kernel reads them
+    assert all(m.weight.is_contiguous() != transposed for m in model.modules() if isinstance(m, nn.Linear))
     idx = torch.randint(0, 50, (2, 16))
     for m in (model, reference):
         m.train()
@@ -120,7 +133,7 @@ def test_weight_bytes_counts_every_tensor_a_layer_keeps(bias):
     linear = nn.Linear(32, 24, bias=bias)
     layer = Int8Linear(linear)
     assert weight_bytes(layer) == _stored_bytes(layer) == 32 * 24 + 24 * (4 + 2) + bias * 24 * 4  # int8, 2 scales
-    transposed = for_decoding(linear)
+    transposed = for_decoding(linear, "columns")
     assert weight_bytes(transposed) == _stored_bytes(transposed) == (32 + bias) * 24 * 4
 
 
@@ -129,7 +142,7 @@ def test_weight_bytes_of_a_quantized_model_is_everything_it_stores(tie_weights):
     # learned positions: the model has no derived buffers, so every tensor it keeps is a weight
     model = lm.GPT(lm.ModelConfig(vocab_size=64, block_size=32, n_layer=2, n_head=4, d_model=64,
                                   tie_weights=tie_weights)).eval()
-    for prepared in (quantize_int8(copy.deepcopy(model)), for_decoding(copy.deepcopy(model)), model):
+    for prepared in (quantize_int8(copy.deepcopy(model)), for_decoding(copy.deepcopy(model), "columns"), model):
         assert weight_bytes(prepared) == _stored_bytes(prepared)
     # RoPE's cos/sin tables are derived from the config, not weights
     rope = lm.GPT(lm.ModelConfig(vocab_size=64, block_size=32, n_layer=2, n_head=4, d_model=64, pos="rope"))

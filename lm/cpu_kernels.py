@@ -1,0 +1,264 @@
+"""lm's compiled CPU kernels for decoding: products and attention as fast as memory delivers the weights.
+
+Decoding one token at batch 1 reads every weight of the model once and does one multiply-add with
+each, so a step takes as long as the weights take to stream in from memory. Neither of torch's CPU
+products gets there at batch 1: on a 2-core AVX2 CPU the BLAS behind F.linear keeps the stream on
+one core (11-15 GB/s) and oneDNN's inner product, which splits it, reached 11-20 GB/s, while a
+plain `torch.sum` over the same 101 MB of weights streams at 23-30 GB/s. `lm/csrc/decode.c` holds
+two kernels written for this case alone (about 130 lines of C):
+
+- `lm_matvec`, a few rows times a weight matrix (`matvec`): the weight's rows split between the
+  threads, four at a time per thread, eight floats per load, one fused multiply-add per float, and
+  the bias, the activation (GELU, tanh-GELU, SiLU) and the residual addition (or SwiGLU's
+  multiplication) applied as each output is written;
+- `lm_attend`, the attention of a few new queries over a KV cache (`attend`), each query's scores,
+  softmax and weighted sum of the values on one thread.
+
+Each output is summed by one thread in one fixed order, so the results depend neither on the number
+of threads nor on how many rows or queries came together: a speculative step's check of k tokens
+gives the logits of k one-token steps bit for bit. Against F.linear and F.scaled_dot_product_attention
+they differ in the last bits (another order of additions), as oneDNN's do.
+
+The file is compiled once per machine with the system's C compiler (`cc -O2 -mavx2 -mfma -fopenmp`,
+about a second) into ~/.cache/lm/kernels (or $LM_KERNEL_DIR; a private temporary folder where that
+one cannot be written or others may write to it), named by a hash of its source, the flags and the
+compiler, and loaded with ctypes: no torch headers, no build step at install time. The OpenMP
+runtime is the one PyTorch loaded, so the kernels run on PyTorch's threads (`torch.get_num_threads()`).
+Where they cannot run (not Linux on x86-64, no AVX2, no compiler, LM_CPU_KERNELS=0 in the
+environment, or the compiled kernels disagreeing with torch on a small check) `unavailable()` says
+why and decoding keeps torch's products. `lm.decode_step.LeanStep` uses them for `generate`'s
+float32 steps on a CPU (`bench/cpu_decode.py` measures them against transformers).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "decode.c"
+FLAGS = ("-O2", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_tanh": 2, "swish": 3}
+COMBINES = {"none": 0, "add": 1, "mul": 2}
+COMPILE_TIMEOUT_S = 120
+MAX_KEYS = 32768  # attention keeps a query's scores on its thread's stack: 128 KiB at most
+
+
+def kernel_dir() -> Path:
+    """Where compiled kernels are kept: $LM_KERNEL_DIR, else $XDG_CACHE_HOME/lm/kernels, else
+    ~/.cache/lm/kernels."""
+    if os.environ.get("LM_KERNEL_DIR"):
+        return Path(os.environ["LM_KERNEL_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "lm" / "kernels"
+
+
+def _compiler() -> str | None:
+    """The C compiler: $CC if set (None if it is not a program), else cc, else gcc."""
+    if os.environ.get("CC"):
+        return shutil.which(os.environ["CC"])
+    return shutil.which("cc") or shutil.which("gcc")
+
+
+def _private_dir(path: Path) -> bool:
+    """Whether `path` is a directory of this user that nobody else may write to."""
+    try:
+        info = path.stat()
+    except OSError:
+        return False
+    return path.is_dir() and info.st_uid == os.getuid() and not info.st_mode & 0o022
+
+
+def _build(compiler: str) -> Path:
+    """The compiled kernel's path, compiling it first if this source, these flags and this compiler
+    have not been compiled into `kernel_dir()` yet. The file is written under a temporary name and
+    renamed, so a process that stops half-way, or two compiling at once, never leave a partial one."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + repr(FLAGS).encode() + version.encode()).hexdigest()[:16]
+    try:
+        folder = kernel_dir()
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except (OSError, RuntimeError):  # no home folder, or a read-only one
+        folder = None
+    if folder is None or not _private_dir(folder):  # nor a folder others may write to: build privately
+        folder = Path(tempfile.mkdtemp(prefix="lm-kernels-"))
+    target = folder / f"decode-{key}.so"
+    if target.is_file() and target.stat().st_uid == os.getuid():
+        return target
+    handle, partial = tempfile.mkstemp(prefix="decode-", suffix=".so.partial", dir=folder)
+    os.close(handle)
+    try:
+        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", partial, "-lm"], capture_output=True,
+                              text=True, timeout=COMPILE_TIMEOUT_S)
+        if done.returncode != 0:
+            raise RuntimeError(f"{Path(compiler).name} failed: {done.stderr.strip()[-500:]}")
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return target
+
+
+class Kernels:
+    """The two C functions of the library at `path`, their argument types declared: `matvec` and `attend`."""
+
+    def __init__(self, path: Path):
+        library = ctypes.CDLL(str(path))
+        pointer, long, int_ = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+        self.matvec, self.attend = library.lm_matvec, library.lm_attend
+        self.matvec.argtypes = [pointer] * 5 + [long] * 3 + [int_] * 3
+        self.attend.argtypes = [pointer] * 4 + [long] * 18 + [ctypes.c_float, int_]
+        self.matvec.restype = self.attend.restype = None
+
+
+def _agrees_with_torch(kernels: Kernels) -> bool:
+    """Whether the compiled kernels compute what F.linear, the activations, the combinations and
+    F.scaled_dot_product_attention do: a product with ragged tails (13 outputs of 37 inputs: the 4-row
+    blocks and 8-float loads leave remainders) and one of a real model's size; attention of 3 new
+    queries (4 heads sharing 2 key-value heads) after 5 cached positions."""
+    g = torch.Generator().manual_seed(0)
+    randn = functools.partial(torch.randn, generator=g, dtype=torch.float32)
+    for n_rows, n_out, n_in in ((3, 13, 37), (1, 384, 512)):
+        weight, bias, x, other = randn(n_out, n_in), randn(n_out), randn(n_rows, n_in), randn(n_rows, n_out)
+        y = F.linear(x, weight, bias)
+        expected = {"none": y, "gelu": F.gelu(y), "gelu_tanh": F.gelu(y, approximate="tanh"), "swish": F.silu(y)}
+        for activation, want in expected.items():
+            for combine, then in (("none", want), ("add", want + other), ("mul", want * other)):
+                got = product(weight, bias, activation, combine, kernels)(x, None if combine == "none" else other)
+                if not torch.allclose(got, then, rtol=1e-4, atol=1e-4):
+                    return False
+    q, (keys, values) = randn(1, 4, 3, 12), randn(2, 1, 2, 8, 12).unbind(0)
+    mask = torch.ones(3, 8, dtype=torch.bool).tril(5)
+    expected = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True).transpose(1, 2)
+    return torch.allclose(attention(q, keys, values, kernels), expected.reshape(1, 3, 48), rtol=1e-4, atol=1e-5)
+
+
+@functools.cache
+def _load():
+    """(the kernels, None) or (None, why they are not available); computed once a process."""
+    if os.environ.get("LM_CPU_KERNELS", "1") == "0":
+        return None, "LM_CPU_KERNELS=0 is set"
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return None, f"it is built for Linux on x86-64, not {platform.system()} on {platform.machine()}"
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return None, f"this CPU has no AVX2 (torch reports {torch.backends.cpu.get_cpu_capability()})"
+    compiler = _compiler()
+    if compiler is None:
+        return None, f"no C compiler found ({os.environ.get('CC') or 'cc or gcc'}); install one, or set CC"
+    try:
+        kernels = Kernels(_build(compiler))
+    except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as error:
+        return None, f"compiling {SOURCE.name} failed: {error}"
+    if not _agrees_with_torch(kernels):
+        return None, "the compiled kernels disagree with torch on a test product"
+    return kernels, None
+
+
+def unavailable() -> str | None:
+    """Why the compiled kernels cannot run here, or None when they can (compiling them on the first call)."""
+    return _load()[1]
+
+
+def _checked(name: str, tensor: torch.Tensor | None, size: int | None) -> None:
+    if tensor is None:
+        return
+    if tensor.dtype != torch.float32 or tensor.device.type != "cpu" or not tensor.is_contiguous():
+        raise ValueError(f"matvec: {name} must be a contiguous float32 CPU tensor, got {tensor.dtype} on "
+                         f"{tensor.device}{'' if tensor.is_contiguous() else ', not contiguous'}; "
+                         "use .float().contiguous()")
+    if size is not None and tensor.numel() != size:
+        raise ValueError(f"matvec: {name} has {tensor.numel()} elements, expected {size}")
+
+
+def matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str = "none",
+           other: torch.Tensor | None = None, combine: str = "none") -> torch.Tensor:
+    """`combine(activation(F.linear(x, weight, bias)), other)` for x (..., n_in) through the compiled
+    kernel: activation "none", "gelu", "gelu_tanh" or "swish" (SiLU), combine "none", "add" (+ other)
+    or "mul" (* other), other shaped like the output. Made for a few rows (decoding); a matrix product
+    (torch's) is faster for many. Raises RuntimeError where the kernel is not available
+    (`unavailable()` says why) and ValueError for inputs it does not take."""
+    kernels, why = _load()
+    if kernels is None:
+        raise RuntimeError(f"lm's CPU kernels are not available: {why}.")
+    if activation not in ACTIVATIONS or combine not in COMBINES:
+        raise ValueError(f"matvec: activation {activation!r} / combine {combine!r}; choose the activation "
+                         f"from {sorted(ACTIVATIONS)} and combine from {sorted(COMBINES)}")
+    if weight.dim() != 2:
+        raise ValueError(f"matvec: weight must be (n_out, n_in), got shape {tuple(weight.shape)}")
+    n_out, n_in = weight.shape
+    if x.dim() == 0 or x.size(-1) != n_in:
+        raise ValueError(f"matvec: x must end in the weight's {n_in} inputs, got shape {tuple(x.shape)}")
+    if (other is None) != (combine == "none"):
+        raise ValueError("matvec: pass `other` exactly when combine is 'add' or 'mul'")
+    rows = x.numel() // n_in
+    for name, tensor, size in (("x", x, None), ("weight", weight, None), ("bias", bias, n_out),
+                               ("other", other, rows * n_out)):
+        _checked(name, tensor, size)
+    return product(weight, bias, activation, combine, kernels)(x, other)
+
+
+def product(weight: torch.Tensor, bias: torch.Tensor | None, activation: str = "none", combine: str = "none",
+            kernels: Kernels | None = None):
+    """A function `(x, other) -> y` computing what `matvec` does with this weight and bias, without
+    its checks (the caller makes sure x and other are contiguous float32): what LeanStep calls."""
+    function = (kernels or _load()[0]).matvec
+    n_out, n_in = weight.shape
+    act, post = ACTIVATIONS[activation], COMBINES[combine]
+    bias_at = (lambda: None) if bias is None else bias.data_ptr
+
+    def run(x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+        y = torch.empty(*x.shape[:-1], n_out, dtype=torch.float32)
+        function(weight.data_ptr(), x.data_ptr(), bias_at(), None if other is None else other.data_ptr(),
+                 y.data_ptr(), x.numel() // n_in, n_out, n_in, act, post, torch.get_num_threads())
+        return y
+
+    return run
+
+
+def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, kernels: Kernels | None = None) -> torch.Tensor:
+    """Causal attention of the T new queries q (B, H, T, D) over keys and values (B, H_kv, S, D) of
+    the S - T cached positions and the new ones (as `DynamicCache.update` returns them), as (B, T, H * D):
+    the query at t sees the first S - T + 1 + t keys. Float32 CPU tensors whose last dimension is
+    contiguous; a query's output does not depend on T (see `attend` in lm/csrc/decode.c)."""
+    B, H, T, D = q.shape
+    S, H_kv = keys.size(2), keys.size(1)
+    out = torch.empty(B, T, H * D, dtype=torch.float32)
+    (kernels or _load()[0]).attend(
+        q.data_ptr(), keys.data_ptr(), values.data_ptr(), out.data_ptr(), B, H, H_kv, T, S, D, *q.stride()[:3],
+        *keys.stride()[:3], *values.stride()[:3], T * H * D, D, H * D, D ** -0.5, torch.get_num_threads())
+    return out
+
+
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """`attention` with its inputs checked: (B, T, H * D) from q (B, H, T, D) and keys, values
+    (B, H_kv, S, D), S >= T, H a multiple of H_kv; ValueError for what the kernel does not take."""
+    kernels, why = _load()
+    if kernels is None:
+        raise RuntimeError(f"lm's CPU kernels are not available: {why}.")
+    if q.dim() != 4 or keys.dim() != 4 or keys.shape != values.shape:
+        raise ValueError(f"attend: q must be (B, H, T, D) and keys, values (B, H_kv, S, D) alike, got "
+                         f"{tuple(q.shape)}, {tuple(keys.shape)}, {tuple(values.shape)}")
+    (B, H, T, D), (_, H_kv, S, _) = q.shape, keys.shape
+    if keys.size(0) != B or keys.size(3) != D or S < T or H % H_kv:
+        raise ValueError(f"attend: keys {tuple(keys.shape)} do not fit q {tuple(q.shape)}: same batch and head "
+                         "size, at least T positions, a number of key-value heads dividing the query heads")
+    if S > MAX_KEYS:
+        raise ValueError(f"attend: {S} keys is more than the kernel's {MAX_KEYS}; use F.scaled_dot_product_attention")
+    for name, tensor in (("q", q), ("keys", keys), ("values", values)):
+        if tensor.dtype != torch.float32 or tensor.device.type != "cpu" or tensor.stride(-1) != 1:
+            raise ValueError(f"attend: {name} must be float32 on the CPU with a contiguous last dimension, got "
+                             f"{tensor.dtype} on {tensor.device} with strides {tensor.stride()}")
+    return attention(q, keys, values, kernels)
+
+
+__all__ = ["attend", "kernel_dir", "matvec", "unavailable"]
