@@ -12,10 +12,13 @@ of draft tokens the target kept) and tokens per target forward; on CUDA, the eag
 draft's guesses as back-to-back replays, the target's check of k+1 positions as a graph), kept with
 the target between calls, so only the first (warm-up) call captures them.
 
-On a 2-core AVX2 CPU (2026-12-05), three runs: 1.07-1.09x at k=3 (2.49-2.61 against 2.70-2.85
-ms/token), 1.12-1.13x at k=4, the same with --threads 1; both models' forwards, the target's check
-of k+1 positions too, go through `lm.decode_step.LeanStep` (through the modules the check made it
-0.94x at k=3 the same day).
+On a 2-core AVX2 CPU (2026-12-05), with lm's C kernels (`lm.cpu_kernels`): 1.08x at k=3 (1.64
+against 1.77 ms/token), 1.09x at k=2, 1.04x at k=4; earlier that day, with torch's products, three
+runs: 1.07-1.09x at k=3 (2.49-2.61 against 2.70-2.85 ms/token), 1.12-1.13x at k=4, the same with
+--threads 1. Both models' forwards, the target's check of k+1 positions too, go through
+`lm.decode_step.LeanStep` (through the modules the check made it 0.94x at k=3). The kernels sum
+each output in a fixed order, so the check's logits are those of one-token steps bit for bit: the
+text cannot differ at a near tie between two tokens.
 
 Measured on one H200 (2026-12-04), three runs, k=3: 0.242-0.287 ms/token against 0.120-0.194 for
 greedy decoding's fused graph (0.50-0.70x); k=6 0.195-0.240 (0.61-0.84x). Eager, before the

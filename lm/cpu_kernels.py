@@ -249,6 +249,8 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.T
         raise ValueError(f"attend: q must be (B, H, T, D) and keys, values (B, H_kv, S, D) alike, got "
                          f"{tuple(q.shape)}, {tuple(keys.shape)}, {tuple(values.shape)}")
     (B, H, T, D), (_, H_kv, S, _) = q.shape, keys.shape
+    if q.numel() == 0 or keys.numel() == 0:
+        raise ValueError(f"attend: empty inputs, q {tuple(q.shape)} and keys {tuple(keys.shape)}")
     if keys.size(0) != B or keys.size(3) != D or S < T or H % H_kv:
         raise ValueError(f"attend: keys {tuple(keys.shape)} do not fit q {tuple(q.shape)}: same batch and head "
                          "size, at least T positions, a number of key-value heads dividing the query heads")

@@ -120,6 +120,8 @@ def test_what_the_kernels_refuse():
         attend(q, kv, kv)  # 3 key-value heads do not divide 4 query heads
     with pytest.raises(ValueError, match="do not fit"):
         attend(q, kv[:, :, :1], kv[:, :, :1])  # fewer keys than new queries
+    with pytest.raises(ValueError, match="empty"):
+        attend(q, kv[:, :0], kv[:, :0])  # no key-value heads at all
 
 
 def model(**options) -> lm.GPT:
