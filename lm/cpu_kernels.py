@@ -143,6 +143,16 @@ def _agrees_with_torch(kernels: Kernels) -> bool:
     return torch.allclose(attention(q, keys, values, kernels), expected.reshape(1, 3, 48), rtol=1e-4, atol=1e-5)
 
 
+def _has_avx2_and_fma() -> bool:
+    """Whether the CPU has the AVX2 and FMA instructions the kernels are compiled for: the flags in
+    /proc/cpuinfo, else what torch's own kernels chose (AVX2 or AVX-512)."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+        return {"avx2", "fma"} <= set(flags.split(":", 1)[1].split())
+    except (OSError, StopIteration, IndexError):
+        return torch.backends.cpu.get_cpu_capability().startswith(("AVX2", "AVX512"))
+
+
 @functools.cache
 def _load():
     """(the kernels, None) or (None, why they are not available); computed once a process."""
@@ -150,8 +160,8 @@ def _load():
         return None, "LM_CPU_KERNELS=0 is set"
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         return None, f"it is built for Linux on x86-64, not {platform.system()} on {platform.machine()}"
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return None, f"this CPU has no AVX2 (torch reports {torch.backends.cpu.get_cpu_capability()})"
+    if not _has_avx2_and_fma():
+        return None, f"this CPU has no AVX2 and FMA (torch reports {torch.backends.cpu.get_cpu_capability()})"
     compiler = _compiler()
     if compiler is None:
         return None, f"no C compiler found ({os.environ.get('CC') or 'cc or gcc'}); install one, or set CC"

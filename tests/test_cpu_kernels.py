@@ -277,3 +277,15 @@ def test_a_folder_that_cannot_be_made_falls_back_to_a_private_one(fresh, monkeyp
     blocker.write_text("")
     monkeypatch.setenv("LM_KERNEL_DIR", str(blocker / "kernels"))  # a folder inside a file: mkdir fails
     assert cpu_kernels.unavailable() is None
+
+
+def test_a_cpu_without_avx2_keeps_torch_s_products(fresh, monkeypatch):
+    if cpu_kernels.platform.system() != "Linux" or cpu_kernels.platform.machine() != "x86_64":
+        pytest.skip("the kernels are only built on Linux x86-64")
+    monkeypatch.setattr(cpu_kernels, "_has_avx2_and_fma", lambda: False)
+    assert "no AVX2 and FMA" in cpu_kernels.unavailable()
+    net = model()
+    assert not LeanStep(net).matvec
+    with torch.no_grad():  # the step still runs, on torch's products
+        logits = LeanStep(net)(torch.zeros(1, 1, dtype=torch.long), lm.KVCache(net, 1, max_len=2))
+    assert logits.shape == (1, 1, 61)
