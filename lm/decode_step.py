@@ -228,11 +228,10 @@ def _attend(attn: CausalSelfAttention, kernel: bool):
 
     if not kernel:
         return as_the_module
-    attention = functools.partial(cpu_kernels.attention, kernels=cpu_kernels._load()[0])
 
     def compiled(q, keys, values, mask):
         if q.dtype is torch.float32 and q.device.type == "cpu" and keys.size(2) <= cpu_kernels.MAX_KEYS:
-            return attention(q, keys, values)
+            return cpu_kernels.attention(q, keys, values)
         return as_the_module(q, keys, values, mask)
 
     return compiled
@@ -265,8 +264,8 @@ class LeanStep:
         """`onednn`: float32 products on a CPU through oneDNN's kernel where torch has it (see
         `onednn_usable`); None: where that is faster (`onednn_pays`: two threads or more and at least
         32 MiB of float32 Linear weights, unless `torch.backends.mkldnn.flags(enabled=False)` is on).
-        `matvec`: products of a single row (one token at batch 1) through lm's compiled kernel
-        (`lm.cpu_kernels`) instead; None: wherever it is available. `onednn=False, matvec=False` keep
+        `matvec`: products of up to MATVEC_MAX_ROWS rows, and the attention, through lm's compiled
+        kernels (`lm.cpu_kernels`) instead; None: wherever they are available. `onednn=False, matvec=False` keep
         F.linear, and the modules' floats bit for bit."""
         reason = self.unsupported(model)
         if reason is not None:

@@ -4,6 +4,7 @@ and what happens where they cannot be built (no compiler, a failing one, LM_CPU_
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 
@@ -24,17 +25,15 @@ ACTIVATIONS = {"none": lambda y: y, "gelu": F.gelu, "gelu_tanh": lambda y: F.gel
 COMBINES = {"none": lambda y, other: y, "add": lambda y, other: y + other, "mul": lambda y, other: y * other}
 
 
+@contextlib.contextmanager
 def threads(n: int):
-    """A context that runs with n torch threads, then restores the count."""
-    class Threads:
-        def __enter__(self):
-            self.before = torch.get_num_threads()
-            torch.set_num_threads(n)
-
-        def __exit__(self, *exc):
-            torch.set_num_threads(self.before)
-
-    return Threads()
+    """Run with n torch threads, then restore the count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @needs_kernels
