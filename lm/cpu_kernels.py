@@ -5,12 +5,14 @@ each, so a step takes as long as the weights take to stream in from memory. Neit
 products gets there at batch 1: on a 2-core AVX2 CPU the BLAS behind F.linear keeps the stream on
 one core (11-15 GB/s) and oneDNN's inner product, which splits it, reached 11-20 GB/s, while a
 plain `torch.sum` over the same 101 MB of weights streams at 23-30 GB/s. `lm/csrc/decode.c` holds
-two kernels written for this case alone (about 130 lines of C):
+kernels written for this case alone (about 200 lines of C):
 
 - `lm_matvec`, a few rows times a weight matrix (`matvec`): the weight's rows split between the
   threads, four at a time per thread, eight floats per load, one fused multiply-add per float, and
   the bias, the activation (GELU, tanh-GELU, SiLU) and the residual addition (or SwiGLU's
   multiplication) applied as each output is written;
+- `lm_matvec_int8`, the same for an `lm.quantize.Int8Linear`'s int8 weight and float scale per row
+  (`product(..., scale=...)`): a quarter of the bytes, widened to float32 as they are read;
 - `lm_attend`, the attention of a few new queries over a KV cache (`attend`), each query's scores,
   softmax and weighted sum of the values on one thread.
 
@@ -48,19 +50,22 @@ SOURCE = CSRC / "decode.c"
 FLAGS = ("-O2", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_tanh": 2, "swish": 3}
 COMBINES = {"none": 0, "add": 1, "mul": 2}
+FEW_ROWS = 8  # what counts as "a few rows": decoding sends products of up to this many rows here
 MAX_KEYS = 32768  # attention keeps a query's scores on its thread's stack: 128 KiB at most
 
 
 class Kernels:
-    """The two C functions of the library at `path`, their argument types declared: `matvec` and `attend`."""
+    """The C functions of the library at `path`, their argument types declared: `matvec`, `matvec_int8`
+    and `attend`."""
 
     def __init__(self, path: Path):
         library = ctypes.CDLL(str(path))
         pointer, long, int_ = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
-        self.matvec, self.attend = library.lm_matvec, library.lm_attend
+        self.matvec, self.matvec_int8, self.attend = library.lm_matvec, library.lm_matvec_int8, library.lm_attend
         self.matvec.argtypes = [pointer] * 5 + [long] * 3 + [int_] * 3
+        self.matvec_int8.argtypes = [pointer] * 6 + [long] * 3 + [int_] * 3
         self.attend.argtypes = [pointer] * 4 + [long] * 18 + [ctypes.c_float, int_]
-        self.matvec.restype = self.attend.restype = None
+        self.matvec.restype = self.matvec_int8.restype = self.attend.restype = None
 
 
 def _agrees_with_torch(kernels: Kernels) -> bool:
@@ -79,6 +84,11 @@ def _agrees_with_torch(kernels: Kernels) -> bool:
                 got = product(weight, bias, activation, combine, kernels)(x, None if combine == "none" else other)
                 if not torch.allclose(got, then, rtol=1e-4, atol=1e-4):
                     return False
+    weight, bias, x = randn(13, 37), randn(13), randn(3, 37)
+    q8, scale = torch.randint(-127, 128, (13, 37), generator=g, dtype=torch.int8), randn(13).abs()
+    want = F.gelu(F.linear(x, q8.float() * scale[:, None], bias))
+    if not torch.allclose(product(q8, bias, "gelu", kernels=kernels, scale=scale)(x), want, rtol=1e-4, atol=1e-4):
+        return False
     q, (keys, values) = randn(1, 4, 3, 12), randn(2, 1, 2, 8, 12).unbind(0)
     mask = torch.ones(3, 8, dtype=torch.bool).tril(5)
     expected = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True).transpose(1, 2)
@@ -160,18 +170,25 @@ def matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def product(weight: torch.Tensor, bias: torch.Tensor | None, activation: str = "none", combine: str = "none",
-            kernels: Kernels | None = None):
+            kernels: Kernels | None = None, scale: torch.Tensor | None = None):
     """A function `(x, other) -> y` computing what `matvec` does with this weight and bias, without
-    its checks (the caller makes sure x and other are contiguous float32): what LeanStep calls."""
-    function = (kernels or _load()[0]).matvec
+    its checks (the caller makes sure x and other are contiguous float32): what LeanStep calls. With
+    `scale`, `weight` is an int8 (n_out, n_in) matrix and `scale` its float32 factor per row, as
+    `lm.quantize.Int8Linear` stores them: y = x @ (scale * weight)^T + bias, summed in float32."""
+    kernels = kernels or _load()[0]
     n_out, n_in = weight.shape
     act, post = ACTIVATIONS[activation], COMBINES[combine]
     bias_at = (lambda: None) if bias is None else bias.data_ptr
 
     def run(x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
-        y = torch.empty(*x.shape[:-1], n_out, dtype=torch.float32)
-        function(weight.data_ptr(), x.data_ptr(), bias_at(), None if other is None else other.data_ptr(),
-                 y.data_ptr(), x.numel() // n_in, n_out, n_in, act, post, torch.get_num_threads())
+        y, threads = torch.empty(*x.shape[:-1], n_out, dtype=torch.float32), torch.get_num_threads()
+        rows, other_at = x.numel() // n_in, None if other is None else other.data_ptr()
+        if scale is None:
+            kernels.matvec(weight.data_ptr(), x.data_ptr(), bias_at(), other_at, y.data_ptr(), rows, n_out, n_in,
+                           act, post, threads)
+        else:
+            kernels.matvec_int8(weight.data_ptr(), scale.data_ptr(), x.data_ptr(), bias_at(), other_at, y.data_ptr(),
+                                rows, n_out, n_in, act, post, threads)
         return y
 
     return run

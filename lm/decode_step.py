@@ -65,7 +65,7 @@ from .attention.modules import CausalSelfAttention
 from .feedforward import MLP, MoE, SwiGLU, TanhMLP
 from .kv_cache import DynamicCache
 from .norms import LayerNorm, RMSNorm, rms_norm
-from .quantize import Int8Linear, int8_product
+from .quantize import Int8Linear, int8_kernel_usable, int8_product
 
 
 @functools.cache
@@ -140,20 +140,26 @@ def _linear(layer: nn.Module, onednn: bool = False, activation: str = "none", ap
     return _few_rows_first(layer, rows, kernel_activation) if matvec else rows
 
 
-MATVEC_MAX_ROWS = 8  # products of up to this many rows go to lm's kernel; more rows: a matrix product
+MATVEC_MAX_ROWS = cpu_kernels.FEW_ROWS  # products of up to 8 rows go to lm's kernels; more: a matrix product
 
 
 def _few_rows_first(layer: nn.Module, rows, activation: str = "none", combine: str = "none"):
     """`rows` (a function for any number of rows: of x, or of x and other), except that products of
-    up to MATVEC_MAX_ROWS contiguous rows go to lm's compiled kernel (`lm.cpu_kernels`), with the
-    activation and the combination done as it writes. `rows` takes the rest: more rows, a weight stored
-    transposed (`for_decoding(model, "columns")`), layers that are not plain float32 CPU Linears."""
-    if not _fast(layer, True):
-        return rows
-    weight, bias = layer.weight, layer.bias
+    up to MATVEC_MAX_ROWS contiguous rows go to lm's compiled kernels (`lm.cpu_kernels`: float32 and,
+    for an Int8Linear, int8 weights), with the activation and the combination done as they write.
+    `rows` takes the rest: more rows, a weight stored transposed (`for_decoding(model, "columns")`),
+    layers that are neither float32 CPU Linears nor CPU Int8Linears."""
+    bias = getattr(layer, "bias", None)
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         return rows
-    most, few = MATVEC_MAX_ROWS * weight.size(1), cpu_kernels.product(weight, bias, activation, combine)
+    if _fast(layer, True):
+        weight, few = layer.weight, cpu_kernels.product(layer.weight, bias, activation, combine)
+    elif int8_kernel_usable(layer):
+        weight = layer.weight_int8
+        few = cpu_kernels.product(weight, bias, activation, combine, scale=layer.scale)
+    else:
+        return rows
+    most = MATVEC_MAX_ROWS * weight.size(1)
     # checked at every call: `for_decoding(model, "columns")` may transpose the weight in memory later
     if combine == "none":
         return lambda x: few(x) if x.numel() <= most and x.is_contiguous() and weight.is_contiguous() else rows(x)
@@ -162,17 +168,24 @@ def _few_rows_first(layer: nn.Module, rows, activation: str = "none", combine: s
 
 
 def _int8_product(layer: nn.Module):
-    """A function computing `layer(x)` for float32 x with an Int8Linear's fused CPU kernel, the
-    operations of its forward without its reshapes and casts (the bias addition converts the bfloat16
-    product to float32 as it adds: the same floats); None for other layers."""
+    """A function computing `layer(x)` for float32 x as an Int8Linear's forward does on a CPU, without its
+    checks: a few rows through lm's int8 kernel where it runs, else torch's fused int8 kernel without
+    the reshapes and casts (the bias addition converts the bfloat16 product to float32 as it adds: the
+    same floats); None for other layers."""
     if not (type(layer) is Int8Linear and layer.fused and layer.weight_int8.device.type == "cpu"
             and layer.scale.dtype == torch.float32 and layer.scale_bf16.dtype == torch.bfloat16  # a float32 model
             and (layer.bias is None or layer.bias.dtype == torch.float32)):
         return None
     q, scale, bias, n_out = layer.weight_int8, layer.scale_bf16, layer.bias, layer.out_features
     if bias is None:
-        return lambda x: int8_product(x, q, scale, n_out).float()
-    return lambda x: torch.add(bias, int8_product(x, q, scale, n_out))
+        many = lambda x: int8_product(x, q, scale, n_out).float()
+    else:
+        many = lambda x: torch.add(bias, int8_product(x, q, scale, n_out))
+    if not int8_kernel_usable(layer):
+        return many
+    # as Int8Linear.forward: a few contiguous float32 rows through lm's int8 kernel
+    few, most = cpu_kernels.product(q, bias, scale=layer.scale), MATVEC_MAX_ROWS * layer.in_features
+    return lambda x: few(x) if x.numel() <= most and x.is_contiguous() else many(x)
 
 
 def _linear_then(layer: nn.Module, onednn: bool, combine: str, matvec: bool = False):

@@ -7,9 +7,12 @@ scale per output row cuts those bytes by 4 (from fp32):
     scale[o] = max_i |W[o, i]| / 127        q[o, i] = round(W[o, i] / scale[o])  in [-127, 127]
     y = x @ (scale * q)^T + b                 (the error of each weight is at most scale[o] / 2)
 
-Activations stay in floating point ("weight-only"). Where torch has a fused int8 kernel
-(`_weight_int8pack_mm`, CPU) the product runs in bfloat16 straight from the int8 weights; elsewhere
-the weights are dequantized on the fly. `quantize_int8(model)` swaps every Linear except a head
+Activations stay in floating point ("weight-only"). On a CPU, a few float32 rows (up to
+`cpu_kernels.FEW_ROWS`, 8: a decoding step, a speculative check) go to lm's own int8 kernel
+(`cpu_kernels.product` with the scale, `lm_matvec_int8` in lm/csrc/decode.c), which widens the int8 weights
+to float32 as it streams them and sums in float32, in the fixed order LeanStep relies on; more rows go
+to torch's fused int8 kernel (`_weight_int8pack_mm`), in bfloat16 straight from the int8 weights;
+elsewhere the weights are dequantized on the fly. `quantize_int8(model)` swaps every Linear except a head
 tied to the embedding (the embedding is a lookup, not a product), in place, for inference only.
 
 `for_decoding(model)` keeps float weights but stores each Linear's weight in the order the CPU's
@@ -24,6 +27,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import cpu_kernels
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,6 +45,16 @@ def int8_product(x: torch.Tensor, weight_int8: torch.Tensor, scale_bf16: torch.T
     (`_weight_int8pack_mm`): x is cast to bfloat16 and flattened to the kernel's rows."""
     flat = x.reshape(-1, weight_int8.size(1)).to(torch.bfloat16)
     return torch.ops.aten._weight_int8pack_mm(flat, weight_int8, scale_bf16).view(*x.shape[:-1], out_features)
+
+
+def int8_kernel_usable(layer: nn.Module) -> bool:
+    """Whether lm's compiled int8 kernel (`lm.cpu_kernels.product` with a scale) can compute `layer`'s products:
+    an Int8Linear on the CPU with its float32 scales (and bias), where the kernels are available."""
+    if not (type(layer) is Int8Linear and layer.weight_int8.device.type == "cpu" and layer.weight_int8.is_contiguous()
+            and layer.scale.dtype == torch.float32 and layer.scale.is_contiguous()
+            and (layer.bias is None or (layer.bias.dtype == torch.float32 and layer.bias.is_contiguous()))):
+        return False
+    return cpu_kernels.unavailable() is None
 
 
 def _fused_kernel_available(device: torch.device) -> bool:
@@ -63,6 +78,10 @@ class Int8Linear(nn.Module):
         return self.weight_int8.to(dtype) * self.scale[:, None].to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        few = x.numel() <= cpu_kernels.FEW_ROWS * self.in_features and x.is_contiguous()
+        if few and x.dtype == torch.float32 and x.device.type == "cpu" and int8_kernel_usable(self):
+            # a few rows (a decoding step): lm's int8 kernel, in float32
+            return cpu_kernels.product(self.weight_int8, self.bias, scale=self.scale)(x)
         if self.fused and x.device.type == "cpu":
             # The kernel wants scales in its input's dtype; model.to(torch.float16) casts this buffer
             # too, so convert back (free when it is still bfloat16).
@@ -86,9 +105,7 @@ def for_decoding(model: nn.Module, layout: str | None = None) -> nn.Module:
     weight keeps its shape (out, in), its values and its Parameter; only its strides change. Training,
     saving and loading work as before. `generate` does this on a CPU; doing it twice changes nothing."""
     if layout is None:
-        from .cpu_kernels import unavailable
-
-        layout = "rows" if unavailable() is None else "columns"
+        layout = "rows" if cpu_kernels.unavailable() is None else "columns"
     if layout not in ("rows", "columns"):
         raise ValueError(f"for_decoding: layout {layout!r}; choose 'rows', 'columns' or None (the faster here)")
     for module in model.modules():

@@ -130,6 +130,75 @@ def model(**options) -> lm.GPT:
 
 
 @needs_kernels
+@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 13, 37), (3, 4, 8), (8, 2048, 512), (1, 512, 2048)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_int8_product_equals_f_linear_on_the_dequantized_weight(shape, bias):
+    rows, n_out, n_in = shape
+    g = torch.Generator().manual_seed(sum(shape))
+    q = torch.randint(-127, 128, (n_out, n_in), generator=g, dtype=torch.int8)
+    scale, b = torch.rand(n_out, generator=g) / 100, torch.randn(n_out, generator=g) if bias else None
+    x, other = torch.randn(rows, 1, n_in, generator=g), torch.randn(rows, 1, n_out, generator=g)
+    y = F.linear(x.double(), q.double() * scale.double()[:, None], None if b is None else b.double())
+    for activation, act in ACTIVATIONS.items():
+        for combine, then in COMBINES.items():
+            got = cpu_kernels.product(q, b, activation, combine, scale=scale)(x, None if combine == "none" else other)
+            assert got.shape == (rows, 1, n_out) and got.dtype == torch.float32
+            torch.testing.assert_close(got, then(act(y), other.double()).float(), rtol=1e-5, atol=1e-5 * n_in ** 0.5)
+
+
+@needs_kernels
+def test_int8_product_gives_the_same_floats_for_any_thread_count_and_any_number_of_rows():
+    g = torch.Generator().manual_seed(1)
+    q = torch.randint(-127, 128, (1030, 515), generator=g, dtype=torch.int8)
+    scale, b, x = torch.rand(1030, generator=g), torch.randn(1030, generator=g), torch.randn(6, 515, generator=g)
+    run = cpu_kernels.product(q, b, "swish", scale=scale)
+    results = []
+    for n in (1, 2, 3):
+        with threads(n):
+            results.append(run(x))
+    assert all(torch.equal(r, results[0]) for r in results)
+    assert torch.equal(torch.cat([run(x[i : i + 1]) for i in range(6)]), results[0])
+
+
+@needs_kernels
+def test_int8_linear_takes_a_few_rows_to_the_kernel_and_many_to_torch():
+    g = torch.Generator().manual_seed(2)
+    linear = torch.nn.Linear(96, 40)
+    layer = lm.quantize.Int8Linear(linear)
+    dequantized = layer.dequantized()
+    for rows, kernel in ((1, True), (8, True), (9, False), (64, False)):
+        x = torch.randn(rows, 96, generator=g)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            y = layer(x)
+        names = {event.name for event in profile.events()}
+        if kernel:
+            assert not names & {"aten::_weight_int8pack_mm", "aten::linear"}, names
+            torch.testing.assert_close(y, F.linear(x, dequantized, layer.bias), rtol=1e-5, atol=1e-5)
+        else:  # torch's kernels, in bfloat16 where torch has the fused one
+            torch.testing.assert_close(y, F.linear(x, dequantized, layer.bias), rtol=2e-2, atol=5e-2)
+    assert layer(torch.randn(2, 96, dtype=torch.float64)).dtype == torch.float64  # not float32: torch's path
+
+
+@needs_kernels
+def test_an_int8_model_steps_on_the_kernel_and_checks_as_it_steps():
+    """An int8 model's one-token steps run on lm's int8 kernel (no torch product left), equal its
+    module path to float rounding, and a check of four positions gives the floats of four steps."""
+    net = lm.quantize.quantize_int8(model())
+    lean = LeanStep(net)
+    ids = torch.randint(0, 61, (1, 12), generator=torch.Generator().manual_seed(4))
+    one, many, modules = (lm.KVCache(net, 1, max_len=20) for _ in range(3))
+    with torch.no_grad():
+        for cache in (one, many, modules):
+            net(ids[:, :8], cache=cache)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            singles = torch.cat([lean(ids[:, i : i + 1], one) for i in range(8, 12)], 1)
+        assert torch.equal(lean(ids[:, 8:], many), singles)
+        torch.testing.assert_close(singles, net(ids[:, 8:], cache=modules, all_logits=True)[0], rtol=1e-5, atol=1e-5)
+    names = {event.name for event in profile.events()}
+    assert not names & {"aten::_weight_int8pack_mm", "aten::linear", "aten::addmm", "aten::mm"}, names
+
+
+@needs_kernels
 @pytest.mark.parametrize("options", [dict(), dict(pos="rope", norm="rmsnorm", ffn="swiglu", n_kv_heads=2, bias=False),
                                      dict(ffn="gelu_tanh", norm_position="post")])
 @pytest.mark.parametrize("batch", [1, 3])

@@ -168,10 +168,18 @@ def test_lean_step_calls_layers_it_does_not_take_apart(change):
         assert torch.equal(lean_logits, ours)
 
 
-def test_int8_layers_run_their_kernel_without_the_module(monkeypatch):
+@pytest.mark.parametrize("kernel", ["lm", "torch"])
+def test_int8_layers_run_their_kernel_without_the_module(monkeypatch, kernel):
+    """A step's int8 products: lm's int8 kernel where it runs (what Int8Linear.forward calls for a few
+    rows), else torch's fused one, called directly, with the module's floats."""
     model = quantize_int8(small())
     if not model.blocks[0].attn.qkv.fused:
         pytest.skip("this torch has no fused int8 kernel for the CPU")
+    if kernel == "torch":
+        for where in (lm.quantize, lm.decode_step):
+            monkeypatch.setattr(where, "int8_kernel_usable", lambda layer: False)
+    elif lm.cpu_kernels.unavailable() is not None:
+        pytest.skip(f"lm's CPU kernels: {lm.cpu_kernels.unavailable()}")
     lean = LeanStep(model, onednn=False, matvec=False)
     with torch.no_grad():
         expected = model(torch.ones(1, 1, dtype=torch.long), cache=lm.KVCache(model, 1, max_len=4))[0]
@@ -181,7 +189,8 @@ def test_int8_layers_run_their_kernel_without_the_module(monkeypatch):
             logits = lean(torch.ones(1, 1, dtype=torch.long), lm.KVCache(model, 1, max_len=4))
     assert torch.equal(logits, expected)
     names = [event.name for event in profile.events()]
-    assert names.count("aten::_weight_int8pack_mm") == 2 * 4  # each block's four products (the tied head stays float)
+    # each block's four products (the tied head stays float)
+    assert names.count("aten::_weight_int8pack_mm") == (2 * 4 if kernel == "torch" else 0)
 
 
 def greedy_without_lean(model, prompt, monkeypatch, **options):
