@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 import platform
 import subprocess
 from pathlib import Path
@@ -44,7 +43,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .native import CSRC, build, compiler, kernel_dir, switched_off
+from .native import CSRC, build, compiler, kernel_dir, switched_off, unbuildable
 
 SOURCE = CSRC / "decode.c"
 FLAGS = ("-O2", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
@@ -84,7 +83,7 @@ def _agrees_with_torch(kernels: Kernels) -> bool:
                 got = product(weight, bias, activation, combine, kernels)(x, None if combine == "none" else other)
                 if not torch.allclose(got, then, rtol=1e-4, atol=1e-4):
                     return False
-    weight, bias, x = randn(13, 37), randn(13), randn(3, 37)
+    bias, x = randn(13), randn(3, 37)
     q8, scale = torch.randint(-127, 128, (13, 37), generator=g, dtype=torch.int8), randn(13).abs()
     want = F.gelu(F.linear(x, q8.float() * scale[:, None], bias))
     if not torch.allclose(product(q8, bias, "gelu", kernels=kernels, scale=scale)(x), want, rtol=1e-4, atol=1e-4):
@@ -114,11 +113,11 @@ def _load():
         return None, f"it is built for Linux on x86-64, not {platform.system()} on {platform.machine()}"
     if not _has_avx2_and_fma():
         return None, f"this CPU has no AVX2 and FMA (torch reports {torch.backends.cpu.get_cpu_capability()})"
-    cc = compiler()
-    if cc is None:
-        return None, f"no C compiler found ({os.environ.get('CC') or 'cc or gcc'}); install one, or set CC"
+    why = unbuildable()
+    if why is not None:
+        return None, why
     try:
-        kernels = Kernels(build(SOURCE, FLAGS, cc))
+        kernels = Kernels(build(SOURCE, FLAGS, compiler()))
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as error:
         return None, f"compiling {SOURCE.name} failed: {error}"
     if not _agrees_with_torch(kernels):

@@ -30,6 +30,15 @@ def switched_off() -> bool:
     return os.environ.get("LM_CPU_KERNELS", "1") == "0"
 
 
+def unbuildable() -> str | None:
+    """Why nothing can be compiled here (LM_CPU_KERNELS=0, or no C compiler), or None."""
+    if switched_off():
+        return "LM_CPU_KERNELS=0 is set"
+    if compiler() is None:
+        return f"no C compiler found ({os.environ.get('CC') or 'cc or gcc'}); install one, or set CC"
+    return None
+
+
 def kernel_dir() -> Path:
     """Where compiled files are kept: $LM_KERNEL_DIR, else $XDG_CACHE_HOME/lm/kernels, else
     ~/.cache/lm/kernels."""

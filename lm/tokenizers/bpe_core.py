@@ -239,13 +239,11 @@ def _native_module():
 def native_merging():
     """(the compiled merging's library, None), or (None, why it cannot run here); once a process."""
     native = _native_module()
-    if native.switched_off():
-        return None, "LM_CPU_KERNELS=0 is set"
-    cc = native.compiler()
-    if cc is None:
-        return None, f"no C compiler found ({os.environ.get('CC') or 'cc or gcc'}); install one, or set CC"
+    why = native.unbuildable()
+    if why is not None:
+        return None, why
     try:
-        library = ctypes.CDLL(str(native.build(native.CSRC / "bpe.c", NATIVE_FLAGS, cc)))
+        library = ctypes.CDLL(str(native.build(native.CSRC / "bpe.c", NATIVE_FLAGS, native.compiler())))
         library.lm_bpe_new.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
         library.lm_bpe_new.restype = ctypes.c_void_p
         library.lm_bpe_free.argtypes = [ctypes.c_void_p]
