@@ -4,7 +4,8 @@ Both models have the same architecture (6 layers, 6 heads, d_model 384, GELU MLP
 learned positions), the same batches (B=8, T=256, character vocabulary, random windows of pydoc
 text), the same loss, gradient clipping and fused AdamW, and both run in one process with the same
 thread count. lm's side is one `lm.trainer.Trainer.train_step()`: the trainer users run, with its
-bookkeeping, not a hand-written loop. Each does `--warmup` untimed
+bookkeeping, not a hand-written loop; its causal attention runs in lm's C kernel (lm/csrc/causal.c)
+where that can be built (`LM_CPU_KERNELS=0` gives SDPA's flash kernel, as transformers uses). Each does `--warmup` untimed
 steps, then `--steps` timed ones; the two alternate in rounds so drifts in machine load hit both.
 
     .venv/bin/python bench/cpu_train_throughput.py [--steps 10] [--threads 2]

@@ -1,4 +1,5 @@
-"""lm's compiled CPU kernels for decoding: products and attention as fast as memory delivers the weights.
+"""lm's compiled CPU kernels: for decoding, products and attention as fast as memory delivers the weights;
+for training, float32 causal attention forward and backward (at the end of this module).
 
 Decoding one token at batch 1 reads every weight of the model once and does one multiply-add with
 each, so a step takes as long as the weights take to stream in from memory. Neither of torch's CPU
@@ -30,6 +31,12 @@ Where they cannot run (not Linux on x86-64, no AVX2, no compiler, LM_CPU_KERNELS
 environment, or the compiled kernels disagreeing with torch on a small check) `unavailable()` says
 why and decoding keeps torch's products. `lm.decode_step.LeanStep` uses them for `generate`'s
 float32 steps on a CPU (`bench/cpu_decode.py` measures them against transformers).
+
+`lm/csrc/causal.c` (`causal_attention`, `CausalAttention`) is built and checked the same way, as its
+own library (compiled with -O3: at -O2 the compiler spills its register blocks). It computes causal
+attention keeping the probabilities for backward, skipping the blocks above the diagonal that SDPA's
+CPU flash kernel also computes; `lm.attention.kernels.sdpa` takes it for float32 CPU training
+(`bench/cpu_train_throughput.py`).
 """
 
 from __future__ import annotations
@@ -104,25 +111,37 @@ def _has_avx2_and_fma() -> bool:
         return torch.backends.cpu.get_cpu_capability().startswith(("AVX2", "AVX512"))
 
 
-@functools.cache
-def _load():
-    """(the kernels, None) or (None, why they are not available); computed once a process."""
+def _not_here() -> str | None:
+    """Why no kernel of lm/csrc can run on this machine (switched off, another platform, no AVX2, no
+    compiler), or None."""
     if switched_off():
-        return None, "LM_CPU_KERNELS=0 is set"
+        return "LM_CPU_KERNELS=0 is set"
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return None, f"it is built for Linux on x86-64, not {platform.system()} on {platform.machine()}"
+        return f"it is built for Linux on x86-64, not {platform.system()} on {platform.machine()}"
     if not _has_avx2_and_fma():
-        return None, f"this CPU has no AVX2 and FMA (torch reports {torch.backends.cpu.get_cpu_capability()})"
-    why = unbuildable()
+        return f"this CPU has no AVX2 and FMA (torch reports {torch.backends.cpu.get_cpu_capability()})"
+    return unbuildable()
+
+
+def _built(source: Path, flags: tuple[str, ...], wrap, agrees):
+    """(wrap(the compiled library), None), or (None, why not): compiled once per machine, checked by
+    `agrees` once per process."""
+    why = _not_here()
     if why is not None:
         return None, why
     try:
-        kernels = Kernels(build(SOURCE, FLAGS, compiler()))
+        kernels = wrap(build(source, flags, compiler()))
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as error:
-        return None, f"compiling {SOURCE.name} failed: {error}"
-    if not _agrees_with_torch(kernels):
-        return None, "the compiled kernels disagree with torch on a test product"
+        return None, f"compiling {source.name} failed: {error}"
+    if not agrees(kernels):
+        return None, f"the kernels compiled from {source.name} disagree with torch on a small check"
     return kernels, None
+
+
+@functools.cache
+def _load():
+    """(the decoding kernels, None) or (None, why they are not available); computed once a process."""
+    return _built(SOURCE, FLAGS, Kernels, _agrees_with_torch)
 
 
 def unavailable() -> str | None:
@@ -231,4 +250,120 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.T
     return attention(q, keys, values, kernels)
 
 
-__all__ = ["attend", "kernel_dir", "matvec", "unavailable"]
+# ---- causal attention for training (lm/csrc/causal.c) ------------------------------------------
+CAUSAL_SOURCE = CSRC / "causal.c"
+CAUSAL_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")  # -O2 spills the 6 x 16 blocks
+
+
+class CausalKernels:
+    """The C functions of causal.c, their argument types declared: `forward`, `backward`, `stride` (the
+    floats of a kept row of probabilities) and `scratch` (the floats each thread needs)."""
+
+    def __init__(self, path: Path):
+        library = ctypes.CDLL(str(path))
+        pointer, long, int_ = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+        self.forward, self.backward = library.lm_causal_forward, library.lm_causal_backward
+        self.stride, self.scratch = library.lm_causal_stride, library.lm_causal_scratch
+        self.forward.argtypes = [pointer] * 6 + [long] * 16 + [ctypes.c_float, int_]
+        self.backward.argtypes = [pointer] * 9 + [long] * 19 + [ctypes.c_float, int_]
+        self.forward.restype = self.backward.restype = None
+        self.stride.argtypes, self.scratch.argtypes = [long], [long, long, int_]
+        self.stride.restype = self.scratch.restype = long
+
+
+def _causal_run(kernels: CausalKernels, q, k, v):
+    """(out, probabilities) for q, k, v (B, H, T, D) float32, D contiguous; out is a (B, H, T, D) view of
+    a (B, T, H, D) tensor, so putting the heads side by side again copies nothing."""
+    B, H, T, D = q.shape
+    threads = torch.get_num_threads()
+    out = torch.empty(B, T, H, D).transpose(1, 2)
+    probs = torch.empty(B * H, T, kernels.stride(T))
+    scratch = torch.empty(threads * kernels.scratch(T, D, 0))
+    kernels.forward(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), probs.data_ptr(), scratch.data_ptr(),
+                    B, H, T, D, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], D ** -0.5,
+                    threads)
+    return out, probs
+
+
+def _causal_gradients(kernels: CausalKernels, q, k, v, probs, grad):
+    """(dq, dk, dv) from the kept probabilities and the output's gradient `grad` (D contiguous)."""
+    B, H, T, D = q.shape
+    threads = torch.get_num_threads()
+    dq, dk, dv = torch.empty(3, B, T, H, D).transpose(2, 3)
+    scratch = torch.empty(threads * kernels.scratch(T, D, 1))
+    kernels.backward(q.data_ptr(), k.data_ptr(), v.data_ptr(), probs.data_ptr(), grad.data_ptr(), dq.data_ptr(),
+                     dk.data_ptr(), dv.data_ptr(), scratch.data_ptr(), B, H, T, D, *q.stride()[:3], *k.stride()[:3],
+                     *v.stride()[:3], *grad.stride()[:3], *dq.stride()[:3], D ** -0.5, threads)
+    return dq, dk, dv
+
+
+def _causal_agrees(kernels: CausalKernels) -> bool:
+    """Whether causal.c computes what float64 attention and its gradients do, on 2 x 3 heads of 16 floats
+    and 21 positions (blocks of 6 rows and 16 columns leave remainders), q, k, v strided as a model's are."""
+    with torch.inference_mode(False), torch.enable_grad():  # it may first be asked under no_grad
+        return _causal_check(kernels)
+
+
+def _causal_check(kernels: CausalKernels) -> bool:
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(2, 21, 3 * 48, generator=g, dtype=torch.float64)
+    grad = torch.randn(2, 3, 21, 16, generator=g, dtype=torch.float64)
+    q, k, v = (x.view(2, 21, 3, 16).transpose(1, 2) for x in qkv.requires_grad_().split(48, dim=2))
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    wanted = torch.autograd.grad(want, (q, k, v), grad)
+    q32, k32, v32 = (x.detach().float() for x in (q, k, v))
+    out, probs = _causal_run(kernels, q32, k32, v32)
+    got = _causal_gradients(kernels, q32, k32, v32, probs, grad.float())
+    return all(torch.allclose(a.double(), b, rtol=1e-4, atol=1e-5) for a, b in zip((out, *got), (want, *wanted)))
+
+
+@functools.cache
+def _load_causal():
+    """(the causal attention kernels, None) or (None, why not); computed once a process."""
+    return _built(CAUSAL_SOURCE, CAUSAL_FLAGS, CausalKernels, _causal_agrees)
+
+
+def causal_unavailable(head_size: int = 64) -> str | None:
+    """Why `causal_attention` cannot run here for heads of `head_size` floats, or None when it can."""
+    if head_size % 16:
+        return f"the kernel takes heads of a multiple of 16 floats, not {head_size}"
+    return _load_causal()[1]
+
+
+class CausalAttention(torch.autograd.Function):
+    """softmax(q k^T / sqrt(D) + causal mask) v for float32 CPU q, k, v (B, H, T, D), in lm/csrc/causal.c;
+    the (B * H, T, T) probabilities are kept for backward, whose five products run in C too."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+        out, probs = _causal_run(_load_causal()[0], q, k, v)
+        ctx.save_for_backward(q, k, v, probs)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        q, k, v, probs = ctx.saved_tensors
+        return _causal_gradients(_load_causal()[0], q, k, v, probs, grad if grad.stride(-1) == 1 else grad.contiguous())
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention of float32 CPU q, k, v (B, H, T, D), D a multiple of 16, through lm/csrc/causal.c
+    (forward and backward); RuntimeError where `causal_unavailable(D)` says why not, ValueError for
+    inputs it does not take."""
+    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"causal_attention: q, k, v must be (B, H, T, D) alike, got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        if tensor.dtype != torch.float32 or tensor.device.type != "cpu":
+            raise ValueError(f"causal_attention: {name} must be float32 on the CPU, got {tensor.dtype} on {tensor.device}")
+    if q.numel() == 0:
+        raise ValueError(f"causal_attention: empty inputs {tuple(q.shape)}")
+    why = causal_unavailable(q.size(-1))
+    if why is not None:
+        raise RuntimeError(f"lm's causal attention kernel cannot run: {why}.")
+    return CausalAttention.apply(q, k, v)
+
+
+__all__ = ["attend", "causal_attention", "causal_unavailable", "kernel_dir", "matvec", "unavailable"]

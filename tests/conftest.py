@@ -74,3 +74,17 @@ def ranks() -> dict[bytes, int]:
     except DataError as err:  # neither cached nor reachable through pip
         pytest.skip(f"GPT-2's ranks are not available: {err}")
     return load_gpt2_ranks()
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    """An empty folder for lm's compiled kernels and none of them loaded yet in this process (the
+    decoding kernels of lm.cpu_kernels and its causal attention; cleared again afterwards)."""
+    from lm import cpu_kernels
+    monkeypatch.setenv("LM_KERNEL_DIR", str(tmp_path / "kernels"))
+    loaders = (cpu_kernels._load, cpu_kernels._load_causal)
+    for load in loaders:
+        load.cache_clear()
+    yield tmp_path / "kernels"
+    for load in loaders:
+        load.cache_clear()

@@ -445,7 +445,7 @@ def test_sdpa_keeps_probabilities_only_for_short_bfloat16_training_on_a_cpu(monk
     assert not kept(kernels.sdpa(q, k, v, causal_mask(16)))  # a mask: SDPA
     assert not kept(kernels.sdpa(q, k, v, dropout_p=0.1))
     assert not kept(kernels.sdpa(q, k[:, :2], v[:, :2]))  # fewer K/V heads: SDPA's native GQA
-    assert not kept(kernels.sdpa(*(x.float() for x in (q, k, v))))  # float32: the kernels tie
+    assert not kept(kernels.sdpa(*(x.float() for x in (q, k, v))))  # float32: lm's C kernel or SDPA's
     monkeypatch.setattr(kernels, "SAVED_PROBABILITIES", 2 * 4 * 16 * 16 - 1)  # one number too many
     assert not kept(kernels.sdpa(q, k, v))
 

@@ -272,15 +272,6 @@ def test_generate_uses_the_kernels_and_gives_the_module_paths_tokens(monkeypatch
     assert torch.equal(ids, net.generate(prompt, max_new_tokens=30, temperature=0))
 
 
-@pytest.fixture
-def fresh(monkeypatch, tmp_path):
-    """An empty kernel folder and no kernels loaded yet in this process (restored afterwards)."""
-    monkeypatch.setenv("LM_KERNEL_DIR", str(tmp_path / "kernels"))
-    cpu_kernels._load.cache_clear()
-    yield tmp_path / "kernels"
-    cpu_kernels._load.cache_clear()
-
-
 def test_switched_off_by_the_environment(fresh, monkeypatch):
     monkeypatch.setenv("LM_CPU_KERNELS", "0")
     assert cpu_kernels.unavailable() == "LM_CPU_KERNELS=0 is set"

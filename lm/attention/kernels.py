@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .. import cpu_kernels
 from .masks import causal_mask
 
 
@@ -37,7 +38,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     heads are repeated and the memory-efficient kernel runs instead. Measured: bench/attention_cost.py.
     """
     if mask is None and dropout_p == 0.0 and _saved_probabilities_pay(q, k, v):
-        return _CausalAttentionKeepingProbabilities.apply(q, k, v)
+        return _keeping_probabilities(q, k, v)
     n_rep = q.size(1) // k.size(1)
     native_gqa = q.device.type == "cpu" or (mask is None and q.dtype in (torch.float16, torch.bfloat16))
     if n_rep > 1 and not native_gqa:
@@ -46,23 +47,40 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
                                           enable_gqa=k.size(1) != q.size(1))
 
 
-# Causal attention that keeps its probabilities: in bfloat16 on a CPU, SDPA's flash kernel takes 1.7 ms
+# Causal attention that keeps its probabilities. In bfloat16 on a CPU, SDPA's flash kernel takes 1.7 ms
 # forward and 12 ms backward for B=8, H=6, T=256, D=64 (2 cores with AMX), while three batched products
 # and a softmax take 2.6 and 5.0, keeping the (B*H, T, T) probabilities for backward: 6 ms less a layer,
-# about an eighth of a bf16 training step of the book's 6-layer model. In float32 the two tie, so only
-# bfloat16 takes this path, and only while the probabilities stay small (SAVED_PROBABILITIES numbers,
-# 64 MiB in bfloat16); longer sequences keep the flash kernel, which holds no T x T matrix.
+# about an eighth of a bf16 training step of the book's 6-layer model. In float32 those products tie
+# with the flash kernel (8.5 and 21 ms on a 2-core AVX2 CPU), but lm's own kernel (lm/csrc/causal.c,
+# `lm.cpu_kernels.causal_attention`) skips the blocks above the diagonal and takes about 5 and 10 ms, so
+# float32 takes that where it can run (x86-64 with AVX2, a C compiler, heads of a multiple of 16
+# floats). Only while the probabilities stay small (SAVED_PROBABILITIES numbers: 64 MiB in bfloat16,
+# 128 MiB in float32); longer sequences keep the flash kernel, which holds no T x T matrix.
 SAVED_PROBABILITIES = 1 << 25
 
 
 def _saved_probabilities_pay(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether causal attention of q, k, v should run as `_CausalAttentionKeepingProbabilities`: training
-    (a gradient will be wanted) on a CPU in bfloat16, as many K/V heads as query heads, T == S, and
-    B * H * T * T at most SAVED_PROBABILITIES."""
-    B, H, T, _ = q.shape
-    return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.bfloat16 and k.shape == q.shape
+    """Whether causal attention of q, k, v should keep its probabilities (`_keeping_probabilities`):
+    training (a gradient will be wanted) on a CPU in bfloat16, or in float32 where lm's kernel runs, as
+    many K/V heads as query heads, T == S, and B * H * T * T at most SAVED_PROBABILITIES."""
+    B, H, T, D = q.shape
+    if not (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype and k.shape == q.shape
             and v.shape == q.shape and torch.is_grad_enabled()
-            and (q.requires_grad or k.requires_grad or v.requires_grad) and B * H * T * T <= SAVED_PROBABILITIES)
+            and (q.requires_grad or k.requires_grad or v.requires_grad) and B * H * T * T <= SAVED_PROBABILITIES):
+        return False
+    if q.dtype == torch.bfloat16:
+        return True
+    # float32 through ctypes, which a compiled graph cannot trace: compiled models keep the flash kernel
+    return (q.dtype == torch.float32 and not torch.compiler.is_compiling()
+            and cpu_kernels.causal_unavailable(D) is None)
+
+
+def _keeping_probabilities(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention keeping its probabilities for backward: lm's C kernel in float32, batched products
+    in bfloat16."""
+    if q.dtype == torch.float32:
+        return cpu_kernels.CausalAttention.apply(q, k, v)
+    return _CausalAttentionKeepingProbabilities.apply(q, k, v)
 
 
 class _CausalAttentionKeepingProbabilities(torch.autograd.Function):

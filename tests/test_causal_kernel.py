@@ -1,0 +1,196 @@
+"""lm.cpu_kernels.causal_attention (lm/csrc/causal.c): float32 causal attention for CPU training, forward
+and backward, against float64 F.scaled_dot_product_attention; its independence from the thread count;
+the model's training step through it against SDPA's flash kernel; where it is not used, and what
+happens where it cannot be built."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lm import GPT, ModelConfig, cpu_kernels
+from lm.attention import kernels
+
+needs_kernel = pytest.mark.skipif(cpu_kernels.causal_unavailable() is not None,
+                                  reason=f"lm's causal attention kernel: {cpu_kernels.causal_unavailable()}")
+
+
+def heads(B: int, T: int, H: int, D: int, seed: int = 0, scale: float = 1.0):
+    """A (B, T, 3 H D) leaf and q, k, v (B, H, T, D) views of it, strided as a model's are."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = (torch.randn(B, T, 3 * H * D, generator=g) * scale).requires_grad_()
+    return qkv, [x.view(B, T, H, D).transpose(1, 2) for x in qkv.split(H * D, dim=2)]
+
+
+def reference(qkv: torch.Tensor, H: int, D: int, grad: torch.Tensor):
+    """Output and the leaf's gradient in float64 through SDPA."""
+    exact = qkv.detach().double().requires_grad_()
+    B, T, _ = exact.shape
+    q, k, v = (x.view(B, T, H, D).transpose(1, 2) for x in exact.split(H * D, dim=2))
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return out, torch.autograd.grad(out, exact, grad.double())[0]
+
+
+@needs_kernel
+@pytest.mark.parametrize("B, T, H, D", [(1, 1, 1, 16), (2, 5, 3, 16), (1, 6, 2, 32), (2, 7, 2, 64), (1, 16, 1, 16),
+                                        (1, 17, 2, 48), (2, 37, 3, 64), (1, 100, 2, 128), (2, 256, 6, 64)])
+def test_forward_and_backward_match_float64(B, T, H, D):
+    """Remainders of the 6-row and 16-column blocks, one position, long rows, every head size it takes."""
+    qkv, (q, k, v) = heads(B, T, H, D)
+    out = cpu_kernels.causal_attention(q, k, v)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    got = torch.autograd.grad(out, qkv, grad)[0]
+    want, want_grad = reference(qkv, H, D, grad)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(got.double(), want_grad, rtol=1e-5, atol=2e-5)
+
+
+@needs_kernel
+def test_contiguous_inputs_and_a_strided_gradient():
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 3, 20, 32, generator=g, requires_grad=True) for _ in range(3))
+    out = cpu_kernels.causal_attention(q, k, v)
+    assert out.shape == (2, 3, 20, 32) and out.transpose(1, 2).is_contiguous()  # heads side by side, no copy
+    grad = torch.randn(2, 20, 3, 32, generator=g).transpose(1, 2)  # what a model's backward hands it
+    exact = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    want = F.scaled_dot_product_attention(*exact, is_causal=True)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=2e-6)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(want, exact, grad.double())):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=2e-5)
+
+
+@needs_kernel
+def test_large_scores_stay_finite_and_exact():
+    """Scores in the hundreds: the softmax subtracts each row's largest before the exponential."""
+    qkv, (q, k, v) = heads(1, 40, 2, 16, seed=3, scale=8.0)
+    out = cpu_kernels.causal_attention(q, k, v)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(4))
+    got = torch.autograd.grad(out, qkv, grad)[0]
+    want, want_grad = reference(qkv, 2, 16, grad)
+    assert torch.isfinite(out).all() and torch.isfinite(got).all()
+    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got.double(), want_grad, rtol=1e-4, atol=1e-3)
+
+
+@needs_kernel
+def test_a_nan_query_spoils_its_own_row_only():
+    qkv = heads(1, 12, 1, 16, seed=5)[0].detach()
+    qkv[0, 7, 3] = float("nan")  # query 7's fourth number
+    q, k, v = (x.view(1, 12, 1, 16).transpose(1, 2) for x in qkv.split(16, dim=2))
+    out = cpu_kernels.CausalAttention.apply(q, k, v)
+    assert torch.isnan(out[0, 0, 7]).all()
+    rows = [t for t in range(12) if t != 7]
+    assert torch.isfinite(out[0, 0, rows]).all()
+
+
+@needs_kernel
+def test_results_do_not_depend_on_the_thread_count():
+    qkv, (q, k, v) = heads(2, 50, 3, 32, seed=6)
+    grad = torch.randn(2, 3, 50, 32, generator=torch.Generator().manual_seed(7))
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            out = cpu_kernels.causal_attention(q, k, v)
+            results.append((out, torch.autograd.grad(out, qkv, grad)[0]))
+    finally:
+        torch.set_num_threads(before)
+    for out, g in results[1:]:
+        assert torch.equal(out, results[0][0]) and torch.equal(g, results[0][1])
+
+
+def model_step(config: ModelConfig, ids: torch.Tensor):
+    torch.manual_seed(0)
+    model = GPT(config)
+    _, loss = model(ids[:, :-1], ids[:, 1:])
+    loss.backward()
+    return loss.detach(), {name: p.grad for name, p in model.named_parameters()}
+
+
+@needs_kernel
+def test_a_float32_training_step_takes_the_kernel_and_matches_the_flash_kernel(monkeypatch):
+    config = ModelConfig(vocab_size=40, block_size=32, n_layer=2, n_head=2, d_model=64, dropout=0.0)
+    ids = torch.randint(0, 40, (3, 32), generator=torch.Generator().manual_seed(1))
+    calls = []
+    real = cpu_kernels.CausalAttention.apply
+    monkeypatch.setattr(cpu_kernels.CausalAttention, "apply", lambda *a: calls.append(1) or real(*a))
+    loss, grads = model_step(config, ids)
+    assert len(calls) == config.n_layer
+    monkeypatch.setattr(kernels, "SAVED_PROBABILITIES", 0)  # SDPA's flash kernel throughout
+    flash_loss, flash_grads = model_step(config, ids)
+    assert len(calls) == config.n_layer
+    torch.testing.assert_close(loss, flash_loss, rtol=1e-6, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, flash_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_where_the_kernel_is_not_used(monkeypatch):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 16, 32, requires_grad=True) for _ in range(3))
+    ours = lambda out: type(out.grad_fn).__name__ == "CausalAttentionBackward"  # noqa: E731
+    assert ours(kernels.sdpa(q, k, v)) == (cpu_kernels.causal_unavailable(32) is None)
+    with torch.no_grad():
+        assert kernels.sdpa(q, k, v).grad_fn is None  # inference: nothing to keep probabilities for
+    assert not ours(kernels.sdpa(*(x[..., :24] for x in (q, k, v))))  # heads of 24 floats
+    assert not ours(kernels.sdpa(q, k[:, :2], v[:, :2]))  # fewer K/V heads
+    assert not ours(kernels.sdpa(q.double(), k.double(), v.double()))
+    assert not ours(kernels.sdpa(q, k, v, dropout_p=0.1))
+    monkeypatch.setattr(kernels, "SAVED_PROBABILITIES", 2 * 4 * 16 * 16 - 1)  # one number too many
+    assert not ours(kernels.sdpa(q, k, v))
+
+
+def test_a_compiled_model_keeps_the_flash_kernel(monkeypatch):
+    """A compiled graph cannot trace a ctypes call: under torch.compile float32 attention stays SDPA's."""
+    calls = []
+    monkeypatch.setattr(cpu_kernels.CausalAttention, "apply", lambda *a: calls.append(1))
+    q, k, v = (torch.randn(1, 2, 8, 16, requires_grad=True) for _ in range(3))
+    out = torch.compile(kernels.sdpa, backend="eager")(q, k, v)
+    assert calls == [] and out.shape == (1, 2, 8, 16)
+
+
+def test_inputs_it_does_not_take_are_named():
+    q = torch.randn(1, 2, 8, 16)
+    with pytest.raises(ValueError, match=r"q, k, v must be \(B, H, T, D\) alike"):
+        cpu_kernels.causal_attention(q, q[:, :1], q)
+    with pytest.raises(ValueError, match="k must be float32 on the CPU, got torch.float64"):
+        cpu_kernels.causal_attention(q, q.double(), q)
+    with pytest.raises(ValueError, match="empty inputs"):
+        cpu_kernels.causal_attention(q[:, :, :0], q[:, :, :0], q[:, :, :0])
+    with pytest.raises(RuntimeError, match="a multiple of 16 floats, not 12"):
+        cpu_kernels.causal_attention(*(q[..., :12] for _ in range(3)))
+
+
+def test_switched_off_the_model_trains_through_sdpa(fresh, monkeypatch):
+    monkeypatch.setenv("LM_CPU_KERNELS", "0")
+    assert cpu_kernels.causal_unavailable() == "LM_CPU_KERNELS=0 is set"
+    q, k, v = (torch.randn(1, 2, 8, 16, requires_grad=True) for _ in range(3))
+    assert type(kernels.sdpa(q, k, v).grad_fn).__name__ != "CausalAttentionBackward"
+    with pytest.raises(RuntimeError, match="cannot run: LM_CPU_KERNELS=0 is set"):
+        cpu_kernels.causal_attention(q, k, v)
+
+
+def test_no_compiler_or_a_wrong_kernel_leaves_sdpa(fresh, monkeypatch):
+    if cpu_kernels.platform.system() != "Linux" or cpu_kernels.platform.machine() != "x86_64":
+        pytest.skip("the kernels are only built on Linux x86-64")
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    assert "no C compiler" in cpu_kernels.causal_unavailable()
+    monkeypatch.delenv("CC")
+    cpu_kernels._load_causal.cache_clear()
+    monkeypatch.setattr(cpu_kernels, "_causal_agrees", lambda kernels: False)
+    if cpu_kernels._not_here() is None:
+        assert cpu_kernels.causal_unavailable() == "the kernels compiled from causal.c disagree with torch on a small check"
+
+
+@needs_kernel
+def test_first_asked_without_gradients_it_still_checks_and_runs(fresh):
+    """The self-check runs a backward pass: asked first under inference_mode or inside a forward (where
+    autograd is off), it must not conclude that the kernel disagrees."""
+    with torch.inference_mode():
+        assert cpu_kernels.causal_unavailable() is None
+    cpu_kernels._load_causal.cache_clear()
+    qkv, (q, k, v) = heads(1, 9, 2, 16, seed=8)
+    out = cpu_kernels.CausalAttention.apply(q, k, v)  # loads the kernel inside the Function's forward
+    out.sum().backward()
+    assert qkv.grad is not None and torch.isfinite(qkv.grad).all()
