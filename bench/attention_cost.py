@@ -4,7 +4,9 @@ One attention layer (the `lm.attention` module as a model uses it: fused q/k/v p
 attention, output projection), d_model 256, 4 heads (D = 64), batch B, for each T in `--lengths`:
 
     manual          written-out softmax attention: the full (B, H, T, T) score matrix, saved for backward
-    sdpa            torch's fused scaled_dot_product_attention, causal
+    sdpa            torch's fused scaled_dot_product_attention, causal (lm's own habit of keeping the
+                    probabilities of short sequences in CPU training, lm.attention.kernels.SAVED_PROBABILITIES,
+                    is switched off here, so this is the fused kernel alone; `--keep` leaves it on)
     gqa             sdpa with 2 key/value heads for the 4 query heads
     sliding_window  window 128, computed block by block (only the keys a window can reach)
     linear          causal linear attention, chunked (chunk 64), no T x T matrix
@@ -40,6 +42,7 @@ import torch
 
 import lm
 from _report import report
+from lm.attention import kernels
 from lm.registry import ATTENTION
 
 VARIANTS = {  # name -> ModelConfig overrides
@@ -117,7 +120,11 @@ def main() -> None:
                         help="torch CPU threads (default: 1 on cpu, steadier on a shared machine; torch's on cuda)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--out", default=None, help="write the full table as JSON to this file")
+    parser.add_argument("--keep", action="store_true",
+                        help="let sdpa keep short sequences' probabilities on a CPU, as lm's training does")
     args = parser.parse_args()
+    if not args.keep:
+        kernels.SAVED_PROBABILITIES = 0  # "sdpa" measures torch's fused kernel, which keeps no T x T matrix
 
     device = torch.device(args.device)
     threads = args.threads or (1 if device.type == "cpu" else None)

@@ -298,23 +298,22 @@ def _causal_gradients(kernels: CausalKernels, q, k, v, probs, grad):
 
 
 def _causal_agrees(kernels: CausalKernels) -> bool:
-    """Whether causal.c computes what float64 attention and its gradients do, on 2 x 3 heads of 16 floats
-    and 21 positions (blocks of 6 rows and 16 columns leave remainders), q, k, v strided as a model's are."""
-    with torch.inference_mode(False), torch.enable_grad():  # it may first be asked under no_grad
-        return _causal_check(kernels)
-
-
-def _causal_check(kernels: CausalKernels) -> bool:
+    """Whether causal.c computes what attention and its gradients are, written out in float64, on 2 x 3 heads
+    of 16 floats and 21 positions (blocks of 6 rows and 16 columns leave remainders), q, k, v strided as a
+    model's are. No autograd: the check may first run under no_grad, inference_mode or saved-tensor hooks."""
     g = torch.Generator().manual_seed(0)
-    qkv = torch.randn(2, 21, 3 * 48, generator=g, dtype=torch.float64)
-    grad = torch.randn(2, 3, 21, 16, generator=g, dtype=torch.float64)
-    q, k, v = (x.view(2, 21, 3, 16).transpose(1, 2) for x in qkv.requires_grad_().split(48, dim=2))
-    want = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    wanted = torch.autograd.grad(want, (q, k, v), grad)
-    q32, k32, v32 = (x.detach().float() for x in (q, k, v))
-    out, probs = _causal_run(kernels, q32, k32, v32)
-    got = _causal_gradients(kernels, q32, k32, v32, probs, grad.float())
-    return all(torch.allclose(a.double(), b, rtol=1e-4, atol=1e-5) for a, b in zip((out, *got), (want, *wanted)))
+    qkv, grad = torch.randn(2, 21, 3 * 48, generator=g, dtype=torch.float64), torch.randn(2, 3, 21, 16, generator=g)
+    q, k, v = (x.view(2, 21, 3, 16).transpose(1, 2) for x in qkv.split(48, dim=2))
+    scale, grad64 = 16 ** -0.5, grad.double()
+    future = torch.ones(21, 21, dtype=torch.bool).triu(1)
+    probs = torch.softmax((q @ k.transpose(2, 3) * scale).masked_fill(future, float("-inf")), dim=-1)
+    dp = grad64 @ v.transpose(2, 3)
+    ds = probs * (dp - (dp * probs).sum(-1, keepdim=True)) * scale
+    want = (probs @ v, ds @ k, ds.transpose(2, 3) @ q, probs.transpose(2, 3) @ grad64)
+    q32, k32, v32 = (x.float() for x in (q, k, v))
+    out, kept = _causal_run(kernels, q32, k32, v32)
+    got = (out, *_causal_gradients(kernels, q32, k32, v32, kept, grad))
+    return all(torch.allclose(a.double(), b, rtol=1e-4, atol=1e-5) for a, b in zip(got, want))
 
 
 @functools.cache

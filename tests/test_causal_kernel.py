@@ -194,3 +194,23 @@ def test_first_asked_without_gradients_it_still_checks_and_runs(fresh):
     out = cpu_kernels.CausalAttention.apply(q, k, v)  # loads the kernel inside the Function's forward
     out.sum().backward()
     assert qkv.grad is not None and torch.isfinite(qkv.grad).all()
+
+
+@needs_kernel
+def test_the_self_check_catches_a_wrong_scale_forward_or_backward(fresh):
+    """`_causal_agrees` is what stands between a miscompiled kernel and training: a 1% error in either pass
+    fails it, and it saves nothing through autograd (a caller's saved-tensor hooks see no tensor)."""
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        assert cpu_kernels.causal_unavailable() is None
+    assert packed == []
+    real = cpu_kernels._load_causal()[0]
+
+    class Wrong:
+        stride, scratch, forward, backward = real.stride, real.scratch, real.forward, real.backward
+
+    for name in ("forward", "backward"):
+        wrong = Wrong()
+        setattr(wrong, name, lambda *args, call=getattr(real, name): call(*args[:-2], args[-2] * 1.01, args[-1]))
+        assert not cpu_kernels._causal_agrees(wrong), name
+    assert cpu_kernels._causal_agrees(Wrong())
