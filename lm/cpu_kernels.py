@@ -329,6 +329,14 @@ def causal_unavailable(head_size: int = 64) -> str | None:
     return _load_causal()[1]
 
 
+def _causal_kernels(head_size: int) -> CausalKernels:
+    """The loaded causal.c for heads of `head_size` floats, or RuntimeError saying why it cannot run."""
+    why = causal_unavailable(head_size)
+    if why is not None:
+        raise RuntimeError(f"lm's causal attention kernel cannot run: {why}.")
+    return _load_causal()[0]
+
+
 class CausalAttention(torch.autograd.Function):
     """softmax(q k^T / sqrt(D) + causal mask) v for float32 CPU q, k, v (B, H, T, D), in lm/csrc/causal.c;
     the (B * H, T, T) probabilities are kept for backward, whose five products run in C too."""
@@ -336,7 +344,7 @@ class CausalAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-        out, probs = _causal_run(_load_causal()[0], q, k, v)
+        out, probs = _causal_run(_causal_kernels(q.size(-1)), q, k, v)
         ctx.save_for_backward(q, k, v, probs)
         return out
 
@@ -359,10 +367,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
             raise ValueError(f"causal_attention: {name} must be float32 on the CPU, got {tensor.dtype} on {tensor.device}")
     if q.numel() == 0:
         raise ValueError(f"causal_attention: empty inputs {tuple(q.shape)}")
-    why = causal_unavailable(q.size(-1))
-    if why is not None:
-        raise RuntimeError(f"lm's causal attention kernel cannot run: {why}.")
-    return CausalAttention.apply(q, k, v)
+    return CausalAttention.apply(q, k, v)  # RuntimeError there where the kernel cannot run
 
 
 __all__ = ["attend", "causal_attention", "causal_unavailable", "kernel_dir", "matvec", "unavailable"]

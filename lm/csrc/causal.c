@@ -70,16 +70,6 @@ static inline void block_zero(Block *a) {
     for (int r = 0; r < ROWS; r++) a->lo[r] = a->hi[r] = _mm256_setzero_ps();
 }
 
-/* a row r += s[r] * y[0..16), for the 6 scalars at s[0], s[step], ... */
-static inline void block_add(Block *a, const float *s, long step, const float *y) {
-    __m256 y0 = _mm256_loadu_ps(y), y1 = _mm256_loadu_ps(y + 8);
-    for (int r = 0; r < ROWS; r++) {
-        __m256 sr = _mm256_broadcast_ss(s + r * step);
-        a->lo[r] = _mm256_fmadd_ps(sr, y0, a->lo[r]);
-        a->hi[r] = _mm256_fmadd_ps(sr, y1, a->hi[r]);
-    }
-}
-
 static inline void block_store(const Block *a, float *out[ROWS], long c0, float scale) {
     __m256 s = _mm256_set1_ps(scale);
     for (int r = 0; r < ROWS; r++) {
@@ -110,10 +100,18 @@ static inline void rows_times(const float *a[ROWS], const float *y, long ys, lon
    zero above the diagonal, so the rows before j0 add nothing) times rows of y */
 static inline void columns_by_rows(const float *w, long ld, long j0, long T, const float *y, long ys, long c0,
                                    float *out[ROWS]) {
-    Block a;
-    block_zero(&a);
-    for (long i = j0; i < T; i++) block_add(&a, w + i * ld + j0, 1, y + i * ys + c0);
-    block_store(&a, out, c0, 1.0f);
+    Block acc;
+    block_zero(&acc);
+    for (long i = j0; i < T; i++) {
+        __m256 y0 = _mm256_loadu_ps(y + i * ys + c0), y1 = _mm256_loadu_ps(y + i * ys + c0 + 8);
+        const float *wi = w + i * ld + j0;  /* the 6 weights side by side in row i */
+        for (int r = 0; r < ROWS; r++) {
+            __m256 wr = _mm256_broadcast_ss(wi + r);
+            acc.lo[r] = _mm256_fmadd_ps(wr, y0, acc.lo[r]);
+            acc.hi[r] = _mm256_fmadd_ps(wr, y1, acc.hi[r]);
+        }
+    }
+    block_store(&acc, out, c0, 1.0f);
 }
 
 /* xt (D rows of ld floats) = x^T for the T rows of x (stride xs), zero past T */
