@@ -2,13 +2,20 @@
 
 Both models have the same architecture (6 layers, 6 heads, d_model 384, GELU MLP, tied embeddings,
 learned positions), the same batches (B=8, T=256, character vocabulary, random windows of pydoc
-text), the same loss, gradient clipping and fused AdamW, and both run in one process with the same
-thread count. lm's side is one `lm.trainer.Trainer.train_step()`: the trainer users run, with its
-bookkeeping, not a hand-written loop; its causal attention runs in lm's C kernel (lm/csrc/causal.c)
-where that can be built (`LM_CPU_KERNELS=0` gives SDPA's flash kernel, as transformers uses). Each does `--warmup` untimed
-steps, then `--steps` timed ones; the two alternate in rounds so drifts in machine load hit both.
+text), the same loss, gradient clipping and fused AdamW, and the same thread count. lm's side is one
+`lm.trainer.Trainer.train_step()`: the trainer users run, with its bookkeeping, not a hand-written
+loop; its causal attention runs in lm's C kernel (lm/csrc/causal.c) where that can be built
+(`LM_CPU_KERNELS=0` gives SDPA's flash kernel, as transformers uses).
 
-    .venv/bin/python bench/cpu_train_throughput.py [--steps 10] [--threads 2]
+Each side runs in a process of its own, as a user runs either library: lm's Trainer sets glibc's
+malloc to reuse freed blocks (`lm.trainer.reuse_freed_memory`, process-wide; LM_REUSE_FREED_MEMORY=0
+leaves malloc as it is), and transformers' process keeps glibc's defaults. The processes alternate,
+`--rounds` of each, so drifts in machine load hit both; each does `--warmup` untimed steps, then
+`--steps` timed ones, and the median round counts. `--same-process` runs both in this one process
+instead, alternating every round (the peer then gets lm's malloc setting too; with
+LM_REUSE_FREED_MEMORY=0, neither does).
+
+    .venv/bin/python bench/cpu_train_throughput.py [--steps 10] [--threads 2] [--precision bf16]
 
 Ends with one JSON line: {"bench", "unit", "lm", "peer", "peer_name", "speedup"}; speedup > 1
 means lm trains faster.
@@ -17,7 +24,10 @@ means lm trains faster.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -62,6 +72,46 @@ def timed(fn, steps):
     return time.perf_counter() - start
 
 
+def setup(args):
+    """The two steps to time, {"lm": ..., "transformers": ...}, each a call that runs one training step."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    text = lm.load_corpus("pydoc")
+    tok = lm.CharTokenizer.train(text)
+    data = torch.tensor(tok.encode(text, parse_special=False))
+    ours, peer = build_models(tok.vocab_size, args.seq_len)
+    runs = {}
+    if args.side in (None, "lm"):
+        # one optimizer step of lm's trainer (batch, forward, backward, clip, fused AdamW, bookkeeping)
+        trainer = lm.trainer.Trainer(ours, data, data, lm.TrainConfig(
+            max_steps=10**9, batch_size=args.batch_size, seq_len=args.seq_len, warmup_steps=0, progress=False,
+            compile=args.compile, precision=args.precision))
+        ours.train()
+        runs["lm"] = trainer.train_step
+    if args.side in (None, "transformers"):
+        peer_batches = lm.data.Batches(data, args.batch_size, args.seq_len, seed=0)
+        peer_opt = lm.optim.configure_optimizer(peer, 3e-4, 0.1)
+        peer.train()
+        runs["transformers"] = lambda: step_hf(peer, peer_opt, peer_batches, args.precision)
+    return runs
+
+
+def one_side(args) -> None:
+    """--side: warm up, time `--steps` steps of one side, print its tokens/s as a JSON line."""
+    step = setup(args)[args.side]
+    timed(step, args.warmup)
+    print(json.dumps({"tokens_per_s": args.batch_size * args.seq_len * args.steps / timed(step, args.steps)}))
+
+
+def in_own_process(args, side: str) -> float:
+    """tokens/s of one side, measured in a fresh process"""
+    options = [f"--{name}={getattr(args, name)}" for name in ("steps", "warmup", "threads", "batch_size", "seq_len",
+                                                                 "precision")]
+    done = subprocess.run([sys.executable, __file__, "--side", side, *options, *(["--compile"] if args.compile else [])],
+                          capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])["tokens_per_s"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round (default: 10)")
@@ -73,35 +123,30 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="lm.TrainConfig(compile=True) for lm")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                         help="autocast for both (lm: TrainConfig(precision=...)); default fp32")
+    parser.add_argument("--same-process", action="store_true", help="both sides in this process")
+    parser.add_argument("--side", choices=("lm", "transformers"), help=argparse.SUPPRESS)  # one side's process
     args = parser.parse_args()
+    if args.side is not None:
+        return one_side(args)
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    text = lm.load_corpus("pydoc")
-    tok = lm.CharTokenizer.train(text)
-    data = torch.tensor(tok.encode(text, parse_special=False))
-    ours, peer = build_models(tok.vocab_size, args.seq_len)
-    # lm: one optimizer step of its trainer (batch, forward, backward, clip, fused AdamW, bookkeeping)
-    trainer = lm.trainer.Trainer(ours, data, data, lm.TrainConfig(
-        max_steps=10**9, batch_size=args.batch_size, seq_len=args.seq_len, warmup_steps=0, progress=False,
-        compile=args.compile, precision=args.precision))
-    peer_batches = lm.data.Batches(data, args.batch_size, args.seq_len, seed=0)
-    peer_opt = lm.optim.configure_optimizer(peer, 3e-4, 0.1)
-    runs = {"lm": trainer.train_step, "transformers": lambda: step_hf(peer, peer_opt, peer_batches, args.precision)}
-    ours.train()
-    peer.train()
-    for step in runs.values():
-        timed(step, args.warmup)
-
-    tokens = args.batch_size * args.seq_len * args.steps
-    rates = {name: [] for name in runs}
-    for _ in range(args.rounds):
-        for name, step in runs.items():
-            rates[name].append(tokens / timed(step, args.steps))
+    rates = {"lm": [], "transformers": []}
+    if args.same_process:
+        runs = setup(args)
+        for step in runs.values():
+            timed(step, args.warmup)
+        tokens = args.batch_size * args.seq_len * args.steps
+        for _ in range(args.rounds):
+            for name, step in runs.items():
+                rates[name].append(tokens / timed(step, args.steps))
+    else:
+        for _ in range(args.rounds):
+            for name in rates:
+                rates[name].append(in_own_process(args, name))
     for name, values in rates.items():
         print(f"{name:13s} {statistics.median(values):8.0f} tokens/s  (rounds: {[round(v) for v in values]})")
     ours_rate, peer_rate = statistics.median(rates["lm"]), statistics.median(rates["transformers"])
-    report("cpu_train_6L6H384_B8T256", "tokens/s", ours_rate, peer_rate, "transformers GPT2LMHeadModel",
+    where = "one process" if args.same_process else "processes of their own"
+    report("cpu_train_6L6H384_B8T256", "tokens/s", ours_rate, peer_rate, f"transformers GPT2LMHeadModel ({where})",
            higher_is_better=True)
 
 

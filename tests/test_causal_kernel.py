@@ -36,7 +36,7 @@ def reference(qkv: torch.Tensor, H: int, D: int, grad: torch.Tensor):
 @pytest.mark.parametrize("B, T, H, D", [(1, 1, 1, 16), (2, 5, 3, 16), (1, 6, 2, 32), (2, 7, 2, 64), (1, 16, 1, 16),
                                         (1, 17, 2, 48), (2, 37, 3, 64), (1, 100, 2, 128), (2, 256, 6, 64)])
 def test_forward_and_backward_match_float64(B, T, H, D):
-    """Remainders of the 6-row and 16-column blocks, one position, long rows, every head size it takes."""
+    """Remainders of the 6- or 8-row and 16-column blocks, one position, long rows, every head size it takes."""
     qkv, (q, k, v) = heads(B, T, H, D)
     out = cpu_kernels.causal_attention(q, k, v)
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
@@ -214,3 +214,24 @@ def test_the_self_check_catches_a_wrong_scale_forward_or_backward(fresh):
         setattr(wrong, name, lambda *args, call=getattr(real, name): call(*args[:-2], args[-2] * 1.01, args[-1]))
         assert not cpu_kernels._causal_agrees(wrong), name
     assert cpu_kernels._causal_agrees(Wrong())
+
+
+@pytest.mark.skipif("avx512f" not in (cpu_kernels._cpu_flags() or ()), reason="the CPU has no AVX-512")
+def test_the_avx512_and_avx2_builds_give_the_same_numbers(fresh, monkeypatch):
+    """Where the CPU has AVX-512 the kernel is built for it (blocks of 8 rows of one 16-float register);
+    the AVX2 build, which other CPUs run, must compute the same, to the bit: both add the same products
+    in the same order. Two builds, two files in the kernel folder."""
+    qkv, (q, k, v) = heads(2, 37, 3, 64, seed=9)
+    grad = torch.randn(2, 3, 37, 64, generator=torch.Generator().manual_seed(10))
+
+    def run():
+        out = cpu_kernels.causal_attention(q, k, v)
+        return out.detach(), torch.autograd.grad(out, qkv, grad)[0]
+
+    wide = run()
+    monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: {"avx2", "fma"})
+    cpu_kernels._load_causal.cache_clear()
+    narrow = run()
+    assert len(list(fresh.glob("causal*"))) == 2
+    for a, b in zip(wide, narrow):
+        assert torch.equal(a, b)

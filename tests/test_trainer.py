@@ -5,8 +5,11 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
+import os
 import re
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -573,3 +576,35 @@ def test_every_numeric_setting_is_checked_for_finiteness():
 def test_float_settings_must_be_numbers(field, value):
     with pytest.raises(TrainingError, match=re.escape(f"{field}={value!r} must be a number")):
         TrainConfig(**{field: value})
+
+
+
+MAPPED_BYTES = """
+import sys, torch, lm, lm.trainer
+if sys.argv[1] == "trainer":
+    model = lm.GPT(lm.ModelConfig(vocab_size=16, block_size=8, n_layer=1, n_head=2, d_model=16))
+    lm.trainer.Trainer(model, torch.arange(100) % 16, None, lm.TrainConfig(max_steps=1, batch_size=2, progress=False))
+before = lm.trainer.malloc_mapped_bytes()
+activation = torch.ones(5 * 2**20)  # 20 MiB
+print(lm.trainer.malloc_mapped_bytes() - before)
+"""
+
+
+@pytest.mark.skipif(lm.trainer.malloc_mapped_bytes() is None, reason="tunes glibc's malloc")
+@pytest.mark.parametrize("switch", ["1", "0"])
+def test_a_cpu_trainer_lets_malloc_reuse_freed_activations(switch, monkeypatch):
+    """glibc maps a 20 MiB block from the operating system by default (and unmaps it when freed, so a
+    training step page-faults its activations in again every step); once a CPU Trainer exists, the
+    block comes from malloc's heap, where freed memory is reused. Each case in a fresh process, since
+    the setting is process-wide; LM_REUSE_FREED_MEMORY=0 leaves malloc as it is."""
+    def mapped(how: str) -> int:
+        env = {**os.environ, "LM_REUSE_FREED_MEMORY": switch}
+        done = subprocess.run([sys.executable, "-c", MAPPED_BYTES, how], capture_output=True, text=True, env=env,
+                              timeout=300, check=True)
+        return int(done.stdout)
+
+    assert mapped("alone") >= 20 * 2**20
+    assert mapped("trainer") == (0 if switch == "1" else mapped("alone"))
+    monkeypatch.setenv("LM_REUSE_FREED_MEMORY", switch)
+    if switch == "0":  # the reason, from the function itself (in this process it changes nothing then)
+        assert lm.trainer.reuse_freed_memory.__wrapped__() == "LM_REUSE_FREED_MEMORY=0 is set"
