@@ -260,8 +260,9 @@ def reuse_freed_memory() -> str | None:
 
     A CPU training step allocates and frees the same activations every step. glibc maps blocks over its
     threshold (128 KiB, rising with what was freed) from the kernel and unmaps them when freed, so each
-    step page-faults them in again, zeroed: 60,000 faults and about a tenth of the step at the book's
-    6-layer, d_model 384 shape (B8 T256). `mallopt` raises the threshold to 32 MiB and keeps up to
+    step page-faults them in again, zeroed: 8,000 to 60,000 faults a step at the book's 6-layer, d_model
+    384 shape (B8 T256), about 5% of a float32 step and 10% of a bfloat16 one on a 2-core Xeon
+    (`bench/cpu_train_throughput.py`). `mallopt` raises the threshold to 32 MiB and keeps up to
     1 GiB free at the top of the heap, and the faults stop. The cost: the process keeps its peak memory
     instead of shrinking between steps. The Trainer calls this when it trains on the CPU; it changes
     the whole process (every library's allocations), so LM_REUSE_FREED_MEMORY=0 leaves malloc as it is.
