@@ -73,7 +73,8 @@ def timed(fn, steps):
 
 
 def setup(args):
-    """The two steps to time, {"lm": ..., "transformers": ...}, each a call that runs one training step."""
+    """The steps to time, {"lm": ..., "transformers": ...} (only `args.side`'s when given), each a call that
+    runs one training step."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     text = lm.load_corpus("pydoc")

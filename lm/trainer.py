@@ -254,6 +254,14 @@ TRIM_THRESHOLD = 2**30  # free memory at the top of the heap kept before any is 
 
 
 @functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """The process's C library where it is glibc on Linux (what `mallopt` and `mallinfo2` belong to), else None."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    return ctypes.CDLL(None)
+
+
+@functools.cache
 def reuse_freed_memory() -> str | None:
     """Let glibc's malloc reuse freed blocks of up to 32 MiB instead of returning each to the operating
     system; None when done (once a process), else why not.
@@ -270,9 +278,10 @@ def reuse_freed_memory() -> str | None:
     """
     if os.environ.get("LM_REUSE_FREED_MEMORY", "1") == "0":
         return "LM_REUSE_FREED_MEMORY=0 is set"
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    libc = _glibc()
+    if libc is None:
         return f"it tunes glibc's malloc; this is {platform.system()} with {platform.libc_ver()[0] or 'another C library'}"
-    mallopt = ctypes.CDLL(None).mallopt
+    mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
     if not (mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)):
@@ -289,10 +298,8 @@ def malloc_mapped_bytes() -> int | None:
     """The bytes glibc's malloc holds in blocks mapped one by one from the operating system (mallinfo2's
     `hblkhd`): with glibc's defaults a large tensor counts here, after `reuse_freed_memory` it comes from
     the heap instead. None where glibc (2.33 or later) is not the C library."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return None
-    libc = ctypes.CDLL(None)
-    if not hasattr(libc, "mallinfo2"):
+    libc = _glibc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
         return None
     libc.mallinfo2.restype = _MallInfo2
     return libc.mallinfo2().hblkhd
