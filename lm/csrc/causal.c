@@ -7,7 +7,10 @@
    the book's training sizes (T = 256, D = 64) it reaches a third of what the multiply-adds allow. Here
    each (batch, head) is one job on one thread, T x T at a time, in four kinds of small products, each
    a block of 6 rows x 16 columns held in twelve 8-float registers (AVX2 + FMA), or with AVX-512 8 rows x
-   16 columns in eight 16-float registers (about 1.2 times as fast there):
+   32 columns in sixteen 16-float registers, each broadcast number feeding two multiply-adds (8 x 16 where
+   fewer than 32 columns are left). k and v are transposed 8 x 8 at a time in registers, and the softmax
+   and backward's row sums run 16 lanes wide (as two 8-float halves in the AVX2 build, which sums them in
+   the same order: the two builds agree to the bit):
 
      forward:   S = q k^T scale (upper triangle skipped)   P = softmax(S) by rows   out = P v
      backward:  dP = g v^T   dS = P (dP - rowsum(P dP)) scale   dq = dS k   dk = dS^T q   dv = P^T g
@@ -39,18 +42,17 @@ long lm_causal_scratch(long T, long D, int backward) {
 /* e^x for x <= 0 to about 2 float ulps: x = n ln 2 + r, |r| <= ln(2) / 2, e^r by a degree-7 polynomial
    (Taylor's coefficients, slightly adjusted), 2^n put straight into the exponent bits. Below -87 the
    result is e^-87 (still a normal float) rather than a smaller one; a NaN stays NaN. */
+static const float EXP_TERMS[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f,
+                                   1.6666665459e-1f, 5.0000001201e-1f};  /* r^7 .. r^2, by Horner's rule */
+
 static inline __m256 exp_nonpositive(__m256 x) {
     x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);
     __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  /* ln 2 in two parts */
     r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    __m256 p = _mm256_set1_ps(EXP_TERMS[0]);
+    for (int i = 1; i < 6; i++) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_TERMS[i]));
     p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
     __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
@@ -79,6 +81,42 @@ static inline Columns columns_fma(float a, Columns y, Columns acc) { return _mm5
 static inline void columns_store(float *p, Columns x, float scale) {
     _mm512_storeu_ps(p, _mm512_mul_ps(x, _mm512_set1_ps(scale)));
 }
+static inline void columns_put(float *p, Columns x) { _mm512_storeu_ps(p, x); }
+static inline Columns columns_set1(float a) { return _mm512_set1_ps(a); }
+static inline Columns columns_add(Columns x, Columns y) { return _mm512_add_ps(x, y); }
+static inline Columns columns_sub(Columns x, Columns y) { return _mm512_sub_ps(x, y); }
+static inline Columns columns_mul(Columns x, Columns y) { return _mm512_mul_ps(x, y); }
+static inline Columns columns_max(Columns x, Columns y) { return _mm512_max_ps(x, y); }
+static inline Columns columns_fmav(Columns x, Columns y, Columns acc) { return _mm512_fmadd_ps(x, y, acc); }
+static inline __mmask16 lanes_below(long n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
+/* x where the lane is below n, else `fill` */
+static inline Columns columns_fill(Columns x, long n, float fill) {
+    return _mm512_mask_blend_ps(lanes_below(n), _mm512_set1_ps(fill), x);
+}
+static inline Columns columns_keep(Columns x, long n) { return _mm512_maskz_mov_ps(lanes_below(n), x); }
+static inline __m256 upper_half(__m512 x) {  /* AVX-512F alone has no float32 x 8 extract */
+    return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1));
+}
+/* the 16 lanes summed as the AVX2 build sums them: the upper 8 onto the lower 8, then those */
+static inline float columns_sum(Columns x) {
+    return lanes_sum(_mm256_add_ps(_mm512_castps512_ps256(x), upper_half(x)));
+}
+static inline float columns_hmax(Columns x) {
+    return lanes_max(_mm256_max_ps(_mm512_castps512_ps256(x), upper_half(x)));
+}
+/* exp_nonpositive on 16 lanes, the same operations (so the same bits) */
+static inline Columns columns_exp(Columns x) {
+    x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x);
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(EXP_TERMS[0]);
+    for (int i = 1; i < 6; i++) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_TERMS[i]));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    __m512i two_n = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(two_n));
+}
 #else
 typedef struct { __m256 lo, hi; } Columns;
 static inline Columns columns_load(const float *p) { return (Columns){_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
@@ -92,6 +130,41 @@ static inline void columns_store(float *p, Columns x, float scale) {
     _mm256_storeu_ps(p, _mm256_mul_ps(x.lo, s));
     _mm256_storeu_ps(p + 8, _mm256_mul_ps(x.hi, s));
 }
+static inline void columns_put(float *p, Columns x) { _mm256_storeu_ps(p, x.lo); _mm256_storeu_ps(p + 8, x.hi); }
+static inline Columns columns_set1(float a) { return (Columns){_mm256_set1_ps(a), _mm256_set1_ps(a)}; }
+static inline Columns columns_add(Columns x, Columns y) {
+    return (Columns){_mm256_add_ps(x.lo, y.lo), _mm256_add_ps(x.hi, y.hi)};
+}
+static inline Columns columns_sub(Columns x, Columns y) {
+    return (Columns){_mm256_sub_ps(x.lo, y.lo), _mm256_sub_ps(x.hi, y.hi)};
+}
+static inline Columns columns_mul(Columns x, Columns y) {
+    return (Columns){_mm256_mul_ps(x.lo, y.lo), _mm256_mul_ps(x.hi, y.hi)};
+}
+static inline Columns columns_max(Columns x, Columns y) {
+    return (Columns){_mm256_max_ps(x.lo, y.lo), _mm256_max_ps(x.hi, y.hi)};
+}
+static inline Columns columns_fmav(Columns x, Columns y, Columns acc) {
+    return (Columns){_mm256_fmadd_ps(x.lo, y.lo, acc.lo), _mm256_fmadd_ps(x.hi, y.hi, acc.hi)};
+}
+/* all-ones in the lanes of (the lower, the upper) 8 below n */
+static inline Columns lanes_below(long n) {
+    __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), count = _mm256_set1_ps((float)(n < 16 ? n : 16));
+    return (Columns){_mm256_cmp_ps(lane, count, _CMP_LT_OQ),
+                     _mm256_cmp_ps(_mm256_add_ps(lane, _mm256_set1_ps(8.0f)), count, _CMP_LT_OQ)};
+}
+static inline Columns columns_fill(Columns x, long n, float fill) {
+    Columns keep = lanes_below(n);
+    __m256 f = _mm256_set1_ps(fill);
+    return (Columns){_mm256_blendv_ps(f, x.lo, keep.lo), _mm256_blendv_ps(f, x.hi, keep.hi)};
+}
+static inline Columns columns_keep(Columns x, long n) {
+    Columns keep = lanes_below(n);
+    return (Columns){_mm256_and_ps(x.lo, keep.lo), _mm256_and_ps(x.hi, keep.hi)};
+}
+static inline float columns_sum(Columns x) { return lanes_sum(_mm256_add_ps(x.lo, x.hi)); }
+static inline float columns_hmax(Columns x) { return lanes_max(_mm256_max_ps(x.lo, x.hi)); }
+static inline Columns columns_exp(Columns x) { return (Columns){exp_nonpositive(x.lo), exp_nonpositive(x.hi)}; }
 #endif
 
 /* out[r][c0..c0+16) = scale * sum_{j < n} a[r][j] y[j][c0..] for rows y[j] of ys floats. With the rows of
@@ -122,10 +195,94 @@ static inline void columns_by_rows(const float *w, long ld, long j0, long T, con
     for (int r = 0; r < ROWS; r++) columns_store(out[r] + c0, acc[r], 1.0f);
 }
 
-/* xt (D rows of ld floats) = x^T for the T rows of x (stride xs), zero past T */
+#ifdef __AVX512F__
+/* rows_times and columns_by_rows for 32 columns, two 16-float registers a row: each broadcast feeds two
+   multiply-adds, so the blocks stop waiting on loads. Each sum is added in the same order as 16 columns at a
+   time would (so the two builds still agree to the bit); the AVX2 build has too few registers for this. */
+static inline void rows_times_wide(const float *a[ROWS], const float *y, long ys, long n, long c0,
+                                   float *out[ROWS], float scale) {
+    __m512 lo[ROWS], hi[ROWS];
+    for (int r = 0; r < ROWS; r++) lo[r] = hi[r] = _mm512_setzero_ps();
+    for (long j = 0; j < n; j++) {
+        __m512 y0 = _mm512_loadu_ps(y + j * ys + c0), y1 = _mm512_loadu_ps(y + j * ys + c0 + 16);
+        for (int r = 0; r < ROWS; r++) {
+            __m512 b = _mm512_set1_ps(a[r][j]);
+            lo[r] = _mm512_fmadd_ps(b, y0, lo[r]);
+            hi[r] = _mm512_fmadd_ps(b, y1, hi[r]);
+        }
+    }
+    for (int r = 0; r < ROWS; r++) {
+        columns_store(out[r] + c0, lo[r], scale);
+        columns_store(out[r] + c0 + 16, hi[r], scale);
+    }
+}
+
+static inline void columns_by_rows_wide(const float *w, long ld, long j0, long T, const float *y, long ys, long c0,
+                                        float *out[ROWS]) {
+    __m512 lo[ROWS], hi[ROWS];
+    for (int r = 0; r < ROWS; r++) lo[r] = hi[r] = _mm512_setzero_ps();
+    for (long i = j0; i < T; i++) {
+        __m512 y0 = _mm512_loadu_ps(y + i * ys + c0), y1 = _mm512_loadu_ps(y + i * ys + c0 + 16);
+        const float *wi = w + i * ld + j0;
+        for (int r = 0; r < ROWS; r++) {
+            __m512 b = _mm512_set1_ps(wi[r]);
+            lo[r] = _mm512_fmadd_ps(b, y0, lo[r]);
+            hi[r] = _mm512_fmadd_ps(b, y1, hi[r]);
+        }
+    }
+    for (int r = 0; r < ROWS; r++) {
+        columns_store(out[r] + c0, lo[r], 1.0f);
+        columns_store(out[r] + c0 + 16, hi[r], 1.0f);
+    }
+}
+#define WIDE 32
+#else
+#define WIDE 0  /* no wide blocks */
+#define rows_times_wide rows_times
+#define columns_by_rows_wide columns_by_rows
+#endif
+
+/* rows_times for the columns c0 .. c1 (multiples of 16): 32 at a time where they fit and the build has it */
+static inline void rows_times_span(const float *a[ROWS], const float *y, long ys, long n, long c0, long c1,
+                                   float *out[ROWS], float scale) {
+    for (; WIDE && c0 + 32 <= c1; c0 += 32) rows_times_wide(a, y, ys, n, c0, out, scale);
+    for (; c0 < c1; c0 += 16) rows_times(a, y, ys, n, c0, out, scale);
+}
+
+static inline void columns_by_rows_span(const float *w, long ld, long j0, long T, const float *y, long ys, long c1,
+                                        float *out[ROWS]) {
+    long c0 = 0;
+    for (; WIDE && c0 + 32 <= c1; c0 += 32) columns_by_rows_wide(w, ld, j0, T, y, ys, c0, out);
+    for (; c0 < c1; c0 += 16) columns_by_rows(w, ld, j0, T, y, ys, c0, out);
+}
+
+/* the 8 x 8 floats at x (rows xs apart) transposed into xt (rows ld apart) */
+static inline void transpose8(const float *x, long xs, float *xt, long ld) {
+    __m256 r[8], t[8], u[8];
+    for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(x + i * xs);
+    for (int i = 0; i < 8; i += 2) {  /* pairs of rows interleaved */
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {  /* then pairs of pairs: each 128-bit half holds a column's 4 floats */
+        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; i++) {  /* halves from rows 0-3 and 4-7 joined */
+        _mm256_storeu_ps(xt + i * ld, _mm256_permute2f128_ps(u[i], u[i + 4], 0x20));
+        _mm256_storeu_ps(xt + (i + 4) * ld, _mm256_permute2f128_ps(u[i], u[i + 4], 0x31));
+    }
+}
+
+/* xt (D rows of ld floats) = x^T for the T rows of x (stride xs), zero past T; D a multiple of 8 */
 static void transpose(const float *x, long xs, long T, long D, float *xt, long ld) {
+    long t0 = 0;
     for (long d = 0; d < D; d++) memset(xt + d * ld + T, 0, (ld - T) * sizeof(float));
-    for (long t = 0; t < T; t++)
+    for (; t0 + 8 <= T; t0 += 8)
+        for (long d0 = 0; d0 < D; d0 += 8) transpose8(x + t0 * xs + d0, xs, xt + d0 * ld + t0, ld);
+    for (long t = t0; t < T; t++)
         for (long d = 0; d < D; d++) xt[d * ld + t] = x[t * xs + d];
 }
 
@@ -145,24 +302,25 @@ static inline void block_outputs(float *base, long stride, long i0, long T, floa
     for (int r = 0; r < ROWS; r++) out[r] = i0 + r < T ? base + (i0 + r) * stride : spare;
 }
 
-/* p[0..ld) = softmax(p[0..n)), zero from n on; the entries from n to the next multiple of 8 must be finite
-   or not, they are masked */
+/* p[0..ld) = softmax(p[0..n)), zero from n on; the entries from n to the next multiple of 16 must be there
+   (finite or not: they are masked). The sum runs over 16 lanes in both builds, so they agree to the bit. */
 static void softmax_row(float *p, long n, long ld) {
-    long j = 0, n8 = (n + 7) & ~7L;
-    __m256 top = _mm256_set1_ps(-INFINITY), total = _mm256_setzero_ps();
-    for (; j + 8 <= n; j += 8) top = _mm256_max_ps(top, _mm256_loadu_ps(p + j));
-    float m = lanes_max(top);
-    for (; j < n; j++) m = (p[j] > m || p[j] != p[j]) ? p[j] : m;
-    __m256 mv = _mm256_set1_ps(m), lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
-    for (j = 0; j < n8; j += 8) {
-        __m256 keep = _mm256_cmp_ps(lane, _mm256_set1_ps((float)(n - j)), _CMP_LT_OQ);
-        __m256 e = _mm256_and_ps(exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(p + j), mv)), keep);
-        total = _mm256_add_ps(total, e);
-        _mm256_storeu_ps(p + j, e);
+    long j = 0, n16 = (n + 15) & ~15L;
+    Columns top = columns_set1(-INFINITY), other = top, total = columns_zero();
+    for (; j + 32 <= n; j += 32) {
+        top = columns_max(top, columns_load(p + j));
+        other = columns_max(other, columns_load(p + j + 16));
     }
-    __m256 inverse = _mm256_set1_ps(1.0f / lanes_sum(total));
-    for (j = 0; j < n8; j += 8) _mm256_storeu_ps(p + j, _mm256_mul_ps(_mm256_loadu_ps(p + j), inverse));
-    memset(p + n8, 0, (ld - n8) * sizeof(float));
+    for (; j < n; j += 16) top = columns_max(top, columns_fill(columns_load(p + j), n - j, -INFINITY));
+    Columns m = columns_set1(columns_hmax(columns_max(top, other)));
+    for (j = 0; j < n16; j += 16) {
+        Columns e = columns_keep(columns_exp(columns_sub(columns_load(p + j), m)), n - j);
+        total = columns_add(total, e);
+        columns_put(p + j, e);
+    }
+    Columns inverse = columns_set1(1.0f / columns_sum(total));
+    for (j = 0; j < n16; j += 16) columns_put(p + j, columns_mul(columns_load(p + j), inverse));
+    memset(p + n16, 0, (ld - n16) * sizeof(float));
 }
 
 void lm_causal_forward(const float *q, const float *k, const float *v, float *out, float *probs, float *scratch,
@@ -187,11 +345,11 @@ void lm_causal_forward(const float *q, const float *k, const float *v, float *ou
                 float *rows[ROWS];
                 block_rows(qh, D, i0, T, in);
                 block_outputs(P, ld, i0, T, spare, rows);
-                for (long j0 = 0; j0 <= last; j0 += 16) rows_times(in, kt, ld, D, j0, rows, scale);
+                rows_times_span(in, kt, ld, D, 0, (last + 16) & ~15L, rows, scale);  /* up to the diagonal */
                 for (long i = i0; i <= last; i++) softmax_row(P + i * ld, i + 1, ld);
                 block_rows(P, ld, i0, T, in);
                 block_outputs(oh, o_st, i0, T, spare, rows);
-                for (long c0 = 0; c0 < D; c0 += 16) rows_times(in, vh, D, last + 1, c0, rows, 1.0f);
+                rows_times_span(in, vh, D, last + 1, 0, D, rows, 1.0f);
             }
         }
     }
@@ -221,19 +379,18 @@ void lm_causal_backward(const float *q, const float *k, const float *v, const fl
                 float *rows[ROWS];
                 block_rows(gh, D, i0, T, in);
                 block_outputs(dS, ld, i0, T, spare, rows);
-                for (long j0 = 0; j0 <= last; j0 += 16) rows_times(in, vt, ld, D, j0, rows, 1.0f);
+                rows_times_span(in, vt, ld, D, 0, (last + 16) & ~15L, rows, 1.0f);
                 for (long i = i0; i <= last; i++) {
                     float *s = dS + i * ld;
                     const float *p = P + i * ld;
-                    long n8 = (i + 8) & ~7L;  /* P is zero from i + 1 on */
-                    __m256 acc = _mm256_setzero_ps();
-                    for (long j = 0; j < n8; j += 8)
-                        acc = _mm256_fmadd_ps(_mm256_loadu_ps(p + j), _mm256_loadu_ps(s + j), acc);
-                    __m256 dot = _mm256_set1_ps(lanes_sum(acc)), sc = _mm256_set1_ps(scale);
-                    for (long j = 0; j < n8; j += 8)
-                        _mm256_storeu_ps(s + j, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(p + j), sc),
-                                                              _mm256_sub_ps(_mm256_loadu_ps(s + j), dot)));
-                    memset(s + n8, 0, (ld - n8) * sizeof(float));
+                    long n16 = (i + 16) & ~15L;  /* P is zero from i + 1 on; dS was computed up to here */
+                    Columns acc = columns_zero();
+                    for (long j = 0; j < n16; j += 16) acc = columns_fmav(columns_load(p + j), columns_load(s + j), acc);
+                    Columns dot = columns_set1(columns_sum(acc)), sc = columns_set1(scale);
+                    for (long j = 0; j < n16; j += 16)
+                        columns_put(s + j, columns_mul(columns_mul(columns_load(p + j), sc),
+                                                       columns_sub(columns_load(s + j), dot)));
+                    memset(s + n16, 0, (ld - n16) * sizeof(float));
                 }
             }
             for (long i0 = 0; i0 < T; i0 += ROWS) {
@@ -244,12 +401,11 @@ void lm_causal_backward(const float *q, const float *k, const float *v, const fl
                 block_outputs(dqh, d_st, i0, T, spare, q_rows);
                 block_outputs(dkh, d_st, i0, T, spare, k_rows);
                 block_outputs(dvh, d_st, i0, T, spare, v_rows);
-                for (long c0 = 0; c0 < D; c0 += 16) {
-                    rows_times(in, kh, D, last + 1, c0, q_rows, 1.0f);  /* dq = dS k */
-                    columns_by_rows(dS, ld, i0, T, qh, D, c0, k_rows);  /* dk = dS^T q */
-                    columns_by_rows(P, ld, i0, T, gh, D, c0, v_rows);   /* dv = P^T g */
-                }
+                rows_times_span(in, kh, D, last + 1, 0, D, q_rows, 1.0f);  /* dq = dS k */
+                columns_by_rows_span(dS, ld, i0, T, qh, D, D, k_rows);   /* dk = dS^T q */
+                columns_by_rows_span(P, ld, i0, T, gh, D, D, v_rows);    /* dv = P^T g */
             }
         }
     }
 }
+
