@@ -280,55 +280,62 @@ class CausalKernels:
         pointer, long, int_ = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
         self.forward, self.backward = library.lm_causal_forward, library.lm_causal_backward
         self.stride, self.scratch = library.lm_causal_stride, library.lm_causal_scratch
-        self.forward.argtypes = [pointer] * 6 + [long] * 16 + [ctypes.c_float, int_]
-        self.backward.argtypes = [pointer] * 9 + [long] * 19 + [ctypes.c_float, int_]
+        self.forward.argtypes = [pointer] * 7 + [long] * 16 + [ctypes.c_float, int_]
+        self.backward.argtypes = [pointer] * 10 + [long] * 19 + [ctypes.c_float, int_]
         self.forward.restype = self.backward.restype = None
         self.stride.argtypes, self.scratch.argtypes = [long], [long, long, int_]
         self.stride.restype = self.scratch.restype = long
 
 
-def _causal_run(kernels: CausalKernels, q, k, v):
-    """(out, probabilities) for q, k, v (B, H, T, D) float32, D contiguous; out is a (B, H, T, D) view of
-    a (B, T, H, D) tensor, so putting the heads side by side again copies nothing."""
+def _pointer(bias: torch.Tensor | None) -> int | None:
+    return None if bias is None else bias.data_ptr()
+
+
+def _causal_run(kernels: CausalKernels, q, k, v, bias=None):
+    """(out, probabilities) for q, k, v (B, H, T, D) float32, D contiguous, plus `bias` (3 H D floats: q's,
+    k's, v's, contiguous; None for none); out is a (B, H, T, D) view of a (B, T, H, D) tensor, so putting
+    the heads side by side again copies nothing."""
     B, H, T, D = q.shape
     threads = torch.get_num_threads()
     out = torch.empty(B, T, H, D).transpose(1, 2)
     probs = torch.empty(B * H, T, kernels.stride(T))
     scratch = torch.empty(threads * kernels.scratch(T, D, 0))
-    kernels.forward(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), probs.data_ptr(), scratch.data_ptr(),
-                    B, H, T, D, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], D ** -0.5,
-                    threads)
+    kernels.forward(q.data_ptr(), k.data_ptr(), v.data_ptr(), _pointer(bias), out.data_ptr(), probs.data_ptr(),
+                    scratch.data_ptr(), B, H, T, D, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+                    *out.stride()[:3], D ** -0.5, threads)
     return out, probs
 
 
-def _causal_gradients(kernels: CausalKernels, q, k, v, probs, grad):
-    """(dq, dk, dv) from the kept probabilities and the output's gradient `grad` (D contiguous)."""
+def _causal_gradients(kernels: CausalKernels, q, k, v, probs, grad, bias=None, into=None):
+    """(dq, dk, dv) from the kept probabilities and the output's gradient `grad` (D contiguous); written into
+    `into`, three (B, H, T, D) views with the same strides, where given."""
     B, H, T, D = q.shape
     threads = torch.get_num_threads()
-    dq, dk, dv = torch.empty(3, B, T, H, D).transpose(2, 3)
+    dq, dk, dv = torch.empty(3, B, T, H, D).transpose(2, 3) if into is None else into
     scratch = torch.empty(threads * kernels.scratch(T, D, 1))
-    kernels.backward(q.data_ptr(), k.data_ptr(), v.data_ptr(), probs.data_ptr(), grad.data_ptr(), dq.data_ptr(),
-                     dk.data_ptr(), dv.data_ptr(), scratch.data_ptr(), B, H, T, D, *q.stride()[:3], *k.stride()[:3],
-                     *v.stride()[:3], *grad.stride()[:3], *dq.stride()[:3], D ** -0.5, threads)
+    kernels.backward(q.data_ptr(), k.data_ptr(), v.data_ptr(), _pointer(bias), probs.data_ptr(), grad.data_ptr(),
+                     dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), scratch.data_ptr(), B, H, T, D, *q.stride()[:3],
+                     *k.stride()[:3], *v.stride()[:3], *grad.stride()[:3], *dq.stride()[:3], D ** -0.5, threads)
     return dq, dk, dv
 
 
 def _causal_agrees(kernels: CausalKernels) -> bool:
     """Whether causal.c computes what attention and its gradients are, written out in float64, on 2 x 3 heads
     of 16 floats and 21 positions (blocks of 6 or 8 rows and 16 columns leave remainders), q, k, v strided as a
-    model's are. No autograd: the check may first run under no_grad, inference_mode or saved-tensor hooks."""
+    model's are, with a bias added to them. No autograd: the check may first run under no_grad, inference_mode or saved-tensor hooks."""
     g = torch.Generator().manual_seed(0)
     qkv, grad = torch.randn(2, 21, 3 * 48, generator=g, dtype=torch.float64), torch.randn(2, 3, 21, 16, generator=g)
-    q, k, v = (x.view(2, 21, 3, 16).transpose(1, 2) for x in qkv.split(48, dim=2))
+    bias = torch.randn(3 * 48, generator=g)
+    q, k, v = (x.view(2, 21, 3, 16).transpose(1, 2) for x in (qkv + bias).split(48, dim=2))
     scale, grad64 = 16 ** -0.5, grad.double()
     future = torch.ones(21, 21, dtype=torch.bool).triu(1)
     probs = torch.softmax((q @ k.transpose(2, 3) * scale).masked_fill(future, float("-inf")), dim=-1)
     dp = grad64 @ v.transpose(2, 3)
     ds = probs * (dp - (dp * probs).sum(-1, keepdim=True)) * scale
     want = (probs @ v, ds @ k, ds.transpose(2, 3) @ q, probs.transpose(2, 3) @ grad64)
-    q32, k32, v32 = (x.float() for x in (q, k, v))
-    out, kept = _causal_run(kernels, q32, k32, v32)
-    got = (out, *_causal_gradients(kernels, q32, k32, v32, kept, grad))
+    q32, k32, v32 = (x.view(2, 21, 3, 16).transpose(1, 2) for x in qkv.float().split(48, dim=2))
+    out, kept = _causal_run(kernels, q32, k32, v32, bias.float())
+    got = (out, *_causal_gradients(kernels, q32, k32, v32, kept, grad, bias.float()))
     return all(torch.allclose(a.double(), b, rtol=1e-4, atol=1e-5) for a, b in zip(got, want))
 
 
@@ -371,6 +378,57 @@ class CausalAttention(torch.autograd.Function):
         return _causal_gradients(_load_causal()[0], q, k, v, probs, grad if grad.stride(-1) == 1 else grad.contiguous())
 
 
+class CausalAttentionQKV(torch.autograd.Function):
+    """Causal attention straight from a fused projection's output: qkv (B, T, 3 C) float32 on the CPU, C = H D,
+    q, k and v side by side as `lm.attention.CausalSelfAttention.qkv` lays them out, without its bias; `bias`
+    (3 C,) or None is added to q, k and v as the kernel gathers each head. Returns (B, T, C), the heads side
+    by side. Backward writes dq, dk and dv into one (B, T, 3 C) gradient, which is the projection's output
+    gradient as it is: nothing to join, and the bias's gradient is its column sums."""
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, bias: torch.Tensor | None, n_head: int) -> torch.Tensor:
+        B, T, C3 = qkv.shape
+        D = C3 // 3 // n_head
+        q, k, v = (x.view(B, T, n_head, D).transpose(1, 2) for x in qkv.split(C3 // 3, dim=2))
+        bias = None if bias is None else bias.contiguous()
+        out, probs = _causal_run(_causal_kernels(D), q, k, v, bias)
+        ctx.save_for_backward(qkv, bias, probs)
+        ctx.n_head = n_head
+        return out.transpose(1, 2).reshape(B, T, C3 // 3)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        qkv, bias, probs = ctx.saved_tensors
+        B, T, C3 = qkv.shape
+        H, D = ctx.n_head, C3 // 3 // ctx.n_head
+        views = lambda x: (part.view(B, T, H, D).transpose(1, 2) for part in x.split(C3 // 3, dim=2))  # noqa: E731
+        q, k, v = views(qkv)
+        dqkv = torch.empty_like(qkv)
+        grad = grad.contiguous().view(B, T, H, D).transpose(1, 2)
+        _causal_gradients(_load_causal()[0], q, k, v, probs, grad, bias, into=tuple(views(dqkv)))
+        dbias = dqkv.sum((0, 1)) if bias is not None and ctx.needs_input_grad[1] else None
+        return dqkv, dbias, None
+
+
+def causal_attention_qkv(qkv: torch.Tensor, bias: torch.Tensor | None, n_head: int) -> torch.Tensor:
+    """Causal attention of a fused projection's output qkv (B, T, 3 C), float32 on the CPU, with the projection's
+    bias (3 C,) (None for none) added here rather than by the projection: `CausalAttentionQKV`. Returns
+    (B, T, C). RuntimeError where `causal_unavailable(D)` says why it cannot run, ValueError for inputs it does
+    not take."""
+    if qkv.dim() != 3 or qkv.size(-1) % (3 * n_head) or qkv.numel() == 0:
+        raise ValueError(f"causal_attention_qkv: qkv must be (B, T, 3 * {n_head} heads * D), got {tuple(qkv.shape)}")
+    if bias is not None and tuple(bias.shape) != (qkv.size(-1),):
+        raise ValueError(f"causal_attention_qkv: bias must be ({qkv.size(-1)},), got {tuple(bias.shape)}")
+    for name, tensor in (("qkv", qkv), ("bias", bias)):
+        if tensor is not None and (tensor.dtype != torch.float32 or tensor.device.type != "cpu"):
+            raise ValueError(f"causal_attention_qkv: {name} must be float32 on the CPU, got {tensor.dtype} on "
+                             f"{tensor.device}")
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    return CausalAttentionQKV.apply(qkv, bias, n_head)
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal attention of float32 CPU q, k, v (B, H, T, D), D a multiple of 16, through lm/csrc/causal.c
     (forward and backward); RuntimeError where `causal_unavailable(D)` says why not, ValueError for
@@ -386,4 +444,4 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return CausalAttention.apply(q, k, v)  # RuntimeError there where the kernel cannot run
 
 
-__all__ = ["attend", "causal_attention", "causal_unavailable", "kernel_dir", "matvec", "unavailable"]
+__all__ = ["attend", "causal_attention", "causal_attention_qkv", "causal_unavailable", "kernel_dir", "matvec", "unavailable"]

@@ -109,21 +109,84 @@ def model_step(config: ModelConfig, ids: torch.Tensor):
     return loss.detach(), {name: p.grad for name, p in model.named_parameters()}
 
 
+def counting(monkeypatch, function) -> list:
+    """A list that grows by one at each call of the autograd Function's apply."""
+    calls, real = [], function.apply
+    monkeypatch.setattr(function, "apply", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
 @needs_kernel
-def test_a_float32_training_step_takes_the_kernel_and_matches_the_flash_kernel(monkeypatch):
-    config = ModelConfig(vocab_size=40, block_size=32, n_layer=2, n_head=2, d_model=64, dropout=0.0)
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_float32_training_step_takes_the_kernel_and_matches_the_flash_kernel(monkeypatch, bias):
+    """The model's layers hand the kernel qkv's output whole, its bias added in the kernel
+    (`causal_attention_qkv`); the loss and every gradient match SDPA's flash kernel on q, k, v."""
+    config = ModelConfig(vocab_size=40, block_size=32, n_layer=2, n_head=2, d_model=64, dropout=0.0, bias=bias)
     ids = torch.randint(0, 40, (3, 32), generator=torch.Generator().manual_seed(1))
-    calls = []
-    real = cpu_kernels.CausalAttention.apply
-    monkeypatch.setattr(cpu_kernels.CausalAttention, "apply", lambda *a: calls.append(1) or real(*a))
+    whole, split = counting(monkeypatch, cpu_kernels.CausalAttentionQKV), counting(monkeypatch, cpu_kernels.CausalAttention)
     loss, grads = model_step(config, ids)
-    assert len(calls) == config.n_layer
+    assert (len(whole), len(split)) == (config.n_layer, 0)
     monkeypatch.setattr(kernels, "SAVED_PROBABILITIES", 0)  # SDPA's flash kernel throughout
     flash_loss, flash_grads = model_step(config, ids)
-    assert len(calls) == config.n_layer
+    assert (len(whole), len(split)) == (config.n_layer, 0)
     torch.testing.assert_close(loss, flash_loss, rtol=1e-6, atol=1e-6)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, flash_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@needs_kernel
+@pytest.mark.parametrize("B, T, H, D", [(1, 1, 1, 16), (2, 37, 3, 64), (1, 17, 2, 48)])
+def test_attention_from_qkv_whole_matches_float64(B, T, H, D):
+    """causal_attention_qkv: the projection's output without its bias, the bias added in the kernel; the
+    output, the gradient of qkv (written whole) and the bias's gradient against float64 SDPA on qkv + bias."""
+    qkv, _ = heads(B, T, H, D, seed=3)
+    bias = torch.randn(3 * H * D, generator=torch.Generator().manual_seed(4)).requires_grad_()
+    grad = torch.randn(B, T, H * D, generator=torch.Generator().manual_seed(5))
+    out = cpu_kernels.causal_attention_qkv(qkv, bias, H)
+    got = torch.autograd.grad(out, (qkv, bias), grad)
+    exact = (qkv.detach().double().requires_grad_(), bias.detach().double().requires_grad_())
+    q, k, v = (x.view(B, T, H, D).transpose(1, 2) for x in (exact[0] + exact[1]).split(H * D, dim=2))
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, H * D)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=2e-6)
+    for ours, theirs in zip(got, torch.autograd.grad(want, exact, grad.double())):
+        torch.testing.assert_close(ours.double(), theirs, rtol=1e-5, atol=5e-5)
+    no_bias = cpu_kernels.causal_attention_qkv(qkv, None, H)
+    torch.testing.assert_close(no_bias, cpu_kernels.causal_attention(*heads(B, T, H, D, seed=3)[1]).transpose(1, 2)
+                               .reshape(B, T, H * D), rtol=0, atol=0)
+
+
+@needs_kernel
+def test_where_the_layers_keep_q_k_v_apart(monkeypatch):
+    """The qkv-whole path is plain float32 causal training only: RoPE, a padding mask, a variant's pattern,
+    fewer K/V heads, a LoRA or hooked qkv, autocast and inference go the way they went before."""
+    from lm.lora import LoRAConfig, apply_lora
+
+    whole = counting(monkeypatch, cpu_kernels.CausalAttentionQKV)
+    ids = torch.randint(0, 40, (2, 16), generator=torch.Generator().manual_seed(1))
+    base = dict(vocab_size=40, block_size=16, n_layer=1, n_head=2, d_model=32, dropout=0.0)
+
+    def took(config=None, model=None, **forward):
+        before = len(whole)
+        model = model or GPT(ModelConfig(**{**base, **(config or {})}))
+        model(ids, **forward)[0].sum().backward()
+        return len(whole) > before
+
+    assert took()
+    assert not took({"pos": "rope"})
+    assert not took(attention_mask=torch.ones(2, 16, dtype=torch.bool))
+    assert not took({"attention": "sliding_window", "window": 4})
+    assert not took({"n_head": 4, "n_kv_heads": 2})
+    lora = GPT(ModelConfig(**base))
+    apply_lora(lora, LoRAConfig(targets=("qkv",)))
+    assert not took(model=lora)
+    hooked = GPT(ModelConfig(**base))
+    hooked.blocks[0].attn.qkv.register_forward_hook(lambda *a: None)
+    assert not took(model=hooked)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not took()
+    with torch.no_grad():
+        GPT(ModelConfig(**base))(ids)
+    assert len(whole) == 1
 
 
 def test_where_the_kernel_is_not_used(monkeypatch):
@@ -160,6 +223,13 @@ def test_inputs_it_does_not_take_are_named():
         cpu_kernels.causal_attention(q[:, :, :0], q[:, :, :0], q[:, :, :0])
     with pytest.raises(RuntimeError, match="a multiple of 16 floats, not 12"):
         cpu_kernels.causal_attention(*(q[..., :12] for _ in range(3)))
+    qkv = torch.randn(1, 8, 96)
+    with pytest.raises(ValueError, match=r"qkv must be \(B, T, 3 \* 4 heads \* D\), got \(1, 8, 90\)"):
+        cpu_kernels.causal_attention_qkv(qkv[..., :90], None, 4)
+    with pytest.raises(ValueError, match=r"bias must be \(96,\), got \(32,\)"):
+        cpu_kernels.causal_attention_qkv(qkv, torch.zeros(32), 2)
+    with pytest.raises(ValueError, match="bias must be float32 on the CPU, got torch.float64"):
+        cpu_kernels.causal_attention_qkv(qkv, torch.zeros(96, dtype=torch.float64), 2)
 
 
 def test_switched_off_the_model_trains_through_sdpa(fresh, monkeypatch):
@@ -213,6 +283,9 @@ def test_the_self_check_catches_a_wrong_scale_forward_or_backward(fresh):
         wrong = Wrong()
         setattr(wrong, name, lambda *args, call=getattr(real, name): call(*args[:-2], args[-2] * 1.01, args[-1]))
         assert not cpu_kernels._causal_agrees(wrong), name
+        wrong = Wrong()  # the bias dropped
+        setattr(wrong, name, lambda *args, call=getattr(real, name): call(*args[:3], None, *args[4:]))
+        assert not cpu_kernels._causal_agrees(wrong), f"{name} without the bias"
     assert cpu_kernels._causal_agrees(Wrong())
 
 

@@ -16,9 +16,12 @@ the cache's business: it stores them, and returns them with the mask that `allow
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from .. import cpu_kernels
 from ..config import ModelConfig
+from . import kernels as attention_kernels
 from ..registry import ATTENTION
 from .kernels import (
     attend_over, causal_linear_attention, elu_feature_map, linear_attention_weights, local_block_attention,
@@ -65,6 +68,8 @@ class CausalSelfAttention(nn.Module):
 
         With a layer `cache`, x holds only the positions after those already cached: their keys
         and values are stored and the queries attend over everything the cache returns."""
+        if rope is None and attention_mask is None and cache is None and self._attention_in_c(x):
+            return self._forward_in_c(x)  # float32 training on a CPU: the same, faster (chapter 6)
         B, T, C = x.shape
         q, k, v = self.project(x)
         if rope is not None:  # before K/V heads are repeated: fewer heads to rotate
@@ -76,6 +81,32 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         y = self.proj(y)
         return self.resid_drop(y) if self.training else y  # eval: skip the no-op call
+
+    def _attention_in_c(self, x: torch.Tensor) -> bool:
+        """Whether this layer's causal attention runs from the fused projection's output in lm's C kernel
+        (`lm.cpu_kernels.causal_attention_qkv`): float32 training on a CPU where the kernel runs, as
+        `lm.attention.sdpa` would take it for q, k, v (plain causal attention, as many K/V heads as query
+        heads, no dropout, the probabilities within SAVED_PROBABILITIES). The kernel adds qkv's bias itself
+        and its backward writes the projection's output gradient whole: no bias broadcast into the
+        projection's output, no joining of dq, dk and dv. Not for variants (their own `allowed`, `attend`
+        or `project`), a qkv that is not a plain nn.Linear (LoRA's, int8's) or has hooks, autocast, or
+        torch.compile."""
+        qkv, cls = self.qkv, type(self)
+        B, T, _ = x.shape
+        return (x.device.type == "cpu" and x.dtype == torch.float32 and torch.is_grad_enabled()
+                and (x.requires_grad or any(p.requires_grad for p in qkv.parameters()))
+                and self.use_sdpa and self.allowed is None and self.n_kv_heads == self.n_head
+                and cls.attend is CausalSelfAttention.attend and cls.project is CausalSelfAttention.project
+                and (self.dropout == 0.0 or not self.training) and type(qkv) is nn.Linear
+                and not (qkv._forward_hooks or qkv._forward_pre_hooks)
+                and B * self.n_head * T * T <= attention_kernels.SAVED_PROBABILITIES
+                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+                and cpu_kernels.causal_unavailable(self.head_dim) is None)
+
+    def _forward_in_c(self, x: torch.Tensor) -> torch.Tensor:
+        """`forward` through `lm.cpu_kernels.causal_attention_qkv`, where `_attention_in_c(x)` says so."""
+        y = self.proj(cpu_kernels.causal_attention_qkv(F.linear(x, self.qkv.weight), self.qkv.bias, self.n_head))
+        return self.resid_drop(y) if self.training else y
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, T, C) -> q (B, H, T, D), k and v (B, H_kv, T, D)."""

@@ -17,7 +17,9 @@
 
    Only blocks touching the lower triangle are computed, and P and dS are zero above the diagonal,
    so products over them may run past it. P is kept in rows of lm_causal_stride(T) floats (T rounded
-   up, so a block never reads past a row). Strides are in floats, D contiguous; D a multiple of 16.
+   up, so a block never reads past a row). Strides are in floats, D contiguous; D a multiple of 16. `bias`
+   (NULL for none) holds 3 H D floats, q's, k's and v's biases as qkv lays them out, added to q, k and v
+   as each head's rows are gathered: a model's qkv projection then needs no bias of its own.
    Every output is summed by one thread in a fixed order: the result does not depend on the number
    of threads. Each thread gets lm_causal_scratch(T, D, backward) floats of `scratch`. */
 
@@ -256,10 +258,12 @@ static inline void columns_by_rows_span(const float *w, long ld, long j0, long T
     for (; c0 < c1; c0 += 16) columns_by_rows(w, ld, j0, T, y, ys, c0, out);
 }
 
-/* the 8 x 8 floats at x (rows xs apart) transposed into xt (rows ld apart) */
-static inline void transpose8(const float *x, long xs, float *xt, long ld) {
-    __m256 r[8], t[8], u[8];
-    for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(x + i * xs);
+static const float NO_BIAS[16];  /* zeros, for a head without a bias */
+
+/* the 8 x 8 floats at x (rows xs apart) plus bias[0..8) on every row, transposed into xt (rows ld apart) */
+static inline void transpose8(const float *x, long xs, const float *bias, float *xt, long ld) {
+    __m256 r[8], t[8], u[8], b = _mm256_loadu_ps(bias);
+    for (int i = 0; i < 8; i++) r[i] = _mm256_add_ps(_mm256_loadu_ps(x + i * xs), b);
     for (int i = 0; i < 8; i += 2) {  /* pairs of rows interleaved */
         t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
         t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
@@ -276,20 +280,35 @@ static inline void transpose8(const float *x, long xs, float *xt, long ld) {
     }
 }
 
-/* xt (D rows of ld floats) = x^T for the T rows of x (stride xs), zero past T; D a multiple of 8 */
-static void transpose(const float *x, long xs, long T, long D, float *xt, long ld) {
+/* xt (D rows of ld floats) = (x + bias)^T for the T rows of x (stride xs) and the D floats of bias (NULL:
+   none), zero past T; D a multiple of 8 */
+static void transpose(const float *x, long xs, const float *bias, long T, long D, float *xt, long ld) {
     long t0 = 0;
     for (long d = 0; d < D; d++) memset(xt + d * ld + T, 0, (ld - T) * sizeof(float));
     for (; t0 + 8 <= T; t0 += 8)
-        for (long d0 = 0; d0 < D; d0 += 8) transpose8(x + t0 * xs + d0, xs, xt + d0 * ld + t0, ld);
+        for (long d0 = 0; d0 < D; d0 += 8)
+            transpose8(x + t0 * xs + d0, xs, bias ? bias + d0 : NO_BIAS, xt + d0 * ld + t0, ld);
     for (long t = t0; t < T; t++)
-        for (long d = 0; d < D; d++) xt[d * ld + t] = x[t * xs + d];
+        for (long d = 0; d < D; d++) xt[d * ld + t] = x[t * xs + d] + (bias ? bias[d] : 0.0f);
 }
 
-/* a head's T rows of D floats (stride xs) copied next to each other, so the products read them as one stream */
-static const float *packed(const float *x, long xs, long T, long D, float *to) {
-    for (long t = 0; t < T; t++) memcpy(to + t * D, x + t * xs, D * sizeof(float));
+/* a head's T rows of D floats (stride xs), plus the D floats of bias (NULL: none), copied next to each
+   other, so the products read them as one stream */
+static const float *packed(const float *x, long xs, const float *bias, long T, long D, float *to) {
+    for (long t = 0; t < T; t++) {
+        if (!bias) {
+            memcpy(to + t * D, x + t * xs, D * sizeof(float));
+            continue;
+        }
+        for (long d = 0; d < D; d += 16)
+            columns_put(to + t * D + d, columns_add(columns_load(x + t * xs + d), columns_load(bias + d)));
+    }
     return to;
+}
+
+/* head h's D floats of one of q's, k's or v's (`part` 0, 1, 2) biases, laid out as qkv's are; NULL for none */
+static inline const float *head_bias(const float *bias, long part, long H, long h, long D) {
+    return bias ? bias + (part * H + h) * D : NULL;
 }
 
 /* the rows i0 .. i0+5 of a head's matrix (rows of `stride` floats from `base`), or `spare` past T for
@@ -323,7 +342,8 @@ static void softmax_row(float *p, long n, long ld) {
     memset(p + n16, 0, (ld - n16) * sizeof(float));
 }
 
-void lm_causal_forward(const float *q, const float *k, const float *v, float *out, float *probs, float *scratch,
+void lm_causal_forward(const float *q, const float *k, const float *v, const float *bias, float *out, float *probs,
+                       float *scratch,
                        long B, long H, long T, long D, long q_sb, long q_sh, long q_st, long k_sb, long k_sh,
                        long k_st, long v_sb, long v_sh, long v_st, long o_sb, long o_sh, long o_st, float scale,
                        int threads) {
@@ -335,10 +355,10 @@ void lm_causal_forward(const float *q, const float *k, const float *v, float *ou
         #pragma omp for schedule(static)
         for (long bh = 0; bh < B * H; bh++) {
             long b = bh / H, h = bh % H;
-            const float *qh = packed(q + b * q_sb + h * q_sh, q_st, T, D, qp);
-            const float *vh = packed(v + b * v_sb + h * v_sh, v_st, T, D, vp);
+            const float *qh = packed(q + b * q_sb + h * q_sh, q_st, head_bias(bias, 0, H, h, D), T, D, qp);
+            const float *vh = packed(v + b * v_sb + h * v_sh, v_st, head_bias(bias, 2, H, h, D), T, D, vp);
             float *oh = out + b * o_sb + h * o_sh, *P = probs + bh * T * ld;
-            transpose(k + b * k_sb + h * k_sh, k_st, T, D, kt, ld);
+            transpose(k + b * k_sb + h * k_sh, k_st, head_bias(bias, 1, H, h, D), T, D, kt, ld);
             for (long i0 = 0; i0 < T; i0 += ROWS) {
                 long last = i0 + ROWS - 1 < T ? i0 + ROWS - 1 : T - 1;  /* the block's last real row */
                 const float *in[ROWS];
@@ -355,7 +375,8 @@ void lm_causal_forward(const float *q, const float *k, const float *v, float *ou
     }
 }
 
-void lm_causal_backward(const float *q, const float *k, const float *v, const float *probs, const float *g,
+void lm_causal_backward(const float *q, const float *k, const float *v, const float *bias, const float *probs,
+                        const float *g,
                         float *dq, float *dk, float *dv, float *scratch, long B, long H, long T, long D,
                         long q_sb, long q_sh, long q_st, long k_sb, long k_sh, long k_st, long v_sb, long v_sh,
                         long v_st, long g_sb, long g_sh, long g_st, long d_sb, long d_sh, long d_st,
@@ -368,11 +389,11 @@ void lm_causal_backward(const float *q, const float *k, const float *v, const fl
         #pragma omp for schedule(static)
         for (long bh = 0; bh < B * H; bh++) {
             long b = bh / H, h = bh % H;
-            const float *qh = packed(q + b * q_sb + h * q_sh, q_st, T, D, qp);
-            const float *kh = packed(k + b * k_sb + h * k_sh, k_st, T, D, kp);
-            const float *gh = packed(g + b * g_sb + h * g_sh, g_st, T, D, gp), *P = probs + bh * T * ld;
+            const float *qh = packed(q + b * q_sb + h * q_sh, q_st, head_bias(bias, 0, H, h, D), T, D, qp);
+            const float *kh = packed(k + b * k_sb + h * k_sh, k_st, head_bias(bias, 1, H, h, D), T, D, kp);
+            const float *gh = packed(g + b * g_sb + h * g_sh, g_st, NULL, T, D, gp), *P = probs + bh * T * ld;
             float *dqh = dq + b * d_sb + h * d_sh, *dkh = dk + b * d_sb + h * d_sh, *dvh = dv + b * d_sb + h * d_sh;
-            transpose(v + b * v_sb + h * v_sh, v_st, T, D, vt, ld);
+            transpose(v + b * v_sb + h * v_sh, v_st, head_bias(bias, 2, H, h, D), T, D, vt, ld);
             for (long i0 = 0; i0 < T; i0 += ROWS) {  /* dS, a block of rows at a time */
                 long last = i0 + ROWS - 1 < T ? i0 + ROWS - 1 : T - 1;
                 const float *in[ROWS];
