@@ -17,6 +17,16 @@ LM_REUSE_FREED_MEMORY=0, neither does).
 
     .venv/bin/python bench/cpu_train_throughput.py [--steps 10] [--threads 2] [--precision bf16]
 
+A lever of lm's own is smaller than this machine's drift from one run to the next (about 5%), so
+`--lever NAME` measures one inside a single process instead: lm alone, the lever on and off in turns,
+`--steps` timed steps each, for `--rounds` rounds; the median step with it against without it:
+
+    c-attention   causal attention in lm's C kernel (lm/csrc/causal.c), against PyTorch's flash kernel
+    qkv-whole     the kernel taking qkv's output whole, its bias added there
+                  (`CausalSelfAttention._attention_in_c`), against q, k, v handed to it apart
+
+    .venv/bin/python bench/cpu_train_throughput.py --lever qkv-whole --steps 3 --rounds 12
+
 Ends with one JSON line: {"bench", "unit", "lm", "peer", "peer_name", "speedup"}; speedup > 1
 means lm trains faster.
 """
@@ -33,6 +43,7 @@ import time
 import torch
 
 import lm
+import lm.attention
 import lm.data
 import lm.optim
 import lm.trainer
@@ -97,6 +108,39 @@ def setup(args):
     return runs
 
 
+def _switch_c_attention(on: bool) -> None:
+    lm.attention.kernels.SAVED_PROBABILITIES = SAVED_PROBABILITIES if on else 0  # 0: the flash kernel
+
+
+def _switch_qkv_whole(on: bool) -> None:
+    layer = lm.attention.CausalSelfAttention
+    layer._attention_in_c = ATTENTION_IN_C if on else (lambda self, x: False)
+
+
+SAVED_PROBABILITIES = lm.attention.kernels.SAVED_PROBABILITIES
+ATTENTION_IN_C = lm.attention.CausalSelfAttention._attention_in_c
+LEVERS = {"c-attention": _switch_c_attention, "qkv-whole": _switch_qkv_whole}
+
+
+def lever_in_one_process(args) -> None:
+    """--lever: lm's step with the lever on and off in turns; reports the median ms a step of each."""
+    args.side = "lm"
+    step, switch = setup(args)["lm"], LEVERS[args.lever]
+    timed(step, args.warmup)
+    ms = {True: [], False: []}
+    for _ in range(args.rounds):
+        for on in (True, False):
+            switch(on)
+            step()  # the first step after a switch settles the allocator
+            ms[on].append(1e3 * timed(step, args.steps) / args.steps)
+    switch(True)
+    for on, values in ms.items():
+        print(f"lm, {args.lever} {'on ' if on else 'off'} {statistics.median(values):7.1f} ms a step  "
+              f"(rounds: {[round(v) for v in values]})")
+    report(f"cpu_train_lever_{args.lever}", "ms/step", statistics.median(ms[True]), statistics.median(ms[False]),
+           f"lm with {args.lever} off (one process, alternating)", higher_is_better=False)
+
+
 def one_side(args) -> None:
     """--side: warm up, time `--steps` steps of one side, print its tokens/s as a JSON line."""
     step = setup(args)[args.side]
@@ -125,8 +169,11 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                         help="autocast for both (lm: TrainConfig(precision=...)); default fp32")
     parser.add_argument("--same-process", action="store_true", help="both sides in this process")
+    parser.add_argument("--lever", choices=sorted(LEVERS), help="lm alone, this lever on and off in one process")
     parser.add_argument("--side", choices=("lm", "transformers"), help=argparse.SUPPRESS)  # one side's process
     args = parser.parse_args()
+    if args.lever is not None:
+        return lever_in_one_process(args)
     if args.side is not None:
         return one_side(args)
 
