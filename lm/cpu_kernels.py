@@ -273,18 +273,19 @@ def _causal_flags() -> tuple[str, ...]:
 
 class CausalKernels:
     """The C functions of causal.c, their argument types declared: `forward`, `backward`, `stride` (the
-    floats of a kept row of probabilities) and `scratch` (the floats each thread needs)."""
+    floats of a row of the transposed k or v), `probs` (the floats of one head's kept probabilities: the
+    lower triangle by blocks of rows, about half of T x T) and `scratch` (the floats each thread needs)."""
 
     def __init__(self, path: Path):
         library = ctypes.CDLL(str(path))
         pointer, long, int_ = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
         self.forward, self.backward = library.lm_causal_forward, library.lm_causal_backward
-        self.stride, self.scratch = library.lm_causal_stride, library.lm_causal_scratch
+        self.stride, self.scratch, self.probs = library.lm_causal_stride, library.lm_causal_scratch, library.lm_causal_probs
         self.forward.argtypes = [pointer] * 7 + [long] * 16 + [ctypes.c_float, int_]
         self.backward.argtypes = [pointer] * 10 + [long] * 19 + [ctypes.c_float, int_]
         self.forward.restype = self.backward.restype = None
-        self.stride.argtypes, self.scratch.argtypes = [long], [long, long, int_]
-        self.stride.restype = self.scratch.restype = long
+        self.stride.argtypes, self.scratch.argtypes, self.probs.argtypes = [long], [long, long, int_], [long]
+        self.stride.restype = self.scratch.restype = self.probs.restype = long
 
 
 def _pointer(bias: torch.Tensor | None) -> int | None:
@@ -298,7 +299,7 @@ def _causal_run(kernels: CausalKernels, q, k, v, bias=None):
     B, H, T, D = q.shape
     threads = torch.get_num_threads()
     out = torch.empty(B, T, H, D).transpose(1, 2)
-    probs = torch.empty(B * H, T, kernels.stride(T))
+    probs = torch.empty(B * H, kernels.probs(T))  # by blocks of rows, about half of T x T a head
     scratch = torch.empty(threads * kernels.scratch(T, D, 0))
     kernels.forward(q.data_ptr(), k.data_ptr(), v.data_ptr(), _pointer(bias), out.data_ptr(), probs.data_ptr(),
                     scratch.data_ptr(), B, H, T, D, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
@@ -362,7 +363,8 @@ def _causal_kernels(head_size: int) -> CausalKernels:
 
 class CausalAttention(torch.autograd.Function):
     """softmax(q k^T / sqrt(D) + causal mask) v for float32 CPU q, k, v (B, H, T, D), in lm/csrc/causal.c;
-    the (B * H, T, T) probabilities are kept for backward, whose five products run in C too."""
+    the probabilities on and below the diagonal are kept for backward (about half of B * H * T * T floats),
+    whose five products run in C too."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

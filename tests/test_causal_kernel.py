@@ -277,7 +277,7 @@ def test_the_self_check_catches_a_wrong_scale_forward_or_backward(fresh):
     real = cpu_kernels._load_causal()[0]
 
     class Wrong:
-        stride, scratch, forward, backward = real.stride, real.scratch, real.forward, real.backward
+        stride, scratch, probs, forward, backward = real.stride, real.scratch, real.probs, real.forward, real.backward
 
     for name in ("forward", "backward"):
         wrong = Wrong()

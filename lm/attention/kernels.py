@@ -54,8 +54,9 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
 # with the flash kernel (8.5 and 21 ms on a 2-core AVX2 CPU), but lm's own kernel (lm/csrc/causal.c,
 # `lm.cpu_kernels.causal_attention`) skips the blocks above the diagonal and takes about 5 and 10 ms, so
 # float32 takes that where it can run (x86-64 with AVX2, a C compiler, heads of a multiple of 16
-# floats). Only while the probabilities stay small (SAVED_PROBABILITIES numbers: 64 MiB in bfloat16,
-# 128 MiB in float32); longer sequences keep the flash kernel, which holds no T x T matrix.
+# floats). Only while the probabilities stay small (SAVED_PROBABILITIES numbers: 64 MiB in bfloat16;
+# lm's kernel keeps about half of them, the lower triangle, 64 MiB in float32); longer sequences keep the
+# flash kernel, which holds no T x T matrix.
 SAVED_PROBABILITIES = 1 << 25
 
 

@@ -16,8 +16,8 @@
      backward:  dP = g v^T   dS = P (dP - rowsum(P dP)) scale   dq = dS k   dk = dS^T q   dv = P^T g
 
    Only blocks touching the lower triangle are computed, and P and dS are zero above the diagonal,
-   so products over them may run past it. P is kept in rows of lm_causal_stride(T) floats (T rounded
-   up, so a block never reads past a row). Strides are in floats, D contiguous; D a multiple of 16. `bias`
+   so products over them may run past it. P is kept by blocks of rows, each as wide as its block's last
+   row needs (about half of T x T floats: lm_causal_probs(T) a head), so a block never reads past a row. Strides are in floats, D contiguous; D a multiple of 16. `bias`
    (NULL for none) holds 3 H D floats, q's, k's and v's biases as qkv lays them out, added to q, k and v
    as each head's rows are gathered: a model's qkv projection then needs no bias of its own.
    Every output is summed by one thread in a fixed order: the result does not depend on the number
@@ -36,9 +36,24 @@
 
 long lm_causal_stride(long T) { return (T + ROWS - 1 + 15) / 16 * 16; }
 
+/* P (and backward's dS) is kept by blocks of ROWS rows, each row of the block starting at row i0 as wide as
+   the block's last row needs (its length rounded up to 16; the last block's as if it were whole, so dk's
+   and dv's products, which read ROWS columns from row i0 on, stay inside it): the lower triangle and the
+   diagonal's blocks, about half of T x T, the rows of one block after another. */
+static inline long block_width(long i0) { return (i0 + ROWS - 1 + 16) & ~15L; }
+
+static inline long block_height(long i0, long T) { return i0 + ROWS <= T ? ROWS : T - i0; }
+
+/* the floats of one head's kept P */
+long lm_causal_probs(long T) {
+    long n = 0;
+    for (long i0 = 0; i0 < T; i0 += ROWS) n += block_height(i0, T) * block_width(i0);
+    return n;
+}
+
 long lm_causal_scratch(long T, long D, int backward) {
     long ld = lm_causal_stride(T);
-    return D * ld + (backward ? T * ld + 3 * T * D : 2 * T * D) + (ld > D ? ld : D);
+    return D * ld + (backward ? lm_causal_probs(T) + 3 * T * D : 2 * T * D) + (ld > D ? ld : D);
 }
 
 /* e^x for x <= 0 to about 2 float ulps: x = n ln 2 + r, |r| <= ln(2) / 2, e^r by a degree-7 polynomial
@@ -183,16 +198,20 @@ static inline void rows_times(const float *a[ROWS], const float *y, long ys, lon
     for (int r = 0; r < ROWS; r++) columns_store(out[r] + c0, acc[r], scale);
 }
 
-/* out[r][c0..c0+16) = sum_{i = j0}^{T-1} w[i][j0 + r] y[i][c0..]: columns j0.. of weights (rows of ld floats,
-   zero above the diagonal, so the rows before j0 add nothing) times rows of y */
-static inline void columns_by_rows(const float *w, long ld, long j0, long T, const float *y, long ys, long c0,
+/* out[r][c0..c0+16) = sum_{i = j0}^{T-1} w[i][j0 + r] y[i][c0..]: columns j0.. of weights kept by blocks (see
+   block_width; `w` is the block of row j0, zero above the diagonal, so the rows before j0 add nothing) times
+   rows of y. Each row of a later block is at least as wide as the block of j0 needs. */
+static inline void columns_by_rows(const float *w, long j0, long T, const float *y, long ys, long c0,
                                    float *out[ROWS]) {
     Columns acc[ROWS];
     for (int r = 0; r < ROWS; r++) acc[r] = columns_zero();
-    for (long i = j0; i < T; i++) {
-        Columns yi = columns_load(y + i * ys + c0);
-        const float *wi = w + i * ld + j0;  /* the block's weights side by side in row i */
-        for (int r = 0; r < ROWS; r++) acc[r] = columns_fma(wi[r], yi, acc[r]);
+    for (long i0 = j0; i0 < T; i0 += ROWS) {
+        long width = block_width(i0), end = i0 + block_height(i0, T);
+        for (long i = i0; i < end; i++, w += width) {
+            Columns yi = columns_load(y + i * ys + c0);
+            const float *wi = w + j0;  /* the block's weights side by side in row i */
+            for (int r = 0; r < ROWS; r++) acc[r] = columns_fma(wi[r], yi, acc[r]);
+        }
     }
     for (int r = 0; r < ROWS; r++) columns_store(out[r] + c0, acc[r], 1.0f);
 }
@@ -219,17 +238,20 @@ static inline void rows_times_wide(const float *a[ROWS], const float *y, long ys
     }
 }
 
-static inline void columns_by_rows_wide(const float *w, long ld, long j0, long T, const float *y, long ys, long c0,
+static inline void columns_by_rows_wide(const float *w, long j0, long T, const float *y, long ys, long c0,
                                         float *out[ROWS]) {
     __m512 lo[ROWS], hi[ROWS];
     for (int r = 0; r < ROWS; r++) lo[r] = hi[r] = _mm512_setzero_ps();
-    for (long i = j0; i < T; i++) {
-        __m512 y0 = _mm512_loadu_ps(y + i * ys + c0), y1 = _mm512_loadu_ps(y + i * ys + c0 + 16);
-        const float *wi = w + i * ld + j0;
-        for (int r = 0; r < ROWS; r++) {
-            __m512 b = _mm512_set1_ps(wi[r]);
-            lo[r] = _mm512_fmadd_ps(b, y0, lo[r]);
-            hi[r] = _mm512_fmadd_ps(b, y1, hi[r]);
+    for (long i0 = j0; i0 < T; i0 += ROWS) {
+        long width = block_width(i0), end = i0 + block_height(i0, T);
+        for (long i = i0; i < end; i++, w += width) {
+            __m512 y0 = _mm512_loadu_ps(y + i * ys + c0), y1 = _mm512_loadu_ps(y + i * ys + c0 + 16);
+            const float *wi = w + j0;
+            for (int r = 0; r < ROWS; r++) {
+                __m512 b = _mm512_set1_ps(wi[r]);
+                lo[r] = _mm512_fmadd_ps(b, y0, lo[r]);
+                hi[r] = _mm512_fmadd_ps(b, y1, hi[r]);
+            }
         }
     }
     for (int r = 0; r < ROWS; r++) {
@@ -251,11 +273,11 @@ static inline void rows_times_span(const float *a[ROWS], const float *y, long ys
     for (; c0 < c1; c0 += 16) rows_times(a, y, ys, n, c0, out, scale);
 }
 
-static inline void columns_by_rows_span(const float *w, long ld, long j0, long T, const float *y, long ys, long c1,
+static inline void columns_by_rows_span(const float *w, long j0, long T, const float *y, long ys, long c1,
                                         float *out[ROWS]) {
     long c0 = 0;
-    for (; WIDE && c0 + 32 <= c1; c0 += 32) columns_by_rows_wide(w, ld, j0, T, y, ys, c0, out);
-    for (; c0 < c1; c0 += 16) columns_by_rows(w, ld, j0, T, y, ys, c0, out);
+    for (; WIDE && c0 + 32 <= c1; c0 += 32) columns_by_rows_wide(w, j0, T, y, ys, c0, out);
+    for (; c0 < c1; c0 += 16) columns_by_rows(w, j0, T, y, ys, c0, out);
 }
 
 static const float NO_BIAS[16];  /* zeros, for a head without a bias */
@@ -311,14 +333,15 @@ static inline const float *head_bias(const float *bias, long part, long H, long 
     return bias ? bias + (part * H + h) * D : NULL;
 }
 
-/* the rows i0 .. i0+5 of a head's matrix (rows of `stride` floats from `base`), or `spare` past T for
-   outputs and the last row again for inputs, so a block always has 6 rows */
-static inline void block_rows(const float *base, long stride, long i0, long T, const float *in[ROWS]) {
-    for (int r = 0; r < ROWS; r++) in[r] = base + (i0 + r < T ? i0 + r : T - 1) * stride;
+/* the rows i0 .. i0+ROWS-1 of a head's matrix, rows of `stride` floats with row `first` at `base`, or `spare`
+   past T for outputs and the last row again for inputs, so a block always has ROWS rows */
+static inline void block_rows(const float *base, long stride, long first, long i0, long T, const float *in[ROWS]) {
+    for (int r = 0; r < ROWS; r++) in[r] = base + ((i0 + r < T ? i0 + r : T - 1) - first) * stride;
 }
 
-static inline void block_outputs(float *base, long stride, long i0, long T, float *spare, float *out[ROWS]) {
-    for (int r = 0; r < ROWS; r++) out[r] = i0 + r < T ? base + (i0 + r) * stride : spare;
+static inline void block_outputs(float *base, long stride, long first, long i0, long T, float *spare,
+                                 float *out[ROWS]) {
+    for (int r = 0; r < ROWS; r++) out[r] = i0 + r < T ? base + (i0 + r - first) * stride : spare;
 }
 
 /* p[0..ld) = softmax(p[0..n)), zero from n on; the entries from n to the next multiple of 16 must be there
@@ -347,7 +370,7 @@ void lm_causal_forward(const float *q, const float *k, const float *v, const flo
                        long B, long H, long T, long D, long q_sb, long q_sh, long q_st, long k_sb, long k_sh,
                        long k_st, long v_sb, long v_sh, long v_st, long o_sb, long o_sh, long o_st, float scale,
                        int threads) {
-    long ld = lm_causal_stride(T);
+    long ld = lm_causal_stride(T), per_head = lm_causal_probs(T);
     #pragma omp parallel num_threads(threads)
     {
         float *kt = scratch + omp_get_thread_num() * lm_causal_scratch(T, D, 0), *qp = kt + D * ld, *vp = qp + T * D;
@@ -357,18 +380,18 @@ void lm_causal_forward(const float *q, const float *k, const float *v, const flo
             long b = bh / H, h = bh % H;
             const float *qh = packed(q + b * q_sb + h * q_sh, q_st, head_bias(bias, 0, H, h, D), T, D, qp);
             const float *vh = packed(v + b * v_sb + h * v_sh, v_st, head_bias(bias, 2, H, h, D), T, D, vp);
-            float *oh = out + b * o_sb + h * o_sh, *P = probs + bh * T * ld;
+            float *oh = out + b * o_sb + h * o_sh, *P = probs + bh * per_head;
             transpose(k + b * k_sb + h * k_sh, k_st, head_bias(bias, 1, H, h, D), T, D, kt, ld);
-            for (long i0 = 0; i0 < T; i0 += ROWS) {
-                long last = i0 + ROWS - 1 < T ? i0 + ROWS - 1 : T - 1;  /* the block's last real row */
+            for (long i0 = 0; i0 < T; P += block_height(i0, T) * block_width(i0), i0 += ROWS) {
+                long last = i0 + block_height(i0, T) - 1, width = block_width(i0);  /* P: this block's rows */
                 const float *in[ROWS];
                 float *rows[ROWS];
-                block_rows(qh, D, i0, T, in);
-                block_outputs(P, ld, i0, T, spare, rows);
-                rows_times_span(in, kt, ld, D, 0, (last + 16) & ~15L, rows, scale);  /* up to the diagonal */
-                for (long i = i0; i <= last; i++) softmax_row(P + i * ld, i + 1, ld);
-                block_rows(P, ld, i0, T, in);
-                block_outputs(oh, o_st, i0, T, spare, rows);
+                block_rows(qh, D, 0, i0, T, in);
+                block_outputs(P, width, i0, i0, T, spare, rows);
+                rows_times_span(in, kt, ld, D, 0, width, rows, scale);  /* up to the diagonal */
+                for (long i = i0; i <= last; i++) softmax_row(P + (i - i0) * width, i + 1, width);
+                block_rows(P, width, i0, i0, T, in);
+                block_outputs(oh, o_st, 0, i0, T, spare, rows);
                 rows_times_span(in, vh, D, last + 1, 0, D, rows, 1.0f);
             }
         }
@@ -381,29 +404,29 @@ void lm_causal_backward(const float *q, const float *k, const float *v, const fl
                         long q_sb, long q_sh, long q_st, long k_sb, long k_sh, long k_st, long v_sb, long v_sh,
                         long v_st, long g_sb, long g_sh, long g_st, long d_sb, long d_sh, long d_st,
                         float scale, int threads) {
-    long ld = lm_causal_stride(T);
+    long ld = lm_causal_stride(T), per_head = lm_causal_probs(T);
     #pragma omp parallel num_threads(threads)
     {
         float *vt = scratch + omp_get_thread_num() * lm_causal_scratch(T, D, 1), *dS = vt + D * ld;
-        float *qp = dS + T * ld, *kp = qp + T * D, *gp = kp + T * D, *spare = gp + T * D;
+        float *qp = dS + per_head, *kp = qp + T * D, *gp = kp + T * D, *spare = gp + T * D;
         #pragma omp for schedule(static)
         for (long bh = 0; bh < B * H; bh++) {
             long b = bh / H, h = bh % H;
             const float *qh = packed(q + b * q_sb + h * q_sh, q_st, head_bias(bias, 0, H, h, D), T, D, qp);
             const float *kh = packed(k + b * k_sb + h * k_sh, k_st, head_bias(bias, 1, H, h, D), T, D, kp);
-            const float *gh = packed(g + b * g_sb + h * g_sh, g_st, NULL, T, D, gp), *P = probs + bh * T * ld;
+            const float *gh = packed(g + b * g_sb + h * g_sh, g_st, NULL, T, D, gp), *P = probs + bh * per_head;
             float *dqh = dq + b * d_sb + h * d_sh, *dkh = dk + b * d_sb + h * d_sh, *dvh = dv + b * d_sb + h * d_sh;
             transpose(v + b * v_sb + h * v_sh, v_st, head_bias(bias, 2, H, h, D), T, D, vt, ld);
-            for (long i0 = 0; i0 < T; i0 += ROWS) {  /* dS, a block of rows at a time */
-                long last = i0 + ROWS - 1 < T ? i0 + ROWS - 1 : T - 1;
+            for (long i0 = 0, at = 0; i0 < T; at += block_height(i0, T) * block_width(i0), i0 += ROWS) {
+                long last = i0 + block_height(i0, T) - 1, width = block_width(i0);  /* dS, block by block */
                 const float *in[ROWS];
                 float *rows[ROWS];
-                block_rows(gh, D, i0, T, in);
-                block_outputs(dS, ld, i0, T, spare, rows);
-                rows_times_span(in, vt, ld, D, 0, (last + 16) & ~15L, rows, 1.0f);
+                block_rows(gh, D, 0, i0, T, in);
+                block_outputs(dS + at, width, i0, i0, T, spare, rows);
+                rows_times_span(in, vt, ld, D, 0, width, rows, 1.0f);
                 for (long i = i0; i <= last; i++) {
-                    float *s = dS + i * ld;
-                    const float *p = P + i * ld;
+                    float *s = dS + at + (i - i0) * width;
+                    const float *p = P + at + (i - i0) * width;
                     long n16 = (i + 16) & ~15L;  /* P is zero from i + 1 on; dS was computed up to here */
                     Columns acc = columns_zero();
                     for (long j = 0; j < n16; j += 16) acc = columns_fmav(columns_load(p + j), columns_load(s + j), acc);
@@ -411,20 +434,20 @@ void lm_causal_backward(const float *q, const float *k, const float *v, const fl
                     for (long j = 0; j < n16; j += 16)
                         columns_put(s + j, columns_mul(columns_mul(columns_load(p + j), sc),
                                                        columns_sub(columns_load(s + j), dot)));
-                    memset(s + n16, 0, (ld - n16) * sizeof(float));
+                    memset(s + n16, 0, (width - n16) * sizeof(float));
                 }
             }
-            for (long i0 = 0; i0 < T; i0 += ROWS) {
-                long last = i0 + ROWS - 1 < T ? i0 + ROWS - 1 : T - 1;
+            for (long i0 = 0, at = 0; i0 < T; at += block_height(i0, T) * block_width(i0), i0 += ROWS) {
+                long last = i0 + block_height(i0, T) - 1;
                 const float *in[ROWS];
                 float *q_rows[ROWS], *k_rows[ROWS], *v_rows[ROWS];
-                block_rows(dS, ld, i0, T, in);
-                block_outputs(dqh, d_st, i0, T, spare, q_rows);
-                block_outputs(dkh, d_st, i0, T, spare, k_rows);
-                block_outputs(dvh, d_st, i0, T, spare, v_rows);
+                block_rows(dS + at, block_width(i0), i0, i0, T, in);
+                block_outputs(dqh, d_st, 0, i0, T, spare, q_rows);
+                block_outputs(dkh, d_st, 0, i0, T, spare, k_rows);
+                block_outputs(dvh, d_st, 0, i0, T, spare, v_rows);
                 rows_times_span(in, kh, D, last + 1, 0, D, q_rows, 1.0f);  /* dq = dS k */
-                columns_by_rows_span(dS, ld, i0, T, qh, D, D, k_rows);   /* dk = dS^T q */
-                columns_by_rows_span(P, ld, i0, T, gh, D, D, v_rows);    /* dv = P^T g */
+                columns_by_rows_span(dS + at, i0, T, qh, D, D, k_rows);     /* dk = dS^T q */
+                columns_by_rows_span(P + at, i0, T, gh, D, D, v_rows);      /* dv = P^T g */
             }
         }
     }
