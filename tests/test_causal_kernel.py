@@ -34,9 +34,11 @@ def reference(qkv: torch.Tensor, H: int, D: int, grad: torch.Tensor):
 
 @needs_kernel
 @pytest.mark.parametrize("B, T, H, D", [(1, 1, 1, 16), (2, 5, 3, 16), (1, 6, 2, 32), (2, 7, 2, 64), (1, 16, 1, 16),
-                                        (1, 17, 2, 48), (2, 37, 3, 64), (1, 100, 2, 128), (2, 256, 6, 64)])
+                                        (1, 17, 2, 48), (1, 32, 2, 16), (2, 37, 3, 64), (1, 100, 2, 128),
+                                        (2, 256, 6, 64)])
 def test_forward_and_backward_match_float64(B, T, H, D):
-    """Remainders of the 6- or 8-row and 16-column blocks, one position, long rows, every head size it takes."""
+    """Remainders of the 6- or 8-row and 16-column blocks (T = 32: a last block of 2 rows of 6), one position,
+    long rows, every head size it takes."""
     qkv, (q, k, v) = heads(B, T, H, D)
     out = cpu_kernels.causal_attention(q, k, v)
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
