@@ -380,6 +380,12 @@ class CausalAttention(torch.autograd.Function):
         return _causal_gradients(_load_causal()[0], q, k, v, probs, grad if grad.stride(-1) == 1 else grad.contiguous())
 
 
+def _heads(qkv: torch.Tensor, n_head: int):
+    """q, k, v (B, H, T, D) as views of qkv (B, T, 3 H D), laid out as a fused projection's output."""
+    B, T, C3 = qkv.shape
+    return (x.view(B, T, n_head, C3 // 3 // n_head).transpose(1, 2) for x in qkv.split(C3 // 3, dim=2))
+
+
 class CausalAttentionQKV(torch.autograd.Function):
     """Causal attention straight from a fused projection's output: qkv (B, T, 3 C) float32 on the CPU, C = H D,
     q, k and v side by side as `lm.attention.CausalSelfAttention.qkv` lays them out, without its bias; `bias`
@@ -390,10 +396,9 @@ class CausalAttentionQKV(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv: torch.Tensor, bias: torch.Tensor | None, n_head: int) -> torch.Tensor:
         B, T, C3 = qkv.shape
-        D = C3 // 3 // n_head
-        q, k, v = (x.view(B, T, n_head, D).transpose(1, 2) for x in qkv.split(C3 // 3, dim=2))
+        q, k, v = _heads(qkv, n_head)
         bias = None if bias is None else bias.contiguous()
-        out, probs = _causal_run(_causal_kernels(D), q, k, v, bias)
+        out, probs = _causal_run(_causal_kernels(q.size(-1)), q, k, v, bias)
         ctx.save_for_backward(qkv, bias, probs)
         ctx.n_head = n_head
         return out.transpose(1, 2).reshape(B, T, C3 // 3)
@@ -402,13 +407,10 @@ class CausalAttentionQKV(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         qkv, bias, probs = ctx.saved_tensors
-        B, T, C3 = qkv.shape
-        H, D = ctx.n_head, C3 // 3 // ctx.n_head
-        views = lambda x: (part.view(B, T, H, D).transpose(1, 2) for part in x.split(C3 // 3, dim=2))  # noqa: E731
-        q, k, v = views(qkv)
+        q, k, v = _heads(qkv, ctx.n_head)
         dqkv = torch.empty_like(qkv)
-        grad = grad.contiguous().view(B, T, H, D).transpose(1, 2)
-        _causal_gradients(_load_causal()[0], q, k, v, probs, grad, bias, into=tuple(views(dqkv)))
+        grad = grad.contiguous().view(q.size(0), q.size(2), ctx.n_head, q.size(3)).transpose(1, 2)
+        _causal_gradients(_load_causal()[0], q, k, v, probs, grad, bias, into=tuple(_heads(dqkv, ctx.n_head)))
         dbias = dqkv.sum((0, 1)) if bias is not None and ctx.needs_input_grad[1] else None
         return dqkv, dbias, None
 

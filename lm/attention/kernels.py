@@ -69,10 +69,14 @@ def _saved_probabilities_pay(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
             and v.shape == q.shape and torch.is_grad_enabled()
             and (q.requires_grad or k.requires_grad or v.requires_grad) and B * H * T * T <= SAVED_PROBABILITIES):
         return False
-    if q.dtype == torch.bfloat16:
-        return True
-    # float32 through ctypes, which a compiled graph cannot trace: compiled models keep the flash kernel
-    return (q.dtype == torch.float32 and not torch.compiler.is_compiling()
+    return q.dtype == torch.bfloat16 or (q.dtype == torch.float32 and c_kernel_takes(B, H, T, D))
+
+
+def c_kernel_takes(B: int, H: int, T: int, D: int) -> bool:
+    """Whether lm's float32 C kernel (`lm.cpu_kernels.causal_attention`) takes B x H heads of T positions and
+    D floats here: their probabilities within SAVED_PROBABILITIES, the kernel built, and no torch.compile
+    (it runs through ctypes, which a compiled graph cannot trace: compiled models keep the flash kernel)."""
+    return (B * H * T * T <= SAVED_PROBABILITIES and not torch.compiler.is_compiling()
             and cpu_kernels.causal_unavailable(D) is None)
 
 

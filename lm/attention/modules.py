@@ -21,10 +21,9 @@ from torch import nn
 
 from .. import cpu_kernels
 from ..config import ModelConfig
-from . import kernels as attention_kernels
 from ..registry import ATTENTION
 from .kernels import (
-    attend_over, causal_linear_attention, elu_feature_map, linear_attention_weights, local_block_attention,
+    attend_over, c_kernel_takes, causal_linear_attention, elu_feature_map, linear_attention_weights, local_block_attention,
     masked_attention, repeat_kv, sdpa,
 )
 from .masks import block_sparse, causal, causal_mask, grid, sliding_window, with_padding
@@ -86,7 +85,7 @@ class CausalSelfAttention(nn.Module):
         """Whether this layer's causal attention runs from the fused projection's output in lm's C kernel
         (`lm.cpu_kernels.causal_attention_qkv`): float32 training on a CPU where the kernel runs, as
         `lm.attention.sdpa` would take it for q, k, v (plain causal attention, as many K/V heads as query
-        heads, no dropout, the probabilities within SAVED_PROBABILITIES). The kernel adds qkv's bias itself
+        heads, no dropout, `c_kernel_takes` the heads). The kernel adds qkv's bias itself
         and its backward writes the projection's output gradient whole: no bias broadcast into the
         projection's output, no joining of dq, dk and dv. Not for variants (their own `allowed`, `attend`
         or `project`), a qkv that is not a plain nn.Linear (LoRA's, int8's) or has hooks, autocast, or
@@ -99,9 +98,7 @@ class CausalSelfAttention(nn.Module):
                 and cls.attend is CausalSelfAttention.attend and cls.project is CausalSelfAttention.project
                 and (self.dropout == 0.0 or not self.training) and type(qkv) is nn.Linear
                 and not (qkv._forward_hooks or qkv._forward_pre_hooks)
-                and B * self.n_head * T * T <= attention_kernels.SAVED_PROBABILITIES
-                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-                and cpu_kernels.causal_unavailable(self.head_dim) is None)
+                and not torch.is_autocast_enabled("cpu") and c_kernel_takes(B, self.n_head, T, self.head_dim))
 
     def _forward_in_c(self, x: torch.Tensor) -> torch.Tensor:
         """`forward` through `lm.cpu_kernels.causal_attention_qkv`, where `_attention_in_c(x)` says so."""
