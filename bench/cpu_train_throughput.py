@@ -4,8 +4,8 @@ Both models have the same architecture (6 layers, 6 heads, d_model 384, GELU MLP
 learned positions), the same batches (B=8, T=256, character vocabulary, random windows of pydoc
 text), the same loss, gradient clipping and fused AdamW, and the same thread count. lm's side is one
 `lm.trainer.Trainer.train_step()`: the trainer users run, with its bookkeeping, not a hand-written
-loop; its causal attention runs in lm's C kernel (lm/csrc/causal.c) where that can be built
-(`LM_CPU_KERNELS=0` gives SDPA's flash kernel, as transformers uses).
+loop; its causal attention, and its MLP's first bias and GELU, run in lm's C kernels (lm/csrc/causal.c) where
+those can be built (`LM_CPU_KERNELS=0` gives SDPA's flash kernel, as transformers uses, and torch's GELU).
 
 Each side runs in a process of its own, as a user runs either library: lm's Trainer sets glibc's
 malloc to reuse freed blocks (`lm.trainer.reuse_freed_memory`, process-wide; LM_REUSE_FREED_MEMORY=0
@@ -24,6 +24,10 @@ A lever of lm's own is smaller than this machine's drift from one run to the nex
     c-attention   causal attention in lm's C kernel (lm/csrc/causal.c), against PyTorch's flash kernel
     qkv-whole     the kernel taking qkv's output whole, its bias added there
                   (`CausalSelfAttention._attention_in_c`), against q, k, v handed to it apart
+    bias-gelu     the MLP's fc bias and exact GELU in lm's C kernel (`lm.cpu_kernels.bias_gelu`), against
+                  fc with its bias, then F.gelu
+    clip-in-adamw gradient clipping folded into the fused AdamW's step (`Trainer._fold_clipping`), against
+                  clip_grad_norm_ first
 
     .venv/bin/python bench/cpu_train_throughput.py --lever qkv-whole --steps 3 --rounds 12
 
@@ -45,6 +49,7 @@ import torch
 import lm
 import lm.attention
 import lm.data
+import lm.feedforward
 import lm.optim
 import lm.trainer
 from _report import report
@@ -117,9 +122,21 @@ def _switch_qkv_whole(on: bool) -> None:
     layer._attention_in_c = ATTENTION_IN_C if on else (lambda self, x: False)
 
 
+def _switch_clip_in_adamw(on: bool) -> None:
+    # off: the fused step is told nothing of clipping, as if it could not skip a bad step on the device either,
+    # so the trainer clips the gradients with clip_grad_norm_ first
+    lm.trainer.Trainer._fold_clipping = on
+
+
+def _switch_bias_gelu(on: bool) -> None:
+    lm.feedforward.MLP._bias_gelu_in_c = BIAS_GELU_IN_C if on else (lambda self, x: False)
+
+
 SAVED_PROBABILITIES = lm.attention.kernels.SAVED_PROBABILITIES
+BIAS_GELU_IN_C = lm.feedforward.MLP._bias_gelu_in_c
 ATTENTION_IN_C = lm.attention.CausalSelfAttention._attention_in_c
-LEVERS = {"c-attention": _switch_c_attention, "qkv-whole": _switch_qkv_whole}
+LEVERS = {"c-attention": _switch_c_attention, "qkv-whole": _switch_qkv_whole, "clip-in-adamw": _switch_clip_in_adamw,
+          "bias-gelu": _switch_bias_gelu}
 
 
 def lever_in_one_process(args) -> None:

@@ -272,6 +272,11 @@ def _pointwise_autotune() -> dict:
     return {}
 
 
+def _clip_apart() -> dict:
+    lm.trainer.Trainer._fold_clipping = False
+    return {}
+
+
 # --lever: one change to lm's run, applied before its model is built (returns ModelConfig changes);
 # measured values are in lm/assets/gpu_train_mfu.json under "levers". CUDA graphs: --compile-mode reduce-overhead.
 LEVERS = {
@@ -281,6 +286,7 @@ LEVERS = {
     "loss-chunks-5120": _loss_chunks(2 ** 28),
     "gelu-tanh": lambda: {"ffn": "gelu_tanh"},   # GELU's tanh approximation
     "pointwise-autotune": _pointwise_autotune,   # inductor tunes its elementwise kernels' launch settings
+    "clip-apart": _clip_apart,                   # clip_grad_norm_'s own pass, not folded into the fused AdamW
 }
 
 

@@ -274,7 +274,8 @@ def _causal_flags() -> tuple[str, ...]:
 class CausalKernels:
     """The C functions of causal.c, their argument types declared: `forward`, `backward`, `stride` (the
     floats of a row of the transposed k or v), `probs` (the floats of one head's kept probabilities: the
-    lower triangle by blocks of rows, about half of T x T) and `scratch` (the floats each thread needs)."""
+    lower triangle by blocks of rows, about half of T x T) and `scratch` (the floats each thread needs); and
+    `gelu_forward`, `gelu_backward` and `gelu_scratch`, the MLP's bias and GELU."""
 
     def __init__(self, path: Path):
         library = ctypes.CDLL(str(path))
@@ -282,10 +283,16 @@ class CausalKernels:
         self.forward, self.backward = library.lm_causal_forward, library.lm_causal_backward
         self.stride, self.scratch, self.probs = library.lm_causal_stride, library.lm_causal_scratch, library.lm_causal_probs
         self.forward.argtypes = [pointer] * 7 + [long] * 16 + [ctypes.c_float, int_]
-        self.backward.argtypes = [pointer] * 10 + [long] * 19 + [ctypes.c_float, int_]
+        self.backward.argtypes = [pointer] * 12 + [long] * 19 + [ctypes.c_float, int_]
         self.forward.restype = self.backward.restype = None
         self.stride.argtypes, self.scratch.argtypes, self.probs.argtypes = [long], [long, long, int_], [long]
         self.stride.restype = self.scratch.restype = self.probs.restype = long
+        self.gelu_forward, self.gelu_backward = library.lm_bias_gelu_forward, library.lm_bias_gelu_backward
+        self.gelu_scratch = library.lm_bias_gelu_scratch
+        self.gelu_forward.argtypes = [pointer] * 3 + [long] * 2 + [int_]
+        self.gelu_backward.argtypes = [pointer] * 6 + [long] * 2 + [int_]
+        self.gelu_forward.restype = self.gelu_backward.restype = None
+        self.gelu_scratch.argtypes, self.gelu_scratch.restype = [long, long], long
 
 
 def _pointer(bias: torch.Tensor | None) -> int | None:
@@ -307,17 +314,20 @@ def _causal_run(kernels: CausalKernels, q, k, v, bias=None):
     return out, probs
 
 
-def _causal_gradients(kernels: CausalKernels, q, k, v, probs, grad, bias=None, into=None):
-    """(dq, dk, dv) from the kept probabilities and the output's gradient `grad` (D contiguous); written into
-    `into`, three (B, H, T, D) views with the same strides, where given."""
+def _causal_gradients(kernels: CausalKernels, q, k, v, probs, grad, bias=None, into=None, bias_grad=False):
+    """(dq, dk, dv, dbias) from the kept probabilities and the output's gradient `grad` (D contiguous); written
+    into `into`, three (B, H, T, D) views with the same strides, where given. dbias, the gradient of the bias
+    (3 H D floats), is summed by the kernel where `bias_grad`, else None."""
     B, H, T, D = q.shape
     threads = torch.get_num_threads()
     dq, dk, dv = torch.empty(3, B, T, H, D).transpose(2, 3) if into is None else into
     scratch = torch.empty(threads * kernels.scratch(T, D, 1))
+    dbias, partial = (torch.empty(3 * H * D), torch.empty(3 * B * H * D)) if bias_grad else (None, None)
     kernels.backward(q.data_ptr(), k.data_ptr(), v.data_ptr(), _pointer(bias), probs.data_ptr(), grad.data_ptr(),
-                     dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), scratch.data_ptr(), B, H, T, D, *q.stride()[:3],
-                     *k.stride()[:3], *v.stride()[:3], *grad.stride()[:3], *dq.stride()[:3], D ** -0.5, threads)
-    return dq, dk, dv
+                     dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), _pointer(dbias), _pointer(partial),
+                     scratch.data_ptr(), B, H, T, D, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad.stride()[:3],
+                     *dq.stride()[:3], D ** -0.5, threads)
+    return dq, dk, dv, dbias
 
 
 def _causal_agrees(kernels: CausalKernels) -> bool:
@@ -336,8 +346,16 @@ def _causal_agrees(kernels: CausalKernels) -> bool:
     want = (probs @ v, ds @ k, ds.transpose(2, 3) @ q, probs.transpose(2, 3) @ grad64)
     q32, k32, v32 = (x.view(2, 21, 3, 16).transpose(1, 2) for x in qkv.float().split(48, dim=2))
     out, kept = _causal_run(kernels, q32, k32, v32, bias.float())
-    got = (out, *_causal_gradients(kernels, q32, k32, v32, kept, grad, bias.float()))
-    return all(torch.allclose(a.double(), b, rtol=1e-4, atol=1e-5) for a, b in zip(got, want))
+    got = (out, *_causal_gradients(kernels, q32, k32, v32, kept, grad, bias.float(), bias_grad=True))
+    dbias = torch.cat([x.sum((0, 2)).flatten() for x in want[1:]])  # q's, k's, v's: (part, head, column)
+    if not all(torch.allclose(a.double(), b, rtol=1e-4, atol=1e-5) for a, b in zip(got, (*want, dbias))):
+        return False
+    h, bias, grad = torch.randn(5, 32, generator=g) * 4, torch.randn(32, generator=g), torch.randn(5, 32, generator=g)
+    x = (h + bias).double()
+    cdf, pdf = 0.5 * torch.erfc(-x / 2 ** 0.5), torch.exp(-x * x / 2) / (2 * torch.pi) ** 0.5
+    dh = grad * (cdf + x * pdf)
+    got = (_bias_gelu_run(kernels, h, bias), *_bias_gelu_gradients(kernels, h, bias, grad))
+    return all(torch.allclose(a.double(), b, rtol=1e-5, atol=1e-5) for a, b in zip(got, (x * cdf, dh, dh.sum(0))))
 
 
 @functools.cache
@@ -377,7 +395,8 @@ class CausalAttention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         q, k, v, probs = ctx.saved_tensors
-        return _causal_gradients(_load_causal()[0], q, k, v, probs, grad if grad.stride(-1) == 1 else grad.contiguous())
+        grad = grad if grad.stride(-1) == 1 else grad.contiguous()
+        return _causal_gradients(_load_causal()[0], q, k, v, probs, grad)[:3]
 
 
 def _heads(qkv: torch.Tensor, n_head: int):
@@ -391,7 +410,7 @@ class CausalAttentionQKV(torch.autograd.Function):
     q, k and v side by side as `lm.attention.CausalSelfAttention.qkv` lays them out, without its bias; `bias`
     (3 C,) or None is added to q, k and v as the kernel gathers each head. Returns (B, T, C), the heads side
     by side. Backward writes dq, dk and dv into one (B, T, 3 C) gradient, which is the projection's output
-    gradient as it is: nothing to join, and the bias's gradient is its column sums."""
+    gradient as it is: nothing to join; the bias's gradient, its column sums, the kernel adds up as it goes."""
 
     @staticmethod
     def forward(ctx, qkv: torch.Tensor, bias: torch.Tensor | None, n_head: int) -> torch.Tensor:
@@ -410,8 +429,9 @@ class CausalAttentionQKV(torch.autograd.Function):
         q, k, v = _heads(qkv, ctx.n_head)
         dqkv = torch.empty_like(qkv)
         grad = grad.contiguous().view(q.size(0), q.size(2), ctx.n_head, q.size(3)).transpose(1, 2)
-        _causal_gradients(_load_causal()[0], q, k, v, probs, grad, bias, into=tuple(_heads(dqkv, ctx.n_head)))
-        dbias = dqkv.sum((0, 1)) if bias is not None and ctx.needs_input_grad[1] else None
+        bias_grad = bias is not None and ctx.needs_input_grad[1]  # summed by the kernel as it goes
+        dbias = _causal_gradients(_load_causal()[0], q, k, v, probs, grad, bias, into=tuple(_heads(dqkv, ctx.n_head)),
+                                  bias_grad=bias_grad)[3]
         return dqkv, dbias, None
 
 
@@ -448,4 +468,65 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return CausalAttention.apply(q, k, v)  # RuntimeError there where the kernel cannot run
 
 
-__all__ = ["attend", "causal_attention", "causal_attention_qkv", "causal_unavailable", "kernel_dir", "matvec", "unavailable"]
+# ---- the MLP's bias and exact GELU for training (the end of lm/csrc/causal.c) ----------------------------
+def _bias_gelu_run(kernels: CausalKernels, h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """GELU(h + bias) for h (N, F) and bias (F,), both contiguous float32"""
+    y = torch.empty_like(h)
+    kernels.gelu_forward(h.data_ptr(), bias.data_ptr(), y.data_ptr(), *h.shape, torch.get_num_threads())
+    return y
+
+
+def _bias_gelu_gradients(kernels: CausalKernels, h, bias, grad):
+    """(dh, dbias) from the output's gradient `grad` (N, F), all contiguous"""
+    dh, dbias, partial = torch.empty_like(h), torch.empty_like(bias), torch.empty(kernels.gelu_scratch(*h.shape))
+    kernels.gelu_backward(h.data_ptr(), bias.data_ptr(), grad.data_ptr(), dh.data_ptr(), dbias.data_ptr(),
+                          partial.data_ptr(), *h.shape, torch.get_num_threads())
+    return dh, dbias
+
+
+def bias_gelu_unavailable(width: int) -> str | None:
+    """Why `bias_gelu` cannot run here for rows of `width` floats, or None when it can."""
+    if width % 16:
+        return f"the kernel takes rows of a multiple of 16 floats, not {width}"
+    return _load_causal()[1]
+
+
+class BiasGelu(torch.autograd.Function):
+    """GELU(h + bias), the exact GELU, for float32 CPU h (..., F) and bias (F,), in lm/csrc/causal.c: the bias
+    added as the GELU is taken, and in backward the bias's gradient summed in the same pass as h's. Saves h and
+    the bias (as F.gelu(F.linear(...)) saves the linear's output)."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        why = bias_gelu_unavailable(h.size(-1))
+        if why is not None:
+            raise RuntimeError(f"lm's bias-GELU kernel cannot run: {why}.")
+        rows, bias = h.contiguous().view(-1, h.size(-1)), bias.contiguous()
+        ctx.save_for_backward(rows, bias)
+        return _bias_gelu_run(_load_causal()[0], rows, bias).view(h.shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        rows, bias = ctx.saved_tensors
+        dh, dbias = _bias_gelu_gradients(_load_causal()[0], rows, bias, grad.contiguous().view(rows.shape))
+        return dh.view(grad.shape), dbias
+
+
+def bias_gelu(h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """F.gelu(h + bias) (the exact GELU) for float32 CPU h (..., F) and bias (F,), forward and backward in C:
+    what `lm.feedforward.MLP` runs for training on a CPU (`F.linear(x, fc.weight)`, then this), instead of the
+    linear's bias broadcast into its output, the GELU, and a pass of its own for the bias's gradient.
+    ValueError for inputs it does not take; RuntimeError where `bias_gelu_unavailable(F)` says why it cannot run."""
+    if h.dim() == 0 or bias.dim() != 1 or bias.size(0) != h.size(-1):
+        raise ValueError(f"bias_gelu: bias {tuple(bias.shape)} must hold one number per column of h {tuple(h.shape)}")
+    for name, tensor in (("h", h), ("bias", bias)):
+        if tensor.dtype != torch.float32 or tensor.device.type != "cpu":
+            raise ValueError(f"bias_gelu: {name} must be float32 on the CPU, got {tensor.dtype} on {tensor.device}")
+    if h.numel() == 0:
+        raise ValueError(f"bias_gelu: empty input {tuple(h.shape)}")
+    return BiasGelu.apply(h, bias)
+
+
+__all__ = ["attend", "bias_gelu", "bias_gelu_unavailable", "causal_attention", "causal_attention_qkv",
+           "causal_unavailable", "kernel_dir", "matvec", "unavailable"]

@@ -421,6 +421,11 @@ class Trainer:
     with, which checkpoints record.
     """
 
+    # With the fused AdamW, clipping is folded into its step (the kernel divides each gradient by the clipping
+    # factor as it reads it) instead of scaling every gradient in a pass of its own; False clips first, as
+    # `clip_grad_norm_` does (bench/cpu_train_throughput.py --lever clip-in-adamw measures the difference).
+    _fold_clipping = True
+
     def __init__(self, model: GPT, train_data, val_data, config: TrainConfig,
                  callback: Callable[[TrainHistory], None] | None = None, resume=None):
         self.model, self.train_data, self.val_data, self.callback = model, train_data, val_data, callback
@@ -553,7 +558,15 @@ class Trainer:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         clip = config.grad_clip if config.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        grad_scale = None
+        if skip_on_device and not self.fsdp and self._fold_clipping:
+            # The fused kernel divides each gradient by `grad_scale` as it reads it (as it does for GradScaler),
+            # so clipping needs only the norm here, not a pass of its own that scales every gradient.
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            grad_norm = torch.nn.utils.get_total_norm(grads)
+            grad_scale = torch.clamp((grad_norm + 1e-6) / clip, min=1.0)  # clip_grad_norm_'s factor, inverted
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         if hasattr(grad_norm, "full_tensor"):  # FSDP: a sharded DTensor
             grad_norm = grad_norm.full_tensor()
         if self.scaler:
@@ -563,10 +576,11 @@ class Trainer:
             # 1.0 when the loss or the gradients are not finite: the kernel then leaves the weights,
             # moments and step count as they were
             self.optimizer.found_inf = (~torch.isfinite(loss + grad_norm)).float()
+            self.optimizer.grad_scale = grad_scale
             try:
                 self.optimizer.step()
             finally:
-                del self.optimizer.found_inf
+                del self.optimizer.found_inf, self.optimizer.grad_scale
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -19,6 +19,15 @@ def sharp_model(config: ModelConfig) -> GPT:
     return model
 
 
+def model_step(config: ModelConfig, ids: torch.Tensor):
+    """(loss, {name: gradient}) of one forward and backward of a model built from `config` with seed 0."""
+    torch.manual_seed(0)
+    model = GPT(config)
+    _, loss = model(ids[:, :-1], ids[:, 1:])
+    loss.backward()
+    return loss.detach(), {name: p.grad for name, p in model.named_parameters()}
+
+
 def hold_lock_in_a_thread(out_dir):
     """Hold out_dir's lock from another thread (as another process would) until the returned
     function is called."""

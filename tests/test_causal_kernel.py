@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from lm import GPT, ModelConfig, cpu_kernels
 from lm.attention import kernels
 
+from helpers import model_step
+
 needs_kernel = pytest.mark.skipif(cpu_kernels.causal_unavailable() is not None,
                                   reason=f"lm's causal attention kernel: {cpu_kernels.causal_unavailable()}")
 
@@ -90,25 +92,21 @@ def test_a_nan_query_spoils_its_own_row_only():
 def test_results_do_not_depend_on_the_thread_count():
     qkv, (q, k, v) = heads(2, 50, 3, 32, seed=6)
     grad = torch.randn(2, 3, 50, 32, generator=torch.Generator().manual_seed(7))
+    bias = torch.randn(3 * 3 * 32, generator=torch.Generator().manual_seed(8)).requires_grad_()
+    whole_grad = grad.transpose(1, 2).reshape(2, 50, 3 * 32)
     results = []
     before = torch.get_num_threads()
     try:
         for n in (1, 2, 3):
             torch.set_num_threads(n)
             out = cpu_kernels.causal_attention(q, k, v)
-            results.append((out, torch.autograd.grad(out, qkv, grad)[0]))
+            whole = cpu_kernels.causal_attention_qkv(qkv, bias, 3)  # the bias's gradient summed in the kernel
+            results.append((out, torch.autograd.grad(out, qkv, grad)[0], whole,
+                            *torch.autograd.grad(whole, (qkv, bias), whole_grad)))
     finally:
         torch.set_num_threads(before)
-    for out, g in results[1:]:
-        assert torch.equal(out, results[0][0]) and torch.equal(g, results[0][1])
-
-
-def model_step(config: ModelConfig, ids: torch.Tensor):
-    torch.manual_seed(0)
-    model = GPT(config)
-    _, loss = model(ids[:, :-1], ids[:, 1:])
-    loss.backward()
-    return loss.detach(), {name: p.grad for name, p in model.named_parameters()}
+    for got in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(got, results[0]))
 
 
 def counting(monkeypatch, function) -> list:
@@ -280,7 +278,12 @@ def test_the_self_check_catches_a_wrong_scale_forward_or_backward(fresh):
 
     class Wrong:
         stride, scratch, probs, forward, backward = real.stride, real.scratch, real.probs, real.forward, real.backward
+        gelu_forward, gelu_backward, gelu_scratch = real.gelu_forward, real.gelu_backward, real.gelu_scratch
 
+    for name in ("gelu_forward", "gelu_backward"):  # the bias dropped: h's own pointer in its place
+        wrong = Wrong()
+        setattr(wrong, name, lambda h, b, *args, call=getattr(real, name): call(h, h, *args))
+        assert not cpu_kernels._causal_agrees(wrong), name
     for name in ("forward", "backward"):
         wrong = Wrong()
         setattr(wrong, name, lambda *args, call=getattr(real, name): call(*args[:-2], args[-2] * 1.01, args[-1]))

@@ -232,6 +232,9 @@ def test_not_a_model():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_find_batch_size_on_cuda(tiny_config, caplog):
     caplog.set_level(logging.INFO, logger="lm.memory")
+    torch.cuda.empty_cache()
+    # memory the cache cannot give back before this test: segments that tensors of earlier tests still pin
+    pinned = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
     # a vocabulary small enough that the activations, not the loss's chunk of scores, set the memory a
     # sequence needs (with 32,000 the chunk, 6 bytes a score under bf16 autocast against 4 in fp32,
     # outweighed the halved activations, and bf16 fitted fewer sequences: 2 against 3, on an H200)
@@ -254,7 +257,7 @@ def test_find_batch_size_on_cuda(tiny_config, caplog):
     # tensor of the failed steps is freed
     unbounded = find_batch_size(model, 512, max_batch_size=1 << 20)
     assert unbounded > best and torch.cuda.memory_allocated() == allocated
-    assert torch.cuda.memory_reserved() - allocated < 2**28  # and the cache was emptied
+    assert torch.cuda.memory_reserved() - allocated < pinned + 2**28  # and the cache was emptied
     assert_same(model, before)
     bf16 = find_batch_size(model, 512, memory_budget=budget, precision="bf16", max_batch_size=4096)
     assert bf16 > best  # half-width activations: more sequences fit

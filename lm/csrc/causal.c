@@ -1,5 +1,6 @@
 /* lm's CPU kernels for training causal attention in float32: softmax(q k^T / sqrt(D) + causal mask) v
-   forward, keeping the probabilities P, and its backward from them. Built by lm.cpu_kernels with the
+   forward, keeping the probabilities P, and its backward from them; and at the end of this file, the MLP's
+   bias and exact GELU, forward and backward (lm_bias_gelu_*). Built by lm.cpu_kernels with the
    system's C compiler (-O3 -mavx2 -mfma -fopenmp, and -mavx512f where the CPU has AVX-512) and loaded
    with ctypes.
 
@@ -111,6 +112,12 @@ static inline Columns columns_fill(Columns x, long n, float fill) {
     return _mm512_mask_blend_ps(lanes_below(n), _mm512_set1_ps(fill), x);
 }
 static inline Columns columns_keep(Columns x, long n) { return _mm512_maskz_mov_ps(lanes_below(n), x); }
+static inline Columns columns_abs(Columns x) { return _mm512_abs_ps(x); }
+static inline Columns columns_div(Columns x, Columns y) { return _mm512_div_ps(x, y); }
+/* `negative` where x < 0, else `other` */
+static inline Columns columns_by_sign(Columns x, Columns negative, Columns other) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ), other, negative);
+}
 static inline __m256 upper_half(__m512 x) {  /* AVX-512F alone has no float32 x 8 extract */
     return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1));
 }
@@ -178,6 +185,18 @@ static inline Columns columns_fill(Columns x, long n, float fill) {
 static inline Columns columns_keep(Columns x, long n) {
     Columns keep = lanes_below(n);
     return (Columns){_mm256_and_ps(x.lo, keep.lo), _mm256_and_ps(x.hi, keep.hi)};
+}
+static inline Columns columns_abs(Columns x) {
+    __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    return (Columns){_mm256_and_ps(x.lo, magnitude), _mm256_and_ps(x.hi, magnitude)};
+}
+static inline Columns columns_div(Columns x, Columns y) {
+    return (Columns){_mm256_div_ps(x.lo, y.lo), _mm256_div_ps(x.hi, y.hi)};
+}
+static inline Columns columns_by_sign(Columns x, Columns negative, Columns other) {
+    __m256 zero = _mm256_setzero_ps();
+    return (Columns){_mm256_blendv_ps(other.lo, negative.lo, _mm256_cmp_ps(x.lo, zero, _CMP_LT_OQ)),
+                     _mm256_blendv_ps(other.hi, negative.hi, _mm256_cmp_ps(x.hi, zero, _CMP_LT_OQ))};
 }
 static inline float columns_sum(Columns x) { return lanes_sum(_mm256_add_ps(x.lo, x.hi)); }
 static inline float columns_hmax(Columns x) { return lanes_max(_mm256_max_ps(x.lo, x.hi)); }
@@ -328,6 +347,14 @@ static const float *packed(const float *x, long xs, const float *bias, long T, l
     return to;
 }
 
+/* asks the cache for rows r0 .. r1-1 (of D floats, xs apart) of the next head that this thread takes, block by
+   block while the current head is computed, so that gathering the next head does not wait on memory (the
+   heads' rows are strided in qkv and far apart) */
+static inline void prefetch_rows(const float *x, long xs, long r0, long r1, long D) {
+    for (long r = r0; r < r1; r++)
+        for (long d = 0; d < D; d += 16) _mm_prefetch((const char *)(x + r * xs + d), _MM_HINT_T1);
+}
+
 /* head h's D floats of one of q's, k's or v's (`part` 0, 1, 2) biases, laid out as qkv's are; NULL for none */
 static inline const float *head_bias(const float *bias, long part, long H, long h, long D) {
     return bias ? bias + (part * H + h) * D : NULL;
@@ -382,10 +409,16 @@ void lm_causal_forward(const float *q, const float *k, const float *v, const flo
             const float *vh = packed(v + b * v_sb + h * v_sh, v_st, head_bias(bias, 2, H, h, D), T, D, vp);
             float *oh = out + b * o_sb + h * o_sh, *P = probs + bh * per_head;
             transpose(k + b * k_sb + h * k_sh, k_st, head_bias(bias, 1, H, h, D), T, D, kt, ld);
+            long nb = (bh + 1) / H, nh = (bh + 1) % H, more = bh + 1 < B * H;  /* the next head */
             for (long i0 = 0; i0 < T; P += block_height(i0, T) * block_width(i0), i0 += ROWS) {
                 long last = i0 + block_height(i0, T) - 1, width = block_width(i0);  /* P: this block's rows */
                 const float *in[ROWS];
                 float *rows[ROWS];
+                if (more) {
+                    prefetch_rows(q + nb * q_sb + nh * q_sh, q_st, i0, last + 1, D);
+                    prefetch_rows(k + nb * k_sb + nh * k_sh, k_st, i0, last + 1, D);
+                    prefetch_rows(v + nb * v_sb + nh * v_sh, v_st, i0, last + 1, D);
+                }
                 block_rows(qh, D, 0, i0, T, in);
                 block_outputs(P, width, i0, i0, T, spare, rows);
                 rows_times_span(in, kt, ld, D, 0, width, rows, scale);  /* up to the diagonal */
@@ -398,9 +431,21 @@ void lm_causal_forward(const float *q, const float *k, const float *v, const flo
     }
 }
 
+/* the sums over t of a head's T rows of D floats (stride xs), in order, into sums[0..D) */
+static void column_sums(const float *x, long xs, long T, long D, float *sums) {
+    for (long d = 0; d < D; d += 16) {
+        Columns total = columns_zero();
+        for (long t = 0; t < T; t++) total = columns_add(total, columns_load(x + t * xs + d));
+        columns_put(sums + d, total);
+    }
+}
+
+/* dbias (NULL: none wanted), 3 H D floats laid out as `bias` is, gets the gradient of q's, k's and v's biases:
+   each head's column sums of dq, dk and dv, summed over the batch in order (`partial`: 3 B H D floats) */
 void lm_causal_backward(const float *q, const float *k, const float *v, const float *bias, const float *probs,
                         const float *g,
-                        float *dq, float *dk, float *dv, float *scratch, long B, long H, long T, long D,
+                        float *dq, float *dk, float *dv, float *dbias, float *partial, float *scratch,
+                        long B, long H, long T, long D,
                         long q_sb, long q_sh, long q_st, long k_sb, long k_sh, long k_st, long v_sb, long v_sh,
                         long v_st, long g_sb, long g_sh, long g_st, long d_sb, long d_sh, long d_st,
                         float scale, int threads) {
@@ -417,10 +462,17 @@ void lm_causal_backward(const float *q, const float *k, const float *v, const fl
             const float *gh = packed(g + b * g_sb + h * g_sh, g_st, NULL, T, D, gp), *P = probs + bh * per_head;
             float *dqh = dq + b * d_sb + h * d_sh, *dkh = dk + b * d_sb + h * d_sh, *dvh = dv + b * d_sb + h * d_sh;
             transpose(v + b * v_sb + h * v_sh, v_st, head_bias(bias, 2, H, h, D), T, D, vt, ld);
+            long nb = (bh + 1) / H, nh = (bh + 1) % H, more = bh + 1 < B * H;  /* the next head */
             for (long i0 = 0, at = 0; i0 < T; at += block_height(i0, T) * block_width(i0), i0 += ROWS) {
                 long last = i0 + block_height(i0, T) - 1, width = block_width(i0);  /* dS, block by block */
                 const float *in[ROWS];
                 float *rows[ROWS];
+                if (more) {
+                    prefetch_rows(q + nb * q_sb + nh * q_sh, q_st, i0, last + 1, D);
+                    prefetch_rows(k + nb * k_sb + nh * k_sh, k_st, i0, last + 1, D);
+                    prefetch_rows(v + nb * v_sb + nh * v_sh, v_st, i0, last + 1, D);
+                    prefetch_rows(g + nb * g_sb + nh * g_sh, g_st, i0, last + 1, D);
+                }
                 block_rows(gh, D, 0, i0, T, in);
                 block_outputs(dS + at, width, i0, i0, T, spare, rows);
                 rows_times_span(in, vt, ld, D, 0, width, rows, 1.0f);
@@ -449,7 +501,90 @@ void lm_causal_backward(const float *q, const float *k, const float *v, const fl
                 columns_by_rows_span(dS + at, i0, T, qh, D, D, k_rows);     /* dk = dS^T q */
                 columns_by_rows_span(P + at, i0, T, gh, D, D, v_rows);      /* dv = P^T g */
             }
+            if (dbias) {  /* this head's rows, just written, are still in the cache */
+                float *sums = partial + bh * 3 * D;
+                column_sums(dqh, d_st, T, D, sums);
+                column_sums(dkh, d_st, T, D, sums + D);
+                column_sums(dvh, d_st, T, D, sums + 2 * D);
+            }
+        }
+        if (dbias) {
+            #pragma omp for schedule(static)
+            for (long hd = 0; hd < 3 * H * D; hd += 16) {  /* (part, head, column), as qkv's bias is laid out */
+                long part = hd / (H * D), h = hd / D % H, d = hd % D;
+                Columns total = columns_zero();
+                for (long b = 0; b < B; b++)
+                    total = columns_add(total, columns_load(partial + ((b * H + h) * 3 + part) * D + d));
+                columns_put(dbias + hd, total);
+            }
         }
     }
 }
 
+
+
+/* ---- the MLP's bias and exact GELU, GELU(x) = x Phi(x), for x = h + b with h = input W^T ----------------
+   Forward writes GELU(h + b); backward writes dh = g GELU'(h + b), GELU'(x) = Phi(x) + x phi(x), and the
+   bias's gradient, the column sums of dh, in the same pass: each chunk of GELU_ROWS rows is summed in order
+   into its row of `partial` (lm_bias_gelu_scratch(N, F) floats), then the chunks in order, so the sums do
+   not depend on the number of threads. Rows of F floats, F a multiple of 16.
+
+   Phi, the standard normal's distribution function, from the tail Q(x) = P(N(0, 1) > |x|) = erfc(z) / 2,
+   z = |x| / sqrt 2: Phi(x) = Q for x < 0 and 1 - Q for x >= 0, with erfc(z) = t (a1 + t (a2 + t (a3 + t (a4 +
+   t a5)))) e^(-z^2), t = 1 / (1 + p z), Abramowitz and Stegun's formula 7.1.26 (within 1.5e-7 of erf, the
+   approximation PyTorch's vectorised erf uses too). e^(-z^2) = e^(-x^2 / 2) also gives the density phi. */
+#define GELU_ROWS 64
+
+static inline void normal_parts(Columns x, Columns *cdf, Columns *pdf) {
+    Columns z = columns_abs(columns_mul(x, columns_set1(0.70710678118654752f)));
+    Columns t = columns_div(columns_set1(1.0f), columns_fmav(columns_set1(0.3275911f), z, columns_set1(1.0f)));
+    Columns poly = columns_set1(1.061405429f);
+    poly = columns_fmav(poly, t, columns_set1(-1.453152027f));
+    poly = columns_fmav(poly, t, columns_set1(1.421413741f));
+    poly = columns_fmav(poly, t, columns_set1(-0.284496736f));
+    poly = columns_fmav(poly, t, columns_set1(0.254829592f));
+    Columns e = columns_exp(columns_mul(columns_sub(columns_zero(), z), z));
+    Columns tail = columns_mul(columns_mul(columns_set1(0.5f), columns_mul(poly, t)), e);
+    *cdf = columns_by_sign(x, tail, columns_sub(columns_set1(1.0f), tail));
+    *pdf = columns_mul(e, columns_set1(0.39894228040143268f));  /* 1 / sqrt(2 pi) */
+}
+
+void lm_bias_gelu_forward(const float *h, const float *b, float *y, long N, long F, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (long n = 0; n < N; n++)
+        for (long c = 0; c < F; c += 16) {
+            Columns x = columns_add(columns_load(h + n * F + c), columns_load(b + c)), cdf, pdf;
+            normal_parts(x, &cdf, &pdf);
+            columns_put(y + n * F + c, columns_mul(x, cdf));
+        }
+}
+
+long lm_bias_gelu_scratch(long N, long F) { return (N + GELU_ROWS - 1) / GELU_ROWS * F; }
+
+void lm_bias_gelu_backward(const float *h, const float *b, const float *g, float *dh, float *db, float *partial,
+                           long N, long F, int threads) {
+    long chunks = (N + GELU_ROWS - 1) / GELU_ROWS;
+    #pragma omp parallel num_threads(threads)
+    {
+        #pragma omp for schedule(static)
+        for (long k = 0; k < chunks; k++) {
+            float *sums = partial + k * F;
+            long end = (k + 1) * GELU_ROWS < N ? (k + 1) * GELU_ROWS : N;
+            for (long c = 0; c < F; c += 16) columns_put(sums + c, columns_zero());
+            for (long n = k * GELU_ROWS; n < end; n++)
+                for (long c = 0; c < F; c += 16) {
+                    Columns x = columns_add(columns_load(h + n * F + c), columns_load(b + c)), cdf, pdf;
+                    normal_parts(x, &cdf, &pdf);
+                    Columns d = columns_mul(columns_load(g + n * F + c), columns_fmav(x, pdf, cdf));
+                    columns_put(dh + n * F + c, d);
+                    columns_put(sums + c, columns_add(columns_load(sums + c), d));
+                }
+        }
+        #pragma omp for schedule(static)
+        for (long c = 0; c < F; c += 16) {  /* the chunks' sums, in order */
+            Columns total = columns_load(partial + c);
+            for (long k = 1; k < chunks; k++) total = columns_add(total, columns_load(partial + k * F + c));
+            columns_put(db + c, total);
+        }
+    }
+}
