@@ -49,6 +49,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .native import CSRC, build, compiler, kernel_dir, switched_off, unbuildable
 
@@ -468,6 +469,16 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return CausalAttention.apply(q, k, v)  # RuntimeError there where the kernel cannot run
 
 
+def float32_training_through(x: torch.Tensor, layer: nn.Module) -> bool:
+    """Whether x goes through `layer` in a float32 training pass on a CPU that the training kernels here may take
+    over from it: gradients wanted (of x or of the layer's weights), `layer` a plain nn.Linear without hooks (not
+    LoRA's or int8's, whose forward must run), no autocast and no torch.compile (which cannot trace ctypes)."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and torch.is_grad_enabled()
+            and type(layer) is nn.Linear and (x.requires_grad or any(p.requires_grad for p in layer.parameters()))
+            and not (layer._forward_hooks or layer._forward_pre_hooks)
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+
+
 # ---- the MLP's bias and exact GELU for training (the end of lm/csrc/causal.c) ----------------------------
 def _bias_gelu_run(kernels: CausalKernels, h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """GELU(h + bias) for h (N, F) and bias (F,), both contiguous float32"""
@@ -529,4 +540,4 @@ def bias_gelu(h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["attend", "bias_gelu", "bias_gelu_unavailable", "causal_attention", "causal_attention_qkv",
-           "causal_unavailable", "kernel_dir", "matvec", "unavailable"]
+           "causal_unavailable", "float32_training_through", "kernel_dir", "matvec", "unavailable"]

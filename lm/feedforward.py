@@ -51,13 +51,8 @@ class MLP(nn.Module):
         a CPU, where it saves the bias broadcast into fc's output and the pass that sums the bias's gradient.
         Only for the exact GELU and a plain nn.Linear fc (not LoRA's or int8's) with a bias and no hooks, outside
         autocast and torch.compile, and where the kernel runs (`bias_gelu_unavailable`)."""
-        fc = self.fc
-        return (self.approximate == "none" and x.device.type == "cpu" and x.dtype == torch.float32
-                and torch.is_grad_enabled() and type(fc) is nn.Linear and fc.bias is not None
-                and (x.requires_grad or fc.weight.requires_grad or fc.bias.requires_grad)
-                and not (fc._forward_hooks or fc._forward_pre_hooks)
-                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-                and cpu_kernels.bias_gelu_unavailable(fc.out_features) is None)
+        return (self.approximate == "none" and cpu_kernels.float32_training_through(x, self.fc)
+                and self.fc.bias is not None and cpu_kernels.bias_gelu_unavailable(self.fc.out_features) is None)
 
     def residual_projections(self) -> list[nn.Linear]:
         return [self.proj]

@@ -90,15 +90,12 @@ class CausalSelfAttention(nn.Module):
         projection's output, no joining of dq, dk and dv. Not for variants (their own `allowed`, `attend`
         or `project`), a qkv that is not a plain nn.Linear (LoRA's, int8's) or has hooks, autocast, or
         torch.compile."""
-        qkv, cls = self.qkv, type(self)
+        cls = type(self)
         B, T, _ = x.shape
-        return (x.device.type == "cpu" and x.dtype == torch.float32 and torch.is_grad_enabled()
-                and (x.requires_grad or any(p.requires_grad for p in qkv.parameters()))
-                and self.use_sdpa and self.allowed is None and self.n_kv_heads == self.n_head
+        return (self.use_sdpa and self.allowed is None and self.n_kv_heads == self.n_head
                 and cls.attend is CausalSelfAttention.attend and cls.project is CausalSelfAttention.project
-                and (self.dropout == 0.0 or not self.training) and type(qkv) is nn.Linear
-                and not (qkv._forward_hooks or qkv._forward_pre_hooks)
-                and not torch.is_autocast_enabled("cpu") and c_kernel_takes(B, self.n_head, T, self.head_dim))
+                and (self.dropout == 0.0 or not self.training) and cpu_kernels.float32_training_through(x, self.qkv)
+                and c_kernel_takes(B, self.n_head, T, self.head_dim))
 
     def _forward_in_c(self, x: torch.Tensor) -> torch.Tensor:
         """`forward` through `lm.cpu_kernels.causal_attention_qkv`, where `_attention_in_c(x)` says so."""
