@@ -7,6 +7,10 @@ text), the same loss, gradient clipping and fused AdamW, and the same thread cou
 loop; its causal attention, and its MLP's first bias and GELU, run in lm's C kernels (lm/csrc/causal.c) where
 those can be built (`LM_CPU_KERNELS=0` gives SDPA's flash kernel, as transformers uses, and torch's GELU).
 
+`--arch llama` compares seed 002's LLaMA-style block at the same size instead (RoPE, RMSNorm, bias-free
+SwiGLU of width 1536, tied head) against transformers' LlamaForCausalLM: there lm's RMSNorm and SwiGLU gate run
+in C (`lm.cpu_kernels.rms_norm`, `silu_gate`), and its attention, after RoPE, in the causal kernel.
+
 Each side runs in a process of its own, as a user runs either library: lm's Trainer sets glibc's
 malloc to reuse freed blocks (`lm.trainer.reuse_freed_memory`, process-wide; LM_REUSE_FREED_MEMORY=0
 leaves malloc as it is), and transformers' process keeps glibc's defaults. The processes alternate,
@@ -28,6 +32,8 @@ A lever of lm's own is smaller than this machine's drift from one run to the nex
                   fc with its bias, then F.gelu
     clip-in-adamw gradient clipping folded into the fused AdamW's step (`Trainer._fold_clipping`), against
                   clip_grad_norm_ first
+    row-kernels   (with --arch llama) RMSNorm and SwiGLU's gate in lm's C kernels (`lm.cpu_kernels.rms_norm`,
+                  `silu_gate`), against torch's written-out RMSNorm and F.silu(gate) * value
 
     .venv/bin/python bench/cpu_train_throughput.py --lever qkv-whole --steps 3 --rounds 12
 
@@ -50,12 +56,15 @@ import lm
 import lm.attention
 import lm.data
 import lm.feedforward
+import lm.norms
 import lm.optim
 import lm.trainer
 from _report import report
 
 
-def build_models(vocab_size: int, block_size: int):
+def build_models(vocab_size: int, block_size: int, arch: str = "gpt2"):
+    if arch == "llama":
+        return build_llama_models(vocab_size, block_size)
     from transformers import GPT2Config, GPT2LMHeadModel
 
     ours = lm.GPT(lm.ModelConfig(vocab_size=vocab_size, block_size=block_size, n_layer=6, n_head=6,
@@ -66,6 +75,25 @@ def build_models(vocab_size: int, block_size: int):
         peer = GPT2LMHeadModel(hf_config, attn_implementation="sdpa")
     except TypeError:
         peer = GPT2LMHeadModel(hf_config)
+    return ours, peer
+
+
+def build_llama_models(vocab_size: int, block_size: int):
+    """Seed 002's LLaMA-style block at the same size: lm's "rscalm-138m" preset cut to 6 layers x 6 heads x 384
+    (RoPE, RMSNorm with eps 1e-6, bias-free SwiGLU of width 4 x 384, tied head), and transformers'
+    LlamaForCausalLM with the same settings."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = lm.preset("rscalm-138m", vocab_size=vocab_size, block_size=block_size, n_layer=6, n_head=6, d_model=384)
+    ours = lm.GPT(config)
+    hf_config = LlamaConfig(vocab_size=vocab_size, hidden_size=384, intermediate_size=config.ffn_width,
+                            num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=6,
+                            max_position_embeddings=block_size, rms_norm_eps=config.norm_eps, tie_word_embeddings=True,
+                            attention_bias=False, mlp_bias=False)
+    try:
+        peer = LlamaForCausalLM(hf_config, attn_implementation="sdpa")
+    except TypeError:
+        peer = LlamaForCausalLM(hf_config)
     return ours, peer
 
 
@@ -96,7 +124,7 @@ def setup(args):
     text = lm.load_corpus("pydoc")
     tok = lm.CharTokenizer.train(text)
     data = torch.tensor(tok.encode(text, parse_special=False))
-    ours, peer = build_models(tok.vocab_size, args.seq_len)
+    ours, peer = build_models(tok.vocab_size, args.seq_len, getattr(args, "arch", "gpt2"))
     runs = {}
     if args.side in (None, "lm"):
         # one optimizer step of lm's trainer (batch, forward, backward, clip, fused AdamW, bookkeeping)
@@ -132,11 +160,17 @@ def _switch_bias_gelu(on: bool) -> None:
     lm.feedforward.MLP._bias_gelu_in_c = BIAS_GELU_IN_C if on else (lambda self, x: False)
 
 
+def _switch_row_kernels(on: bool) -> None:
+    lm.norms.RMSNorm._in_c = RMS_NORM_IN_C if on else (lambda self, x: False)
+    lm.feedforward.SwiGLU._gate_in_c = GATE_IN_C if on else staticmethod(lambda gate: False)
+
+
 SAVED_PROBABILITIES = lm.attention.kernels.SAVED_PROBABILITIES
 BIAS_GELU_IN_C = lm.feedforward.MLP._bias_gelu_in_c
 ATTENTION_IN_C = lm.attention.CausalSelfAttention._attention_in_c
+RMS_NORM_IN_C, GATE_IN_C = lm.norms.RMSNorm._in_c, lm.feedforward.SwiGLU.__dict__["_gate_in_c"]
 LEVERS = {"c-attention": _switch_c_attention, "qkv-whole": _switch_qkv_whole, "clip-in-adamw": _switch_clip_in_adamw,
-          "bias-gelu": _switch_bias_gelu}
+          "bias-gelu": _switch_bias_gelu, "row-kernels": _switch_row_kernels}
 
 
 def lever_in_one_process(args) -> None:
@@ -168,7 +202,7 @@ def one_side(args) -> None:
 def in_own_process(args, side: str) -> float:
     """tokens/s of one side, measured in a fresh process"""
     options = [f"--{name}={getattr(args, name)}" for name in ("steps", "warmup", "threads", "batch_size", "seq_len",
-                                                                 "precision")]
+                                                                 "precision", "arch")]
     done = subprocess.run([sys.executable, __file__, "--side", side, *options, *(["--compile"] if args.compile else [])],
                           capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])["tokens_per_s"]
@@ -185,6 +219,9 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="lm.TrainConfig(compile=True) for lm")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                         help="autocast for both (lm: TrainConfig(precision=...)); default fp32")
+    parser.add_argument("--arch", default="gpt2", choices=("gpt2", "llama"),
+                        help="gpt2: GPT2LMHeadModel's block (default); llama: seed 002's RoPE, RMSNorm and SwiGLU "
+                             "against LlamaForCausalLM")
     parser.add_argument("--same-process", action="store_true", help="both sides in this process")
     parser.add_argument("--lever", choices=sorted(LEVERS), help="lm alone, this lever on and off in one process")
     parser.add_argument("--side", choices=("lm", "transformers"), help=argparse.SUPPRESS)  # one side's process
@@ -211,8 +248,9 @@ def main() -> None:
         print(f"{name:13s} {statistics.median(values):8.0f} tokens/s  (rounds: {[round(v) for v in values]})")
     ours_rate, peer_rate = statistics.median(rates["lm"]), statistics.median(rates["transformers"])
     where = "one process" if args.same_process else "processes of their own"
-    report("cpu_train_6L6H384_B8T256", "tokens/s", ours_rate, peer_rate, f"transformers GPT2LMHeadModel ({where})",
-           higher_is_better=True)
+    llama = args.arch == "llama"
+    report("cpu_train_6L6H384_B8T256" + ("_llama" if llama else ""), "tokens/s", ours_rate, peer_rate,
+           f"transformers {'LlamaForCausalLM' if llama else 'GPT2LMHeadModel'} ({where})", higher_is_better=True)
 
 
 if __name__ == "__main__":

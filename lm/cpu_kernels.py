@@ -276,7 +276,8 @@ class CausalKernels:
     """The C functions of causal.c, their argument types declared: `forward`, `backward`, `stride` (the
     floats of a row of the transposed k or v), `probs` (the floats of one head's kept probabilities: the
     lower triangle by blocks of rows, about half of T x T) and `scratch` (the floats each thread needs); and
-    `gelu_forward`, `gelu_backward` and `gelu_scratch`, the MLP's bias and GELU."""
+    `gelu_forward`, `gelu_backward` and `gelu_scratch`, the MLP's bias and GELU; `norm_forward`, `norm_backward`
+    and `norm_scratch`, RMSNorm; `gate_forward` and `gate_backward`, SwiGLU's gate."""
 
     def __init__(self, path: Path):
         library = ctypes.CDLL(str(path))
@@ -294,6 +295,16 @@ class CausalKernels:
         self.gelu_backward.argtypes = [pointer] * 6 + [long] * 2 + [int_]
         self.gelu_forward.restype = self.gelu_backward.restype = None
         self.gelu_scratch.argtypes, self.gelu_scratch.restype = [long, long], long
+        self.norm_forward, self.norm_backward = library.lm_rms_norm_forward, library.lm_rms_norm_backward
+        self.norm_scratch = library.lm_rms_norm_scratch
+        self.norm_forward.argtypes = [pointer] * 4 + [long] * 2 + [ctypes.c_float, int_]
+        self.norm_backward.argtypes = [pointer] * 7 + [long] * 2 + [int_]
+        self.norm_forward.restype = self.norm_backward.restype = None
+        self.norm_scratch.argtypes, self.norm_scratch.restype = [long, long], long
+        self.gate_forward, self.gate_backward = library.lm_silu_gate_forward, library.lm_silu_gate_backward
+        self.gate_forward.argtypes = [pointer] * 3 + [long] * 2 + [int_]
+        self.gate_backward.argtypes = [pointer] * 5 + [long] * 2 + [int_]
+        self.gate_forward.restype = self.gate_backward.restype = None
 
 
 def _pointer(bias: torch.Tensor | None) -> int | None:
@@ -356,7 +367,36 @@ def _causal_agrees(kernels: CausalKernels) -> bool:
     cdf, pdf = 0.5 * torch.erfc(-x / 2 ** 0.5), torch.exp(-x * x / 2) / (2 * torch.pi) ** 0.5
     dh = grad * (cdf + x * pdf)
     got = (_bias_gelu_run(kernels, h, bias), *_bias_gelu_gradients(kernels, h, bias, grad))
-    return all(torch.allclose(a.double(), b, rtol=1e-5, atol=1e-5) for a, b in zip(got, (x * cdf, dh, dh.sum(0))))
+    if not all(torch.allclose(a.double(), b, rtol=1e-5, atol=1e-5) for a, b in zip(got, (x * cdf, dh, dh.sum(0)))):
+        return False
+    return _rms_norm_agrees(kernels, h, bias, grad) and _silu_gate_agrees(kernels, h, bias, grad)
+
+
+def _rms_norm_agrees(kernels: CausalKernels, x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor) -> bool:
+    """Whether lm_rms_norm_* compute RMSNorm and its gradients, written out in float64, for x (N, C)"""
+    x64, w64, g64 = x.double(), weight.double(), grad.double()
+    r = (x64.pow(2).mean(-1, keepdim=True) + 1e-5).rsqrt()
+    xhat = x64 * r
+    gw = g64 * w64
+    want = (xhat * w64, r * (gw - xhat * (gw * xhat).mean(-1, keepdim=True)), (g64 * xhat).sum(0))
+    y, rstd = torch.empty_like(x), torch.empty(x.size(0))
+    kernels.norm_forward(x.data_ptr(), weight.data_ptr(), y.data_ptr(), rstd.data_ptr(), *x.shape, 1e-5, 1)
+    dx, dw, partial = torch.empty_like(x), torch.empty_like(weight), torch.empty(kernels.norm_scratch(*x.shape))
+    kernels.norm_backward(x.data_ptr(), weight.data_ptr(), rstd.data_ptr(), grad.data_ptr(), dx.data_ptr(),
+                          dw.data_ptr(), partial.data_ptr(), *x.shape, 1)
+    return all(torch.allclose(a.double(), b, rtol=1e-5, atol=1e-5) for a, b in zip((y, dx, dw), want))
+
+
+def _silu_gate_agrees(kernels: CausalKernels, a: torch.Tensor, bias: torch.Tensor, grad: torch.Tensor) -> bool:
+    """Whether lm_silu_gate_* compute SiLU(a) b and its gradients, written out in float64, for a (N, F)"""
+    b = grad.flip(0) + bias
+    a64, b64, g64 = a.double(), b.double(), grad.double()
+    s = torch.sigmoid(a64)
+    want = (a64 * s * b64, g64 * b64 * s * (1 + a64 * (1 - s)), g64 * a64 * s)
+    y, da, db = torch.empty_like(a), torch.empty_like(a), torch.empty_like(a)
+    kernels.gate_forward(a.data_ptr(), b.data_ptr(), y.data_ptr(), *a.shape, 1)
+    kernels.gate_backward(a.data_ptr(), b.data_ptr(), grad.data_ptr(), da.data_ptr(), db.data_ptr(), *a.shape, 1)
+    return all(torch.allclose(x.double(), w, rtol=1e-5, atol=1e-5) for x, w in zip((y, da, db), want))
 
 
 @functools.cache
@@ -473,10 +513,8 @@ def float32_training_through(x: torch.Tensor, layer: nn.Module) -> bool:
     """Whether x goes through `layer` in a float32 training pass on a CPU that the training kernels here may take
     over from it: gradients wanted (of x or of the layer's weights), `layer` a plain nn.Linear without hooks (not
     LoRA's or int8's, whose forward must run), no autocast and no torch.compile (which cannot trace ctypes)."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and torch.is_grad_enabled()
-            and type(layer) is nn.Linear and (x.requires_grad or any(p.requires_grad for p in layer.parameters()))
-            and not (layer._forward_hooks or layer._forward_pre_hooks)
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+    return (type(layer) is nn.Linear and not (layer._forward_hooks or layer._forward_pre_hooks)
+            and float32_training(x, layer.parameters()))
 
 
 # ---- the MLP's bias and exact GELU for training (the end of lm/csrc/causal.c) ----------------------------
@@ -495,8 +533,9 @@ def _bias_gelu_gradients(kernels: CausalKernels, h, bias, grad):
     return dh, dbias
 
 
-def bias_gelu_unavailable(width: int) -> str | None:
-    """Why `bias_gelu` cannot run here for rows of `width` floats, or None when it can."""
+def rows_unavailable(width: int) -> str | None:
+    """Why the row kernels (`bias_gelu`, `rms_norm`, `silu_gate`) cannot run here for rows of `width` floats, or
+    None when they can."""
     if width % 16:
         return f"the kernel takes rows of a multiple of 16 floats, not {width}"
     return _load_causal()[1]
@@ -509,7 +548,7 @@ class BiasGelu(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        why = bias_gelu_unavailable(h.size(-1))
+        why = rows_unavailable(h.size(-1))
         if why is not None:
             raise RuntimeError(f"lm's bias-GELU kernel cannot run: {why}.")
         rows, bias = h.contiguous().view(-1, h.size(-1)), bias.contiguous()
@@ -539,5 +578,113 @@ def bias_gelu(h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return BiasGelu.apply(h, bias)
 
 
+# ---- RMSNorm and SwiGLU's gate for training (the end of lm/csrc/causal.c) --------------------------------------
+def float32_training(x: torch.Tensor, parameters=()) -> bool:
+    """Whether x, and the `parameters` it meets, are in a float32 training pass on a CPU that the training kernels
+    here may take: gradients wanted (of x or of a parameter), no autocast and no torch.compile (which cannot
+    trace ctypes)."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and torch.is_grad_enabled()
+            and (x.requires_grad or any(p is not None and p.requires_grad for p in parameters))
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous().view(-1, x.size(-1))
+
+
+class RMSNormRows(torch.autograd.Function):
+    """rms_norm(x, weight, eps) for float32 CPU x (..., C) and weight (C,) or None, in lm/csrc/causal.c: one pass
+    forward, keeping each row's 1 / sqrt(mean(x^2) + eps); backward writes x's gradient and sums the weight's in
+    the same pass. Saves x, the weight and those numbers."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+        why = rows_unavailable(x.size(-1))
+        if why is not None:
+            raise RuntimeError(f"lm's RMSNorm kernel cannot run: {why}.")
+        rows, weight = _rows(x), None if weight is None else weight.contiguous()
+        y, rstd = torch.empty_like(rows), torch.empty(rows.size(0))
+        _load_causal()[0].norm_forward(rows.data_ptr(), _pointer(weight), y.data_ptr(), rstd.data_ptr(), *rows.shape,
+                                       eps, torch.get_num_threads())
+        ctx.save_for_backward(rows, weight, rstd)
+        ctx.x_shape = x.shape
+        return y.view(x.shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        rows, weight, rstd = ctx.saved_tensors
+        kernels, grad = _load_causal()[0], grad.contiguous().view(rows.shape)
+        dx = torch.empty_like(rows)
+        dweight = None if weight is None else torch.empty_like(weight)
+        partial = torch.empty(kernels.norm_scratch(*rows.shape) if weight is not None else 0)
+        kernels.norm_backward(rows.data_ptr(), _pointer(weight), rstd.data_ptr(), grad.data_ptr(), dx.data_ptr(),
+                              _pointer(dweight), partial.data_ptr(), *rows.shape, torch.get_num_threads())
+        return dx.view(ctx.x_shape), dweight, None
+
+
+class SiluGate(torch.autograd.Function):
+    """F.silu(a) * b for float32 CPU a and b of one shape (..., F), SwiGLU's gate, in lm/csrc/causal.c: one pass
+    forward and one backward. Saves a and b (torch's silu and product keep SiLU(a) as well)."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        why = rows_unavailable(a.size(-1))
+        if why is not None:
+            raise RuntimeError(f"lm's SwiGLU gate kernel cannot run: {why}.")
+        a_rows, b_rows = _rows(a), _rows(b)
+        y = torch.empty_like(a_rows)
+        _load_causal()[0].gate_forward(a_rows.data_ptr(), b_rows.data_ptr(), y.data_ptr(), *a_rows.shape,
+                                       torch.get_num_threads())
+        ctx.save_for_backward(a_rows, b_rows)
+        ctx.shape = a.shape
+        return y.view(a.shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        a_rows, b_rows = ctx.saved_tensors
+        grad = grad.contiguous().view(a_rows.shape)
+        da, db = torch.empty_like(a_rows), torch.empty_like(b_rows)
+        _load_causal()[0].gate_backward(a_rows.data_ptr(), b_rows.data_ptr(), grad.data_ptr(), da.data_ptr(),
+                                        db.data_ptr(), *a_rows.shape, torch.get_num_threads())
+        return da.view(ctx.shape), db.view(ctx.shape)
+
+
+def _float32_cpu(function: str, **tensors) -> None:
+    """ValueError naming the first of `tensors` that is not a float32 CPU tensor (None passes), or an empty one"""
+    for name, tensor in tensors.items():
+        if tensor is not None and (tensor.dtype != torch.float32 or tensor.device.type != "cpu"):
+            raise ValueError(f"{function}: {name} must be float32 on the CPU, got {tensor.dtype} on {tensor.device}")
+        if tensor is not None and tensor.numel() == 0:
+            raise ValueError(f"{function}: empty {name} {tuple(tensor.shape)}")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """`lm.norms.rms_norm(x, weight, eps)` for float32 CPU x (..., C) and weight (C,) or None, forward and backward
+    in C: what `lm.norms.RMSNorm` runs for training on a CPU, one pass where the written-out norm makes about ten.
+    ValueError for inputs it does not take; RuntimeError where `rows_unavailable(C)` says why it cannot run."""
+    if x.dim() == 0 or (weight is not None and tuple(weight.shape) != (x.size(-1),)):
+        raise ValueError(f"rms_norm: weight {None if weight is None else tuple(weight.shape)} must hold one number "
+                         f"per channel of x {tuple(x.shape)}")
+    _float32_cpu("rms_norm", x=x, weight=weight)
+    if not eps >= 0:
+        raise ValueError(f"rms_norm: eps must be >= 0, got {eps}")
+    return RMSNormRows.apply(x, weight, float(eps))
+
+
+def silu_gate(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """F.silu(a) * b for float32 CPU a and b of the same shape (..., F), forward and backward in C: what
+    `lm.feedforward.SwiGLU` runs for training on a CPU. ValueError for inputs it does not take; RuntimeError where
+    `rows_unavailable(F)` says why it cannot run."""
+    if a.shape != b.shape or a.dim() == 0:
+        raise ValueError(f"silu_gate: a {tuple(a.shape)} and b {tuple(b.shape)} must have one shape")
+    _float32_cpu("silu_gate", a=a, b=b)
+    return SiluGate.apply(a, b)
+
+
+bias_gelu_unavailable = rows_unavailable  # bias_gelu's name for it
+
 __all__ = ["attend", "bias_gelu", "bias_gelu_unavailable", "causal_attention", "causal_attention_qkv",
-           "causal_unavailable", "float32_training_through", "kernel_dir", "matvec", "unavailable"]
+           "causal_unavailable", "float32_training", "float32_training_through", "kernel_dir", "matvec", "rms_norm",
+           "rows_unavailable", "silu_gate", "unavailable"]

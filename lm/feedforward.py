@@ -91,8 +91,19 @@ class SwiGLU(nn.Module):
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.w3(F.silu(self.w1(x)) * self.w2(x))
+        gate, value = self.w1(x), self.w2(x)
+        if self._gate_in_c(gate):  # float32 training on a CPU: the same product, in C (chapter 6)
+            y = self.w3(cpu_kernels.silu_gate(gate, value))
+        else:
+            y = self.w3(F.silu(gate) * value)
         return self.drop(y) if self.training else y
+
+    @staticmethod
+    def _gate_in_c(gate: torch.Tensor) -> bool:
+        """Whether SiLU(gate) * value runs in lm's C kernel (`lm.cpu_kernels.silu_gate`): float32 training on a CPU,
+        no autocast and no torch.compile (`float32_training`), and rows the kernel takes."""
+        return (gate.numel() > 0 and cpu_kernels.float32_training(gate)
+                and cpu_kernels.rows_unavailable(gate.size(-1)) is None)
 
     def residual_projections(self) -> list[nn.Linear]:
         return [self.w3]

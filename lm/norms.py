@@ -18,6 +18,7 @@ import math
 import torch
 from torch import nn
 
+from . import cpu_kernels
 from .config import ModelConfig
 from .registry import NORMS
 
@@ -70,7 +71,15 @@ class RMSNorm(nn.Module):
         return config.d_model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._in_c(x):
+            return cpu_kernels.rms_norm(x, self.weight, self.eps)  # float32 training on a CPU: in C (chapter 6)
         return rms_norm(x, self.weight, self.eps)
+
+    def _in_c(self, x: torch.Tensor) -> bool:
+        """Whether `forward` runs in lm's C kernel (`lm.cpu_kernels.rms_norm`): float32 training on a CPU, no autocast
+        and no torch.compile (`float32_training`), a float32 weight, and rows the kernel takes."""
+        return (self.weight.dtype == torch.float32 and x.numel() > 0 and cpu_kernels.float32_training(x, (self.weight,))
+                and cpu_kernels.rows_unavailable(x.size(-1)) is None)
 
     def extra_repr(self) -> str:
         return f"{self.weight.numel()}, eps={self.eps}"

@@ -279,10 +279,16 @@ def test_the_self_check_catches_a_wrong_scale_forward_or_backward(fresh):
     class Wrong:
         stride, scratch, probs, forward, backward = real.stride, real.scratch, real.probs, real.forward, real.backward
         gelu_forward, gelu_backward, gelu_scratch = real.gelu_forward, real.gelu_backward, real.gelu_scratch
+        norm_forward, norm_backward, norm_scratch = real.norm_forward, real.norm_backward, real.norm_scratch
+        gate_forward, gate_backward = real.gate_forward, real.gate_backward
 
     for name in ("gelu_forward", "gelu_backward"):  # the bias dropped: h's own pointer in its place
         wrong = Wrong()
         setattr(wrong, name, lambda h, b, *args, call=getattr(real, name): call(h, h, *args))
+        assert not cpu_kernels._causal_agrees(wrong), name
+    for name in ("norm_forward", "norm_backward", "gate_forward", "gate_backward"):  # b or the weight: x in its place
+        wrong = Wrong()
+        setattr(wrong, name, lambda x, w, *args, call=getattr(real, name): call(x, x, *args))
         assert not cpu_kernels._causal_agrees(wrong), name
     for name in ("forward", "backward"):
         wrong = Wrong()

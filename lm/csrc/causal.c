@@ -592,3 +592,112 @@ void lm_bias_gelu_backward(const float *h, const float *b, const float *g, float
         }
     }
 }
+
+
+/* ---- RMSNorm, y = x r w with r = 1 / sqrt(mean(x^2) + eps) per row (lm_rms_norm_*) --------------------
+   Forward writes y and each row's r (kept for backward). Backward writes dx = r (g w - x^ mean(g w x^)), with
+   x^ = x r, and w's gradient, the column sums of g x^, by chunks of NORM_ROWS rows in order and then the
+   chunks in order, as the bias-GELU sums its bias's. `w` NULL: no weight (ones), and no gradient for it. The
+   rows are read once forward and twice backward, from the cache the second time; torch's written-out RMSNorm
+   makes about ten passes. Rows of C floats, C a multiple of 16. */
+#define NORM_ROWS 64
+#define NORM_AHEAD 2  /* rows: the memory of the row NORM_AHEAD on is asked for while this one is computed */
+
+static inline Columns scaled_by(const float *w, long d, Columns x) {
+    return w ? columns_mul(x, columns_load(w + d)) : x;
+}
+
+void lm_rms_norm_forward(const float *x, const float *w, float *y, float *rstd, long N, long C, float eps,
+                         int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (long n = 0; n < N; n++) {
+        const float *row = x + n * C;
+        if (n + NORM_AHEAD < N) prefetch_rows(x, C, n + NORM_AHEAD, n + NORM_AHEAD + 1, C);
+        Columns squares = columns_zero();
+        for (long d = 0; d < C; d += 16) squares = columns_fmav(columns_load(row + d), columns_load(row + d), squares);
+        float r = 1.0f / sqrtf(columns_sum(squares) / (float)C + eps);
+        Columns rv = columns_set1(r);
+        for (long d = 0; d < C; d += 16)
+            columns_put(y + n * C + d, scaled_by(w, d, columns_mul(columns_load(row + d), rv)));
+        rstd[n] = r;
+    }
+}
+
+long lm_rms_norm_scratch(long N, long C) { return (N + NORM_ROWS - 1) / NORM_ROWS * C; }
+
+void lm_rms_norm_backward(const float *x, const float *w, const float *rstd, const float *g, float *dx, float *dw,
+                          float *partial, long N, long C, int threads) {
+    long chunks = (N + NORM_ROWS - 1) / NORM_ROWS;
+    #pragma omp parallel num_threads(threads)
+    {
+        #pragma omp for schedule(static)
+        for (long k = 0; k < chunks; k++) {
+            float *sums = partial + k * C;
+            long end = (k + 1) * NORM_ROWS < N ? (k + 1) * NORM_ROWS : N;
+            for (long d = 0; w && d < C; d += 16) columns_put(sums + d, columns_zero());
+            for (long n = k * NORM_ROWS; n < end; n++) {
+                const float *row = x + n * C, *grad = g + n * C;
+                if (n + NORM_AHEAD < N) {
+                    prefetch_rows(x, C, n + NORM_AHEAD, n + NORM_AHEAD + 1, C);
+                    prefetch_rows(g, C, n + NORM_AHEAD, n + NORM_AHEAD + 1, C);
+                }
+                Columns rv = columns_set1(rstd[n]), dot = columns_zero();
+                for (long d = 0; d < C; d += 16) {
+                    Columns xhat = columns_mul(columns_load(row + d), rv), gd = columns_load(grad + d);
+                    dot = columns_fmav(scaled_by(w, d, gd), xhat, dot);
+                    if (w) columns_put(sums + d, columns_fmav(gd, xhat, columns_load(sums + d)));
+                }
+                Columns mean = columns_set1(columns_sum(dot) / (float)C);
+                for (long d = 0; d < C; d += 16) {
+                    Columns xhat = columns_mul(columns_load(row + d), rv);
+                    Columns gw = scaled_by(w, d, columns_load(grad + d));
+                    columns_put(dx + n * C + d, columns_mul(rv, columns_sub(gw, columns_mul(xhat, mean))));
+                }
+            }
+        }
+        #pragma omp for schedule(static)
+        for (long d = 0; d < (w ? C : 0); d += 16) {  /* the chunks' sums, in order */
+            Columns total = columns_load(partial + d);
+            for (long k = 1; k < chunks; k++) total = columns_add(total, columns_load(partial + k * C + d));
+            columns_put(dw + d, total);
+        }
+    }
+}
+
+
+/* ---- SwiGLU's gate, y = SiLU(a) b = a s(a) b with the logistic s(a) = 1 / (1 + e^-a) (lm_silu_gate_*) ------
+   Backward: da = g b s(a) (1 + a (1 - s(a))), db = g a s(a). s(a) from e = e^-|a| (exp_nonpositive's range):
+   1 / (1 + e) for a >= 0, e / (1 + e) below. One pass each way over a, b (and g), where torch's silu, product
+   and their backward make five and keep SiLU(a) as well. Rows of F floats, F a multiple of 16. */
+static inline Columns logistic(Columns a) {
+    Columns e = columns_exp(columns_sub(columns_zero(), columns_abs(a)));
+    Columns s = columns_div(columns_set1(1.0f), columns_add(columns_set1(1.0f), e));
+    return columns_by_sign(a, columns_mul(e, s), s);
+}
+
+void lm_silu_gate_forward(const float *a, const float *b, float *y, long N, long F, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (long n = 0; n < N; n++)
+        for (long c = 0; c < F; c += 16) {
+            _mm_prefetch((const char *)(a + (n + GELU_AHEAD) * F + c), _MM_HINT_T0);
+            _mm_prefetch((const char *)(b + (n + GELU_AHEAD) * F + c), _MM_HINT_T0);
+            Columns x = columns_load(a + n * F + c);
+            columns_put(y + n * F + c, columns_mul(columns_mul(x, logistic(x)), columns_load(b + n * F + c)));
+        }
+}
+
+void lm_silu_gate_backward(const float *a, const float *b, const float *g, float *da, float *db, long N, long F,
+                           int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (long n = 0; n < N; n++)
+        for (long c = 0; c < F; c += 16) {
+            _mm_prefetch((const char *)(a + (n + GELU_AHEAD) * F + c), _MM_HINT_T0);
+            _mm_prefetch((const char *)(b + (n + GELU_AHEAD) * F + c), _MM_HINT_T0);
+            _mm_prefetch((const char *)(g + (n + GELU_AHEAD) * F + c), _MM_HINT_T0);
+            Columns x = columns_load(a + n * F + c), s = logistic(x), gd = columns_load(g + n * F + c);
+            Columns one = columns_set1(1.0f), silu = columns_mul(x, s);
+            columns_put(db + n * F + c, columns_mul(gd, silu));
+            Columns slope = columns_mul(s, columns_fmav(x, columns_sub(one, s), one));  /* SiLU'(a) */
+            columns_put(da + n * F + c, columns_mul(columns_mul(gd, columns_load(b + n * F + c)), slope));
+        }
+}

@@ -1,0 +1,183 @@
+"""lm.cpu_kernels.rms_norm and silu_gate (the end of lm/csrc/causal.c): RMSNorm and SwiGLU's gate for float32 CPU
+training, forward and backward, against float64 torch; their independence from the thread count and the build;
+a LLaMA-style model's training step through them against torch's operations; where they are not used."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lm import GPT, ModelConfig, cpu_kernels
+from lm.feedforward import SwiGLU
+from lm.norms import RMSNorm, rms_norm
+
+from helpers import model_step
+
+needs_kernel = pytest.mark.skipif(cpu_kernels.rows_unavailable(16) is not None,
+                                  reason=f"lm's row kernels: {cpu_kernels.rows_unavailable(16)}")
+SHAPES = [(1, 16), (5, 32), (3, 7, 48), (2, 65, 64), (2, 130, 384), (4, 256, 1536)]
+LLAMA = dict(vocab_size=40, block_size=32, n_layer=2, n_head=2, d_model=64, dropout=0.0, bias=False, pos="rope",
+             norm="rmsnorm", norm_eps=1e-6, ffn="swiglu")
+
+
+def tensors(shape: tuple, count: int, seed: int = 0, scale: float = 3.0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=g) * scale for _ in range(count)]
+
+
+def float64_grads(fn, inputs, grad):
+    """(fn(*inputs), its gradients) in float64, `inputs` float32 tensors (None passes through)"""
+    wide = [None if x is None else x.detach().double().requires_grad_() for x in inputs]
+    out = fn(*wide)
+    return out, torch.autograd.grad(out, [x for x in wide if x is not None], grad.double())
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("weighted", [True, False])
+def test_rms_norm_matches_float64(shape, weighted):
+    """Rows beyond one chunk of 64 and a last chunk that is short, widths of one register and of many, with and
+    without a weight."""
+    x, grad = tensors(shape, 2)
+    weight = torch.randn(shape[-1], generator=torch.Generator().manual_seed(1)) if weighted else None
+    inputs = [x.requires_grad_()] + ([weight.requires_grad_()] if weighted else [])
+    out = cpu_kernels.rms_norm(x, weight, 1e-6)
+    got = torch.autograd.grad(out, inputs, grad)
+    want, want_grads = float64_grads(lambda x, w=None: rms_norm(x, w, 1e-6), [x, weight], grad)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[0].double(), want_grads[0], rtol=1e-4, atol=1e-5)
+    if weighted:
+        rows = x.numel() // shape[-1]  # the weight's gradient sums this many numbers a column
+        torch.testing.assert_close(got[1].double(), want_grads[1], rtol=1e-5, atol=1e-5 * rows ** 0.5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", SHAPES)
+def test_silu_gate_matches_float64(shape):
+    a, b, grad = tensors(shape, 3, seed=3)
+    a.requires_grad_(), b.requires_grad_()
+    out = cpu_kernels.silu_gate(a, b)
+    got = torch.autograd.grad(out, (a, b), grad)
+    want, want_grads = float64_grads(lambda a, b: F.silu(a) * b, [a, b], grad)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    for g, w in zip(got, want_grads):
+        torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_silu_gate_far_tails_and_nan():
+    """Far below zero SiLU is a tiny negative number, far above it is a; inf times a positive value stays inf, and
+    a nan stays in its own place."""
+    a = torch.tensor([[-100.0, -30.0, -5.0, 0.0, 5.0, 30.0, 100.0, float("inf"), float("nan")] + [0.5] * 7])
+    out = cpu_kernels.silu_gate(a, torch.ones_like(a))
+    want = F.silu(a.double())
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(out.double()[finite], want[finite], rtol=1e-6, atol=1e-7)
+    assert out[0, 7] == float("inf") and out[0, 8].isnan() and torch.isfinite(out[0, 9:]).all()
+
+
+@needs_kernel
+def test_results_do_not_depend_on_the_thread_count():
+    x, b, grad = tensors((3, 100, 48), 3, seed=4)
+    weight = torch.randn(48).requires_grad_()
+    x.requires_grad_(), b.requires_grad_()
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            norm, gate = cpu_kernels.rms_norm(x, weight, 1e-5), cpu_kernels.silu_gate(x, b)
+            results.append((norm, gate, *torch.autograd.grad((norm, gate), (x, weight, b), (grad, grad))))
+    finally:
+        torch.set_num_threads(before)
+    for got in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(got, results[0]))
+
+
+def counting(monkeypatch) -> dict:
+    calls = {"norm": 0, "gate": 0}
+    for name, function in (("norm", cpu_kernels.RMSNormRows), ("gate", cpu_kernels.SiluGate)):
+        real = function.apply
+
+        def counted(*args, real=real, name=name):
+            calls[name] += 1
+            return real(*args)
+        monkeypatch.setattr(function, "apply", counted)
+    return calls
+
+
+@needs_kernel
+def test_a_float32_training_step_of_a_llama_style_model_takes_the_kernels_and_matches_torch(monkeypatch):
+    config = ModelConfig(**LLAMA)
+    ids = torch.randint(0, 40, (3, 32), generator=torch.Generator().manual_seed(1))
+    calls = counting(monkeypatch)
+    loss, grads = model_step(config, ids)
+    assert calls == {"norm": 2 * config.n_layer + 1, "gate": config.n_layer}  # two norms a block, and the last
+    monkeypatch.setattr(RMSNorm, "_in_c", lambda self, x: False)
+    monkeypatch.setattr(SwiGLU, "_gate_in_c", staticmethod(lambda gate: False))
+    torch_loss, torch_grads = model_step(config, ids)
+    assert calls == {"norm": 2 * config.n_layer + 1, "gate": config.n_layer}
+    torch.testing.assert_close(loss, torch_loss, rtol=1e-6, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, torch_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@needs_kernel
+def test_where_the_kernels_are_not_used(monkeypatch):
+    calls = counting(monkeypatch)
+    ids = torch.randint(0, 40, (2, 16))
+    GPT(ModelConfig(**{**LLAMA, "d_model": 40, "n_head": 2, "d_ff": 72}))(ids, ids)[1].backward()  # 40, 72 % 16
+    model = GPT(ModelConfig(**LLAMA))
+    with torch.no_grad():
+        model(ids, ids)  # evaluation: no backward to save passes for
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(ids, ids)
+    model.double()(ids, ids)
+    assert calls == {"norm": 0, "gate": 0}
+    GPT(ModelConfig(**LLAMA))(ids, ids)[1].backward()
+    assert calls == {"norm": 5, "gate": 2}
+
+
+def test_inputs_they_do_not_take_are_named():
+    x = torch.randn(4, 32)
+    with pytest.raises(ValueError, match=r"weight \(16,\) must hold one number per channel of x \(4, 32\)"):
+        cpu_kernels.rms_norm(x, torch.ones(16), 1e-5)
+    with pytest.raises(ValueError, match="x must be float32 on the CPU, got torch.float64"):
+        cpu_kernels.rms_norm(x.double(), None, 1e-5)
+    with pytest.raises(ValueError, match="eps must be >= 0, got -1"):
+        cpu_kernels.rms_norm(x, None, -1.0)
+    with pytest.raises(ValueError, match=r"a \(4, 32\) and b \(4, 16\) must have one shape"):
+        cpu_kernels.silu_gate(x, x[:, :16])
+    with pytest.raises(ValueError, match="empty a"):
+        cpu_kernels.silu_gate(x[:0], x[:0])
+    if cpu_kernels.rows_unavailable(16) is None:
+        with pytest.raises(RuntimeError, match="a multiple of 16 floats, not 24"):
+            cpu_kernels.silu_gate(x[:, :24], x[:, :24])
+
+
+def test_switched_off_the_model_runs_torch(fresh, monkeypatch):
+    monkeypatch.setenv("LM_CPU_KERNELS", "0")
+    assert cpu_kernels.rows_unavailable(64) == "LM_CPU_KERNELS=0 is set"
+    calls = counting(monkeypatch)
+    ids = torch.randint(0, 40, (2, 16))
+    GPT(ModelConfig(**LLAMA))(ids, ids)[1].backward()
+    assert calls == {"norm": 0, "gate": 0}
+
+
+@pytest.mark.skipif("avx512f" not in (cpu_kernels._cpu_flags() or ()), reason="the CPU has no AVX-512")
+def test_the_avx512_and_avx2_builds_give_the_same_numbers(fresh, monkeypatch):
+    x, b, grad = tensors((3, 70, 48), 3, seed=5)
+    weight = torch.randn(48).requires_grad_()
+    x.requires_grad_(), b.requires_grad_()
+
+    def run():
+        norm, gate = cpu_kernels.rms_norm(x, weight, 1e-5), cpu_kernels.silu_gate(x, b)
+        return norm.detach(), gate.detach(), *torch.autograd.grad((norm, gate), (x, weight, b), (grad, grad))
+
+    wide = run()
+    monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: {"avx2", "fma"})
+    cpu_kernels._load_causal.cache_clear()
+    narrow = run()
+    for a, b in zip(wide, narrow):
+        assert torch.equal(a, b)
