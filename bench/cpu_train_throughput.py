@@ -9,7 +9,9 @@ those can be built (`LM_CPU_KERNELS=0` gives SDPA's flash kernel, as transformer
 
 `--arch llama` compares seed 002's LLaMA-style block at the same size instead (RoPE, RMSNorm, bias-free
 SwiGLU of width 1536, tied head) against transformers' LlamaForCausalLM: there lm's RMSNorm and SwiGLU gate run
-in C (`lm.cpu_kernels.rms_norm`, `silu_gate`), and its attention, after RoPE, in the causal kernel.
+in C (`lm.cpu_kernels.rms_norm`, `silu_gate`), as does RoPE's rotation (`lm.cpu_kernels.rope`), and its attention
+in the causal kernel; `--kv_heads 2` gives both models grouped-query attention (lm repeats the key/value heads
+for its kernel).
 
 Each side runs in a process of its own, as a user runs either library: lm's Trainer sets glibc's
 malloc to reuse freed blocks (`lm.trainer.reuse_freed_memory`, process-wide; LM_REUSE_FREED_MEMORY=0
@@ -34,6 +36,8 @@ A lever of lm's own is smaller than this machine's drift from one run to the nex
                   clip_grad_norm_ first
     row-kernels   (with --arch llama) RMSNorm and SwiGLU's gate in lm's C kernels (`lm.cpu_kernels.rms_norm`,
                   `silu_gate`), against torch's written-out RMSNorm and F.silu(gate) * value
+    rope          (with --arch llama) RoPE's rotation of q and k in lm's C kernel (`lm.cpu_kernels.rope`), against
+                  the written-out x cos + rotate_half(x) sin
 
     .venv/bin/python bench/cpu_train_throughput.py --lever qkv-whole --steps 3 --rounds 12
 
@@ -58,13 +62,14 @@ import lm.data
 import lm.feedforward
 import lm.norms
 import lm.optim
+import lm.positions
 import lm.trainer
 from _report import report
 
 
-def build_models(vocab_size: int, block_size: int, arch: str = "gpt2"):
+def build_models(vocab_size: int, block_size: int, arch: str = "gpt2", kv_heads: int = 6):
     if arch == "llama":
-        return build_llama_models(vocab_size, block_size)
+        return build_llama_models(vocab_size, block_size, kv_heads)
     from transformers import GPT2Config, GPT2LMHeadModel
 
     ours = lm.GPT(lm.ModelConfig(vocab_size=vocab_size, block_size=block_size, n_layer=6, n_head=6,
@@ -78,16 +83,18 @@ def build_models(vocab_size: int, block_size: int, arch: str = "gpt2"):
     return ours, peer
 
 
-def build_llama_models(vocab_size: int, block_size: int):
+def build_llama_models(vocab_size: int, block_size: int, kv_heads: int = 6):
     """Seed 002's LLaMA-style block at the same size: lm's "rscalm-138m" preset cut to 6 layers x 6 heads x 384
-    (RoPE, RMSNorm with eps 1e-6, bias-free SwiGLU of width 4 x 384, tied head), and transformers'
-    LlamaForCausalLM with the same settings."""
+    (RoPE, RMSNorm with eps 1e-6, bias-free SwiGLU of width 4 x 384, tied head), `kv_heads` key/value heads
+    (fewer than 6: grouped-query attention, as seed 004 has), and transformers' LlamaForCausalLM with the same
+    settings."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = lm.preset("rscalm-138m", vocab_size=vocab_size, block_size=block_size, n_layer=6, n_head=6, d_model=384)
+    config = lm.preset("rscalm-138m", vocab_size=vocab_size, block_size=block_size, n_layer=6, n_head=6, d_model=384,
+                       n_kv_heads=kv_heads)
     ours = lm.GPT(config)
     hf_config = LlamaConfig(vocab_size=vocab_size, hidden_size=384, intermediate_size=config.ffn_width,
-                            num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=6,
+                            num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=kv_heads,
                             max_position_embeddings=block_size, rms_norm_eps=config.norm_eps, tie_word_embeddings=True,
                             attention_bias=False, mlp_bias=False)
     try:
@@ -124,7 +131,7 @@ def setup(args):
     text = lm.load_corpus("pydoc")
     tok = lm.CharTokenizer.train(text)
     data = torch.tensor(tok.encode(text, parse_special=False))
-    ours, peer = build_models(tok.vocab_size, args.seq_len, getattr(args, "arch", "gpt2"))
+    ours, peer = build_models(tok.vocab_size, args.seq_len, getattr(args, "arch", "gpt2"), getattr(args, "kv_heads", 6))
     runs = {}
     if args.side in (None, "lm"):
         # one optimizer step of lm's trainer (batch, forward, backward, clip, fused AdamW, bookkeeping)
@@ -165,12 +172,17 @@ def _switch_row_kernels(on: bool) -> None:
     lm.feedforward.SwiGLU._gate_in_c = GATE_IN_C if on else staticmethod(lambda gate: False)
 
 
+def _switch_rope(on: bool) -> None:
+    lm.positions.RotaryEmbedding._in_c = ROPE_IN_C if on else staticmethod(lambda q, k: False)
+
+
 SAVED_PROBABILITIES = lm.attention.kernels.SAVED_PROBABILITIES
 BIAS_GELU_IN_C = lm.feedforward.MLP._bias_gelu_in_c
 ATTENTION_IN_C = lm.attention.CausalSelfAttention._attention_in_c
 RMS_NORM_IN_C, GATE_IN_C = lm.norms.RMSNorm._in_c, lm.feedforward.SwiGLU.__dict__["_gate_in_c"]
+ROPE_IN_C = lm.positions.RotaryEmbedding.__dict__["_in_c"]
 LEVERS = {"c-attention": _switch_c_attention, "qkv-whole": _switch_qkv_whole, "clip-in-adamw": _switch_clip_in_adamw,
-          "bias-gelu": _switch_bias_gelu, "row-kernels": _switch_row_kernels}
+          "bias-gelu": _switch_bias_gelu, "row-kernels": _switch_row_kernels, "rope": _switch_rope}
 
 
 def lever_in_one_process(args) -> None:
@@ -202,7 +214,7 @@ def one_side(args) -> None:
 def in_own_process(args, side: str) -> float:
     """tokens/s of one side, measured in a fresh process"""
     options = [f"--{name}={getattr(args, name)}" for name in ("steps", "warmup", "threads", "batch_size", "seq_len",
-                                                                 "precision", "arch")]
+                                                                 "precision", "arch", "kv_heads")]
     done = subprocess.run([sys.executable, __file__, "--side", side, *options, *(["--compile"] if args.compile else [])],
                           capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])["tokens_per_s"]
@@ -222,6 +234,8 @@ def main() -> None:
     parser.add_argument("--arch", default="gpt2", choices=("gpt2", "llama"),
                         help="gpt2: GPT2LMHeadModel's block (default); llama: seed 002's RoPE, RMSNorm and SwiGLU "
                              "against LlamaForCausalLM")
+    parser.add_argument("--kv_heads", type=int, default=6, help="with --arch llama: key/value heads (default 6; "
+                                                                  "fewer: grouped-query attention)")
     parser.add_argument("--same-process", action="store_true", help="both sides in this process")
     parser.add_argument("--lever", choices=sorted(LEVERS), help="lm alone, this lever on and off in one process")
     parser.add_argument("--side", choices=("lm", "transformers"), help=argparse.SUPPRESS)  # one side's process
@@ -249,7 +263,9 @@ def main() -> None:
     ours_rate, peer_rate = statistics.median(rates["lm"]), statistics.median(rates["transformers"])
     where = "one process" if args.same_process else "processes of their own"
     llama = args.arch == "llama"
-    report("cpu_train_6L6H384_B8T256" + ("_llama" if llama else ""), "tokens/s", ours_rate, peer_rate,
+    grouped = f"_kv{args.kv_heads}" if llama and args.kv_heads != 6 else ""
+    name = "cpu_train_6L6H384_B8T256" + ("_llama" if llama else "") + grouped
+    report(name, "tokens/s", ours_rate, peer_rate,
            f"transformers {'LlamaForCausalLM' if llama else 'GPT2LMHeadModel'} ({where})", higher_is_better=True)
 
 

@@ -277,7 +277,7 @@ class CausalKernels:
     floats of a row of the transposed k or v), `probs` (the floats of one head's kept probabilities: the
     lower triangle by blocks of rows, about half of T x T) and `scratch` (the floats each thread needs); and
     `gelu_forward`, `gelu_backward` and `gelu_scratch`, the MLP's bias and GELU; `norm_forward`, `norm_backward`
-    and `norm_scratch`, RMSNorm; `gate_forward` and `gate_backward`, SwiGLU's gate."""
+    and `norm_scratch`, RMSNorm; `gate_forward` and `gate_backward`, SwiGLU's gate; `rope`, the rotary embedding."""
 
     def __init__(self, path: Path):
         library = ctypes.CDLL(str(path))
@@ -305,6 +305,8 @@ class CausalKernels:
         self.gate_forward.argtypes = [pointer] * 3 + [long] * 2 + [int_]
         self.gate_backward.argtypes = [pointer] * 5 + [long] * 2 + [int_]
         self.gate_forward.restype = self.gate_backward.restype = None
+        self.rope = library.lm_rope
+        self.rope.argtypes, self.rope.restype = [pointer] * 4 + [long] * 7 + [int_] * 2, None
 
 
 def _pointer(bias: torch.Tensor | None) -> int | None:
@@ -369,7 +371,23 @@ def _causal_agrees(kernels: CausalKernels) -> bool:
     got = (_bias_gelu_run(kernels, h, bias), *_bias_gelu_gradients(kernels, h, bias, grad))
     if not all(torch.allclose(a.double(), b, rtol=1e-5, atol=1e-5) for a, b in zip(got, (x * cdf, dh, dh.sum(0)))):
         return False
-    return _rms_norm_agrees(kernels, h, bias, grad) and _silu_gate_agrees(kernels, h, bias, grad)
+    return (_rms_norm_agrees(kernels, h, bias, grad) and _silu_gate_agrees(kernels, h, bias, grad)
+            and _rope_agrees(kernels, qkv.float()))
+
+
+def _rope_agrees(kernels: CausalKernels, qkv: torch.Tensor) -> bool:
+    """Whether lm_rope rotates, and rotates back for backward, as the written-out rotation does, on heads of 32
+    floats strided as a model's q is in its qkv projection's output"""
+    B, T = qkv.shape[:2]
+    x = qkv[..., :96].view(B, T, 3, 32).transpose(1, 2)
+    angles = torch.arange(T, dtype=torch.float64)[:, None] * torch.rand(16, generator=torch.Generator().manual_seed(1))
+    cos, sin = (f(torch.cat((angles, angles), 1)).float() for f in (torch.cos, torch.sin))
+    x64, c64, s64 = x.double(), cos.double(), sin.double()
+    half = lambda u: torch.cat((-u[..., 16:], u[..., :16]), -1)  # noqa: E731 (rotate_half)
+    back = lambda u: torch.cat((u[..., 16:], -u[..., :16]), -1)  # noqa: E731 (its transpose)
+    want = (x64 * c64 + half(x64) * s64, x64 * c64 + back(x64 * s64))
+    got = (_rotated_by(kernels, x, cos, sin, False), _rotated_by(kernels, x, cos, sin, True))
+    return all(torch.allclose(a.double(), b, rtol=1e-5, atol=1e-5) for a, b in zip(got, want))
 
 
 def _rms_norm_agrees(kernels: CausalKernels, x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor) -> bool:
@@ -685,6 +703,56 @@ def silu_gate(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 bias_gelu_unavailable = rows_unavailable  # bias_gelu's name for it
 
+
+# ---- the rotary embedding for training (the end of lm/csrc/causal.c) ------------------------------------------
+def rope_unavailable(head_dim: int) -> str | None:
+    """Why `rope` cannot run here for heads of `head_dim` floats, or None when it can."""
+    if head_dim % 32:
+        return f"the kernel takes heads of a multiple of 32 floats, not {head_dim}"
+    return _load_causal()[1]
+
+
+def _rotated_by(kernels: CausalKernels, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               transposed: bool) -> torch.Tensor:
+    """lm_rope of x (B, H, T, D), D contiguous, into a new contiguous tensor"""
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    y = torch.empty(x.shape)
+    kernels.rope(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), y.data_ptr(), *x.shape, *x.stride()[:3],
+                 int(transposed), torch.get_num_threads())
+    return y
+
+
+class RotaryRows(torch.autograd.Function):
+    """`lm.positions.apply_rotary(x, cos, sin)` for float32 CPU x (B, H, T, D) and tables (T, D), in
+    lm/csrc/causal.c: one pass forward and one backward, the same numbers as torch's written-out rotation. Saves
+    only the tables."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        why = rope_unavailable(x.size(-1))
+        if why is not None:
+            raise RuntimeError(f"lm's RoPE kernel cannot run: {why}.")
+        ctx.save_for_backward(cos, sin)
+        return _rotated_by(_load_causal()[0], x, cos, sin, transposed=False)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        return _rotated_by(_load_causal()[0], grad, cos, sin, transposed=True), None, None
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`lm.positions.apply_rotary(x, cos, sin)` for float32 CPU x (B, H, T, D) and cos, sin (T, D), forward and
+    backward in C: what `lm.positions.RotaryEmbedding` runs for training on a CPU, one pass where the written-out
+    rotation makes five. ValueError for inputs it does not take; RuntimeError where `rope_unavailable(D)` says why
+    it cannot run."""
+    if x.dim() != 4 or cos.shape != (x.size(2), x.size(3)) or sin.shape != cos.shape:
+        raise ValueError(f"rope: x must be (B, H, T, D) and cos, sin (T, D), got {tuple(x.shape)}, "
+                         f"{tuple(cos.shape)}, {tuple(sin.shape)}")
+    _float32_cpu("rope", x=x, cos=cos, sin=sin)
+    return RotaryRows.apply(x, cos.contiguous(), sin.contiguous())
+
 __all__ = ["attend", "bias_gelu", "bias_gelu_unavailable", "causal_attention", "causal_attention_qkv",
            "causal_unavailable", "float32_training", "float32_training_through", "kernel_dir", "matvec", "rms_norm",
-           "rows_unavailable", "silu_gate", "unavailable"]
+           "rope", "rope_unavailable", "rows_unavailable", "silu_gate", "unavailable"]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import cpu_kernels
 from .config import ModelConfig
 from .registry import POSITIONS
 
@@ -201,9 +202,19 @@ class RotaryEmbedding(nn.Module):
         """Rotate q (B, H, T, D) and k (B, H_kv, T, D) for positions offset .. offset+T-1: offset an
         int, a 0-d tensor, or a (B,) tensor (each row at its own position, `lm.serving`)."""
         cos, sin = self.tables(q.size(-2), offset, q.dtype)
+        if cos.dim() == 2 and self._in_c(q, k):  # float32 training on a CPU: the same numbers, in C (chapter 6)
+            return cpu_kernels.rope(q, cos, sin), cpu_kernels.rope(k, cos, sin)
         if cos.dim() == 3:  # (B, T, D): one table per row, the same for every head
             cos, sin = cos[:, None], sin[:, None]
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+    @staticmethod
+    def _in_c(q: torch.Tensor, k: torch.Tensor) -> bool:
+        """Whether q and k are rotated by lm's C kernel (`lm.cpu_kernels.rope`): float32 training on a CPU, no
+        autocast and no torch.compile (`float32_training`), heads the kernel takes."""
+        return (q.dim() == k.dim() == 4 and q.numel() > 0 and k.numel() > 0 and k.dtype == torch.float32
+                and cpu_kernels.float32_training(q) and cpu_kernels.float32_training(k)
+                and cpu_kernels.rope_unavailable(q.size(-1)) is None)
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, base={self.base:g}, cached={self.cos_cached.size(0)}"

@@ -197,11 +197,28 @@ def test_where_the_kernel_is_not_used(monkeypatch):
     with torch.no_grad():
         assert kernels.sdpa(q, k, v).grad_fn is None  # inference: nothing to keep probabilities for
     assert not ours(kernels.sdpa(*(x[..., :24] for x in (q, k, v))))  # heads of 24 floats
-    assert not ours(kernels.sdpa(q, k[:, :2], v[:, :2]))  # fewer K/V heads
+    assert ours(kernels.sdpa(q, k[:, :2], v[:, :2])) == (cpu_kernels.causal_unavailable(32) is None)  # GQA: repeated
     assert not ours(kernels.sdpa(q.double(), k.double(), v.double()))
     assert not ours(kernels.sdpa(q, k, v, dropout_p=0.1))
     monkeypatch.setattr(kernels, "SAVED_PROBABILITIES", 2 * 4 * 16 * 16 - 1)  # one number too many
     assert not ours(kernels.sdpa(q, k, v))
+
+
+@needs_kernel
+def test_fewer_key_value_heads_match_sdpa_in_float64():
+    """GQA: k and v of 2 heads for 6 query heads, repeated for the kernel; their gradients summed back over the
+    query heads that share them, as SDPA's own GQA gives them."""
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 6, 37, 32, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, 2, 37, 32, generator=g, requires_grad=True) for _ in range(2))
+    grad = torch.randn(2, 6, 37, 32, generator=g)
+    out = kernels.sdpa(q, k, v)
+    assert type(out.grad_fn).__name__ == "CausalAttentionBackward"
+    exact = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    want = F.scaled_dot_product_attention(*exact, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=2e-6)
+    for ours, theirs in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(want, exact, grad.double())):
+        torch.testing.assert_close(ours.double(), theirs, rtol=1e-5, atol=5e-5)
 
 
 def test_a_compiled_model_keeps_the_flash_kernel(monkeypatch):
@@ -280,7 +297,7 @@ def test_the_self_check_catches_a_wrong_scale_forward_or_backward(fresh):
         stride, scratch, probs, forward, backward = real.stride, real.scratch, real.probs, real.forward, real.backward
         gelu_forward, gelu_backward, gelu_scratch = real.gelu_forward, real.gelu_backward, real.gelu_scratch
         norm_forward, norm_backward, norm_scratch = real.norm_forward, real.norm_backward, real.norm_scratch
-        gate_forward, gate_backward = real.gate_forward, real.gate_backward
+        gate_forward, gate_backward, rope = real.gate_forward, real.gate_backward, real.rope
 
     for name in ("gelu_forward", "gelu_backward"):  # the bias dropped: h's own pointer in its place
         wrong = Wrong()
@@ -290,6 +307,10 @@ def test_the_self_check_catches_a_wrong_scale_forward_or_backward(fresh):
         wrong = Wrong()
         setattr(wrong, name, lambda x, w, *args, call=getattr(real, name): call(x, x, *args))
         assert not cpu_kernels._causal_agrees(wrong), name
+    for transposed in (0, 1):  # sin read as cos: no rotation
+        wrong = Wrong()
+        wrong.rope = lambda x, c, s, y, *args, t=transposed: real.rope(x, c, c if args[-2] == t else s, y, *args)
+        assert not cpu_kernels._causal_agrees(wrong), f"rope transposed={transposed}"
     for name in ("forward", "backward"):
         wrong = Wrong()
         setattr(wrong, name, lambda *args, call=getattr(real, name): call(*args[:-2], args[-2] * 1.01, args[-1]))

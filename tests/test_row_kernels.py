@@ -171,9 +171,13 @@ def test_the_avx512_and_avx2_builds_give_the_same_numbers(fresh, monkeypatch):
     weight = torch.randn(48).requires_grad_()
     x.requires_grad_(), b.requires_grad_()
 
+    q, cos, sin, q_grad = rope_inputs(2, 3, 37, 64)
+
     def run():
         norm, gate = cpu_kernels.rms_norm(x, weight, 1e-5), cpu_kernels.silu_gate(x, b)
-        return norm.detach(), gate.detach(), *torch.autograd.grad((norm, gate), (x, weight, b), (grad, grad))
+        rotated = cpu_kernels.rope(q, cos, sin)
+        return (norm.detach(), gate.detach(), rotated.detach(),
+                *torch.autograd.grad((norm, gate, rotated), (x, weight, b, q), (grad, grad, q_grad)))
 
     wide = run()
     monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: {"avx2", "fma"})
@@ -181,3 +185,72 @@ def test_the_avx512_and_avx2_builds_give_the_same_numbers(fresh, monkeypatch):
     narrow = run()
     for a, b in zip(wide, narrow):
         assert torch.equal(a, b)
+
+
+# ---- the rotary embedding ------------------------------------------------------------------------------------
+def rope_inputs(B: int, H: int, T: int, D: int, seed: int = 6):
+    """q as a model's is, a strided view of its qkv projection's output, and the tables for positions 5 .. 5+T-1"""
+    from lm.positions import rope_tables
+
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, T, 3 * H * D, generator=g)
+    q = qkv[..., :H * D].view(B, T, H, D).transpose(1, 2).requires_grad_()
+    cos, sin = rope_tables(T, D, offset=5)
+    return q, cos, sin, torch.randn(B, H, T, D, generator=g)
+
+
+@needs_kernel
+@pytest.mark.parametrize("B, H, T, D", [(1, 1, 1, 32), (2, 3, 37, 64), (2, 2, 9, 128)])
+def test_rope_gives_the_written_out_rotation_bit_for_bit(B, H, T, D):
+    """Products rounded, then added, as torch's `x * cos + rotate_half(x) * sin` and its backward do."""
+    from lm.positions import apply_rotary
+
+    q, cos, sin, grad = rope_inputs(B, H, T, D)
+    out = cpu_kernels.rope(q, cos, sin)
+    (dq,) = torch.autograd.grad(out, q, grad)
+    want = apply_rotary(q, cos, sin)
+    (want_dq,) = torch.autograd.grad(want, q, grad)
+    assert out.is_contiguous() and torch.equal(out, want) and torch.equal(dq, want_dq)
+
+
+@needs_kernel
+def test_a_float32_llama_style_step_rotates_q_and_k_in_c(monkeypatch):
+    config = ModelConfig(**{**LLAMA, "n_head": 2, "d_model": 128})  # heads of 64
+    ids = torch.randint(0, 40, (3, 32), generator=torch.Generator().manual_seed(1))
+    calls, real = [], cpu_kernels.RotaryRows.apply
+    monkeypatch.setattr(cpu_kernels.RotaryRows, "apply", lambda *a: calls.append(1) or real(*a))
+    loss, grads = model_step(config, ids)
+    assert len(calls) == 2 * config.n_layer  # q and k in every layer
+    from lm.positions import RotaryEmbedding
+    monkeypatch.setattr(RotaryEmbedding, "_in_c", staticmethod(lambda q, k: False))
+    torch_loss, torch_grads = model_step(config, ids)
+    assert len(calls) == 2 * config.n_layer
+    assert torch.equal(loss, torch_loss)
+    for name, grad in grads.items():
+        assert torch.equal(grad, torch_grads[name]), name
+
+
+@needs_kernel
+def test_where_rope_is_not_in_c(monkeypatch):
+    """Heads of 16 floats, inference, autocast, float64 and decoding from a KV cache keep the written-out rotation."""
+    calls, real = [], cpu_kernels.RotaryRows.apply
+    monkeypatch.setattr(cpu_kernels.RotaryRows, "apply", lambda *a: calls.append(1) or real(*a))
+    ids = torch.randint(0, 40, (2, 16))
+    GPT(ModelConfig(**{**LLAMA, "n_head": 4}))(ids, ids)[1].backward()  # 64 / 4 = heads of 16
+    model = GPT(ModelConfig(**LLAMA))
+    with torch.no_grad():
+        model(ids, ids)
+        model.generate(ids[:1, :4], max_new_tokens=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(ids, ids)
+    model.double()(ids, ids)
+    assert calls == []
+
+
+def test_rope_names_inputs_it_does_not_take():
+    q, cos, sin, _ = rope_inputs(1, 2, 8, 32)
+    with pytest.raises(ValueError, match=r"cos, sin \(T, D\), got \(1, 2, 8, 32\), \(7, 32\)"):
+        cpu_kernels.rope(q, cos[:7], sin[:7])
+    with pytest.raises(ValueError, match="cos must be float32 on the CPU, got torch.float64"):
+        cpu_kernels.rope(q, cos.double(), sin)
+    assert cpu_kernels.rope_unavailable(48) == "the kernel takes heads of a multiple of 32 floats, not 48"

@@ -701,3 +701,36 @@ void lm_silu_gate_backward(const float *a, const float *b, const float *g, float
             columns_put(da + n * F + c, columns_mul(columns_mul(gd, columns_load(b + n * F + c)), slope));
         }
 }
+
+
+/* ---- RoPE, y = x cos + rotate_half(x) sin with rotate_half(x) = (-x[h:], x[:h]), h = D / 2 (lm_rope) ---------
+   For the B x H x T rows of D floats of x (strides sb, sh, st in floats, D contiguous), cos and sin (T, D), into y,
+   contiguous (B, H, T, D). `transposed` gives backward's y = x cos + rotate_half^T(x sin), rotate_half^T(u) =
+   (u[h:], -u[:h]). Each product is rounded, then the two added, as torch's written-out rotation does (no fused
+   multiply-add): the same bits. One pass where torch's makes five (and as many backward). D a multiple of 32. */
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("fp-contract=off")))  /* gcc would fuse a product and a sum into one rounding */
+#else
+#pragma STDC FP_CONTRACT OFF
+#endif
+void lm_rope(const float *x, const float *c, const float *s, float *y, long B, long H, long T, long D, long sb,
+             long sh, long st, int transposed, int threads) {
+    long h = D / 2;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (long row = 0; row < B * H * T; row++) {
+        long b = row / (H * T), head = row / T % H, t = row % T;
+        const float *in = x + b * sb + head * sh + t * st, *ct = c + t * D, *st_ = s + t * D;
+        float *out = y + row * D;
+        for (long d = 0; d < h; d += 16) {
+            Columns lo = columns_load(in + d), hi = columns_load(in + h + d);
+            Columns lo_c = columns_mul(lo, columns_load(ct + d)), hi_c = columns_mul(hi, columns_load(ct + h + d));
+            if (transposed) {  /* (x cos)[:h] + (x sin)[h:], (x cos)[h:] - (x sin)[:h] */
+                columns_put(out + d, columns_add(lo_c, columns_mul(hi, columns_load(st_ + h + d))));
+                columns_put(out + h + d, columns_sub(hi_c, columns_mul(lo, columns_load(st_ + d))));
+            } else {  /* x[:h] cos - x[h:] sin, x[h:] cos + x[:h] sin */
+                columns_put(out + d, columns_sub(lo_c, columns_mul(hi, columns_load(st_ + d))));
+                columns_put(out + h + d, columns_add(hi_c, columns_mul(lo, columns_load(st_ + h + d))));
+            }
+        }
+    }
+}
