@@ -444,7 +444,7 @@ def test_sdpa_keeps_probabilities_only_for_short_bfloat16_training_on_a_cpu(monk
         assert kernels.sdpa(q, k, v).grad_fn is None
     assert not kept(kernels.sdpa(q, k, v, causal_mask(16)))  # a mask: SDPA
     assert not kept(kernels.sdpa(q, k, v, dropout_p=0.1))
-    assert not kept(kernels.sdpa(q, k[:, :2], v[:, :2]))  # fewer K/V heads: SDPA's native GQA
+    assert kept(kernels.sdpa(q, k[:, :2], v[:, :2]))  # fewer K/V heads: repeated for it
     assert not kept(kernels.sdpa(*(x.float() for x in (q, k, v))))  # float32: lm's C kernel or SDPA's
     monkeypatch.setattr(kernels, "SAVED_PROBABILITIES", 2 * 4 * 16 * 16 - 1)  # one number too many
     assert not kept(kernels.sdpa(q, k, v))
@@ -469,6 +469,28 @@ def test_attention_keeping_probabilities_is_as_accurate_as_sdpa_in_bfloat16():
             flash_errors = errors
     for ours_error, flash_error in zip(ours_errors, flash_errors):
         assert ours_error <= 2 * flash_error + 0.01, (ours_errors, flash_errors)
+
+
+def test_grouped_query_attention_keeping_probabilities_is_as_accurate_as_sdpa_in_bfloat16():
+    """2 K/V heads for 4 query heads, repeated for the batched products; gradients of k and v summed back over
+    the query heads that share them, as close to float64 as SDPA's own GQA."""
+    from lm.attention import kernels
+    torch.manual_seed(1)
+    q = torch.randn(2, 4, 64, 16, dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(2, 2, 64, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    grad = torch.randn(2, 4, 64, 16, dtype=torch.bfloat16)
+    exact = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    want = F.scaled_dot_product_attention(*exact, is_causal=True, enable_gqa=True)
+    want_grads = torch.autograd.grad(want, exact, grad.double())
+    errors = {}
+    for name, out in (("ours", kernels.sdpa(q, k, v)),
+                      ("flash", F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))):
+        grads = torch.autograd.grad(out, (q, k, v), grad)
+        errors[name] = [(out.double() - want).abs().max()] + [(a.double() - b).abs().max()
+                                                             for a, b in zip(grads, want_grads)]
+    assert type(kernels.sdpa(q, k, v).grad_fn).__name__.startswith("_CausalAttentionKeepingProbabilities")
+    for ours, flash in zip(errors["ours"], errors["flash"]):
+        assert ours <= 2 * flash + 0.01, errors
 
 
 def test_a_bfloat16_cpu_training_step_gives_the_same_loss_and_gradients_either_way(monkeypatch):
