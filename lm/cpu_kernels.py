@@ -430,12 +430,16 @@ def causal_unavailable(head_size: int = 64) -> str | None:
     return _load_causal()[1]
 
 
+def _ready(why: str | None, kernel: str) -> CausalKernels:
+    """The loaded causal.c, or RuntimeError saying why `kernel` cannot run (`why`, from one of the *_unavailable)."""
+    if why is not None:
+        raise RuntimeError(f"lm's {kernel} kernel cannot run: {why}.")
+    return _load_causal()[0]
+
+
 def _causal_kernels(head_size: int) -> CausalKernels:
     """The loaded causal.c for heads of `head_size` floats, or RuntimeError saying why it cannot run."""
-    why = causal_unavailable(head_size)
-    if why is not None:
-        raise RuntimeError(f"lm's causal attention kernel cannot run: {why}.")
-    return _load_causal()[0]
+    return _ready(causal_unavailable(head_size), "causal attention")
 
 
 class CausalAttention(torch.autograd.Function):
@@ -494,6 +498,20 @@ class CausalAttentionQKV(torch.autograd.Function):
         return dqkv, dbias, None
 
 
+def _float32_cpu(function: str, **tensors) -> None:
+    """ValueError naming the first of `tensors` that is not a float32 CPU tensor (None passes), or an empty one"""
+    for name, tensor in tensors.items():
+        if tensor is not None and (tensor.dtype != torch.float32 or tensor.device.type != "cpu"):
+            raise ValueError(f"{function}: {name} must be float32 on the CPU, got {tensor.dtype} on {tensor.device}")
+        if tensor is not None and tensor.numel() == 0:
+            raise ValueError(f"{function}: empty {name} {tuple(tensor.shape)}")
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x (..., F) as contiguous rows (N, F)"""
+    return x.contiguous().view(-1, x.size(-1))
+
+
 def causal_attention_qkv(qkv: torch.Tensor, bias: torch.Tensor | None, n_head: int) -> torch.Tensor:
     """Causal attention of a fused projection's output qkv (B, T, 3 C), float32 on the CPU, with the projection's
     bias (3 C,) (None for none) added here rather than by the projection: `CausalAttentionQKV`. Returns
@@ -503,10 +521,7 @@ def causal_attention_qkv(qkv: torch.Tensor, bias: torch.Tensor | None, n_head: i
         raise ValueError(f"causal_attention_qkv: qkv must be (B, T, 3 * {n_head} heads * D), got {tuple(qkv.shape)}")
     if bias is not None and tuple(bias.shape) != (qkv.size(-1),):
         raise ValueError(f"causal_attention_qkv: bias must be ({qkv.size(-1)},), got {tuple(bias.shape)}")
-    for name, tensor in (("qkv", qkv), ("bias", bias)):
-        if tensor is not None and (tensor.dtype != torch.float32 or tensor.device.type != "cpu"):
-            raise ValueError(f"causal_attention_qkv: {name} must be float32 on the CPU, got {tensor.dtype} on "
-                             f"{tensor.device}")
+    _float32_cpu("causal_attention_qkv", qkv=qkv, bias=bias)
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
     return CausalAttentionQKV.apply(qkv, bias, n_head)
@@ -519,11 +534,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"causal_attention: q, k, v must be (B, H, T, D) alike, got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
-    for name, tensor in (("q", q), ("k", k), ("v", v)):
-        if tensor.dtype != torch.float32 or tensor.device.type != "cpu":
-            raise ValueError(f"causal_attention: {name} must be float32 on the CPU, got {tensor.dtype} on {tensor.device}")
     if q.numel() == 0:
         raise ValueError(f"causal_attention: empty inputs {tuple(q.shape)}")
+    _float32_cpu("causal_attention", q=q, k=k, v=v)
     return CausalAttention.apply(q, k, v)  # RuntimeError there where the kernel cannot run
 
 
@@ -566,12 +579,10 @@ class BiasGelu(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        why = rows_unavailable(h.size(-1))
-        if why is not None:
-            raise RuntimeError(f"lm's bias-GELU kernel cannot run: {why}.")
-        rows, bias = h.contiguous().view(-1, h.size(-1)), bias.contiguous()
+        kernels = _ready(rows_unavailable(h.size(-1)), "bias-GELU")
+        rows, bias = _rows(h), bias.contiguous()
         ctx.save_for_backward(rows, bias)
-        return _bias_gelu_run(_load_causal()[0], rows, bias).view(h.shape)
+        return _bias_gelu_run(kernels, rows, bias).view(h.shape)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -588,11 +599,9 @@ def bias_gelu(h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     ValueError for inputs it does not take; RuntimeError where `bias_gelu_unavailable(F)` says why it cannot run."""
     if h.dim() == 0 or bias.dim() != 1 or bias.size(0) != h.size(-1):
         raise ValueError(f"bias_gelu: bias {tuple(bias.shape)} must hold one number per column of h {tuple(h.shape)}")
-    for name, tensor in (("h", h), ("bias", bias)):
-        if tensor.dtype != torch.float32 or tensor.device.type != "cpu":
-            raise ValueError(f"bias_gelu: {name} must be float32 on the CPU, got {tensor.dtype} on {tensor.device}")
     if h.numel() == 0:
         raise ValueError(f"bias_gelu: empty input {tuple(h.shape)}")
+    _float32_cpu("bias_gelu", h=h, bias=bias)
     return BiasGelu.apply(h, bias)
 
 
@@ -606,10 +615,6 @@ def float32_training(x: torch.Tensor, parameters=()) -> bool:
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    return x.contiguous().view(-1, x.size(-1))
-
-
 class RMSNormRows(torch.autograd.Function):
     """rms_norm(x, weight, eps) for float32 CPU x (..., C) and weight (C,) or None, in lm/csrc/causal.c: one pass
     forward, keeping each row's 1 / sqrt(mean(x^2) + eps); backward writes x's gradient and sums the weight's in
@@ -617,15 +622,13 @@ class RMSNormRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-        why = rows_unavailable(x.size(-1))
-        if why is not None:
-            raise RuntimeError(f"lm's RMSNorm kernel cannot run: {why}.")
+        kernels = _ready(rows_unavailable(x.size(-1)), "RMSNorm")
         rows, weight = _rows(x), None if weight is None else weight.contiguous()
         y, rstd = torch.empty_like(rows), torch.empty(rows.size(0))
-        _load_causal()[0].norm_forward(rows.data_ptr(), _pointer(weight), y.data_ptr(), rstd.data_ptr(), *rows.shape,
-                                       eps, torch.get_num_threads())
+        kernels.norm_forward(rows.data_ptr(), _pointer(weight), y.data_ptr(), rstd.data_ptr(), *rows.shape, eps,
+                             torch.get_num_threads())
         ctx.save_for_backward(rows, weight, rstd)
-        ctx.x_shape = x.shape
+        ctx.shape = x.shape
         return y.view(x.shape)
 
     @staticmethod
@@ -638,7 +641,7 @@ class RMSNormRows(torch.autograd.Function):
         partial = torch.empty(kernels.norm_scratch(*rows.shape) if weight is not None else 0)
         kernels.norm_backward(rows.data_ptr(), _pointer(weight), rstd.data_ptr(), grad.data_ptr(), dx.data_ptr(),
                               _pointer(dweight), partial.data_ptr(), *rows.shape, torch.get_num_threads())
-        return dx.view(ctx.x_shape), dweight, None
+        return dx.view(ctx.shape), dweight, None
 
 
 class SiluGate(torch.autograd.Function):
@@ -647,13 +650,10 @@ class SiluGate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        why = rows_unavailable(a.size(-1))
-        if why is not None:
-            raise RuntimeError(f"lm's SwiGLU gate kernel cannot run: {why}.")
+        kernels = _ready(rows_unavailable(a.size(-1)), "SwiGLU gate")
         a_rows, b_rows = _rows(a), _rows(b)
         y = torch.empty_like(a_rows)
-        _load_causal()[0].gate_forward(a_rows.data_ptr(), b_rows.data_ptr(), y.data_ptr(), *a_rows.shape,
-                                       torch.get_num_threads())
+        kernels.gate_forward(a_rows.data_ptr(), b_rows.data_ptr(), y.data_ptr(), *a_rows.shape, torch.get_num_threads())
         ctx.save_for_backward(a_rows, b_rows)
         ctx.shape = a.shape
         return y.view(a.shape)
@@ -667,15 +667,6 @@ class SiluGate(torch.autograd.Function):
         _load_causal()[0].gate_backward(a_rows.data_ptr(), b_rows.data_ptr(), grad.data_ptr(), da.data_ptr(),
                                         db.data_ptr(), *a_rows.shape, torch.get_num_threads())
         return da.view(ctx.shape), db.view(ctx.shape)
-
-
-def _float32_cpu(function: str, **tensors) -> None:
-    """ValueError naming the first of `tensors` that is not a float32 CPU tensor (None passes), or an empty one"""
-    for name, tensor in tensors.items():
-        if tensor is not None and (tensor.dtype != torch.float32 or tensor.device.type != "cpu"):
-            raise ValueError(f"{function}: {name} must be float32 on the CPU, got {tensor.dtype} on {tensor.device}")
-        if tensor is not None and tensor.numel() == 0:
-            raise ValueError(f"{function}: empty {name} {tuple(tensor.shape)}")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -729,11 +720,9 @@ class RotaryRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        why = rope_unavailable(x.size(-1))
-        if why is not None:
-            raise RuntimeError(f"lm's RoPE kernel cannot run: {why}.")
+        kernels = _ready(rope_unavailable(x.size(-1)), "RoPE")
         ctx.save_for_backward(cos, sin)
-        return _rotated_by(_load_causal()[0], x, cos, sin, transposed=False)
+        return _rotated_by(kernels, x, cos, sin, transposed=False)
 
     @staticmethod
     @torch.autograd.function.once_differentiable

@@ -534,7 +534,7 @@ void lm_causal_backward(const float *q, const float *k, const float *v, const fl
    t a5)))) e^(-z^2), t = 1 / (1 + p z), Abramowitz and Stegun's formula 7.1.26 (within 1.5e-7 of erf, the
    approximation PyTorch's vectorised erf uses too). e^(-z^2) = e^(-x^2 / 2) also gives the density phi. */
 #define GELU_ROWS 64
-#define GELU_AHEAD 1  /* rows: the memory of the row after next is asked for while this one is computed */
+#define ROW_AHEAD 1  /* rows: the memory of the row after next is asked for while this one is computed */
 
 static inline void normal_parts(Columns x, Columns *cdf, Columns *pdf) {
     Columns z = columns_abs(columns_mul(x, columns_set1(0.70710678118654752f)));
@@ -554,7 +554,7 @@ void lm_bias_gelu_forward(const float *h, const float *b, float *y, long N, long
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (long n = 0; n < N; n++)
         for (long c = 0; c < F; c += 16) {
-            _mm_prefetch((const char *)(h + (n + GELU_AHEAD) * F + c), _MM_HINT_T0);
+            _mm_prefetch((const char *)(h + (n + ROW_AHEAD) * F + c), _MM_HINT_T0);
             Columns x = columns_add(columns_load(h + n * F + c), columns_load(b + c)), cdf, pdf;
             normal_parts(x, &cdf, &pdf);
             columns_put(y + n * F + c, columns_mul(x, cdf));
@@ -575,8 +575,8 @@ void lm_bias_gelu_backward(const float *h, const float *b, const float *g, float
             for (long c = 0; c < F; c += 16) columns_put(sums + c, columns_zero());
             for (long n = k * GELU_ROWS; n < end; n++)
                 for (long c = 0; c < F; c += 16) {
-                    _mm_prefetch((const char *)(h + (n + GELU_AHEAD) * F + c), _MM_HINT_T0);
-                    _mm_prefetch((const char *)(g + (n + GELU_AHEAD) * F + c), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(h + (n + ROW_AHEAD) * F + c), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(g + (n + ROW_AHEAD) * F + c), _MM_HINT_T0);
                     Columns x = columns_add(columns_load(h + n * F + c), columns_load(b + c)), cdf, pdf;
                     normal_parts(x, &cdf, &pdf);
                     Columns d = columns_mul(columns_load(g + n * F + c), columns_fmav(x, pdf, cdf));
@@ -679,8 +679,8 @@ void lm_silu_gate_forward(const float *a, const float *b, float *y, long N, long
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (long n = 0; n < N; n++)
         for (long c = 0; c < F; c += 16) {
-            _mm_prefetch((const char *)(a + (n + GELU_AHEAD) * F + c), _MM_HINT_T0);
-            _mm_prefetch((const char *)(b + (n + GELU_AHEAD) * F + c), _MM_HINT_T0);
+            _mm_prefetch((const char *)(a + (n + ROW_AHEAD) * F + c), _MM_HINT_T0);
+            _mm_prefetch((const char *)(b + (n + ROW_AHEAD) * F + c), _MM_HINT_T0);
             Columns x = columns_load(a + n * F + c);
             columns_put(y + n * F + c, columns_mul(columns_mul(x, logistic(x)), columns_load(b + n * F + c)));
         }
@@ -691,9 +691,9 @@ void lm_silu_gate_backward(const float *a, const float *b, const float *g, float
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (long n = 0; n < N; n++)
         for (long c = 0; c < F; c += 16) {
-            _mm_prefetch((const char *)(a + (n + GELU_AHEAD) * F + c), _MM_HINT_T0);
-            _mm_prefetch((const char *)(b + (n + GELU_AHEAD) * F + c), _MM_HINT_T0);
-            _mm_prefetch((const char *)(g + (n + GELU_AHEAD) * F + c), _MM_HINT_T0);
+            _mm_prefetch((const char *)(a + (n + ROW_AHEAD) * F + c), _MM_HINT_T0);
+            _mm_prefetch((const char *)(b + (n + ROW_AHEAD) * F + c), _MM_HINT_T0);
+            _mm_prefetch((const char *)(g + (n + ROW_AHEAD) * F + c), _MM_HINT_T0);
             Columns x = columns_load(a + n * F + c), s = logistic(x), gd = columns_load(g + n * F + c);
             Columns one = columns_set1(1.0f), silu = columns_mul(x, s);
             columns_put(db + n * F + c, columns_mul(gd, silu));
