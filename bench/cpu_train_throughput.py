@@ -38,6 +38,8 @@ A lever of lm's own is smaller than this machine's drift from one run to the nex
                   `silu_gate`), against torch's written-out RMSNorm and F.silu(gate) * value
     rope          (with --arch llama) RoPE's rotation of q and k in lm's C kernel (`lm.cpu_kernels.rope`), against
                   the written-out x cos + rotate_half(x) sin
+    bias-residual the output projections' biases added with the residual sums in one pass of lm's C kernel
+                  (`lm.cpu_kernels.bias_residual`, from `Block._residual`), against proj with its bias, then x + that
 
     .venv/bin/python bench/cpu_train_throughput.py --lever qkv-whole --steps 3 --rounds 12
 
@@ -60,6 +62,7 @@ import lm
 import lm.attention
 import lm.data
 import lm.feedforward
+import lm.model
 import lm.norms
 import lm.optim
 import lm.positions
@@ -172,6 +175,11 @@ def _switch_row_kernels(on: bool) -> None:
     lm.feedforward.SwiGLU._gate_in_c = GATE_IN_C if on else staticmethod(lambda gate: False)
 
 
+def _switch_bias_residual(on: bool) -> None:
+    plain = staticmethod(lambda x, sublayer, h, *args: x + sublayer(h, *args))
+    lm.model.Block._residual = BLOCK_RESIDUAL if on else plain
+
+
 def _switch_rope(on: bool) -> None:
     lm.positions.RotaryEmbedding._in_c = ROPE_IN_C if on else staticmethod(lambda q, k: False)
 
@@ -181,8 +189,10 @@ BIAS_GELU_IN_C = lm.feedforward.MLP._bias_gelu_in_c
 ATTENTION_IN_C = lm.attention.CausalSelfAttention._attention_in_c
 RMS_NORM_IN_C, GATE_IN_C = lm.norms.RMSNorm._in_c, lm.feedforward.SwiGLU.__dict__["_gate_in_c"]
 ROPE_IN_C = lm.positions.RotaryEmbedding.__dict__["_in_c"]
+BLOCK_RESIDUAL = lm.model.Block.__dict__["_residual"]
 LEVERS = {"c-attention": _switch_c_attention, "qkv-whole": _switch_qkv_whole, "clip-in-adamw": _switch_clip_in_adamw,
-          "bias-gelu": _switch_bias_gelu, "row-kernels": _switch_row_kernels, "rope": _switch_rope}
+          "bias-gelu": _switch_bias_gelu, "row-kernels": _switch_row_kernels, "rope": _switch_rope,
+          "bias-residual": _switch_bias_residual}
 
 
 def lever_in_one_process(args) -> None:

@@ -95,6 +95,16 @@ is close to being the limit, and a slower host CPU costs MFU directly. This scri
 (33.6 ms a step) at batch 16 on one machine; the same `fit` on another machine within the hour gave
 36.7 ms a step (median; mean 35.4): compare levers only within one run.
 
+On 2026-12-05, one H100 SXM (lm alone, each lever a fresh process on one machine, stored as `levers_h100`),
+MFU at batch 16 / 32: none 37.9% and 38.1% (two runs) / 40.3%; `bf16-residual` (the residual stream kept in
+bfloat16, as Megatron-LM and llm.c keep it: the LayerNorm, residual-sum and cast kernels read and write 2
+bytes for each of its numbers instead of 4)
+39.9% / 42.4%, the one lever past the spread, with 8.4 / 14.9 GB at the peak; `whole-step-graph` (the whole
+step one CUDA graph, `train_lm_whole_step_graph`) 37.4% / 39.4%: the GPU, not the host, is the limit, since
+`fit` already queues a step ahead; `cpp-wrapper` 38.3% (first step 105 s against 11); `combo-kernels` 38.3%.
+lm keeps the residual stream in float32, as nanoGPT's autocast does: bfloat16 would round every layer's
+addition to 8 significant bits, a change to what the model computes, not to how fast.
+
 Ends with one JSON line: {"bench", "unit": "MFU", "lm", "peer", "peer_name", "speedup"}; speedup > 1
 means lm reaches the higher MFU (= the higher tokens/s, since the work per token is the same).
 """
@@ -105,6 +115,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import math
 import time
 
 import torch
@@ -216,6 +227,79 @@ def train_lm(config: lm.ModelConfig, data, batch: int, steps: int, warmup: int, 
     return {"step_time": list(trainer.history.step_time[:n]), "peak_gb": torch.cuda.max_memory_allocated() / 1e9}
 
 
+def train_lm_whole_step_graph(config: lm.ModelConfig, data, batch: int, steps: int, warmup: int,
+                              compile_mode: str, profile: int = 0) -> dict:
+    """lm's step as one CUDA graph (`--lever whole-step-graph`): what `Trainer._start_step` queues (the
+    compiled forward with the fused loss, backward, the gradient norm, clipping folded into the fused
+    AdamW, a non-finite step skipped on the device) captured once and replayed, so the host launches one
+    graph a step instead of ~980 kernels. The batch is copied into the graph's input tensors first;
+    the loss and norm of step k are read after step k+1 is queued, as `fit` does. The learning rate
+    stays at 6e-4 (a graph keeps the number it was captured with; a schedule would need it in a tensor):
+    the work per step is the same. A measure of what such a trainer would win, not `Trainer.fit`."""
+    model = lm.GPT(config).cuda().train()
+    forward = compiled(model, compile_mode)
+    optimizer = configure_optimizer(model, lr=6e-4, weight_decay=0.1)
+    for group in optimizer.param_groups:
+        group["capturable"] = True
+    params = [p for p in model.parameters() if p.requires_grad]
+    batches = Batches(data, batch, config.block_size, seed=SEED)
+    x_in = torch.zeros((batch, config.block_size), dtype=torch.long, device="cuda")
+    y_in = torch.zeros_like(x_in)
+
+    def next_batch():
+        (x, y), = batches.next_step("cuda")
+        x_in.copy_(x)
+        y_in.copy_(y)
+
+    def body():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = forward(x_in, y_in, return_logits=False)
+        loss.backward()
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        optimizer.grad_scale = torch.clamp(norm + 1e-6, min=1.0)  # clip at 1.0 as the fused kernel reads
+        optimizer.found_inf = (~torch.isfinite(loss.detach() + norm)).float()
+        optimizer.step()
+        del optimizer.grad_scale, optimizer.found_inf
+        return loss.detach(), norm
+
+    torch.cuda.reset_peak_memory_stats()
+    step_time = []
+    t0 = time.perf_counter()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile, and make the optimizer's state, outside the capture
+        for _ in range(3):
+            optimizer.zero_grad(set_to_none=True)
+            next_batch()
+            body()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        loss_out, norm_out = body()
+    torch.cuda.synchronize()
+    step_time.append(time.perf_counter() - t0)  # the first "step": compile, three steps, the capture
+    pending = []
+
+    def step():
+        next_batch()
+        graph.replay()
+        pending.append(torch.stack([loss_out.float(), norm_out.float()]))
+        if len(pending) > 1:
+            pending.pop(0).tolist()  # wait for the step before, as fit does
+
+    for _ in range(warmup + steps - 1):
+        t0 = time.perf_counter()
+        step()
+        step_time.append(time.perf_counter() - t0)
+    loss, norm = pending.pop().tolist()
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+        raise RuntimeError(f"the graphed steps gave loss {loss}, gradient norm {norm}")
+    if profile:
+        print_profile(step, profile)
+    return {"step_time": step_time, "peak_gb": torch.cuda.max_memory_allocated() / 1e9}
+
+
 def train_peer(config: lm.ModelConfig, data, batch: int, steps: int, warmup: int, compile_mode: str,
                profile: int = 0) -> dict:
     """transformers' side: GPT2LMHeadModel of the same config, sdpa attention, same optimizer."""
@@ -272,6 +356,26 @@ def _pointwise_autotune() -> dict:
     return {}
 
 
+def _inductor(**settings):
+    def apply() -> dict:
+        import torch._inductor.config
+
+        for name, value in settings.items():
+            setattr(torch._inductor.config, name, value)
+        return {}
+    return apply
+
+
+def _bf16_residual() -> dict:
+    embed = lm.GPT.embed
+
+    def in_bf16(self, idx, offset=0):  # under autocast the blocks then add bfloat16 to bfloat16
+        x = embed(self, idx, offset)
+        return x.to(torch.bfloat16) if torch.is_autocast_enabled(x.device.type) else x
+    lm.GPT.embed = in_bf16
+    return {}
+
+
 def _clip_apart() -> dict:
     lm.trainer.Trainer._fold_clipping = False
     return {}
@@ -287,6 +391,10 @@ LEVERS = {
     "gelu-tanh": lambda: {"ffn": "gelu_tanh"},   # GELU's tanh approximation
     "pointwise-autotune": _pointwise_autotune,   # inductor tunes its elementwise kernels' launch settings
     "clip-apart": _clip_apart,                   # clip_grad_norm_'s own pass, not folded into the fused AdamW
+    "cpp-wrapper": _inductor(cpp_wrapper=True),  # inductor launches its kernels from C++, not Python
+    "combo-kernels": _inductor(combo_kernels=True),  # inductor joins independent small kernels into one launch
+    "bf16-residual": _bf16_residual,             # the residual stream in bfloat16 (float32 under plain autocast)
+    "whole-step-graph": dict,                    # the whole step as one CUDA graph (train_lm_whole_step_graph)
 }
 
 
@@ -350,7 +458,8 @@ def main() -> None:
         backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                    "efficient": SDPBackend.EFFICIENT_ATTENTION}[args.sdpa_backend]
         sdpa_kernel([backend]).__enter__()  # for the whole process: both models, forward and backward
-    sides = [("lm", train_lm)] + [PEERS[name] for name in args.peers]
+    lm_side = train_lm_whole_step_graph if args.lever == "whole-step-graph" else train_lm
+    sides = [("lm", lm_side)] + [PEERS[name] for name in args.peers]
     results = []
     record = {"bench": "gpu_train_mfu", "device_name": device_name, "torch": torch.__version__,
               "compile_mode": args.compile_mode, "lever": args.lever, "sdpa_backend": args.sdpa_backend, "vocab_size": args.vocab, "seq_len": T, "precision": "bf16 autocast",

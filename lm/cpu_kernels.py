@@ -277,7 +277,8 @@ class CausalKernels:
     floats of a row of the transposed k or v), `probs` (the floats of one head's kept probabilities: the
     lower triangle by blocks of rows, about half of T x T) and `scratch` (the floats each thread needs); and
     `gelu_forward`, `gelu_backward` and `gelu_scratch`, the MLP's bias and GELU; `norm_forward`, `norm_backward`
-    and `norm_scratch`, RMSNorm; `gate_forward` and `gate_backward`, SwiGLU's gate; `rope`, the rotary embedding."""
+    and `norm_scratch`, RMSNorm; `gate_forward` and `gate_backward`, SwiGLU's gate; `rope`, the rotary embedding;
+    `residual`, a residual sum with its sublayer's output bias."""
 
     def __init__(self, path: Path):
         library = ctypes.CDLL(str(path))
@@ -307,6 +308,8 @@ class CausalKernels:
         self.gate_forward.restype = self.gate_backward.restype = None
         self.rope = library.lm_rope
         self.rope.argtypes, self.rope.restype = [pointer] * 4 + [long] * 7 + [int_] * 2, None
+        self.residual = library.lm_bias_residual
+        self.residual.argtypes, self.residual.restype = [pointer] * 3 + [long] * 2 + [int_], None
 
 
 def _pointer(bias: torch.Tensor | None) -> int | None:
@@ -372,7 +375,14 @@ def _causal_agrees(kernels: CausalKernels) -> bool:
     if not all(torch.allclose(a.double(), b, rtol=1e-5, atol=1e-5) for a, b in zip(got, (x * cdf, dh, dh.sum(0)))):
         return False
     return (_rms_norm_agrees(kernels, h, bias, grad) and _silu_gate_agrees(kernels, h, bias, grad)
-            and _rope_agrees(kernels, qkv.float()))
+            and _rope_agrees(kernels, qkv.float()) and _bias_residual_agrees(kernels, h, bias, grad))
+
+
+def _bias_residual_agrees(kernels: CausalKernels, x: torch.Tensor, bias: torch.Tensor, h: torch.Tensor) -> bool:
+    """Whether lm_bias_residual writes x + (h + bias) into h, as torch rounds it, for x and h (N, C)"""
+    want, got = x + (h + bias), h.clone()
+    kernels.residual(x.data_ptr(), got.data_ptr(), bias.data_ptr(), *x.shape, 1)
+    return torch.equal(got, want)
 
 
 def _rope_agrees(kernels: CausalKernels, qkv: torch.Tensor) -> bool:
@@ -695,6 +705,41 @@ def silu_gate(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 bias_gelu_unavailable = rows_unavailable  # bias_gelu's name for it
 
 
+# ---- a residual connection with its sublayer's output bias (lm_bias_residual, in lm/csrc/causal.c) -------------
+class BiasResidual(torch.autograd.Function):
+    """x + (h + bias) for float32 CPU x and h (..., C) and bias (C,), written into h: the residual connection around
+    a sublayer whose output projection's product h was made without its bias. One pass forward; backward gives the
+    output's gradient to x and h and its column sums to the bias, as torch's linear and sum would. Saves nothing."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        kernels = _ready(rows_unavailable(h.size(-1)), "bias-residual")
+        x_rows, h_rows, bias = _rows(x), h.view(-1, h.size(-1)), bias.contiguous()
+        kernels.residual(x_rows.data_ptr(), h_rows.data_ptr(), bias.data_ptr(), *h_rows.shape, torch.get_num_threads())
+        ctx.mark_dirty(h)
+        return h
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        return grad, grad, grad.reshape(-1, grad.size(-1)).sum(0) if ctx.needs_input_grad[2] else None
+
+
+def bias_residual(x: torch.Tensor, h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """x + (h + bias) for float32 CPU x and h of one shape (..., C), h contiguous, and bias (C,), in C: what
+    `lm.model.Block` runs for training on a CPU around a sublayer that hands it its output projection's product
+    without the bias (`before_bias`), in place of the bias broadcast into the projection's output and the residual
+    sum's pass of its own. Overwrites h (a fresh product) with the sum and returns it. ValueError for inputs it does
+    not take; RuntimeError where `rows_unavailable(C)` says why it cannot run."""
+    if x.shape != h.shape or h.dim() == 0 or tuple(bias.shape) != (h.size(-1),):
+        raise ValueError(f"bias_residual: x {tuple(x.shape)} and h {tuple(h.shape)} must have one shape, and bias "
+                         f"{tuple(bias.shape)} one number per column")
+    _float32_cpu("bias_residual", x=x, h=h, bias=bias)
+    if not h.is_contiguous():
+        raise ValueError("bias_residual: h must be contiguous (it is overwritten with the sum)")
+    return BiasResidual.apply(x, h, bias)
+
+
 # ---- the rotary embedding for training (the end of lm/csrc/causal.c) ------------------------------------------
 def rope_unavailable(head_dim: int) -> str | None:
     """Why `rope` cannot run here for heads of `head_dim` floats, or None when it can."""
@@ -742,6 +787,6 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     _float32_cpu("rope", x=x, cos=cos, sin=sin)
     return RotaryRows.apply(x, cos.contiguous(), sin.contiguous())
 
-__all__ = ["attend", "bias_gelu", "bias_gelu_unavailable", "causal_attention", "causal_attention_qkv",
+__all__ = ["attend", "bias_gelu", "bias_gelu_unavailable", "bias_residual", "causal_attention", "causal_attention_qkv",
            "causal_unavailable", "float32_training", "float32_training_through", "kernel_dir", "matvec", "rms_norm",
            "rope", "rope_unavailable", "rows_unavailable", "silu_gate", "unavailable"]

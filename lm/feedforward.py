@@ -39,12 +39,25 @@ class MLP(nn.Module):
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._bias_gelu_in_c(x):  # float32 training on a CPU: the same, faster (chapter 6)
-            h = cpu_kernels.bias_gelu(F.linear(x, self.fc.weight), self.fc.bias)
-        else:
-            h = F.gelu(self.fc(x), approximate=self.approximate)
-        y = self.proj(h)
+        y = self.proj(self._hidden(x))
         return self.drop(y) if self.training else y  # eval: skip the no-op call (decoding speed)
+
+    def _hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """GELU(fc(x)), the F-wide activations"""
+        if self._bias_gelu_in_c(x):  # float32 training on a CPU: the same, faster (chapter 6)
+            return cpu_kernels.bias_gelu(F.linear(x, self.fc.weight), self.fc.bias)
+        return F.gelu(self.fc(x), approximate=self.approximate)
+
+    def before_bias(self, x: torch.Tensor):
+        """(`forward`'s output without proj's bias, that bias) in float32 training on a CPU where nothing follows
+        proj (no dropout while training), so that `lm.model.Block` adds the bias with the residual in one pass of
+        lm's C kernel; None otherwise (also for a subclass with a `forward` of its own, or a proj that is not a
+        plain nn.Linear)."""
+        if (type(self).forward is MLP.forward and (self.drop.p == 0.0 or not self.training)
+                and cpu_kernels.float32_training_through(x, self.proj) and self.proj.bias is not None
+                and cpu_kernels.rows_unavailable(self.proj.out_features) is None):
+            return F.linear(self._hidden(x), self.proj.weight), self.proj.bias
+        return None
 
     def _bias_gelu_in_c(self, x: torch.Tensor) -> bool:
         """Whether fc's bias and the GELU run in lm's C kernel (`lm.cpu_kernels.bias_gelu`): float32 training on

@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import attention as _attention  # noqa: F401  (imported for its registrations)
+from . import cpu_kernels
 from .config import ModelConfig
 from .decode_step import has_hooks
 from .losses import linear_cross_entropy
@@ -53,10 +54,21 @@ class Block(nn.Module):
         """x: (B, T, C) -> (B, T, C), the residual stream with what attention and the FFN add to it.
         `cache`: this layer's KV cache (`lm.kv_cache`), when x holds only new positions."""
         if self.pre_norm:
-            x = x + self.attn(self.norm1(x), rope, attention_mask, cache)
-            return x + self.mlp(self.norm2(x))
-        x = self.norm1(x + self.attn(x, rope, attention_mask, cache))
-        return self.norm2(x + self.mlp(x))
+            x = self._residual(x, self.attn, self.norm1(x), rope, attention_mask, cache)
+            return self._residual(x, self.mlp, self.norm2(x))
+        x = self.norm1(self._residual(x, self.attn, x, rope, attention_mask, cache))
+        return self.norm2(self._residual(x, self.mlp, x))
+
+    @staticmethod
+    def _residual(x: torch.Tensor, sublayer: nn.Module, h: torch.Tensor, *args) -> torch.Tensor:
+        """x + sublayer(h, *args). Where the sublayer hands over its output before its projection's bias
+        (`before_bias`: float32 training on a CPU), the bias and the residual sum are added in one pass of lm's C
+        kernel (`lm.cpu_kernels.bias_residual`, chapter 6); never past a hook that calling the sublayer would run."""
+        before_bias = getattr(sublayer, "before_bias", None)
+        parts = None if before_bias is None or has_hooks(sublayer, backward=True) else before_bias(h, *args)
+        if parts is None:
+            return x + sublayer(h, *args)
+        return cpu_kernels.bias_residual(x, *parts)
 
 
 class GPT(nn.Module):

@@ -28,6 +28,13 @@ def model_step(config: ModelConfig, ids: torch.Tensor):
     return loss.detach(), {name: p.grad for name, p in model.named_parameters()}
 
 
+def assert_same_step(step: tuple, other: tuple) -> None:
+    """Two `model_step` results, (loss, {name: gradient}), equal to the bit"""
+    assert torch.equal(step[0], other[0])
+    for name, grad in step[1].items():
+        assert torch.equal(grad, other[1][name]), name
+
+
 def hold_lock_in_a_thread(out_dir):
     """Hold out_dir's lock from another thread (as another process would) until the returned
     function is called."""

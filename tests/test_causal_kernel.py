@@ -297,7 +297,7 @@ def test_the_self_check_catches_a_wrong_scale_forward_or_backward(fresh):
         stride, scratch, probs, forward, backward = real.stride, real.scratch, real.probs, real.forward, real.backward
         gelu_forward, gelu_backward, gelu_scratch = real.gelu_forward, real.gelu_backward, real.gelu_scratch
         norm_forward, norm_backward, norm_scratch = real.norm_forward, real.norm_backward, real.norm_scratch
-        gate_forward, gate_backward, rope = real.gate_forward, real.gate_backward, real.rope
+        gate_forward, gate_backward, rope, residual = real.gate_forward, real.gate_backward, real.rope, real.residual
 
     for name in ("gelu_forward", "gelu_backward"):  # the bias dropped: h's own pointer in its place
         wrong = Wrong()
@@ -307,6 +307,9 @@ def test_the_self_check_catches_a_wrong_scale_forward_or_backward(fresh):
         wrong = Wrong()
         setattr(wrong, name, lambda x, w, *args, call=getattr(real, name): call(x, x, *args))
         assert not cpu_kernels._causal_agrees(wrong), name
+    wrong = Wrong()  # the residual's bias dropped: x in its place
+    wrong.residual = lambda x, h, b, *args: real.residual(x, h, x, *args)
+    assert not cpu_kernels._causal_agrees(wrong), "residual"
     for transposed in (0, 1):  # sin read as cos: no rotation
         wrong = Wrong()
         wrong.rope = lambda x, c, s, y, *args, t=transposed: real.rope(x, c, c if args[-2] == t else s, y, *args)

@@ -99,8 +99,24 @@ class CausalSelfAttention(nn.Module):
 
     def _forward_in_c(self, x: torch.Tensor) -> torch.Tensor:
         """`forward` through `lm.cpu_kernels.causal_attention_qkv`, where `_attention_in_c(x)` says so."""
-        y = self.proj(cpu_kernels.causal_attention_qkv(F.linear(x, self.qkv.weight), self.qkv.bias, self.n_head))
+        y = self.proj(self._heads_in_c(x))
         return self.resid_drop(y) if self.training else y
+
+    def _heads_in_c(self, x: torch.Tensor) -> torch.Tensor:
+        """The heads' outputs side by side (B, T, C), before the output projection, from lm's C kernel"""
+        return cpu_kernels.causal_attention_qkv(F.linear(x, self.qkv.weight), self.qkv.bias, self.n_head)
+
+    def before_bias(self, x: torch.Tensor, rope=None, attention_mask=None, cache=None):
+        """(`forward`'s output without the output projection's bias, that bias) where `forward` runs in lm's C
+        kernel and adds nothing after the projection (no dropout while training), so that `lm.model.Block` adds
+        the bias with the residual in one pass; None otherwise (also for subclasses with a `forward` of their own)."""
+        if (rope is None and attention_mask is None and cache is None
+                and type(self).forward is CausalSelfAttention.forward
+                and (self.resid_drop.p == 0.0 or not self.training)
+                and cpu_kernels.float32_training_through(x, self.proj) and self.proj.bias is not None
+                and cpu_kernels.rows_unavailable(self.proj.out_features) is None and self._attention_in_c(x)):
+            return F.linear(self._heads_in_c(x), self.proj.weight), self.proj.bias
+        return None
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, T, C) -> q (B, H, T, D), k and v (B, H_kv, T, D)."""

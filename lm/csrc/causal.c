@@ -1,6 +1,7 @@
 /* lm's CPU kernels for training causal attention in float32: softmax(q k^T / sqrt(D) + causal mask) v
-   forward, keeping the probabilities P, and its backward from them; and at the end of this file, the MLP's
-   bias and exact GELU, forward and backward (lm_bias_gelu_*). Built by lm.cpu_kernels with the
+   forward, keeping the probabilities P, and its backward from them; and at the end of this file, kernels over
+   rows for training: the MLP's bias and exact GELU (lm_bias_gelu_*), a residual sum with its sublayer's bias
+   (lm_bias_residual), RMSNorm, SwiGLU's gate and RoPE. Built by lm.cpu_kernels with the
    system's C compiler (-O3 -mavx2 -mfma -fopenmp, and -mavx512f where the CPU has AVX-512) and loaded
    with ctypes.
 
@@ -591,6 +592,22 @@ void lm_bias_gelu_backward(const float *h, const float *b, const float *g, float
             columns_put(db + c, total);
         }
     }
+}
+
+
+/* ---- a residual connection with the sublayer's output bias, y = x + (h + b), into h (lm_bias_residual) --------
+   h is the output projection's product without its bias (rows of C floats, C a multiple of 16); the sum is
+   rounded as torch's would be (the bias added to the product, then that to the residual x), in one pass where
+   torch's linear broadcasts the bias into its output and the residual sum makes a pass of its own. */
+void lm_bias_residual(const float *x, float *h, const float *b, long N, long C, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (long n = 0; n < N; n++)
+        for (long c = 0; c < C; c += 16) {
+            _mm_prefetch((const char *)(x + (n + ROW_AHEAD) * C + c), _MM_HINT_T0);
+            _mm_prefetch((const char *)(h + (n + ROW_AHEAD) * C + c), _MM_HINT_T0);
+            Columns sum = columns_add(columns_load(h + n * C + c), columns_load(b + c));
+            columns_put(h + n * C + c, columns_add(columns_load(x + n * C + c), sum));
+        }
 }
 
 
