@@ -65,7 +65,10 @@ class Block(nn.Module):
         (`before_bias`: float32 training on a CPU), the bias and the residual sum are added in one pass of lm's C
         kernel (`lm.cpu_kernels.bias_residual`, chapter 6); never past a hook that calling the sublayer would run."""
         before_bias = getattr(sublayer, "before_bias", None)
-        parts = None if before_bias is None or has_hooks(sublayer, backward=True) else before_bias(h, *args)
+        parts = None
+        if (before_bias is not None and cpu_kernels.float32_training(h, sublayer.parameters())
+                and not has_hooks(sublayer, backward=True)):  # the cheap check first: decoding pays nothing more
+            parts = before_bias(h, *args)
         if parts is None:
             return x + sublayer(h, *args)
         return cpu_kernels.bias_residual(x, *parts)
