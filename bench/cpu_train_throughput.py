@@ -43,6 +43,12 @@ A lever of lm's own is smaller than this machine's drift from one run to the nex
 
     .venv/bin/python bench/cpu_train_throughput.py --lever qkv-whole --steps 3 --rounds 12
 
+What a CPU without AVX-512 would give, measured on one that has it: lm's kernels, torch's own and MKL's all held
+to AVX2 (1.12-1.16 on the 2-core Xeon, where AVX-512 gives 1.2-1.3: the products take twice as long, and what
+lm's kernels save stays the same in milliseconds):
+
+    LM_CPU_KERNELS=avx2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 python bench/cpu_train_throughput.py
+
 Ends with one JSON line: {"bench", "unit", "lm", "peer", "peer_name", "speedup"}; speedup > 1
 means lm trains faster.
 """

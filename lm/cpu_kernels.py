@@ -36,13 +36,15 @@ float32 steps on a CPU (`bench/cpu_decode.py` measures them against transformers
 own library (compiled with -O3: at -O2 the compiler spills its register blocks). It computes causal
 attention keeping the probabilities for backward, skipping the blocks above the diagonal that SDPA's
 CPU flash kernel also computes; `lm.attention.kernels.sdpa` takes it for float32 CPU training
-(`bench/cpu_train_throughput.py`).
+(`bench/cpu_train_throughput.py`). Where the CPU has AVX-512 it is built for it; LM_CPU_KERNELS=avx2 asks
+for the AVX2 build instead (the same numbers to the bit, slower).
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -267,9 +269,11 @@ CAUSAL_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")  # -O2
 def _causal_flags() -> tuple[str, ...]:
     """CAUSAL_FLAGS, plus -mavx512f where the CPU has AVX-512 (blocks of 8 rows x two 16-float registers:
     1.8 + 2.9 ms a layer of the book's model forward and backward against 2.8 + 4.5 for the AVX2 build on a
-    2-core Xeon). The flags are part of the built file's name, so a
-    kernel folder shared by two machines keeps one build for each."""
-    return CAUSAL_FLAGS + (("-mavx512f",) if "avx512f" in (_cpu_flags() or ()) else ())
+    2-core Xeon), unless LM_CPU_KERNELS=avx2 asks for the AVX2 build (to measure what a CPU without AVX-512
+    would get). The flags are part of the built file's name, so a kernel folder shared by two machines keeps
+    one build for each."""
+    wide = "avx512f" in (_cpu_flags() or ()) and os.environ.get("LM_CPU_KERNELS") != "avx2"
+    return CAUSAL_FLAGS + (("-mavx512f",) if wide else ())
 
 
 class CausalKernels:

@@ -179,12 +179,18 @@ def test_the_avx512_and_avx2_builds_give_the_same_numbers(fresh, monkeypatch):
         return (norm.detach(), gate.detach(), rotated.detach(),
                 *torch.autograd.grad((norm, gate, rotated), (x, weight, b, q), (grad, grad, q_grad)))
 
-    wide = run()
+    wide, cpu_flags = run(), cpu_kernels._cpu_flags
     monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: {"avx2", "fma"})
     cpu_kernels._load_causal.cache_clear()
     narrow = run()
-    for a, b in zip(wide, narrow):
-        assert torch.equal(a, b)
+    for got, want in zip(narrow, wide):
+        assert torch.equal(got, want)
+    monkeypatch.setattr(cpu_kernels, "_cpu_flags", cpu_flags)
+    monkeypatch.setenv("LM_CPU_KERNELS", "avx2")  # asked for on a CPU that has AVX-512
+    assert "-mavx512f" not in cpu_kernels._causal_flags()
+    cpu_kernels._load_causal.cache_clear()
+    for got, want in zip(run(), wide):
+        assert torch.equal(got, want)
 
 
 # ---- the rotary embedding ------------------------------------------------------------------------------------
