@@ -791,6 +791,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     _float32_cpu("rope", x=x, cos=cos, sin=sin)
     return RotaryRows.apply(x, cos.contiguous(), sin.contiguous())
 
-__all__ = ["attend", "bias_gelu", "bias_gelu_unavailable", "bias_residual", "causal_attention", "causal_attention_qkv",
-           "causal_unavailable", "float32_training", "float32_training_through", "kernel_dir", "matvec", "rms_norm",
-           "rope", "rope_unavailable", "rows_unavailable", "silu_gate", "unavailable"]
+
+__all__ = ["attend", "bias_gelu", "bias_gelu_unavailable", "bias_residual", "causal_attention",
+           "causal_attention_qkv", "causal_unavailable", "float32_training", "float32_training_through", "kernel_dir",
+           "matvec", "rms_norm", "rope", "rope_unavailable", "rows_unavailable", "silu_gate", "unavailable"]
