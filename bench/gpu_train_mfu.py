@@ -349,13 +349,6 @@ def _loss_chunks(numbers: int):
     return apply
 
 
-def _pointwise_autotune() -> dict:
-    import torch._inductor.config
-
-    torch._inductor.config.max_autotune_pointwise = True
-    return {}
-
-
 def _inductor(**settings):
     def apply() -> dict:
         import torch._inductor.config
@@ -389,7 +382,7 @@ LEVERS = {
     "loss-chunks-2560": _loss_chunks(2 ** 27),   # 2**27 logits per chunk of the fused loss
     "loss-chunks-5120": _loss_chunks(2 ** 28),
     "gelu-tanh": lambda: {"ffn": "gelu_tanh"},   # GELU's tanh approximation
-    "pointwise-autotune": _pointwise_autotune,   # inductor tunes its elementwise kernels' launch settings
+    "pointwise-autotune": _inductor(max_autotune_pointwise=True),  # inductor tunes its elementwise kernels' launches
     "clip-apart": _clip_apart,                   # clip_grad_norm_'s own pass, not folded into the fused AdamW
     "cpp-wrapper": _inductor(cpp_wrapper=True),  # inductor launches its kernels from C++, not Python
     "combo-kernels": _inductor(combo_kernels=True),  # inductor joins independent small kernels into one launch

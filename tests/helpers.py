@@ -35,6 +35,14 @@ def assert_same_step(step: tuple, other: tuple) -> None:
         assert torch.equal(grad, other[1][name]), name
 
 
+def assert_steps_close(step: tuple, other: tuple) -> None:
+    """Two `model_step` results, (loss, {name: gradient}), the same to float32 rounding: the loss within 1e-6,
+    each gradient within a relative 1e-4 (products summed in another order)"""
+    torch.testing.assert_close(step[0], other[0], rtol=1e-6, atol=1e-6)
+    for name, grad in step[1].items():
+        torch.testing.assert_close(grad, other[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def hold_lock_in_a_thread(out_dir):
     """Hold out_dir's lock from another thread (as another process would) until the returned
     function is called."""

@@ -562,6 +562,17 @@ void lm_bias_gelu_forward(const float *h, const float *b, float *y, long N, long
         }
 }
 
+/* out[0..C) = the sums of the `chunks` rows of C floats at `partial`, in order (the same numbers for any thread
+   count). Called by every thread of a parallel region: the columns are shared among them. */
+static void chunks_summed(const float *partial, long chunks, long C, float *out) {
+    #pragma omp for schedule(static)
+    for (long c = 0; c < C; c += 16) {
+        Columns total = columns_load(partial + c);
+        for (long k = 1; k < chunks; k++) total = columns_add(total, columns_load(partial + k * C + c));
+        columns_put(out + c, total);
+    }
+}
+
 long lm_bias_gelu_scratch(long N, long F) { return (N + GELU_ROWS - 1) / GELU_ROWS * F; }
 
 void lm_bias_gelu_backward(const float *h, const float *b, const float *g, float *dh, float *db, float *partial,
@@ -585,12 +596,7 @@ void lm_bias_gelu_backward(const float *h, const float *b, const float *g, float
                     columns_put(sums + c, columns_add(columns_load(sums + c), d));
                 }
         }
-        #pragma omp for schedule(static)
-        for (long c = 0; c < F; c += 16) {  /* the chunks' sums, in order */
-            Columns total = columns_load(partial + c);
-            for (long k = 1; k < chunks; k++) total = columns_add(total, columns_load(partial + k * F + c));
-            columns_put(db + c, total);
-        }
+        chunks_summed(partial, chunks, F, db);
     }
 }
 
@@ -672,12 +678,7 @@ void lm_rms_norm_backward(const float *x, const float *w, const float *rstd, con
                 }
             }
         }
-        #pragma omp for schedule(static)
-        for (long d = 0; d < (w ? C : 0); d += 16) {  /* the chunks' sums, in order */
-            Columns total = columns_load(partial + d);
-            for (long k = 1; k < chunks; k++) total = columns_add(total, columns_load(partial + k * C + d));
-            columns_put(dw + d, total);
-        }
+        chunks_summed(partial, chunks, w ? C : 0, dw);
     }
 }
 
