@@ -13,6 +13,11 @@ cache; lm also without its cache. Transformers runs GPT2LMHeadModel with the sam
 
 `--batch 8` decodes 8 prompts at once (no padding), ms per step of 8 tokens.
 
+`--lever step-in-c` measures lm alone, in one process: `model.generate` with each step in one call of lm's C
+kernel (`lm.decode_step.StepInC`, `lm_decode_step` in lm/csrc/decode.c: every block's norms, products, cache
+writes and attention without a return to Python) against LeanStep's functions calling the same products and
+attention kernels one by one from Python, alternating, `--repeats` rounds each.
+
 Ends with one JSON line: {"bench", "unit": "ms/token", "lm", "peer", "peer_name", "speedup"};
 speedup > 1 means lm is faster.
 """
@@ -43,6 +48,36 @@ def build(vocab: int, block: int):
     return ours, peer
 
 
+def step_in_c_lever(args) -> None:
+    """--lever step-in-c: model.generate with StepInC on and off in turns; the median ms/token of each."""
+    import lm.decode_step
+
+    torch.manual_seed(0)
+    ours = lm.GPT(lm.preset("roketmodel", vocab_size=256, block_size=1024, dropout=0.0)).eval()
+    prompt = torch.randint(0, 256, (args.batch, args.prompt))
+    real, on = lm.decode_step.StepInC.__call__, [True]
+    lm.decode_step.StepInC.__call__ = lambda self, *a: real(self, *a) if on[0] else None
+    times = {True: [], False: []}
+    with torch.inference_mode():
+        tokens = {}
+        for switch in (True, False):  # warm up, and the same tokens either way
+            on[0] = switch
+            tokens[switch] = ours.generate(prompt, max_new_tokens=args.new, temperature=0)
+        assert torch.equal(tokens[True], tokens[False])
+        for _ in range(args.repeats):
+            for switch in (True, False):
+                on[0] = switch
+                times[switch].append(ms_per_token(lambda: ours.generate(prompt, max_new_tokens=args.new,
+                                                                        temperature=0), args.new))
+    unit = "ms/token" if args.batch == 1 else f"ms/step of {args.batch} tokens"
+    for switch, values in times.items():
+        print(f"lm, step in C {'on ' if switch else 'off'} {statistics.median(values):6.2f} {unit}  "
+              f"(runs: {[round(v, 2) for v in values]})")
+    report(f"cpu_decode_lever_step_in_c_b{args.batch}", unit, statistics.median(times[True]),
+           statistics.median(times[False]), "lm with LeanStep's functions (one process, alternating)",
+           higher_is_better=False)
+
+
 def ms_per_token(fn, new: int) -> float:
     start = time.perf_counter()
     fn()
@@ -56,8 +91,11 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=16, help="prompt tokens (default: 16)")
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs per side (default: 3)")
     parser.add_argument("--batch", type=int, default=1, help="prompts decoded together (default: 1)")
+    parser.add_argument("--lever", choices=["step-in-c"], help="lm alone: the lever on and off in turns")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.lever:
+        return step_in_c_lever(args)
     torch.manual_seed(0)
     print("lm's CPU kernels:", lm.cpu_kernels.unavailable() or "compiled and used")
     ours, peer = build(vocab=256, block=1024)

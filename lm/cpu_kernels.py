@@ -16,6 +16,9 @@ kernels written for this case alone (about 200 lines of C):
   (`product(..., scale=...)`): a quarter of the bytes, widened to float32 as they are read;
 - `lm_attend`, the attention of a few new queries over a KV cache (`attend`), each query's scores,
   softmax and weighted sum of the values on one thread.
+- `lm_decode_step`, a whole decoding step of a pre-norm model made of these, every block's norms, products,
+  RoPE, KV-cache writes and attention in one call and one parallel region (`Kernels.step`, called by
+  `lm.decode_step.StepInC`, which `LeanStep` uses wherever the model allows).
 
 Each output is summed by one thread in one fixed order, so the results depend neither on the number
 of threads nor on how many rows or queries came together: a speculative step's check of k tokens
@@ -64,17 +67,19 @@ MAX_KEYS = 32768  # attention keeps a query's scores on its thread's stack: 128 
 
 
 class Kernels:
-    """The C functions of the library at `path`, their argument types declared: `matvec`, `matvec_int8`
-    and `attend`."""
+    """The C functions of the library at `path`, their argument types declared: `matvec`, `matvec_int8`,
+    `attend` and `step` (a whole decoding step, called by `lm.decode_step.LeanStep`)."""
 
     def __init__(self, path: Path):
         library = ctypes.CDLL(str(path))
         pointer, long, int_ = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
         self.matvec, self.matvec_int8, self.attend = library.lm_matvec, library.lm_matvec_int8, library.lm_attend
+        self.step = library.lm_decode_step
         self.matvec.argtypes = [pointer] * 5 + [long] * 3 + [int_] * 3
         self.matvec_int8.argtypes = [pointer] * 6 + [long] * 3 + [int_] * 3
         self.attend.argtypes = [pointer] * 4 + [long] * 18 + [ctypes.c_float, int_]
-        self.matvec.restype = self.matvec_int8.restype = self.attend.restype = None
+        self.step.argtypes = [pointer] * 2 + [ctypes.c_float] * 2 + [pointer] * 3 + [int_]
+        self.matvec.restype = self.matvec_int8.restype = self.attend.restype = self.step.restype = None
 
 
 def _agrees_with_torch(kernels: Kernels) -> bool:

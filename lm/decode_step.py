@@ -28,6 +28,11 @@ the threads and the rows beside it, so a speculative step's check of k tokens gi
 bit for bit, as k one-token steps; against the modules they differ in the last bits (another order
 of additions), like any two BLAS libraries.
 
+Where the model allows, the whole step then runs in one call of the C library (`StepInC`, `lm_decode_step`):
+every block's norms, products, RoPE, cache writes and attention, the same kernels in the same order, with
+no return to Python between them (LeanStep's functions made about ten calls a block; on seed 000's model
+that was close to a third of a step).
+
 Where they do not run (and for more rows: a prompt), the float32 products of models large enough
 go to oneDNN's inner-product kernel instead
 of the BLAS that `F.linear` calls (`torch.ops.mkldnn._linear_pointwise`, PyTorch's own fused linear
@@ -53,6 +58,7 @@ modules: speculative decoding checks a draft's guesses that way (`lm.speculative
 
 from __future__ import annotations
 
+import ctypes
 import functools
 
 import torch
@@ -268,10 +274,126 @@ def _defined_by(cls: type, name: str) -> str | None:
     return None if owner is None else f"{owner.__module__}.{owner.__qualname__}"
 
 
+NORM_KINDS = {LayerNorm: 0, nn.LayerNorm: 0, RMSNorm: 1}  # lm_decode_step's NORM_LAYER, NORM_RMS
+FFN_KINDS = {MLP: 1, TanhMLP: 2, SwiGLU: 3}  # its FFN_GELU, FFN_GELU_TANH, FFN_SWIGLU
+
+
+def _c_linear(layer: nn.Module) -> list | None:
+    """[weight, scale, bias] of `layer` as lm_decode_step takes a Linear (scale None: float32 weights), or None
+    for one it does not take: it takes float32 CPU Linears and the Int8Linears lm's int8 kernel computes."""
+    bias = getattr(layer, "bias", None)
+    if bias is not None and (bias.dtype != torch.float32 or bias.device.type != "cpu"):
+        return None
+    if _fast(layer, True):
+        return [layer.weight, None, bias]
+    if int8_kernel_usable(layer):
+        return [layer.weight_int8, layer.scale, bias]
+    return None
+
+
+class StepInC:
+    """A whole decoding step of a pre-norm model in one call of lm's C kernel (`lm_decode_step` in
+    lm/csrc/decode.c): every block's norms, products, RoPE, KV-cache writes and attention, then the final
+    norm and the head, with no return to Python in between. It computes what LeanStep's functions
+    compute with the compiled kernels (the same products and attention, in the same order; the norms in C,
+    equal to torch's to float32 rounding) and takes about a millisecond less a token on seed 000's model.
+
+    `StepInC.unsupported(model)` says why a model cannot use it (None when it can); a call returns None
+    when this call cannot (more than FEW_ROWS rows, a cache too short, a weight moved to another layout
+    or dtype since), and LeanStep then runs its functions."""
+
+    def __init__(self, model, kernels: cpu_kernels.Kernels):
+        config = model.config
+        self.model, self.kernels = model, kernels
+        first = model.blocks[0]
+        self.norm_kind, self.ffn_kind = NORM_KINDS[type(first.norm1)], FFN_KINDS[type(first.mlp)]
+        self.eps = first.norm1.eps
+        self.heads = (config.n_head, config.kv_heads, config.head_dim)
+        self.width = _linears(first.mlp)[0][0].size(0)  # the feed-forward width F
+        self.blocks = []  # each block's tensors in lm_decode_step's order (None: no bias), then the last ones
+        for block in model.blocks:
+            up, value, down = _linears(block.mlp)
+            self.blocks.append([block.norm1.weight, getattr(block.norm1, "bias", None), block.norm2.weight,
+                                getattr(block.norm2, "bias", None), *_c_linear(block.attn.qkv),
+                                *_c_linear(block.attn.proj), *up, *value, *down])
+        self.tail = [model.norm_f.weight, getattr(model.norm_f, "bias", None), *_c_linear(model.lm_head)]
+        self.weights = [(t, t.dtype) for t in sum(self.blocks, self.tail) if t is not None]
+
+    @staticmethod
+    def unsupported(model) -> str | None:
+        """Why `model`'s steps cannot run in lm_decode_step (LeanStep must take the model, see
+        `LeanStep.unsupported`), or None when they can."""
+        why = cpu_kernels.unavailable()
+        if why is not None:
+            return f"lm's CPU kernels are not available: {why}"
+        if model.config.norm_position != "pre":
+            return "it takes pre-norm blocks only"
+        blocks = list(model.blocks)
+        norms = [m for b in blocks for m in (b.norm1, b.norm2)] + [model.norm_f]
+        if any(type(m) not in NORM_KINDS for m in norms) or len({(type(m) is RMSNorm, m.eps) for m in norms}) != 1:
+            return "its norms are not all LayerNorm, or all RMSNorm, with one eps"
+        if any(getattr(m, "normalized_shape", (model.config.d_model,)) != (model.config.d_model,) or m.weight is None
+               or m.weight.dtype != torch.float32 or m.weight.device.type != "cpu" for m in norms):
+            return "a norm has no float32 CPU weight over d_model"
+        if len({type(b.mlp) for b in blocks}) != 1 or type(blocks[0].mlp) not in FFN_KINDS:
+            return "its feed-forwards are not all GELU, tanh-GELU or SwiGLU MLPs of one kind"
+        linears = [m for b in blocks for m in (b.attn.qkv, b.attn.proj, *_feedforward_layers(b.mlp))] + [model.lm_head]
+        if any(_c_linear(m) is None for m in linears):
+            return "a product is neither a float32 CPU Linear nor an int8 one of lm's kernel (LoRA, say)"
+        return None
+
+    def __call__(self, idx: torch.Tensor, cache, n: int) -> torch.Tensor | None:
+        """Logits (B, T, V) of idx's (B, T) new tokens after n cached positions, their keys and values
+        stored in `cache`; None where this call cannot run in C."""
+        B, T = idx.shape
+        model, layers, (H, H_kv, D) = self.model, cache.layers, self.heads
+        slots = layers[0].slots
+        if B * T > cpu_kernels.FEW_ROWS or n + T > min(slots, cpu_kernels.MAX_KEYS) or cache.cursor.real is not None:
+            return None
+        if not all(t.is_contiguous() and t.dtype is dtype and t.is_cpu for t, dtype in self.weights):
+            return None  # changed since (for_decoding's "columns", a cast): LeanStep's functions take it
+        pointers = []
+        for tensors, layer in zip(self.blocks, layers):
+            k, v = layer.k, layer.v
+            if not (type(layer) is DynamicCache and k.dtype is torch.float32 and k.shape == (B, H_kv, slots, D)
+                    and v.shape == k.shape and v.dtype is torch.float32 and k.is_contiguous() and v.is_contiguous()):
+                return None
+            pointers += [0 if t is None else t.data_ptr() for t in tensors]
+            pointers += (k.data_ptr(), v.data_ptr())
+        pointers += [0 if t is None else t.data_ptr() for t in self.tail]
+        if model.rope is not None:
+            cos, sin = model.rope.tables(T, n)  # (T, D) for positions n .. n+T-1
+            pointers += (cos.data_ptr(), sin.data_ptr())
+        else:
+            pointers += (0, 0)
+        x = model.embed(idx, n).contiguous()  # a new tensor, overwritten by the step
+        if x.dtype is not torch.float32:
+            return None
+        C, V, F_, R = x.size(-1), model.lm_head.out_features, self.width, B * T
+        work = torch.empty(R * (C + (H + 2 * H_kv) * D + H * D + F_), dtype=torch.float32)
+        logits = torch.empty(B, T, V, dtype=torch.float32)
+        dims = (len(layers), B, T, C, H, H_kv, D, F_, V, n, slots, self.norm_kind, self.ffn_kind)
+        self.kernels.step((ctypes.c_long * len(pointers))(*pointers), (ctypes.c_long * 13)(*dims), self.eps,
+                          D ** -0.5, x.data_ptr(), work.data_ptr(), logits.data_ptr(), torch.get_num_threads())
+        return logits
+
+
+def _feedforward_layers(ffn: nn.Module) -> list[nn.Module]:
+    return [ffn.w1, ffn.w2, ffn.w3] if type(ffn) is SwiGLU else [ffn.fc, ffn.proj]
+
+
+def _linears(ffn: nn.Module) -> tuple[list, list, list]:
+    """The feed-forward's (up, value, down) Linears as lm_decode_step takes them; value all None but for SwiGLU."""
+    if type(ffn) is SwiGLU:
+        return _c_linear(ffn.w1), _c_linear(ffn.w2), _c_linear(ffn.w3)
+    return _c_linear(ffn.fc), [None, None, None], _c_linear(ffn.proj)
+
+
 class LeanStep:
     """`step(idx, cache)` == `model(idx, cache=cache, all_logits=True)[0]` for idx (B, T), in eval mode, with a
     `KVCache` of `DynamicCache` layers that holds no padding: bit for bit with `onednn=False,
-    matvec=False`, to float32 rounding with oneDNN's or lm's compiled products; see the module docstring."""
+    matvec=False`, to float32 rounding with oneDNN's or lm's compiled products; see the module docstring.
+    `in_c` is the `StepInC` that takes whole steps where it can (None where the model or `matvec` rules it out)."""
 
     def __init__(self, model, onednn: bool | None = None, matvec: bool | None = None):
         """`onednn`: float32 products on a CPU through oneDNN's kernel where torch has it (see
@@ -287,6 +409,9 @@ class LeanStep:
         wanted = onednn if onednn is not None else onednn_pays(model)
         self.onednn = bool(wanted) and onednn_usable()
         self.matvec = (matvec is None or bool(matvec)) and cpu_kernels.unavailable() is None
+        # a whole step in one C call where the model allows it (float32 or int8 products, pre-norm, ...)
+        in_c = self.matvec and StepInC.unsupported(model) is None
+        self.in_c = StepInC(model, cpu_kernels._load()[0]) if in_c else None
         fast, one_row = self.onednn, self.matvec
         config = model.config
         self.pre_norm = config.norm_position == "pre"
@@ -336,6 +461,10 @@ class LeanStep:
         B, T = idx.shape
         n = cache.cursor.length  # layer.update refuses tokens that do not fit, before anything is written
         cache.cursor.masks = {}
+        if self.in_c is not None and (logits := self.in_c(idx, cache, n)) is not None:
+            cache.cursor.length = n + T
+            model.aux_loss = None
+            return logits if last is None or last >= T else logits[:, T - last :]
         x = model.embed(idx, n)
         H, H_kv, D = self.heads
         sizes = [H * D, H_kv * D, H_kv * D]

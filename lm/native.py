@@ -71,7 +71,8 @@ def build(source: Path, flags: tuple[str, ...], cc: str) -> Path:
     written under a temporary name and renamed, so a process that stops half-way, or two compiling at
     once, never leave a partial one. Raises RuntimeError with the compiler's message when it fails."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256(source.read_bytes() + repr(flags).encode() + version.encode()).hexdigest()[:16]
+    headers = b"".join(path.read_bytes() for path in sorted(source.parent.glob("*.h")))  # what it may include
+    key = hashlib.sha256(source.read_bytes() + headers + repr(flags).encode() + version.encode()).hexdigest()[:16]
     try:
         folder = kernel_dir()
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -30,6 +30,8 @@
 #include <omp.h>
 #include <string.h>
 
+#include "vector_math.h"  /* exp_nonpositive, ERF_P, ERF_TERMS */
+
 #ifdef __AVX512F__
 #define ROWS 8   /* eight 16-float sums (12 rows spill the row pointers: slower) */
 #else
@@ -56,25 +58,6 @@ long lm_causal_probs(long T) {
 long lm_causal_scratch(long T, long D, int backward) {
     long ld = lm_causal_stride(T);
     return D * ld + (backward ? lm_causal_probs(T) + 3 * T * D : 2 * T * D) + (ld > D ? ld : D);
-}
-
-/* e^x for x <= 0 to about 2 float ulps: x = n ln 2 + r, |r| <= ln(2) / 2, e^r by a degree-7 polynomial
-   (Taylor's coefficients, slightly adjusted), 2^n put straight into the exponent bits. Below -87 the
-   result is e^-87 (still a normal float) rather than a smaller one; a NaN stays NaN. */
-static const float EXP_TERMS[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f,
-                                   1.6666665459e-1f, 5.0000001201e-1f};  /* r^7 .. r^2, by Horner's rule */
-
-static inline __m256 exp_nonpositive(__m256 x) {
-    x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  /* ln 2 in two parts */
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(EXP_TERMS[0]);
-    for (int i = 1; i < 6; i++) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_TERMS[i]));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
 }
 
 static inline float lanes_sum(__m256 v) {
@@ -539,12 +522,9 @@ void lm_causal_backward(const float *q, const float *k, const float *v, const fl
 
 static inline void normal_parts(Columns x, Columns *cdf, Columns *pdf) {
     Columns z = columns_abs(columns_mul(x, columns_set1(0.70710678118654752f)));
-    Columns t = columns_div(columns_set1(1.0f), columns_fmav(columns_set1(0.3275911f), z, columns_set1(1.0f)));
-    Columns poly = columns_set1(1.061405429f);
-    poly = columns_fmav(poly, t, columns_set1(-1.453152027f));
-    poly = columns_fmav(poly, t, columns_set1(1.421413741f));
-    poly = columns_fmav(poly, t, columns_set1(-0.284496736f));
-    poly = columns_fmav(poly, t, columns_set1(0.254829592f));
+    Columns t = columns_div(columns_set1(1.0f), columns_fmav(columns_set1(ERF_P), z, columns_set1(1.0f)));
+    Columns poly = columns_set1(ERF_TERMS[0]);
+    for (int i = 1; i < 5; i++) poly = columns_fmav(poly, t, columns_set1(ERF_TERMS[i]));
     Columns e = columns_exp(columns_mul(columns_sub(columns_zero(), z), z));
     Columns tail = columns_mul(columns_mul(columns_set1(0.5f), columns_mul(poly, t)), e);
     *cdf = columns_by_sign(x, tail, columns_sub(columns_set1(1.0f), tail));
