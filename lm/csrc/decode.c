@@ -75,8 +75,26 @@ static inline void finish(const float *s, long n, const float *b, const float *o
 /* block k of lm_matvec: outputs 4k .. 4k+3 (fewer at the end) of every input row */
 static inline void matvec_block(const float *W, const float *x, const float *b, const float *other, float *y,
                                 long k, long n_rows, long n_out, long n_in, int act, int post) {
-    long o = 4 * k, rows = n_out - o < 4 ? n_out - o : 4, n8 = n_in & ~7L;
-    for (long m = 0; m < n_rows; m++) {  /* each input row meets the same weights, from the cache */
+    long o = 4 * k, rows = n_out - o < 4 ? n_out - o : 4, n8 = n_in & ~7L, m = 0;
+    for (; rows == 4 && m + 2 <= n_rows; m += 2) {  /* two input rows at a time: each weight load feeds two */
+        const float *x0 = x + m * n_in, *x1 = x0 + n_in, *o0 = other ? other + m * n_out : 0;
+        const float *w0 = W + o * n_in, *w1 = w0 + n_in, *w2 = w1 + n_in, *w3 = w2 + n_in;
+        __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+        for (long i = 0; i < n8; i += 8) {  /* each sum in the order of the one-row loop below: the same floats */
+            __m256 u = _mm256_loadu_ps(x0 + i), v = _mm256_loadu_ps(x1 + i), w;
+            w = _mm256_loadu_ps(w0 + i), a00 = _mm256_fmadd_ps(w, u, a00), a10 = _mm256_fmadd_ps(w, v, a10);
+            w = _mm256_loadu_ps(w1 + i), a01 = _mm256_fmadd_ps(w, u, a01), a11 = _mm256_fmadd_ps(w, v, a11);
+            w = _mm256_loadu_ps(w2 + i), a02 = _mm256_fmadd_ps(w, u, a02), a12 = _mm256_fmadd_ps(w, v, a12);
+            w = _mm256_loadu_ps(w3 + i), a03 = _mm256_fmadd_ps(w, u, a03), a13 = _mm256_fmadd_ps(w, v, a13);
+        }
+        float first[4] = {row_dot(w0, x0, n_in, a00), row_dot(w1, x0, n_in, a01), row_dot(w2, x0, n_in, a02),
+                          row_dot(w3, x0, n_in, a03)};
+        float second[4] = {row_dot(w0, x1, n_in, a10), row_dot(w1, x1, n_in, a11), row_dot(w2, x1, n_in, a12),
+                           row_dot(w3, x1, n_in, a13)};
+        finish(first, 4, b, o0, y + m * n_out, o, act, post);
+        finish(second, 4, b, o0 ? o0 + n_out : 0, y + (m + 1) * n_out, o, act, post);
+    }
+    for (; m < n_rows; m++) {  /* each input row meets the same weights, from the cache */
         const float *xm = x + m * n_in, *om = other ? other + m * n_out : 0;
         float *ym = y + m * n_out;
         if (rows == 4) {
