@@ -12,7 +12,10 @@ of draft tokens the target kept) and tokens per target forward; on CUDA, the eag
 draft's guesses as back-to-back replays, the target's check of k+1 positions as a graph), kept with
 the target between calls, so only the first (warm-up) call captures them.
 
-On a 2-core AVX2 CPU (2026-12-05), with lm's C kernels (`lm.cpu_kernels`): 1.08x at k=3 (1.64
+On the 2-core AVX-512 Xeon (2026-12-06), with each step in one C call (`lm.decode_step.StepInC`) and
+`lm_matvec` taking two rows at a time: 1.16x at k=3 (0.637 against 0.742 ms/token), 1.18x at k=2, 1.13x at k=4
+(1.04x at k=3 before the two-row products). On a 2-core AVX2 CPU (2026-12-05), with lm's C kernels called one by
+one (`lm.cpu_kernels`): 1.08x at k=3 (1.64
 against 1.77 ms/token), 1.09x at k=2, 1.04x at k=4; earlier that day, with torch's products, three
 runs: 1.07-1.09x at k=3 (2.49-2.61 against 2.70-2.85 ms/token), 1.12-1.13x at k=4, the same with
 --threads 1. Both models' forwards, the target's check of k+1 positions too, go through

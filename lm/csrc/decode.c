@@ -173,11 +173,42 @@ static void one_row_int8(const int8_t *q, const float *scale, const float *x, co
     finish(sums, rows, b, other, y, o, act, post);
 }
 
+/* one_row_int8's four outputs (rows == 4) for two input rows, x and x + n_in: each weight widened once for both,
+   each sum in one_row_int8's order (the same floats) */
+static void two_rows_int8(const int8_t *q, const float *scale, const float *x, const float *b, const float *other,
+                          float *y, long n_out, long o, long n_in, int act, int post) {
+    long n8 = n_in & ~7L;
+    const int8_t *q0 = q, *q1 = q0 + n_in, *q2 = q1 + n_in, *q3 = q2 + n_in;
+    __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+    for (long i = 0; i < n8; i += 8) {
+        __m256 u = _mm256_loadu_ps(x + i), v = _mm256_loadu_ps(x + n_in + i), w;
+        w = widen8(q0 + i), a00 = _mm256_fmadd_ps(w, u, a00), a10 = _mm256_fmadd_ps(w, v, a10);
+        w = widen8(q1 + i), a01 = _mm256_fmadd_ps(w, u, a01), a11 = _mm256_fmadd_ps(w, v, a11);
+        w = widen8(q2 + i), a02 = _mm256_fmadd_ps(w, u, a02), a12 = _mm256_fmadd_ps(w, v, a12);
+        w = widen8(q3 + i), a03 = _mm256_fmadd_ps(w, u, a03), a13 = _mm256_fmadd_ps(w, v, a13);
+    }
+    __m256 acc[2][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13}};
+    for (long m = 0; m < 2; m++) {
+        const float *xm = x + m * n_in;
+        float sums[4];
+        for (long r = 0; r < 4; r++) {
+            const int8_t *qr = q + r * n_in;
+            float s = lanes_sum(acc[m][r]);
+            for (long i = n8; i < n_in; i++) s += (float)qr[i] * xm[i];  /* as row_dot: the last n_in % 8 */
+            sums[r] = scale[o + r] * s;
+        }
+        finish(sums, 4, b, other ? other + m * n_out : 0, y + m * n_out, o, act, post);
+    }
+}
+
 static inline void matvec_int8_block(const int8_t *Q, const float *scale, const float *x, const float *b,
                                      const float *other, float *y, long k, long n_rows, long n_out, long n_in,
                                      int act, int post) {
-    long o = 4 * k, rows = n_out - o < 4 ? n_out - o : 4;
-    for (long m = 0; m < n_rows; m++)  /* each input row meets the same weights, from the cache */
+    long o = 4 * k, rows = n_out - o < 4 ? n_out - o : 4, m = 0;
+    for (; rows == 4 && m + 2 <= n_rows; m += 2)  /* two input rows at a time, as matvec_block */
+        two_rows_int8(Q + o * n_in, scale, x + m * n_in, b, other ? other + m * n_out : 0, y + m * n_out, n_out, o,
+                      n_in, act, post);
+    for (; m < n_rows; m++)  /* each input row meets the same weights, from the cache */
         one_row_int8(Q + o * n_in, scale, x + m * n_in, b, other ? other + m * n_out : 0, y + m * n_out,
                      o, rows, n_in, act, post);
 }
