@@ -54,20 +54,28 @@ static inline __m256 gelu8(__m256 x) {
     return _mm256_mul_ps(x, _mm256_blendv_ps(_mm256_sub_ps(one, tail), tail, x));  /* x Phi(x): x's sign picks */
 }
 
+/* 1 / (1 + e^-u) for eight floats: e = e^-|u| <= 1, then 1 / (1 + e) for u >= 0 and e / (1 + e) below */
+static inline __m256 sigmoid8(__m256 u) {
+    __m256 e = exp_nonpositive(_mm256_or_ps(u, _mm256_set1_ps(-0.0f))), one = _mm256_set1_ps(1.0f);  /* -|u| */
+    return _mm256_div_ps(_mm256_blendv_ps(one, e, u), _mm256_add_ps(one, e));  /* u's sign picks */
+}
+
 /* outputs o .. o+n-1 (n <= 4) of a row from their sums s: the bias, the activation, then the combination with
    `other`. Each output's floats depend on its own sum alone, however many come together. */
 static inline void finish(const float *s, long n, const float *b, const float *other, float *y, long o, int act,
                           int post) {
     float v[8] = {0};
     for (long r = 0; r < n; r++) v[r] = b ? s[r] + b[o + r] : s[r];
+    __m256 u = _mm256_loadu_ps(v);
     if (act == 1) {
-        _mm256_storeu_ps(v, gelu8(_mm256_loadu_ps(v)));
-    } else {
-        for (long r = 0; r < n && act; r++) {
-            float u = v[r];
-            v[r] = act == 2 ? 0.5f * u * (1.0f + tanhf(0.79788456080286536f * (u + 0.044715f * u * u * u)))
-                            : u / (1.0f + expf(-u));
-        }
+        _mm256_storeu_ps(v, gelu8(u));
+    } else if (act == 2) {  /* 0.5 u (1 + tanh(k)) = u sigmoid(2k), k = sqrt(2 / pi) (u + 0.044715 u^3) */
+        __m256 u3 = _mm256_mul_ps(_mm256_mul_ps(u, u), u);
+        __m256 k2 = _mm256_mul_ps(_mm256_set1_ps(2 * 0.79788456080286536f),
+                                  _mm256_fmadd_ps(_mm256_set1_ps(0.044715f), u3, u));
+        _mm256_storeu_ps(v, _mm256_mul_ps(u, sigmoid8(k2)));
+    } else if (act == 3) {  /* SiLU: u sigmoid(u) */
+        _mm256_storeu_ps(v, _mm256_mul_ps(u, sigmoid8(u)));
     }
     for (long r = 0; r < n; r++) y[o + r] = post == 1 ? v[r] + other[o + r] : post == 2 ? v[r] * other[o + r] : v[r];
 }
