@@ -24,6 +24,8 @@ SHAPES = {  # every kind the kernel takes: norms, feed-forwards, positions, grou
     "llama": dict(pos="rope", norm="rmsnorm", ffn="swiglu", n_kv_heads=2, bias=False, tie_weights=False),
     "llama_mqa_bias": dict(pos="rope", norm="rmsnorm", ffn="swiglu", n_kv_heads=1, norm_eps=1e-6),
     "no_positions": dict(pos="none", n_layer=3),
+    "ragged_sizes": dict(d_model=36, n_head=4, vocab_size=67),  # heads of 9, widths and vocabulary off 4 and 8
+    "ragged_llama": dict(pos="rope", norm="rmsnorm", ffn="swiglu", n_kv_heads=2, d_model=40, n_head=4, vocab_size=67),
 }
 
 
@@ -59,6 +61,7 @@ def test_the_c_step_gives_the_modules_logits(shape, batch):
     model = small(**SHAPES[shape])
     prompt = torch.randint(0, 61, (batch, 6), generator=torch.Generator().manual_seed(1))
     ours, tokens = steps(model, prompt, 20)
+    assert ours.shape == (batch, 20, model.config.vocab_size)
     functions, their_tokens = steps(model, prompt, 20, in_c=False)
     assert torch.equal(tokens, their_tokens)
     torch.testing.assert_close(ours, functions, rtol=1e-5, atol=1e-5)
