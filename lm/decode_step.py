@@ -318,6 +318,12 @@ class StepInC:
                                 *_c_linear(block.attn.proj), *up, *value, *down])
         self.tail = [model.norm_f.weight, getattr(model.norm_f, "bias", None), *_c_linear(model.lm_head)]
         self.weights = [(t, t.dtype) for t in sum(self.blocks, self.tail) if t is not None]
+        # lm_decode_step's pointer slots: each block's tensors, then its keys' and values' (filled per call)
+        self.per_block = len(self.blocks[0]) + 2
+        self.order = [t for block in self.blocks for t in block + [None, None]] + self.tail
+        self.present = [t for t in self.order if t is not None]
+        self.checked: list[int] | None = None  # the addresses last checked
+        self.pointers: list[int] = []
 
     @staticmethod
     def unsupported(model) -> str | None:
@@ -348,19 +354,24 @@ class StepInC:
         B, T = idx.shape
         model, layers, (H, H_kv, D) = self.model, cache.layers, self.heads
         slots = layers[0].slots
-        if B * T > cpu_kernels.FEW_ROWS or n + T > min(slots, cpu_kernels.MAX_KEYS) or cache.cursor.real is not None:
+        if (B * T > cpu_kernels.FEW_ROWS or n + T > min(slots, cpu_kernels.MAX_KEYS) or cache.cursor.real is not None
+                or layers[0].k.size(0) != B):
             return None
-        if not all(t.is_contiguous() and t.dtype is dtype and t.is_cpu for t, dtype in self.weights):
-            return None  # changed since (for_decoding's "columns", a cast): LeanStep's functions take it
-        pointers = []
-        for tensors, layer in zip(self.blocks, layers):
-            k, v = layer.k, layer.v
-            if not (type(layer) is DynamicCache and k.dtype is torch.float32 and k.shape == (B, H_kv, slots, D)
-                    and v.shape == k.shape and v.dtype is torch.float32 and k.is_contiguous() and v.is_contiguous()):
+        # every tensor's address and layout; the other checks run again only when an address moved (for_decoding's
+        # "columns", a cast, another cache)
+        addresses = [t.data_ptr() for t in self.present]
+        addresses += [t.data_ptr() for layer in layers for t in (layer.k, layer.v)]
+        if not all(t.is_contiguous() for t in self.present):
+            return None
+        if addresses != self.checked:
+            if not self._takes(layers, B):
                 return None
-            pointers += [0 if t is None else t.data_ptr() for t in tensors]
-            pointers += (k.data_ptr(), v.data_ptr())
-        pointers += [0 if t is None else t.data_ptr() for t in self.tail]
+            self.checked, at = addresses, iter(addresses)
+            self.pointers = [0 if t is None else next(at) for t in self.order]
+        pointers = self.pointers[:]  # the cache's keys and values sit in their blocks' last two slots
+        for i, layer in enumerate(layers):
+            pointers[(i + 1) * self.per_block - 2], pointers[(i + 1) * self.per_block - 1] = (
+                layer.k.data_ptr(), layer.v.data_ptr())
         if model.rope is not None:
             cos, sin = model.rope.tables(T, n)  # (T, D) for positions n .. n+T-1
             pointers += (cos.data_ptr(), sin.data_ptr())
@@ -376,6 +387,19 @@ class StepInC:
         self.kernels.step((ctypes.c_long * len(pointers))(*pointers), (ctypes.c_long * 13)(*dims), self.eps,
                           D ** -0.5, x.data_ptr(), work.data_ptr(), logits.data_ptr(), torch.get_num_threads())
         return logits
+
+    def _takes(self, layers, B: int) -> bool:
+        """Whether the weights are still what the kernel takes (contiguous, their dtype, on the CPU) and the cache
+        layers are plain growing caches of float32 keys and values for this batch."""
+        H, H_kv, D = self.heads
+        if len(layers) != len(self.blocks) or not all(
+                t.is_contiguous() and t.dtype is dtype and t.is_cpu for t, dtype in self.weights):
+            return False
+        slots = layers[0].slots
+        return all(type(layer) is DynamicCache and layer.slots == slots and layer.k.dtype is torch.float32
+                   and layer.k.shape == (B, H_kv, slots, D) and layer.v.shape == layer.k.shape
+                   and layer.v.dtype is torch.float32 and layer.k.is_contiguous() and layer.v.is_contiguous()
+                   for layer in layers)
 
 
 def _feedforward_layers(ffn: nn.Module) -> list[nn.Module]:

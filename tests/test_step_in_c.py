@@ -163,6 +163,15 @@ def test_a_call_it_cannot_run_goes_to_the_functions():
         assert lean(token, cache).shape == (1, 1, 61)
         for_decoding(model, "rows")
         assert lean.in_c(token, cache, cache.length) is not None
+        square = model.blocks[0].attn.proj.weight  # transposed in place: the same address, another layout
+        square.data = square.data.t()
+        assert lean.in_c(token, cache, cache.length) is None
+        square.data = square.data.t()
+    with torch.no_grad():  # a cache for one row, two rows given: the functions' error, nothing written past it
+        two = torch.zeros(2, 1, dtype=torch.long)
+        assert lean.in_c(two, cache, cache.length) is None
+        with pytest.raises(RuntimeError):
+            lean(two, cache)
     full = lm.KVCache(model, 1, max_len=2)
     with torch.no_grad():
         model(torch.zeros(1, 2, dtype=torch.long), cache=full)
