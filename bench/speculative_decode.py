@@ -13,7 +13,8 @@ draft's guesses as back-to-back replays, the target's check of k+1 positions as 
 the target between calls, so only the first (warm-up) call captures them.
 
 On the 2-core AVX-512 Xeon (2026-12-06), with each step in one C call (`lm.decode_step.StepInC`) and
-`lm_matvec` taking two rows at a time: 1.16x at k=3 (0.637 against 0.742 ms/token), 1.18x at k=2, 1.13x at k=4
+`lm_matvec` taking two rows at a time: 1.16x at k=3 (0.637 against 0.742 ms/token), 1.18x at k=2, 1.13x at k=4;
+after the Python around a step was halved (greedy decoding faster too), 1.09x (0.620 against 0.674), 1.11x at k=2
 (1.04x at k=3 before the two-row products). On a 2-core AVX2 CPU (2026-12-05), with lm's C kernels called one by
 one (`lm.cpu_kernels`): 1.08x at k=3 (1.64
 against 1.77 ms/token), 1.09x at k=2, 1.04x at k=4; earlier that day, with torch's products, three
