@@ -309,19 +309,19 @@ class StepInC:
         self.norm_kind, self.ffn_kind = NORM_KINDS[type(first.norm1)], FFN_KINDS[type(first.mlp)]
         self.eps = first.norm1.eps
         self.heads = (config.n_head, config.kv_heads, config.head_dim)
-        self.width = _linears(first.mlp)[0][0].size(0)  # the feed-forward width F
-        self.blocks = []  # each block's tensors in lm_decode_step's order (None: no bias), then the last ones
+        # lm_decode_step's pointer slots: each block's tensors (None: no bias or scale), then its keys' and values'
+        # (filled per call), then the final norm's and the head's
+        self.order = []
         for block in model.blocks:
             up, value, down = _linears(block.mlp)
-            self.blocks.append([block.norm1.weight, getattr(block.norm1, "bias", None), block.norm2.weight,
-                                getattr(block.norm2, "bias", None), *_c_linear(block.attn.qkv),
-                                *_c_linear(block.attn.proj), *up, *value, *down])
-        self.tail = [model.norm_f.weight, getattr(model.norm_f, "bias", None), *_c_linear(model.lm_head)]
-        self.weights = [(t, t.dtype) for t in sum(self.blocks, self.tail) if t is not None]
-        # lm_decode_step's pointer slots: each block's tensors, then its keys' and values' (filled per call)
-        self.per_block = len(self.blocks[0]) + 2
-        self.order = [t for block in self.blocks for t in block + [None, None]] + self.tail
+            self.order += [block.norm1.weight, getattr(block.norm1, "bias", None), block.norm2.weight,
+                           getattr(block.norm2, "bias", None), *_c_linear(block.attn.qkv), *_c_linear(block.attn.proj),
+                           *up, *value, *down, None, None]
+        self.per_block = len(self.order) // len(model.blocks)
+        self.width = self.order[10].size(0)  # the feed-forward width F: the first block's up weight's outputs
+        self.order += [model.norm_f.weight, getattr(model.norm_f, "bias", None), *_c_linear(model.lm_head)]
         self.present = [t for t in self.order if t is not None]
+        self.dtypes = [t.dtype for t in self.present]
         self.checked: list[int] | None = None  # the addresses last checked
         self.pointers: list[int] = []
 
@@ -359,19 +359,19 @@ class StepInC:
             return None
         # every tensor's address and layout; the other checks run again only when an address moved (for_decoding's
         # "columns", a cast, another cache)
-        addresses = [t.data_ptr() for t in self.present]
-        addresses += [t.data_ptr() for layer in layers for t in (layer.k, layer.v)]
+        weights = [t.data_ptr() for t in self.present]
+        caches = [t.data_ptr() for layer in layers for t in (layer.k, layer.v)]
         if not all(t.is_contiguous() for t in self.present):
             return None
-        if addresses != self.checked:
+        if weights + caches != self.checked:
             if not self._takes(layers, B):
                 return None
-            self.checked, at = addresses, iter(addresses)
+            self.checked, at = weights + caches, iter(weights)
             self.pointers = [0 if t is None else next(at) for t in self.order]
-        pointers = self.pointers[:]  # the cache's keys and values sit in their blocks' last two slots
-        for i, layer in enumerate(layers):
-            pointers[(i + 1) * self.per_block - 2], pointers[(i + 1) * self.per_block - 1] = (
-                layer.k.data_ptr(), layer.v.data_ptr())
+        pointers = self.pointers[:]
+        for i in range(len(layers)):  # the cache's keys and values sit in their blocks' last two slots
+            end = (i + 1) * self.per_block
+            pointers[end - 2 : end] = caches[2 * i : 2 * i + 2]
         if model.rope is not None:
             cos, sin = model.rope.tables(T, n)  # (T, D) for positions n .. n+T-1
             pointers += (cos.data_ptr(), sin.data_ptr())
@@ -389,11 +389,11 @@ class StepInC:
         return logits
 
     def _takes(self, layers, B: int) -> bool:
-        """Whether the weights are still what the kernel takes (contiguous, their dtype, on the CPU) and the cache
-        layers are plain growing caches of float32 keys and values for this batch."""
+        """Whether the weights still have their dtypes, on the CPU (their layout is checked at every call), and the
+        cache layers are plain growing caches of float32 keys and values for this batch, one a block."""
         H, H_kv, D = self.heads
-        if len(layers) != len(self.blocks) or not all(
-                t.is_contiguous() and t.dtype is dtype and t.is_cpu for t, dtype in self.weights):
+        if len(layers) * self.per_block + 5 != len(self.order) or not all(
+                t.dtype is dtype and t.is_cpu for t, dtype in zip(self.present, self.dtypes)):
             return False
         slots = layers[0].slots
         return all(type(layer) is DynamicCache and layer.slots == slots and layer.k.dtype is torch.float32
@@ -408,9 +408,8 @@ def _feedforward_layers(ffn: nn.Module) -> list[nn.Module]:
 
 def _linears(ffn: nn.Module) -> tuple[list, list, list]:
     """The feed-forward's (up, value, down) Linears as lm_decode_step takes them; value all None but for SwiGLU."""
-    if type(ffn) is SwiGLU:
-        return _c_linear(ffn.w1), _c_linear(ffn.w2), _c_linear(ffn.w3)
-    return _c_linear(ffn.fc), [None, None, None], _c_linear(ffn.proj)
+    linears = [_c_linear(layer) for layer in _feedforward_layers(ffn)]
+    return tuple(linears) if len(linears) == 3 else (linears[0], [None, None, None], linears[1])
 
 
 class LeanStep:

@@ -153,6 +153,20 @@ static inline __m256 widen8(const int8_t *q) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q)));
 }
 
+/* the `rows` outputs from o of input row x: each accumulator's lanes summed, the last n_in % 8 products added (as
+   row_dot), times the row's scale; then the bias, activation and combination (finish) */
+static inline void finish_int8(const __m256 *acc, const int8_t *q, const float *scale, const float *x, const float *b,
+                               const float *other, float *y, long o, long rows, long n_in, int act, int post) {
+    float sums[4];
+    for (long r = 0; r < rows; r++) {
+        const int8_t *qr = q + r * n_in;
+        float s = lanes_sum(acc[r]);
+        for (long i = n_in & ~7L; i < n_in; i++) s += (float)qr[i] * x[i];
+        sums[r] = scale[o + r] * s;
+    }
+    finish(sums, rows, b, other, y, o, act, post);
+}
+
 static void one_row_int8(const int8_t *q, const float *scale, const float *x, const float *b, const float *other,
                          float *y, long o, long rows, long n_in, int act, int post) {
     long n8 = n_in & ~7L;
@@ -171,14 +185,7 @@ static void one_row_int8(const int8_t *q, const float *scale, const float *x, co
             for (long i = 0; i < n8; i += 8)
                 acc[r] = _mm256_fmadd_ps(widen8(q + r * n_in + i), _mm256_loadu_ps(x + i), acc[r]);
     }
-    float sums[4];
-    for (long r = 0; r < rows; r++) {
-        const int8_t *qr = q + r * n_in;
-        float s = lanes_sum(acc[r]);
-        for (long i = n8; i < n_in; i++) s += (float)qr[i] * x[i];  /* as row_dot: the last n_in % 8 */
-        sums[r] = scale[o + r] * s;
-    }
-    finish(sums, rows, b, other, y, o, act, post);
+    finish_int8(acc, q, scale, x, b, other, y, o, rows, n_in, act, post);
 }
 
 /* one_row_int8's four outputs (rows == 4) for two input rows, x and x + n_in: each weight widened once for both,
@@ -195,18 +202,9 @@ static void two_rows_int8(const int8_t *q, const float *scale, const float *x, c
         w = widen8(q2 + i), a02 = _mm256_fmadd_ps(w, u, a02), a12 = _mm256_fmadd_ps(w, v, a12);
         w = widen8(q3 + i), a03 = _mm256_fmadd_ps(w, u, a03), a13 = _mm256_fmadd_ps(w, v, a13);
     }
-    __m256 acc[2][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13}};
-    for (long m = 0; m < 2; m++) {
-        const float *xm = x + m * n_in;
-        float sums[4];
-        for (long r = 0; r < 4; r++) {
-            const int8_t *qr = q + r * n_in;
-            float s = lanes_sum(acc[m][r]);
-            for (long i = n8; i < n_in; i++) s += (float)qr[i] * xm[i];  /* as row_dot: the last n_in % 8 */
-            sums[r] = scale[o + r] * s;
-        }
-        finish(sums, 4, b, other ? other + m * n_out : 0, y + m * n_out, o, act, post);
-    }
+    __m256 first[4] = {a00, a01, a02, a03}, second[4] = {a10, a11, a12, a13};
+    finish_int8(first, q, scale, x, b, other, y, o, 4, n_in, act, post);
+    finish_int8(second, q, scale, x + n_in, b, other ? other + n_out : 0, y + n_out, o, 4, n_in, act, post);
 }
 
 static inline void matvec_int8_block(const int8_t *Q, const float *scale, const float *x, const float *b,
