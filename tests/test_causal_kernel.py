@@ -78,6 +78,27 @@ def test_large_scores_stay_finite_and_exact():
 
 
 @needs_kernel
+def test_sharp_scores_with_subnormal_tails_match_float64():
+    """q and k of standard deviation 20 spread each row's scores by hundreds, so most of its softmax is below
+    float32's normal range (e^-90 = 8e-40); the kernel reads and writes those as zero (`tiny_as_zero`) and
+    still matches float64, forward and backward."""
+    g = torch.Generator().manual_seed(11)
+    scale = torch.cat([torch.full((2 * 64,), 20.0), torch.ones(64)])  # v of standard deviation 1
+    qkv = (torch.randn(2, 64, 3 * 64, generator=g) * scale).requires_grad_()
+    q, k, v = (x.view(2, 64, 2, 32).transpose(1, 2) for x in qkv.split(64, dim=2))
+    out = cpu_kernels.causal_attention(q, k, v)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(12))
+    got = torch.autograd.grad(out, qkv, grad)[0]
+    want, want_grad = reference(qkv, 2, 32, grad)
+    probs = torch.softmax(q.detach().double() @ k.detach().double().transpose(-1, -2) / 32 ** 0.5
+                          + torch.full((64, 64), float("-inf"), dtype=torch.float64).triu(1), dim=-1)
+    tiny = torch.finfo(torch.float32).tiny
+    assert ((probs > 0) & (probs < tiny)).sum() > 100  # the case in question: subnormal probabilities
+    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got.double(), want_grad, rtol=1e-4, atol=1e-3)
+
+
+@needs_kernel
 def test_a_nan_query_spoils_its_own_row_only():
     qkv = heads(1, 12, 1, 16, seed=5)[0].detach()
     qkv[0, 7, 3] = float("nan")  # query 7's fourth number

@@ -100,6 +100,29 @@ def test_attend_reads_the_cache_through_its_strides():
 
 
 @needs_kernels
+def test_kernels_read_subnormals_as_zero_and_leave_torch_s_threads_as_they_were():
+    """Numbers below float32's smallest normal (2^-126) read and written as zero inside lm's kernels, which
+    keeps softmax's and GELU's tails from costing a microcode assist each; PyTorch's own operations on the
+    same threads afterwards still keep their subnormals (each kernel restores the thread's control word)."""
+    tiny = torch.finfo(torch.float32).tiny
+    subnormal = torch.full((2, 64), tiny / 8)
+    many = torch.full((4_000_000,), tiny / 8)  # enough for torch to split the multiplication over threads
+    with threads(2):
+        assert (F.linear(subnormal, torch.ones(32, 64)) > 0).all()  # 64 x tiny/8 = 8 tiny: normal
+        assert (matvec(subnormal, torch.ones(32, 64)) == 0).all()
+        assert ((many * 1.5) > 0).all()
+        q = torch.full((1, 2, 1, 16), tiny / 8)
+        keys, values = torch.randn(1, 2, 5, 16), torch.full((1, 2, 5, 16), tiny / 4)
+        assert (F.scaled_dot_product_attention(q, keys, values) > 0).all()
+        assert (attend(q, keys, values) == 0).all()
+        assert ((many * 1.5) > 0).all()
+        if cpu_kernels.bias_gelu_unavailable(64) is None:
+            assert (F.gelu(subnormal) > 0).all()
+            assert (cpu_kernels.bias_gelu(subnormal, torch.zeros(64)) == 0).all()
+            assert ((many * 1.5) > 0).all()
+
+
+@needs_kernels
 def test_what_the_kernels_refuse():
     weight = torch.randn(8, 16)
     with pytest.raises(ValueError, match="float32"):

@@ -30,7 +30,7 @@
 #include <omp.h>
 #include <string.h>
 
-#include "vector_math.h"  /* exp_nonpositive, ERF_P, ERF_TERMS */
+#include "vector_math.h"  /* exp_nonpositive, ERF_P, ERF_TERMS, tiny_as_zero */
 
 #ifdef __AVX512F__
 #define ROWS 8   /* eight 16-float sums (12 rows spill the row pointers: slower) */
@@ -384,6 +384,7 @@ void lm_causal_forward(const float *q, const float *k, const float *v, const flo
     long ld = lm_causal_stride(T), per_head = lm_causal_probs(T);
     #pragma omp parallel num_threads(threads)
     {
+        unsigned saved = tiny_as_zero();
         float *kt = scratch + omp_get_thread_num() * lm_causal_scratch(T, D, 0), *qp = kt + D * ld, *vp = qp + T * D;
         float *spare = vp + T * D;
         #pragma omp for schedule(static)
@@ -412,6 +413,7 @@ void lm_causal_forward(const float *q, const float *k, const float *v, const flo
                 rows_times_span(in, vh, D, last + 1, 0, D, rows, 1.0f);
             }
         }
+        restore_tiny(saved);
     }
 }
 
@@ -436,6 +438,7 @@ void lm_causal_backward(const float *q, const float *k, const float *v, const fl
     long ld = lm_causal_stride(T), per_head = lm_causal_probs(T);
     #pragma omp parallel num_threads(threads)
     {
+        unsigned saved = tiny_as_zero();
         float *vt = scratch + omp_get_thread_num() * lm_causal_scratch(T, D, 1), *dS = vt + D * ld;
         float *qp = dS + per_head, *kp = qp + T * D, *gp = kp + T * D, *spare = gp + T * D;
         #pragma omp for schedule(static)
@@ -502,6 +505,7 @@ void lm_causal_backward(const float *q, const float *k, const float *v, const fl
                 columns_put(dbias + hd, total);
             }
         }
+        restore_tiny(saved);
     }
 }
 
@@ -532,14 +536,19 @@ static inline void normal_parts(Columns x, Columns *cdf, Columns *pdf) {
 }
 
 void lm_bias_gelu_forward(const float *h, const float *b, float *y, long N, long F, int threads) {
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (long n = 0; n < N; n++)
-        for (long c = 0; c < F; c += 16) {
-            _mm_prefetch((const char *)(h + (n + ROW_AHEAD) * F + c), _MM_HINT_T0);
-            Columns x = columns_add(columns_load(h + n * F + c), columns_load(b + c)), cdf, pdf;
-            normal_parts(x, &cdf, &pdf);
-            columns_put(y + n * F + c, columns_mul(x, cdf));
-        }
+    #pragma omp parallel num_threads(threads)
+    {
+        unsigned saved = tiny_as_zero();
+        #pragma omp for schedule(static)
+        for (long n = 0; n < N; n++)
+            for (long c = 0; c < F; c += 16) {
+                _mm_prefetch((const char *)(h + (n + ROW_AHEAD) * F + c), _MM_HINT_T0);
+                Columns x = columns_add(columns_load(h + n * F + c), columns_load(b + c)), cdf, pdf;
+                normal_parts(x, &cdf, &pdf);
+                columns_put(y + n * F + c, columns_mul(x, cdf));
+            }
+        restore_tiny(saved);
+    }
 }
 
 /* out[0..C) = the sums of the `chunks` rows of C floats at `partial`, in order (the same numbers for any thread
@@ -560,6 +569,7 @@ void lm_bias_gelu_backward(const float *h, const float *b, const float *g, float
     long chunks = (N + GELU_ROWS - 1) / GELU_ROWS;
     #pragma omp parallel num_threads(threads)
     {
+        unsigned saved = tiny_as_zero();
         #pragma omp for schedule(static)
         for (long k = 0; k < chunks; k++) {
             float *sums = partial + k * F;
@@ -577,6 +587,7 @@ void lm_bias_gelu_backward(const float *h, const float *b, const float *g, float
                 }
         }
         chunks_summed(partial, chunks, F, db);
+        restore_tiny(saved);
     }
 }
 
@@ -674,30 +685,40 @@ static inline Columns logistic(Columns a) {
 }
 
 void lm_silu_gate_forward(const float *a, const float *b, float *y, long N, long F, int threads) {
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (long n = 0; n < N; n++)
-        for (long c = 0; c < F; c += 16) {
-            _mm_prefetch((const char *)(a + (n + ROW_AHEAD) * F + c), _MM_HINT_T0);
-            _mm_prefetch((const char *)(b + (n + ROW_AHEAD) * F + c), _MM_HINT_T0);
-            Columns x = columns_load(a + n * F + c);
-            columns_put(y + n * F + c, columns_mul(columns_mul(x, logistic(x)), columns_load(b + n * F + c)));
-        }
+    #pragma omp parallel num_threads(threads)
+    {
+        unsigned saved = tiny_as_zero();
+        #pragma omp for schedule(static)
+        for (long n = 0; n < N; n++)
+            for (long c = 0; c < F; c += 16) {
+                _mm_prefetch((const char *)(a + (n + ROW_AHEAD) * F + c), _MM_HINT_T0);
+                _mm_prefetch((const char *)(b + (n + ROW_AHEAD) * F + c), _MM_HINT_T0);
+                Columns x = columns_load(a + n * F + c);
+                columns_put(y + n * F + c, columns_mul(columns_mul(x, logistic(x)), columns_load(b + n * F + c)));
+            }
+        restore_tiny(saved);
+    }
 }
 
 void lm_silu_gate_backward(const float *a, const float *b, const float *g, float *da, float *db, long N, long F,
                            int threads) {
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (long n = 0; n < N; n++)
-        for (long c = 0; c < F; c += 16) {
-            _mm_prefetch((const char *)(a + (n + ROW_AHEAD) * F + c), _MM_HINT_T0);
-            _mm_prefetch((const char *)(b + (n + ROW_AHEAD) * F + c), _MM_HINT_T0);
-            _mm_prefetch((const char *)(g + (n + ROW_AHEAD) * F + c), _MM_HINT_T0);
-            Columns x = columns_load(a + n * F + c), s = logistic(x), gd = columns_load(g + n * F + c);
-            Columns one = columns_set1(1.0f), silu = columns_mul(x, s);
-            columns_put(db + n * F + c, columns_mul(gd, silu));
-            Columns slope = columns_mul(s, columns_fmav(x, columns_sub(one, s), one));  /* SiLU'(a) */
-            columns_put(da + n * F + c, columns_mul(columns_mul(gd, columns_load(b + n * F + c)), slope));
-        }
+    #pragma omp parallel num_threads(threads)
+    {
+        unsigned saved = tiny_as_zero();
+        #pragma omp for schedule(static)
+        for (long n = 0; n < N; n++)
+            for (long c = 0; c < F; c += 16) {
+                _mm_prefetch((const char *)(a + (n + ROW_AHEAD) * F + c), _MM_HINT_T0);
+                _mm_prefetch((const char *)(b + (n + ROW_AHEAD) * F + c), _MM_HINT_T0);
+                _mm_prefetch((const char *)(g + (n + ROW_AHEAD) * F + c), _MM_HINT_T0);
+                Columns x = columns_load(a + n * F + c), s = logistic(x), gd = columns_load(g + n * F + c);
+                Columns one = columns_set1(1.0f), silu = columns_mul(x, s);
+                columns_put(db + n * F + c, columns_mul(gd, silu));
+                Columns slope = columns_mul(s, columns_fmav(x, columns_sub(one, s), one));  /* SiLU'(a) */
+                columns_put(da + n * F + c, columns_mul(columns_mul(gd, columns_load(b + n * F + c)), slope));
+            }
+        restore_tiny(saved);
+    }
 }
 
 

@@ -24,7 +24,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "vector_math.h"  /* exp_nonpositive, ERF_P, ERF_TERMS */
+#include "vector_math.h"  /* exp_nonpositive, ERF_P, ERF_TERMS, tiny_as_zero */
 
 static inline float lanes_sum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1)); /* 8 lanes -> 4 */
@@ -135,8 +135,13 @@ static inline void matvec_block(const float *W, const float *x, const float *b, 
 void lm_matvec(const float *W, const float *x, const float *b, const float *other, float *y,
                long n_rows, long n_out, long n_in, int act, int post, int threads) {
     long blocks = (n_out + 3) / 4;
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (long k = 0; k < blocks; k++) matvec_block(W, x, b, other, y, k, n_rows, n_out, n_in, act, post);
+    #pragma omp parallel num_threads(threads)
+    {
+        unsigned saved = tiny_as_zero();
+        #pragma omp for schedule(static)
+        for (long k = 0; k < blocks; k++) matvec_block(W, x, b, other, y, k, n_rows, n_out, n_in, act, post);
+        restore_tiny(saved);
+    }
 }
 
 /* lm_matvec_int8: the same with a weight stored as int8 and a float scale per output row (an
@@ -222,8 +227,14 @@ static inline void matvec_int8_block(const int8_t *Q, const float *scale, const 
 void lm_matvec_int8(const int8_t *Q, const float *scale, const float *x, const float *b, const float *other,
                     float *y, long n_rows, long n_out, long n_in, int act, int post, int threads) {
     long blocks = (n_out + 3) / 4;
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (long k = 0; k < blocks; k++) matvec_int8_block(Q, scale, x, b, other, y, k, n_rows, n_out, n_in, act, post);
+    #pragma omp parallel num_threads(threads)
+    {
+        unsigned saved = tiny_as_zero();
+        #pragma omp for schedule(static)
+        for (long k = 0; k < blocks; k++)
+            matvec_int8_block(Q, scale, x, b, other, y, k, n_rows, n_out, n_in, act, post);
+        restore_tiny(saved);
+    }
 }
 
 /* Attention of a few new queries over a KV cache, each query on its own, in a fixed order.
@@ -274,10 +285,15 @@ static inline void attend_job(const float *q, const float *k, const float *v, fl
 void lm_attend(const float *q, const float *k, const float *v, float *out, long B, long H, long H_kv, long T,
                long S, long D, long q_sb, long q_sh, long q_st, long k_sb, long k_sh, long k_ss,
                long v_sb, long v_sh, long v_ss, long o_sb, long o_sh, long o_st, float scale, int threads) {
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (long job = 0; job < B * H * T; job++)
-        attend_job(q, k, v, out, job, H, H_kv, T, S, D, q_sb, q_sh, q_st, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss,
-                   o_sb, o_sh, o_st, scale);
+    #pragma omp parallel num_threads(threads)
+    {
+        unsigned saved = tiny_as_zero();
+        #pragma omp for schedule(static)
+        for (long job = 0; job < B * H * T; job++)
+            attend_job(q, k, v, out, job, H, H_kv, T, S, D, q_sb, q_sh, q_st, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss,
+                       o_sb, o_sh, o_st, scale);
+        restore_tiny(saved);
+    }
 }
 
 /* ---- a whole decoding step (lm_decode_step) ---------------------------------------------------------
@@ -382,6 +398,7 @@ void lm_decode_step(const long *ptr, const long *dim, float eps, float scale, fl
     const float *cos = (const float *)tail[5], *sin = (const float *)tail[6];
     #pragma omp parallel num_threads(threads)
     {
+        unsigned saved = tiny_as_zero();
         for (long l = 0; l < L; l++) {
             const long *p = ptr + l * P_BLOCK;
             float *keys = (float *)p[P_KEYS], *values = (float *)p[P_VALUES];
@@ -411,5 +428,6 @@ void lm_decode_step(const long *ptr, const long *dim, float eps, float scale, fl
         }
         norm_rows(x, h, (const float *)tail[0], (const float *)tail[1], R, C, norm, eps);
         product_rows(linear_at(tail + 2), h, 0, logits, R, V, C, 0, 0);
+        restore_tiny(saved);
     }
 }
