@@ -187,3 +187,98 @@ def test_encode_batch_over_processes_gives_the_same_ids(merger, reference):
     texts = lm.load_corpus("shakespeare")[:300_000].split("\n\n")
     got = tok.encode_batch(texts, allowed_special="none", processes=2)
     assert got == [reference.encode_ordinary(t) for t in texts]
+
+
+# ---- whole ASCII texts in C (bpe_core.TextEncoder over lm_bpe_text_gpt2) -----------------------------------
+ASCII_RUNS = "aZz09 \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f'sdmtlvreSDLLVE.,!?-_()\"$\x00\x7f"
+
+
+def ascii_text(rng, n: int) -> str:
+    """Runs of characters from ASCII_RUNS (long words, numbers, whitespace runs, contractions and near misses)."""
+    out = []
+    while sum(map(len, out)) < n:
+        out.append(rng.choice(ASCII_RUNS) * rng.choice([1, 1, 1, 2, 3, 7]))
+    return "".join(out)[:n]
+
+
+def piece_by_piece(text: str, ranks) -> list[int]:
+    """GPT-2's ids the plain way: `regex`'s pre-tokens, each merged by the Python `bpe`."""
+    cache = bpe_core.TokenCache(ranks, 10**9)
+    cache._merger = None  # no C at all
+    return [i for piece in regex.findall(GPT2_PATTERN, text) for i in cache[piece]]
+
+
+def test_whole_ascii_texts_take_the_c_encoder(merger, reference):
+    tok = ByteBPETokenizer.gpt2()
+    text = lm.load_corpus("shakespeare")[:300_000]
+    assert tok.encode(text, allowed_special="none") == reference.encode_ordinary(text)
+    assert isinstance(tok._cache._text, bpe_core.TextEncoder)
+    assert len(tok._cache) == 0  # no pre-token went through Python's cache
+
+
+def test_random_ascii_texts_encode_as_regex_and_bpe_and_as_tiktoken(merger, ranks, reference):
+    import random
+
+    rng = random.Random(0)
+    tok = ByteBPETokenizer.gpt2()
+    for n in [0, 1, 2, 3, 5, 10, 30, 200, 5_000]:
+        for _ in range(40 if n < 1_000 else 3):
+            text = ascii_text(rng, n)
+            want = piece_by_piece(text, ranks)
+            assert want == reference.encode_ordinary(text), text
+            assert tok.encode(text, allowed_special="none") == want, text
+    every = "".join(chr(c) for c in range(128)) * 3
+    assert tok.encode(every, allowed_special="none") == reference.encode_ordinary(every)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=ASCII_RUNS, max_size=80) | st.text(alphabet=st.characters(max_codepoint=127), max_size=80))
+def test_any_ascii_text_encodes_as_tiktoken(merger, reference, text):
+    assert ByteBPETokenizer.gpt2().encode(text, allowed_special="none") == reference.encode_ordinary(text)
+
+
+def test_pretokens_too_long_for_c_and_special_tokens_between(merger, reference):
+    """A pre-token over NATIVE_MAX bytes goes back to Python's bpe_heap, and the C scan goes on after it."""
+    tok = ByteBPETokenizer.gpt2()
+    text = ("Hello there " + "x" * 3000 + " and " + "9" * 1500 + "<|endoftext|>" + " " * 2000 + "end.'s\n" +
+            "!?" * 700 + " done")
+    want = reference.encode(text, allowed_special="all")
+    assert tok.encode(text) == want
+    assert tok.encode(text) == want  # again, from the caches
+    assert len(tok._cache) == 4  # only the four long pre-tokens came through Python's cache
+
+
+def test_a_small_cache_empties_and_refills_with_the_same_ids(merger, reference):
+    tok = ByteBPETokenizer.gpt2()
+    tok._cache = bpe_core.TokenCache(tok._ranks, 50)  # the C cache keeps 50 pre-tokens too
+    text = lm.load_corpus("shakespeare")[:50_000]
+    for _ in range(2):
+        assert tok.encode(text, allowed_special="none") == reference.encode_ordinary(text)
+
+
+def test_threads_encoding_whole_texts_at_once(merger, reference):
+    """One thread at a time uses the C encoder (ctypes lets go of the GIL); the others take the Python path."""
+    tok = ByteBPETokenizer.gpt2()
+    texts = lm.load_corpus("shakespeare")[:400_000].split("\n\n")
+    expected = [reference.encode_ordinary(t) for t in texts]
+    results: dict[int, list] = {}
+
+    def work(k: int) -> None:
+        results[k] = [tok.encode(t, allowed_special="none") for t in texts]
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(got == expected for got in results.values())
+
+
+def test_the_c_cache_is_freed_with_its_tokenizer(merger):
+    tok = ByteBPETokenizer.gpt2()
+    tok.encode("some text to fill the cache")
+    finalizer = tok._cache._text._finalizer
+    assert finalizer.alive
+    del tok
+    gc.collect()
+    assert not finalizer.alive

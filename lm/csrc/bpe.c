@@ -110,3 +110,171 @@ int lm_bpe_encode(const table_t *t, const uint8_t *data, int n, int32_t *out) {
     }
     return parts;
 }
+
+/* ---- whole ASCII texts under GPT-2's pattern (lm_bpe_text_gpt2) ----------------------------------------
+   The pre-tokens of GPT-2's pattern on ASCII text, where \p{L} is [A-Za-z], \p{N} is [0-9] and \s is the six
+   characters \t \n \v \f \r and space (bpe_core.GPT2_ASCII_PATTERN, which the tests hold to the `regex` form):
+
+     'd 'm 's 't 'll 've 're  |  ' '? letters  |  ' '? digits  |  ' '? others  |  spaces not before a non-space  |  spaces
+
+   found by one scan, each looked up in a cache of the pre-tokens met so far (`cache_t`: bytes -> ids, emptied
+   when `limit` are stored, as bpe_core.TokenCache is) and merged by lm_bpe_encode when new. */
+
+enum { LETTER = 1, DIGIT = 2, SPACE = 3, OTHER = 4 };
+
+static inline int class_of(uint8_t c) {
+    if ((c | 32) >= 'a' && (c | 32) <= 'z') return LETTER;
+    if (c >= '0' && c <= '9') return DIGIT;
+    if (c == ' ' || (c >= '\t' && c <= '\r')) return SPACE;
+    return OTHER;
+}
+
+/* where the pre-token that starts at text[i] ends (i < n) */
+static int64_t pretoken_end(const uint8_t *s, int64_t i, int64_t n) {
+    uint8_t c = s[i];
+    if (c == '\'' && i + 1 < n) { /* the contractions come before a run of others */
+        uint8_t d = s[i + 1];
+        if (d == 's' || d == 'd' || d == 'm' || d == 't') return i + 2;
+        if (i + 2 < n) {
+            uint8_t e = s[i + 2];
+            if ((d == 'l' && e == 'l') || (d == 'v' && e == 'e') || (d == 'r' && e == 'e')) return i + 3;
+        }
+    }
+    int64_t j = i;
+    int kind = class_of(c);
+    if (c == ' ' && i + 1 < n && class_of(s[i + 1]) != SPACE) kind = class_of(s[++j]); /* ' ?' and a run */
+    if (kind != SPACE) {
+        int64_t e = j + 1;
+        while (e < n && class_of(s[e]) == kind) e++;
+        return e;
+    }
+    int64_t e = i + 1; /* a run of spaces: all of it at the end of the text, else all but the last one */
+    while (e < n && class_of(s[e]) == SPACE) e++;
+    return (e == n || e - i == 1) ? e : e - 1;
+}
+
+typedef struct {
+    uint64_t hash; /* 0: an empty slot */
+    int64_t at, ids_at; /* where its bytes and its ids are kept */
+    int32_t length, count;
+} entry_t;
+
+typedef struct {
+    uint64_t mask; /* slots - 1; at most half of them used */
+    entry_t *entries;
+    int64_t used, limit;
+    uint8_t *bytes;
+    int32_t *ids;
+    int64_t bytes_used, bytes_room, ids_used, ids_room;
+} cache_t;
+
+void lm_bpe_cache_free(cache_t *c) {
+    if (c) {
+        free(c->entries);
+        free(c->bytes);
+        free(c->ids);
+        free(c);
+    }
+}
+
+/* An empty cache that keeps at most `limit` pre-tokens; NULL when memory runs out. */
+cache_t *lm_bpe_cache_new(int64_t limit) {
+    cache_t *c = calloc(1, sizeof(cache_t));
+    if (!c) return NULL;
+    c->mask = 4095;
+    c->limit = limit > 0 ? limit : 1;
+    c->entries = calloc(c->mask + 1, sizeof(entry_t));
+    c->bytes_room = c->ids_room = 1 << 16;
+    c->bytes = malloc((size_t)c->bytes_room);
+    c->ids = malloc((size_t)c->ids_room * sizeof(int32_t));
+    if (!c->entries || !c->bytes || !c->ids) {
+        lm_bpe_cache_free(c);
+        return NULL;
+    }
+    return c;
+}
+
+static const entry_t *cache_find(const cache_t *c, const uint8_t *p, int64_t n, uint64_t h) {
+    for (uint64_t i = h & c->mask;; i = (i + 1) & c->mask) {
+        const entry_t *e = &c->entries[i];
+        if (e->hash == 0) return NULL;
+        if (e->hash == h && e->length == n && memcmp(c->bytes + e->at, p, (size_t)n) == 0) return e;
+    }
+}
+
+static int room_for(void **buffer, int64_t *room, int64_t need, size_t item) {
+    if (need <= *room) return 0;
+    int64_t size = *room;
+    while (size < need) size *= 2;
+    void *bigger = realloc(*buffer, (size_t)size * item);
+    if (!bigger) return -1;
+    *buffer = bigger;
+    *room = size;
+    return 0;
+}
+
+/* stores the pre-token p[0:n] with its ids; -1 when memory runs out */
+static int cache_put(cache_t *c, const uint8_t *p, int64_t n, uint64_t h, const int32_t *ids, int32_t count) {
+    if (c->used >= c->limit) { /* full: start again, as TokenCache does */
+        memset(c->entries, 0, (size_t)(c->mask + 1) * sizeof(entry_t));
+        c->used = c->bytes_used = c->ids_used = 0;
+    }
+    if (2 * (uint64_t)(c->used + 1) > c->mask + 1) { /* twice the slots, everything placed again */
+        uint64_t mask = 2 * c->mask + 1;
+        entry_t *entries = calloc(mask + 1, sizeof(entry_t));
+        if (!entries) return -1;
+        for (uint64_t k = 0; k <= c->mask; k++) {
+            if (!c->entries[k].hash) continue;
+            uint64_t i = c->entries[k].hash & mask;
+            while (entries[i].hash) i = (i + 1) & mask;
+            entries[i] = c->entries[k];
+        }
+        free(c->entries);
+        c->entries = entries;
+        c->mask = mask;
+    }
+    if (room_for((void **)&c->bytes, &c->bytes_room, c->bytes_used + n, 1) ||
+        room_for((void **)&c->ids, &c->ids_room, c->ids_used + count, sizeof(int32_t)))
+        return -1;
+    uint64_t i = h & c->mask;
+    while (c->entries[i].hash) i = (i + 1) & c->mask;
+    c->entries[i] = (entry_t){h, c->bytes_used, c->ids_used, (int32_t)n, count};
+    memcpy(c->bytes + c->bytes_used, p, (size_t)n);
+    memcpy(c->ids + c->ids_used, ids, (size_t)count * sizeof(int32_t));
+    c->bytes_used += n;
+    c->ids_used += count;
+    c->used++;
+    return 0;
+}
+
+/* The ids of the ASCII text[start:n], pre-token by pre-token, into out (room for n - start); returns how many.
+   *stop is n when the text is done; otherwise it is where a pre-token begins that this cannot merge (over
+   LM_BPE_MAX bytes, or a byte without a token), *piece_end where that one ends: the caller encodes it and calls
+   again from there. -1 when memory runs out. */
+int64_t lm_bpe_text_gpt2(const table_t *t, cache_t *c, const uint8_t *text, int64_t start, int64_t n, int32_t *out,
+                         int64_t *stop, int64_t *piece_end) {
+    int64_t written = 0;
+    int32_t merged[LM_BPE_MAX];
+    for (int64_t i = start; i < n;) {
+        int64_t end = pretoken_end(text, i, n), length = end - i;
+        uint64_t h = hash_of(text + i, length);
+        const entry_t *e = cache_find(c, text + i, length, h);
+        if (e) {
+            memcpy(out + written, c->ids + e->ids_at, (size_t)e->count * sizeof(int32_t));
+            written += e->count;
+        } else {
+            int count = length <= LM_BPE_MAX ? lm_bpe_encode(t, text + i, (int)length, merged) : -2;
+            if (count < 0) {
+                *stop = i;
+                *piece_end = end;
+                return written;
+            }
+            if (cache_put(c, text + i, length, h, merged, count)) return -1;
+            memcpy(out + written, merged, (size_t)count * sizeof(int32_t));
+            written += count;
+        }
+        i = end;
+    }
+    *stop = n;
+    return written;
+}

@@ -252,6 +252,13 @@ def native_merging():
         # `argtypes` (their checks cost more than the merging): NativeMerger passes a c_void_p, bytes,
         # an int and an int32 array, exactly its C types
         library.lm_bpe_encode.restype = ctypes.c_int
+        library.lm_bpe_cache_new.argtypes = [ctypes.c_int64]
+        library.lm_bpe_cache_new.restype = ctypes.c_void_p
+        library.lm_bpe_cache_free.argtypes = [ctypes.c_void_p]
+        library.lm_bpe_cache_free.restype = None
+        library.lm_bpe_text_gpt2.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int64,
+                                             ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        library.lm_bpe_text_gpt2.restype = ctypes.c_int64
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as error:
         return None, f"compiling bpe.c failed: {error}"
     # a check against `bpe`: a vocabulary of the bytes and a few merges, ties and unmergeable pairs
@@ -287,6 +294,46 @@ class NativeMerger:
         return tuple(out[:count]) if count >= 0 else None
 
 
+class TextEncoder:
+    """Whole ASCII texts under GPT-2's pattern in C (`lm_bpe_text_gpt2` in bpe.c): one scan finds the
+    pre-tokens (GPT2_ASCII_PATTERN's, with the same six whitespace characters), each is looked up in a
+    cache of its own (up to `limit` pre-tokens, emptied when full, as TokenCache is) and merged by `merger`'s
+    table when new. A pre-token the C merging cannot take (longer than NATIVE_MAX bytes, or with a byte
+    that has no token) comes back to Python's cache, `pieces`. One text at a time: ctypes lets go of the
+    GIL during the call, so a second thread gets False and takes the Python path."""
+
+    def __init__(self, library, merger: NativeMerger, limit: int):
+        handle = library.lm_bpe_cache_new(limit)
+        if not handle:
+            raise MemoryError("no memory for the C pre-token cache")
+        self._finalizer = weakref.finalize(self, library.lm_bpe_cache_free, handle)
+        self._merger, self._run, self._cache = merger, library.lm_bpe_text_gpt2, ctypes.c_void_p(handle)
+        self._lock = threading.Lock()
+
+    def __call__(self, text: str, pieces: TokenCache, ids: list[int]) -> bool:
+        """Append the ids of the ASCII `text` to `ids`; False, with nothing appended, while another thread
+        is encoding with it."""
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            data = text.encode("ascii")
+            out = array("i", bytes(4 * len(data)))  # a pre-token has at most as many ids as bytes
+            stop, end = ctypes.c_int64(), ctypes.c_int64()
+            start = 0
+            while True:
+                count = self._run(self._merger._table, self._cache, data, start, len(data), out.buffer_info()[0],
+                                  ctypes.byref(stop), ctypes.byref(end))
+                if count < 0:
+                    raise MemoryError("no memory for the C pre-token cache")
+                ids += out[:count]
+                if stop.value >= len(data):
+                    return True
+                ids += pieces[text[stop.value : end.value]]  # bpe_heap, or the error for a byte without a token
+                start = end.value
+        finally:
+            self._lock.release()
+
+
 def native_merger(ranks: Mapping[bytes, int]) -> NativeMerger | None:
     """A NativeMerger for `ranks`, or None where the C merging cannot run (or take these ids)."""
     library, _ = native_merging()
@@ -314,6 +361,7 @@ class TokenCache(dict):
         super().__init__()
         self.ranks, self.limit = ranks, limit
         self._merger: NativeMerger | None | bool = False  # False: not made yet (on the first miss)
+        self._text: TextEncoder | None | bool = False  # likewise, on the first whole text
 
     def __reduce__(self):
         return type(self), (self.ranks, self.limit)
@@ -337,6 +385,19 @@ class TokenCache(dict):
         self[piece] = tokens
         return tokens
 
+    def text_encoder(self) -> TextEncoder | None:
+        """The C encoder of whole ASCII texts under GPT-2's pattern for these ranks, None where the C
+        merging cannot run."""
+        if self._text is False:
+            if self._merger is False:
+                self._merger = native_merger(self.ranks)
+            library, _ = native_merging()
+            try:
+                self._text = TextEncoder(library, self._merger, self.limit) if self._merger is not None else None
+            except MemoryError:
+                self._text = None
+        return self._text
+
 
 def surrogate_message(piece: str) -> str:
     """What to say when a pre-token holds a lone surrogate (str.encode fails on it)."""
@@ -355,10 +416,25 @@ def encode_text(text: str, split: Splitter, cache: TokenCache, specials: regex.P
     start = 0
     if specials is not None:
         for match in specials.finditer(text):
-            encode_pieces(split(text[start : match.start()]), cache, ids)
+            encode_segment(text[start : match.start()], split, cache, ids)
             ids.append(special_ids[match.group()])
             start = match.end()
-    encode_pieces(split(text[start:]), cache, ids)
+    encode_segment(text[start:], split, cache, ids)
+
+
+def encode_segment(text: str, split: Splitter, cache: TokenCache, ids: list[int]) -> None:
+    """Append the ids of `text`, which holds no special token: its ASCII blocks through the C encoder
+    where the pattern is GPT-2's and the C merging runs (`TokenCache.text_encoder`), the rest piece by
+    piece (blocks cut where `split` would cut them too, so the pre-tokens are the same)."""
+    encoder = cache.text_encoder() if getattr(split, "ascii_pattern", None) == GPT2_ASCII_PATTERN else None
+    if encoder is None:
+        encode_pieces(split(text), cache, ids)
+        return
+    mixed = len(text) > BLOCK_CHARS and not text.isascii()
+    blocks = cut_blocks(text, BLOCK_CHARS, cut_rule(GPT2_ASCII_PATTERN)) if mixed else (text,)
+    for block in blocks:
+        if not (block.isascii() and encoder(block, cache, ids)):
+            encode_pieces(split(block), cache, ids)
 
 
 # ---- the work a process does: count pre-tokens, or encode texts ------------------------------------
