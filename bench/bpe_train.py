@@ -1,4 +1,4 @@
-"""BPE training time, seconds: lm's pure-Python ByteBPETokenizer against sentencepiece and Hugging
+"""BPE training time, seconds: lm's ByteBPETokenizer (Python; its pre-tokens counted in C where it can) against sentencepiece and Hugging
 Face tokenizers, each learning a 10,000-token vocabulary from the whole Shakespeare corpus (~5.06M
 characters) on one thread.
 

@@ -10,6 +10,7 @@ import pickle
 import subprocess
 import sys
 import threading
+from collections import Counter
 
 import pytest
 import regex
@@ -282,3 +283,61 @@ def test_the_c_cache_is_freed_with_its_tokenizer(merger):
     del tok
     gc.collect()
     assert not finalizer.alive
+
+
+# ---- counting pre-tokens in C for training (bpe_core.TextCounter over lm_bpe_count_gpt2) --------------------
+def counted(texts: list[str], special_tokens=("<|endoftext|>",)) -> tuple[bpe_core.PieceCounter, Counter]:
+    counter = bpe_core.PieceCounter(GPT2_PATTERN, bpe_core.GPT2_ASCII_PATTERN, False, special_tokens)
+    counter(texts)
+    return counter, counter.finish()
+
+
+def regex_counts(texts: list[str]) -> Counter:
+    counts = Counter()
+    for text in texts:
+        for segment in text.split("<|endoftext|>"):
+            counts.update(regex.findall(GPT2_PATTERN, segment))
+    return counts
+
+
+def test_counting_in_c_equals_regex_on_shakespeare_and_random_ascii(merger):
+    import random
+
+    rng = random.Random(3)
+    texts = [lm.load_corpus("shakespeare")[:200_000], "one<|endoftext|>two 's x" + "y" * 2000,
+             *(ascii_text(rng, n) for n in (0, 1, 5, 50, 3_000) for _ in range(20))]
+    counter, counts = counted(texts)
+    assert counter.in_c is not None
+    assert counts == regex_counts(texts)
+    assert counter.finish() == counts  # finishing again adds nothing twice
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(alphabet=ASCII_RUNS, max_size=60) | st.text(alphabet=st.characters(max_codepoint=127),
+                                                                   max_size=60), max_size=4))
+def test_counting_any_ascii_texts_in_c_equals_regex(merger, texts):
+    assert counted(texts)[1] == regex_counts(texts)
+
+
+def test_mixed_text_is_counted_block_by_block(merger, monkeypatch):
+    monkeypatch.setattr(bpe_core, "BLOCK_CHARS", 1_000)
+    text = lm.load_corpus("shakespeare")[:30_000].replace("KING", "KÖNIG").replace(" the", " thé 😀")
+    assert counted([text])[1] == regex_counts([text])
+
+
+def test_training_with_and_without_the_c_file_learns_the_same_merges(rebuilt, monkeypatch):
+    text = lm.load_corpus("shakespeare")[:300_000] + " naïve café 日本語"
+    assert bpe_core.native_merging()[0] is not None
+    with_c = ByteBPETokenizer.train(text, 1_000, processes=1)
+    monkeypatch.setenv("LM_CPU_KERNELS", "0")
+    bpe_core.native_merging.cache_clear()
+    assert bpe_core.native_merging()[0] is None
+    without = ByteBPETokenizer.train(text, 1_000, processes=1)
+    assert with_c.merges == without.merges
+
+
+def test_a_long_text_takes_several_calls_with_a_bounded_buffer(merger, reference, monkeypatch):
+    monkeypatch.setattr(bpe_core, "TEXT_IDS", 7)  # at most 7 ids a call: every few pre-tokens a new call
+    tok = ByteBPETokenizer.gpt2()
+    text = lm.load_corpus("shakespeare")[:20_000] + " " + "z" * 2000 + " the end"
+    assert tok.encode(text, allowed_special="none") == reference.encode_ordinary(text)

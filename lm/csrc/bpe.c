@@ -155,10 +155,12 @@ static int64_t pretoken_end(const uint8_t *s, int64_t i, int64_t n) {
 
 typedef struct {
     uint64_t hash; /* 0: an empty slot */
-    int64_t at, ids_at; /* where its bytes and its ids are kept */
-    int32_t length, count;
+    int64_t at, value; /* where its bytes are kept; where its ids are (a cache) or how often it was seen (counts) */
+    int32_t length, count; /* bytes, and ids (a cache) */
 } entry_t;
 
+/* Pre-tokens (bytes) with a number each: a cache of their ids (lm_bpe_cache_new) or their counts
+   (lm_bpe_counts_new, which never empties). */
 typedef struct {
     uint64_t mask; /* slots - 1; at most half of them used */
     entry_t *entries;
@@ -194,9 +196,9 @@ cache_t *lm_bpe_cache_new(int64_t limit) {
     return c;
 }
 
-static const entry_t *cache_find(const cache_t *c, const uint8_t *p, int64_t n, uint64_t h) {
+static entry_t *cache_find(const cache_t *c, const uint8_t *p, int64_t n, uint64_t h) {
     for (uint64_t i = h & c->mask;; i = (i + 1) & c->mask) {
-        const entry_t *e = &c->entries[i];
+        entry_t *e = &c->entries[i];
         if (e->hash == 0) return NULL;
         if (e->hash == h && e->length == n && memcmp(c->bytes + e->at, p, (size_t)n) == 0) return e;
     }
@@ -213,16 +215,12 @@ static int room_for(void **buffer, int64_t *room, int64_t need, size_t item) {
     return 0;
 }
 
-/* stores the pre-token p[0:n] with its ids; -1 when memory runs out */
-static int cache_put(cache_t *c, const uint8_t *p, int64_t n, uint64_t h, const int32_t *ids, int32_t count) {
-    if (c->used >= c->limit) { /* full: start again, as TokenCache does */
-        memset(c->entries, 0, (size_t)(c->mask + 1) * sizeof(entry_t));
-        c->used = c->bytes_used = c->ids_used = 0;
-    }
+/* a new entry for p[0:n] (not there yet), its value and count 0; NULL when memory runs out */
+static entry_t *cache_add(cache_t *c, const uint8_t *p, int64_t n, uint64_t h) {
     if (2 * (uint64_t)(c->used + 1) > c->mask + 1) { /* twice the slots, everything placed again */
         uint64_t mask = 2 * c->mask + 1;
         entry_t *entries = calloc(mask + 1, sizeof(entry_t));
-        if (!entries) return -1;
+        if (!entries) return NULL;
         for (uint64_t k = 0; k <= c->mask; k++) {
             if (!c->entries[k].hash) continue;
             uint64_t i = c->entries[k].hash & mask;
@@ -233,34 +231,53 @@ static int cache_put(cache_t *c, const uint8_t *p, int64_t n, uint64_t h, const 
         c->entries = entries;
         c->mask = mask;
     }
-    if (room_for((void **)&c->bytes, &c->bytes_room, c->bytes_used + n, 1) ||
-        room_for((void **)&c->ids, &c->ids_room, c->ids_used + count, sizeof(int32_t)))
-        return -1;
+    if (room_for((void **)&c->bytes, &c->bytes_room, c->bytes_used + n, 1)) return NULL;
     uint64_t i = h & c->mask;
     while (c->entries[i].hash) i = (i + 1) & c->mask;
-    c->entries[i] = (entry_t){h, c->bytes_used, c->ids_used, (int32_t)n, count};
+    c->entries[i] = (entry_t){h, c->bytes_used, 0, (int32_t)n, 0};
     memcpy(c->bytes + c->bytes_used, p, (size_t)n);
-    memcpy(c->ids + c->ids_used, ids, (size_t)count * sizeof(int32_t));
     c->bytes_used += n;
-    c->ids_used += count;
     c->used++;
+    return &c->entries[i];
+}
+
+/* stores the pre-token p[0:n] with its ids; -1 when memory runs out */
+static int cache_put(cache_t *c, const uint8_t *p, int64_t n, uint64_t h, const int32_t *ids, int32_t count) {
+    if (c->used >= c->limit) { /* full: start again, as TokenCache does */
+        memset(c->entries, 0, (size_t)(c->mask + 1) * sizeof(entry_t));
+        c->used = c->bytes_used = c->ids_used = 0;
+    }
+    if (room_for((void **)&c->ids, &c->ids_room, c->ids_used + count, sizeof(int32_t))) return -1;
+    entry_t *e = cache_add(c, p, n, h);
+    if (!e) return -1;
+    e->value = c->ids_used;
+    e->count = count;
+    memcpy(c->ids + c->ids_used, ids, (size_t)count * sizeof(int32_t));
+    c->ids_used += count;
     return 0;
 }
 
-/* The ids of the ASCII text[start:n], pre-token by pre-token, into out (room for n - start); returns how many.
-   *stop is n when the text is done; otherwise it is where a pre-token begins that this cannot merge (over
-   LM_BPE_MAX bytes, or a byte without a token), *piece_end where that one ends: the caller encodes it and calls
-   again from there. -1 when memory runs out. */
+/* The ids of the ASCII text[start:n], pre-token by pre-token, into out (room for `room` ids); returns how many.
+   *stop is n when the text is done; otherwise it is where the next pre-token begins, and *piece_end is -1 when
+   out is full (the caller takes the ids and calls again from *stop), else the end of a pre-token this leaves to
+   the caller (over LM_BPE_MAX bytes or over `room`, or a byte without a token), who encodes that one and calls
+   again from its end.
+   -1 when memory runs out. */
 int64_t lm_bpe_text_gpt2(const table_t *t, cache_t *c, const uint8_t *text, int64_t start, int64_t n, int32_t *out,
-                         int64_t *stop, int64_t *piece_end) {
+                         int64_t room, int64_t *stop, int64_t *piece_end) {
     int64_t written = 0;
     int32_t merged[LM_BPE_MAX];
     for (int64_t i = start; i < n;) {
         int64_t end = pretoken_end(text, i, n), length = end - i;
+        if (written + length > room) { /* a pre-token has at most as many ids as bytes */
+            *stop = i;
+            *piece_end = written ? -1 : end; /* out is full, or this one pre-token could overflow all of it */
+            return written;
+        }
         uint64_t h = hash_of(text + i, length);
         const entry_t *e = cache_find(c, text + i, length, h);
         if (e) {
-            memcpy(out + written, c->ids + e->ids_at, (size_t)e->count * sizeof(int32_t));
+            memcpy(out + written, c->ids + e->value, (size_t)e->count * sizeof(int32_t));
             written += e->count;
         } else {
             int count = length <= LM_BPE_MAX ? lm_bpe_encode(t, text + i, (int)length, merged) : -2;
@@ -277,4 +294,43 @@ int64_t lm_bpe_text_gpt2(const table_t *t, cache_t *c, const uint8_t *text, int6
     }
     *stop = n;
     return written;
+}
+
+/* ---- counting the pre-tokens of ASCII texts under GPT-2's pattern (lm_bpe_count_gpt2), for training ---- */
+
+/* An empty table of counts; NULL when memory runs out. Free it with lm_bpe_cache_free. */
+cache_t *lm_bpe_counts_new(void) { return lm_bpe_cache_new(INT64_MAX); }
+
+/* Adds the pre-tokens of the ASCII text[0:n] to the counts; -1 when memory runs out. */
+int lm_bpe_count_gpt2(cache_t *c, const uint8_t *text, int64_t n) {
+    for (int64_t i = 0; i < n;) {
+        int64_t end = pretoken_end(text, i, n), length = end - i;
+        uint64_t h = hash_of(text + i, length);
+        entry_t *e = cache_find(c, text + i, length, h);
+        if (!e && !(e = cache_add(c, text + i, length, h))) return -1;
+        e->value++;
+        i = end;
+    }
+    return 0;
+}
+
+/* How many distinct pre-tokens are counted, and (*bytes) their bytes together. */
+int64_t lm_bpe_counts_size(const cache_t *c, int64_t *bytes) {
+    *bytes = c->bytes_used;
+    return c->used;
+}
+
+/* Each counted pre-token: its bytes, one after the other, into bytes (pre-token k is bytes[offsets[k] :
+   offsets[k + 1]], offsets holding lm_bpe_counts_size + 1 numbers) and its count into counts[k]. */
+void lm_bpe_counts_export(const cache_t *c, uint8_t *bytes, int64_t *offsets, int64_t *counts) {
+    int64_t k = 0, at = 0;
+    offsets[0] = 0;
+    for (uint64_t i = 0; i <= c->mask; i++) {
+        const entry_t *e = &c->entries[i];
+        if (!e->hash) continue;
+        memcpy(bytes + at, c->bytes + e->at, (size_t)e->length);
+        at += e->length;
+        counts[k] = e->value;
+        offsets[++k] = at;
+    }
 }

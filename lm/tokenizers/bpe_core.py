@@ -221,6 +221,7 @@ def bpe_heap(data: bytes, ranks: Mapping[bytes, int]) -> list[bytes]:
 # without a C compiler, or with LM_CPU_KERNELS=0, `bpe` runs as before. The results are identical.
 NATIVE_MAX = 1024  # bytes; the C merging takes pre-tokens up to this long (LM_BPE_MAX in bpe.c)
 NATIVE_FLAGS = ("-O2", "-shared", "-fPIC")
+TEXT_IDS = 1 << 20  # ids one call of the C text encoder may return (its buffer: 4 MiB)
 
 
 def _native_module():
@@ -257,8 +258,17 @@ def native_merging():
         library.lm_bpe_cache_free.argtypes = [ctypes.c_void_p]
         library.lm_bpe_cache_free.restype = None
         library.lm_bpe_text_gpt2.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int64,
-                                             ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+                                             ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                             ctypes.c_void_p]
         library.lm_bpe_text_gpt2.restype = ctypes.c_int64
+        library.lm_bpe_counts_new.argtypes = []
+        library.lm_bpe_counts_new.restype = ctypes.c_void_p
+        library.lm_bpe_count_gpt2.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int64]
+        library.lm_bpe_count_gpt2.restype = ctypes.c_int
+        library.lm_bpe_counts_size.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        library.lm_bpe_counts_size.restype = ctypes.c_int64
+        library.lm_bpe_counts_export.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p]
+        library.lm_bpe_counts_export.restype = None
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as error:
         return None, f"compiling bpe.c failed: {error}"
     # a check against `bpe`: a vocabulary of the bytes and a few merges, ties and unmergeable pairs
@@ -317,21 +327,51 @@ class TextEncoder:
             return False
         try:
             data = text.encode("ascii")
-            out = array("i", bytes(4 * len(data)))  # a pre-token has at most as many ids as bytes
+            room = min(len(data), TEXT_IDS)  # ids a call may return: a long text takes several calls
+            out = array("i", bytes(4 * room))
             stop, end = ctypes.c_int64(), ctypes.c_int64()
             start = 0
             while True:
                 count = self._run(self._merger._table, self._cache, data, start, len(data), out.buffer_info()[0],
-                                  ctypes.byref(stop), ctypes.byref(end))
+                                  room, ctypes.byref(stop), ctypes.byref(end))
                 if count < 0:
                     raise MemoryError("no memory for the C pre-token cache")
                 ids += out[:count]
                 if stop.value >= len(data):
                     return True
-                ids += pieces[text[stop.value : end.value]]  # bpe_heap, or the error for a byte without a token
-                start = end.value
+                start = stop.value
+                if end.value >= 0:  # bpe_heap, or the error for a byte without a token
+                    ids += pieces[text[stop.value : end.value]]
+                    start = end.value
         finally:
             self._lock.release()
+
+
+class TextCounter:
+    """Counts the pre-tokens of ASCII texts under GPT-2's pattern in C (`lm_bpe_count_gpt2` in bpe.c): the
+    scan TextEncoder makes, into a C table of pre-token bytes -> count; `counts()` hands them over."""
+
+    def __init__(self, library):
+        handle = library.lm_bpe_counts_new()
+        if not handle:
+            raise MemoryError("no memory for the pre-token counts")
+        self._finalizer = weakref.finalize(self, library.lm_bpe_cache_free, handle)
+        self._library, self._table = library, ctypes.c_void_p(handle)
+
+    def __call__(self, text: str) -> None:
+        """Count the pre-tokens of the ASCII `text`."""
+        if self._library.lm_bpe_count_gpt2(self._table, text.encode("ascii"), len(text)) < 0:
+            raise MemoryError("no memory for the pre-token counts")
+
+    def counts(self) -> Counter:
+        """Every pre-token counted so far (str) with its count."""
+        size = ctypes.c_int64()
+        n = self._library.lm_bpe_counts_size(self._table, ctypes.byref(size))
+        data = ctypes.create_string_buffer(max(size.value, 1))
+        offsets, counts = array("q", bytes(8 * (n + 1))), array("q", bytes(8 * n))
+        self._library.lm_bpe_counts_export(self._table, data, offsets.buffer_info()[0], counts.buffer_info()[0])
+        text = data.raw[: size.value].decode("ascii")
+        return Counter(dict(zip(map(text.__getitem__, map(slice, offsets[:-1], offsets[1:])), counts)))
 
 
 def native_merger(ranks: Mapping[bytes, int]) -> NativeMerger | None:
@@ -430,11 +470,17 @@ def encode_segment(text: str, split: Splitter, cache: TokenCache, ids: list[int]
     if encoder is None:
         encode_pieces(split(text), cache, ids)
         return
-    mixed = len(text) > BLOCK_CHARS and not text.isascii()
-    blocks = cut_blocks(text, BLOCK_CHARS, cut_rule(GPT2_ASCII_PATTERN)) if mixed else (text,)
-    for block in blocks:
+    for block in gpt2_blocks(text):
         if not (block.isascii() and encoder(block, cache, ids)):
             encode_pieces(split(block), cache, ids)
+
+
+def gpt2_blocks(text: str) -> Iterable[str]:
+    """`text` itself, or, when it is long and not all ASCII, its blocks of about BLOCK_CHARS, cut where GPT-2's
+    pattern cuts too (so each block's pre-tokens are the text's): the ASCII ones can go to C."""
+    if len(text) > BLOCK_CHARS and not text.isascii():
+        return cut_blocks(text, BLOCK_CHARS, cut_rule(GPT2_ASCII_PATTERN))
+    return (text,)
 
 
 # ---- the work a process does: count pre-tokens, or encode texts ------------------------------------
@@ -446,14 +492,32 @@ class PieceCounter:
         self.split = Splitter(pattern, ascii_pattern, check)
         self.specials = special_regex(special_tokens)
         self.counts: Counter = Counter()
+        self.in_c: TextCounter | None = None  # GPT-2's pattern on ASCII text, where the C file runs
+        library = native_merging()[0] if ascii_pattern == GPT2_ASCII_PATTERN else None
+        if library is not None:
+            try:
+                self.in_c = TextCounter(library)
+            except MemoryError:
+                pass
 
     def __call__(self, texts: list[str]) -> None:
-        split, update = self.split, self.counts.update
+        split, update, in_c = self.split, self.counts.update, self.in_c
         for text in texts:
             for segment in (self.specials.split(text) if self.specials is not None else (text,)):
-                update(split(segment))
+                if in_c is None:
+                    update(split(segment))
+                    continue
+                for block in gpt2_blocks(segment):
+                    if block.isascii():
+                        in_c(block)
+                    else:
+                        update(split(block))
 
     def finish(self) -> Counter:
+        """The counts of every batch so far (those counted in C added in)."""
+        if self.in_c is not None:
+            self.counts.update(self.in_c.counts())
+            self.in_c = TextCounter(self.in_c._library)  # counted once: a second finish adds nothing twice
         return self.counts
 
 
