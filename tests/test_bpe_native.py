@@ -211,10 +211,11 @@ def piece_by_piece(text: str, ranks) -> list[int]:
 
 def test_whole_ascii_texts_take_the_c_encoder(merger, reference):
     tok = ByteBPETokenizer.gpt2()
+    assert tok.encode("hello") == reference.encode("hello") and tok._cache._text is False  # short: Python's
     text = lm.load_corpus("shakespeare")[:300_000]
     assert tok.encode(text, allowed_special="none") == reference.encode_ordinary(text)
     assert isinstance(tok._cache._text, bpe_core.TextEncoder)
-    assert len(tok._cache) == 0  # no pre-token went through Python's cache
+    assert list(tok._cache) == ["hello"]  # no pre-token of the long text went through Python's cache
 
 
 def test_random_ascii_texts_encode_as_regex_and_bpe_and_as_tiktoken(merger, ranks, reference):
@@ -235,7 +236,12 @@ def test_random_ascii_texts_encode_as_regex_and_bpe_and_as_tiktoken(merger, rank
 @settings(max_examples=300, deadline=None)
 @given(st.text(alphabet=ASCII_RUNS, max_size=80) | st.text(alphabet=st.characters(max_codepoint=127), max_size=80))
 def test_any_ascii_text_encodes_as_tiktoken(merger, reference, text):
-    assert ByteBPETokenizer.gpt2().encode(text, allowed_special="none") == reference.encode_ordinary(text)
+    tok = ByteBPETokenizer.gpt2()
+    assert tok.encode(text, allowed_special="none") == reference.encode_ordinary(text)
+    cache = tok._token_cache()
+    ids = []
+    assert cache.text_encoder()(text, cache, ids)  # the C encoder itself, also below TEXT_MIN characters
+    assert ids == reference.encode_ordinary(text)
 
 
 def test_pretokens_too_long_for_c_and_special_tokens_between(merger, reference):
@@ -277,7 +283,7 @@ def test_threads_encoding_whole_texts_at_once(merger, reference):
 
 def test_the_c_cache_is_freed_with_its_tokenizer(merger):
     tok = ByteBPETokenizer.gpt2()
-    tok.encode("some text to fill the cache")
+    tok.encode("some text to fill the cache, long enough for the C encoder to take it: " * 2)
     finalizer = tok._cache._text._finalizer
     assert finalizer.alive
     del tok
