@@ -4,7 +4,8 @@
    joining the adjacent pair whose joined bytes have the lowest rank (a token's rank is its id),
    the leftmost on ties, until no adjacent pair is a token. The tokens live in a hash table built once
    per vocabulary (`lm_bpe_new`); a part is a slice of the pre-token, so looking up a pair needs no
-   copy: its bytes are already side by side. */
+   copy: its bytes are already side by side. The same kind of table caches whole pre-tokens' ids and
+   counts them (below). */
 
 #include <stdint.h>
 #include <stdlib.h>
@@ -12,18 +13,6 @@
 
 #define LM_BPE_MAX 1024 /* bytes of one pre-token; Python's bpe_heap takes longer ones */
 #define NO_ID INT32_MAX
-
-typedef struct {
-    uint64_t hash; /* 0: an empty slot */
-    int64_t offset, length;
-    int32_t id;
-} slot_t;
-
-typedef struct {
-    uint64_t mask; /* slots - 1; the table is at most half full */
-    slot_t *slots;
-    uint8_t *bytes; /* every token's bytes, one after the other */
-} table_t;
 
 static uint64_t hash_of(const uint8_t *p, int64_t n) { /* FNV-1a */
     uint64_t h = 14695981039346656037ULL;
@@ -34,133 +23,14 @@ static uint64_t hash_of(const uint8_t *p, int64_t n) { /* FNV-1a */
     return h | 1;
 }
 
-static int32_t lookup(const table_t *t, const uint8_t *p, int64_t n) {
-    uint64_t h = hash_of(p, n);
-    for (uint64_t i = h & t->mask;; i = (i + 1) & t->mask) {
-        const slot_t *s = &t->slots[i];
-        if (s->hash == 0) return NO_ID;
-        if (s->hash == h && s->length == n && memcmp(t->bytes + s->offset, p, (size_t)n) == 0) return s->id;
-    }
-}
-
-void lm_bpe_free(table_t *t) {
-    if (t) {
-        free(t->slots);
-        free(t->bytes);
-        free(t);
-    }
-}
-
-/* The table of n tokens: token k is bytes[offsets[k] : offsets[k + 1]] with id ids[k]. A token seen
-   twice keeps its first id. NULL when memory runs out. */
-table_t *lm_bpe_new(const uint8_t *bytes, const int64_t *offsets, const int32_t *ids, int64_t n) {
-    uint64_t size = 16;
-    while (size < 2 * (uint64_t)n) size *= 2;
-    table_t *t = calloc(1, sizeof(table_t));
-    if (!t) return NULL;
-    t->mask = size - 1;
-    t->slots = calloc(size, sizeof(slot_t));
-    t->bytes = malloc(offsets[n] > 0 ? (size_t)offsets[n] : 1);
-    if (!t->slots || !t->bytes) {
-        lm_bpe_free(t);
-        return NULL;
-    }
-    memcpy(t->bytes, bytes, (size_t)offsets[n]);
-    for (int64_t k = 0; k < n; k++) {
-        const uint8_t *p = t->bytes + offsets[k];
-        int64_t length = offsets[k + 1] - offsets[k];
-        if (lookup(t, p, length) != NO_ID) continue;
-        uint64_t h = hash_of(p, length), i = h & t->mask;
-        while (t->slots[i].hash) i = (i + 1) & t->mask;
-        t->slots[i] = (slot_t){h, offsets[k], length, ids[k]};
-    }
-    return t;
-}
-
-/* The ids of the pre-token data[0:n] into out (room for n); returns how many, -1 when a single
-   byte has no token (the caller raises the error), -2 when n is over LM_BPE_MAX. */
-int lm_bpe_encode(const table_t *t, const uint8_t *data, int n, int32_t *out) {
-    int start[LM_BPE_MAX + 1]; /* part k is data[start[k] : start[k + 1]] */
-    int32_t rank[LM_BPE_MAX];  /* rank[k]: the id of parts k and k + 1 joined, NO_ID if none */
-    if (n <= 0) return 0;
-    if (n > LM_BPE_MAX) return -2;
-    int32_t whole = lookup(t, data, n); /* a whole word that is one token, as tiktoken also checks first */
-    if (whole != NO_ID) {
-        out[0] = whole;
-        return 1;
-    }
-    int parts = n;
-    for (int k = 0; k <= n; k++) start[k] = k;
-    for (int k = 0; k + 1 < n; k++) rank[k] = lookup(t, data + k, 2);
-    while (parts > 1) {
-        int best = 0;
-        for (int k = 1; k + 1 < parts; k++)
-            if (rank[k] < rank[best]) best = k;
-        if (rank[best] == NO_ID) break;
-        /* join parts best and best + 1: their boundary and their pair go */
-        memmove(&start[best + 1], &start[best + 2], (size_t)(parts - best - 1) * sizeof(int));
-        memmove(&rank[best], &rank[best + 1], (size_t)(parts - best - 2) * sizeof(int32_t));
-        parts--;
-        if (best + 1 < parts) rank[best] = lookup(t, data + start[best], start[best + 2] - start[best]);
-        if (best > 0) rank[best - 1] = lookup(t, data + start[best - 1], start[best + 1] - start[best - 1]);
-    }
-    for (int k = 0; k < parts; k++) {
-        out[k] = lookup(t, data + start[k], start[k + 1] - start[k]);
-        if (out[k] == NO_ID) return -1;
-    }
-    return parts;
-}
-
-/* ---- whole ASCII texts under GPT-2's pattern (lm_bpe_text_gpt2) ----------------------------------------
-   The pre-tokens of GPT-2's pattern on ASCII text, where \p{L} is [A-Za-z], \p{N} is [0-9] and \s is the six
-   characters \t \n \v \f \r and space (bpe_core.GPT2_ASCII_PATTERN, which the tests hold to the `regex` form):
-
-     'd 'm 's 't 'll 've 're  |  ' '? letters  |  ' '? digits  |  ' '? others  |  spaces not before a non-space  |  spaces
-
-   found by one scan, each looked up in a cache of the pre-tokens met so far (`cache_t`: bytes -> ids, emptied
-   when `limit` are stored, as bpe_core.TokenCache is) and merged by lm_bpe_encode when new. */
-
-enum { LETTER = 1, DIGIT = 2, SPACE = 3, OTHER = 4 };
-
-static inline int class_of(uint8_t c) {
-    if ((c | 32) >= 'a' && (c | 32) <= 'z') return LETTER;
-    if (c >= '0' && c <= '9') return DIGIT;
-    if (c == ' ' || (c >= '\t' && c <= '\r')) return SPACE;
-    return OTHER;
-}
-
-/* where the pre-token that starts at text[i] ends (i < n) */
-static int64_t pretoken_end(const uint8_t *s, int64_t i, int64_t n) {
-    uint8_t c = s[i];
-    if (c == '\'' && i + 1 < n) { /* the contractions come before a run of others */
-        uint8_t d = s[i + 1];
-        if (d == 's' || d == 'd' || d == 'm' || d == 't') return i + 2;
-        if (i + 2 < n) {
-            uint8_t e = s[i + 2];
-            if ((d == 'l' && e == 'l') || (d == 'v' && e == 'e') || (d == 'r' && e == 'e')) return i + 3;
-        }
-    }
-    int64_t j = i;
-    int kind = class_of(c);
-    if (c == ' ' && i + 1 < n && class_of(s[i + 1]) != SPACE) kind = class_of(s[++j]); /* ' ?' and a run */
-    if (kind != SPACE) {
-        int64_t e = j + 1;
-        while (e < n && class_of(s[e]) == kind) e++;
-        return e;
-    }
-    int64_t e = i + 1; /* a run of spaces: all of it at the end of the text, else all but the last one */
-    while (e < n && class_of(s[e]) == SPACE) e++;
-    return (e == n || e - i == 1) ? e : e - 1;
-}
-
 typedef struct {
     uint64_t hash; /* 0: an empty slot */
-    int64_t at, value; /* where its bytes are kept; where its ids are (a cache) or how often it was seen (counts) */
+    int64_t at, value; /* where its bytes are kept; its id, where its ids are (a cache) or its count */
     int32_t length, count; /* bytes, and ids (a cache) */
 } entry_t;
 
-/* Pre-tokens (bytes) with a number each: a cache of their ids (lm_bpe_cache_new) or their counts
-   (lm_bpe_counts_new, which never empties). */
+/* Pre-tokens (bytes) with a number each, in a hash table: the vocabulary's ids (lm_bpe_new), a cache of
+   pre-tokens' ids (lm_bpe_cache_new, emptied when `limit` are stored) or their counts (lm_bpe_counts_new). */
 typedef struct {
     uint64_t mask; /* slots - 1; at most half of them used */
     entry_t *entries;
@@ -257,13 +127,115 @@ static int cache_put(cache_t *c, const uint8_t *p, int64_t n, uint64_t h, const 
     return 0;
 }
 
+/* The vocabulary: each token's bytes -> its id, a table of pre-tokens (below) that never empties, each entry's
+   value the id. A token seen twice keeps its first id. NULL when memory runs out. */
+cache_t *lm_bpe_new(const uint8_t *bytes, const int64_t *offsets, const int32_t *ids, int64_t n) {
+    cache_t *t = lm_bpe_cache_new(INT64_MAX);
+    for (int64_t k = 0; t && k < n; k++) {
+        const uint8_t *p = bytes + offsets[k];
+        int64_t length = offsets[k + 1] - offsets[k];
+        uint64_t h = hash_of(p, length);
+        if (cache_find(t, p, length, h)) continue;
+        entry_t *e = cache_add(t, p, length, h);
+        if (!e) {
+            lm_bpe_cache_free(t);
+            return NULL;
+        }
+        e->value = ids[k];
+    }
+    return t;
+}
+
+void lm_bpe_free(cache_t *t) { lm_bpe_cache_free(t); }
+
+static int32_t lookup(const cache_t *t, const uint8_t *p, int64_t n) {
+    const entry_t *e = cache_find(t, p, n, hash_of(p, n));
+    return e ? (int32_t)e->value : NO_ID;
+}
+
+/* The ids of the pre-token data[0:n] into out (room for n); returns how many, -1 when a single
+   byte has no token (the caller raises the error), -2 when n is over LM_BPE_MAX. */
+int lm_bpe_encode(const cache_t *t, const uint8_t *data, int n, int32_t *out) {
+    int start[LM_BPE_MAX + 1]; /* part k is data[start[k] : start[k + 1]] */
+    int32_t rank[LM_BPE_MAX];  /* rank[k]: the id of parts k and k + 1 joined, NO_ID if none */
+    if (n <= 0) return 0;
+    if (n > LM_BPE_MAX) return -2;
+    int32_t whole = lookup(t, data, n); /* a whole word that is one token, as tiktoken also checks first */
+    if (whole != NO_ID) {
+        out[0] = whole;
+        return 1;
+    }
+    int parts = n;
+    for (int k = 0; k <= n; k++) start[k] = k;
+    for (int k = 0; k + 1 < n; k++) rank[k] = lookup(t, data + k, 2);
+    while (parts > 1) {
+        int best = 0;
+        for (int k = 1; k + 1 < parts; k++)
+            if (rank[k] < rank[best]) best = k;
+        if (rank[best] == NO_ID) break;
+        /* join parts best and best + 1: their boundary and their pair go */
+        memmove(&start[best + 1], &start[best + 2], (size_t)(parts - best - 1) * sizeof(int));
+        memmove(&rank[best], &rank[best + 1], (size_t)(parts - best - 2) * sizeof(int32_t));
+        parts--;
+        if (best + 1 < parts) rank[best] = lookup(t, data + start[best], start[best + 2] - start[best]);
+        if (best > 0) rank[best - 1] = lookup(t, data + start[best - 1], start[best + 1] - start[best - 1]);
+    }
+    for (int k = 0; k < parts; k++) {
+        out[k] = lookup(t, data + start[k], start[k + 1] - start[k]);
+        if (out[k] == NO_ID) return -1;
+    }
+    return parts;
+}
+
+/* ---- whole ASCII texts under GPT-2's pattern (lm_bpe_text_gpt2) ----------------------------------------
+   The pre-tokens of GPT-2's pattern on ASCII text, where \p{L} is [A-Za-z], \p{N} is [0-9] and \s is the six
+   characters \t \n \v \f \r and space (bpe_core.GPT2_ASCII_PATTERN, which the tests hold to the `regex` form):
+
+     'd 'm 's 't 'll 've 're | ' '? letters | ' '? digits | ' '? others | spaces not before a non-space | spaces
+
+   found by one scan, each looked up in a cache of the pre-tokens met so far (`cache_t`: bytes -> ids, emptied
+   when `limit` are stored, as bpe_core.TokenCache is) and merged by lm_bpe_encode when new. */
+
+enum { LETTER = 1, DIGIT = 2, SPACE = 3, OTHER = 4 };
+
+static inline int class_of(uint8_t c) {
+    if ((c | 32) >= 'a' && (c | 32) <= 'z') return LETTER;
+    if (c >= '0' && c <= '9') return DIGIT;
+    if (c == ' ' || (c >= '\t' && c <= '\r')) return SPACE;
+    return OTHER;
+}
+
+/* where the pre-token that starts at text[i] ends (i < n) */
+static int64_t pretoken_end(const uint8_t *s, int64_t i, int64_t n) {
+    uint8_t c = s[i];
+    if (c == '\'' && i + 1 < n) { /* the contractions come before a run of others */
+        uint8_t d = s[i + 1];
+        if (d == 's' || d == 'd' || d == 'm' || d == 't') return i + 2;
+        if (i + 2 < n) {
+            uint8_t e = s[i + 2];
+            if ((d == 'l' && e == 'l') || (d == 'v' && e == 'e') || (d == 'r' && e == 'e')) return i + 3;
+        }
+    }
+    int64_t j = i;
+    int kind = class_of(c);
+    if (c == ' ' && i + 1 < n && class_of(s[i + 1]) != SPACE) kind = class_of(s[++j]); /* ' ?' and a run */
+    if (kind != SPACE) {
+        int64_t e = j + 1;
+        while (e < n && class_of(s[e]) == kind) e++;
+        return e;
+    }
+    int64_t e = i + 1; /* a run of spaces: all of it at the end of the text, else all but the last one */
+    while (e < n && class_of(s[e]) == SPACE) e++;
+    return (e == n || e - i == 1) ? e : e - 1;
+}
+
 /* The ids of the ASCII text[start:n], pre-token by pre-token, into out (room for `room` ids); returns how many.
    *stop is n when the text is done; otherwise it is where the next pre-token begins, and *piece_end is -1 when
    out is full (the caller takes the ids and calls again from *stop), else the end of a pre-token this leaves to
    the caller (over LM_BPE_MAX bytes or over `room`, or a byte without a token), who encodes that one and calls
    again from its end.
    -1 when memory runs out. */
-int64_t lm_bpe_text_gpt2(const table_t *t, cache_t *c, const uint8_t *text, int64_t start, int64_t n, int32_t *out,
+int64_t lm_bpe_text_gpt2(const cache_t *t, cache_t *c, const uint8_t *text, int64_t start, int64_t n, int32_t *out,
                          int64_t room, int64_t *stop, int64_t *piece_end) {
     int64_t written = 0;
     int32_t merged[LM_BPE_MAX];

@@ -11,13 +11,14 @@
    result is e^-87 (still a normal float) rather than a smaller one; a NaN stays NaN. */
 static const float EXP_TERMS[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f,
                                    1.6666665459e-1f, 5.0000001201e-1f};  /* r^7 .. r^2, by Horner's rule */
+static const float EXP_FLOOR = -87.0f, LOG2_E = 1.44269504088896341f;
+static const float LN2_HIGH = 0.693359375f, LN2_LOW = -2.12194440e-4f;  /* ln 2 in two parts */
 
 static inline __m256 exp_nonpositive(__m256 x) {
-    x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  /* ln 2 in two parts */
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    x = _mm256_max_ps(_mm256_set1_ps(EXP_FLOOR), x);
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(LOG2_E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HIGH), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LOW), r);
     __m256 p = _mm256_set1_ps(EXP_TERMS[0]);
     for (int i = 1; i < 6; i++) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_TERMS[i]));
     p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));

@@ -409,9 +409,7 @@ class TokenCache(dict):
 
     def __missing__(self, piece: str) -> tuple[int, ...]:
         data = piece.encode("utf-8")
-        merger = self._merger
-        if merger is False:
-            merger = self._merger = native_merger(self.ranks)
+        merger = self.merger()
         tokens = merger(data) if merger is not None and len(data) <= NATIVE_MAX else None
         if tokens is None:
             ranks = self.ranks
@@ -426,15 +424,19 @@ class TokenCache(dict):
         self[piece] = tokens
         return tokens
 
+    def merger(self) -> NativeMerger | None:
+        """The C merging for these ranks (made on first use), None where it cannot run."""
+        if self._merger is False:
+            self._merger = native_merger(self.ranks)
+        return self._merger
+
     def text_encoder(self) -> TextEncoder | None:
         """The C encoder of whole ASCII texts under GPT-2's pattern for these ranks, None where the C
         merging cannot run."""
         if self._text is False:
-            if self._merger is False:
-                self._merger = native_merger(self.ranks)
-            library, _ = native_merging()
+            merger = self.merger()
             try:
-                self._text = TextEncoder(library, self._merger, self.limit) if self._merger is not None else None
+                self._text = TextEncoder(native_merging()[0], merger, self.limit) if merger is not None else None
             except MemoryError:
                 self._text = None
         return self._text
@@ -506,11 +508,8 @@ class PieceCounter:
         split, update, in_c = self.split, self.counts.update, self.in_c
         for text in texts:
             for segment in (self.specials.split(text) if self.specials is not None else (text,)):
-                if in_c is None:
-                    update(split(segment))
-                    continue
-                for block in gpt2_blocks(segment):
-                    if block.isascii():
+                for block in (gpt2_blocks(segment) if in_c is not None else (segment,)):
+                    if in_c is not None and block.isascii():
                         in_c(block)
                     else:
                         update(split(block))
