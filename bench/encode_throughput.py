@@ -15,7 +15,12 @@ must produce the same ids. lm starts every round with an empty pre-token cache (
 tokenizer), so the cache only helps with words repeated inside the text, as in real use.
 Rounds alternate between the libraries; the fastest round of each counts.
 
-    .venv/bin/python bench/encode_throughput.py [--rounds 3]
+    .venv/bin/python bench/encode_throughput.py [--rounds 3] [--pattern gpt4]
+
+`--pattern gpt4` measures GPT-4's pre-tokenizer (cl100k's pattern, `lm.tokenizers.GPT4_PATTERN`) with the
+same GPT-2 ranks on both sides (the pattern is what changes the work; cl100k's own ranks would need a
+download), also whole in C since 2026-12-06; Hugging Face tokenizers is left out there (its GPT-2
+pre-tokenizer is GPT-2's pattern).
 
 Ends with one JSON line: {"bench", "unit", "lm", "peer", "peer_name", "speedup"}; speedup =
 lm MB/s / tiktoken MB/s, so > 1 means lm encodes faster.
@@ -35,7 +40,7 @@ import tiktoken
 
 import lm
 from _report import report
-from lm.tokenizers import GPT2_PATTERN, GPT2_SPECIAL_TOKENS, load_gpt2_ranks
+from lm.tokenizers import GPT2_PATTERN, GPT2_SPECIAL_TOKENS, GPT4_PATTERN, load_gpt2_ranks
 from lm.tokenizers.bpe import ByteBPETokenizer
 
 
@@ -71,15 +76,20 @@ def hf_gpt2(ours: ByteBPETokenizer):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (default: 3)")
+    parser.add_argument("--pattern", choices=["gpt2", "gpt4"], default="gpt2",
+                        help="the pre-tokenizer's pattern, GPT-2's ranks either way (default: gpt2)")
     args = parser.parse_args()
 
     text = lm.load_corpus("shakespeare")
     megabytes = len(text.encode("utf-8")) / 1e6
-    reference = tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=load_gpt2_ranks(),
+    pattern = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}[args.pattern]
+    ranks = load_gpt2_ranks()
+    reference = tiktoken.Encoding(name=f"gpt2-ranks-{args.pattern}", pat_str=pattern, mergeable_ranks=ranks,
                                   special_tokens=GPT2_SPECIAL_TOKENS)
     expected = reference.encode_ordinary(text)
+    fresh = lambda: ByteBPETokenizer.from_tiktoken_ranks(ranks, pattern)  # noqa: E731
     try:
-        hf = hf_gpt2(ByteBPETokenizer.gpt2())
+        hf = hf_gpt2(ByteBPETokenizer.gpt2()) if args.pattern == "gpt2" else None
     except ImportError:
         hf = None
 
@@ -93,7 +103,7 @@ def main() -> None:
     warm = []
     for _ in range(args.rounds):
         for name, encode in encoders.items():
-            tok = ByteBPETokenizer.gpt2()  # an empty cache for lm
+            tok = fresh()  # an empty cache for lm
             start = time.perf_counter()
             ids = encode(tok)
             rates[name].append(megabytes / (time.perf_counter() - start))
@@ -103,12 +113,13 @@ def main() -> None:
                 encode(tok)  # the same text again, every pre-token now cached
                 warm.append(megabytes / (time.perf_counter() - start))
 
-    print(f"{megabytes:.2f} MB of Shakespeare, {len(expected):,} GPT-2 tokens, same ids from every library")
+    print(f"{megabytes:.2f} MB of Shakespeare, {len(expected):,} tokens ({args.pattern}'s pattern), same ids from "
+          f"every library")
     for name, values in rates.items():
         print(f"{name:14s} {max(values):6.2f} MB/s  (rounds: {[round(v, 2) for v in values]})")
     print(f"{'lm, warm cache':14s} {max(warm):6.2f} MB/s  (the same text again)")
     ours, peer = max(rates["lm"]), max(rates["tiktoken"])
-    report("encode_gpt2_shakespeare", "MB/s", ours, peer, "tiktoken (1 thread)", higher_is_better=True)
+    report(f"encode_{args.pattern}_shakespeare", "MB/s", ours, peer, "tiktoken (1 thread)", higher_is_better=True)
 
 
 if __name__ == "__main__":

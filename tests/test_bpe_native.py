@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import lm
 from lm import native
-from lm.tokenizers import GPT2_PATTERN, GPT2_SPECIAL_TOKENS
+from lm.tokenizers import GPT2_PATTERN, GPT2_SPECIAL_TOKENS, GPT4_PATTERN
 from lm.tokenizers import bpe_core
 from lm.tokenizers.bpe import ByteBPETokenizer
 
@@ -38,6 +38,13 @@ def merger(ranks) -> bpe_core.NativeMerger:
 @pytest.fixture(scope="module")
 def reference(ranks) -> tiktoken.Encoding:
     return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens=GPT2_SPECIAL_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def gpt4_reference(ranks) -> tiktoken.Encoding:
+    """tiktoken with GPT-2's ranks and GPT-4's pattern: the pattern is what these tests are about."""
+    return tiktoken.Encoding(name="gpt2-ranks-gpt4-pattern", pat_str=GPT4_PATTERN, mergeable_ranks=ranks,
                              special_tokens=GPT2_SPECIAL_TOKENS)
 
 
@@ -190,7 +197,7 @@ def test_encode_batch_over_processes_gives_the_same_ids(merger, reference):
     assert got == [reference.encode_ordinary(t) for t in texts]
 
 
-# ---- whole ASCII texts in C (bpe_core.TextEncoder over lm_bpe_text_gpt2) -----------------------------------
+# ---- whole ASCII texts in C (bpe_core.TextEncoder over lm_bpe_text) -----------------------------------------
 ASCII_RUNS = "aZz09 \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f'sdmtlvreSDLLVE.,!?-_()\"$\x00\x7f"
 
 
@@ -202,11 +209,11 @@ def ascii_text(rng, n: int) -> str:
     return "".join(out)[:n]
 
 
-def piece_by_piece(text: str, ranks) -> list[int]:
-    """GPT-2's ids the plain way: `regex`'s pre-tokens, each merged by the Python `bpe`."""
+def piece_by_piece(text: str, ranks, pattern: str = GPT2_PATTERN) -> list[int]:
+    """The ids the plain way: `regex`'s pre-tokens, each merged by the Python `bpe`."""
     cache = bpe_core.TokenCache(ranks, 10**9)
     cache._merger = None  # no C at all
-    return [i for piece in regex.findall(GPT2_PATTERN, text) for i in cache[piece]]
+    return [i for piece in regex.findall(pattern, text) for i in cache[piece]]
 
 
 def test_whole_ascii_texts_take_the_c_encoder(merger, reference):
@@ -242,6 +249,37 @@ def test_any_ascii_text_encodes_as_tiktoken(merger, reference, text):
     ids = []
     assert cache.text_encoder()(text, cache, ids)  # the C encoder itself, also below TEXT_MIN characters
     assert ids == reference.encode_ordinary(text)
+
+
+def test_gpt4_s_pattern_takes_the_c_encoder_too(merger, ranks, gpt4_reference):
+    import random
+
+    tok = ByteBPETokenizer.from_tiktoken_ranks(ranks, GPT4_PATTERN)
+    text = lm.load_corpus("shakespeare")[:300_000]
+    assert tok.encode(text, allowed_special="none") == gpt4_reference.encode_ordinary(text)
+    assert isinstance(tok._cache._text, bpe_core.TextEncoder) and len(tok._cache) == 0  # nothing through Python
+    rng = random.Random(4)
+    for n in [0, 1, 2, 3, 5, 10, 30, 200, 5_000]:
+        for _ in range(40 if n < 1_000 else 3):
+            text = ascii_text(rng, n)
+            want = piece_by_piece(text, ranks, GPT4_PATTERN)
+            assert want == gpt4_reference.encode_ordinary(text), text
+            assert tok.encode(text, allowed_special="none") == want, text
+    every = "".join(chr(c) for c in range(128)) * 3
+    assert tok.encode(every, allowed_special="none") == gpt4_reference.encode_ordinary(every)
+    assert tok.encode("x" * 3000 + " 1234567 'LL 'Ve\r\n\n  \t\n" * 3 + "<|endoftext|>" + "!?" * 700 + "  ",
+                      allowed_special="all") == gpt4_reference.encode(
+        "x" * 3000 + " 1234567 'LL 'Ve\r\n\n  \t\n" * 3 + "<|endoftext|>" + "!?" * 700 + "  ", allowed_special="all")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=ASCII_RUNS, max_size=80) | st.text(alphabet=st.characters(max_codepoint=127), max_size=80))
+def test_any_ascii_text_encodes_as_tiktoken_under_gpt4_s_pattern(merger, ranks, gpt4_reference, text):
+    tok = ByteBPETokenizer.from_tiktoken_ranks(ranks, GPT4_PATTERN)
+    cache = tok._token_cache()
+    ids = []
+    assert cache.text_encoder()(text, cache, ids, 4)  # the C encoder itself, also below TEXT_MIN characters
+    assert ids == gpt4_reference.encode_ordinary(text)
 
 
 def test_pretokens_too_long_for_c_and_special_tokens_between(merger, reference):
@@ -291,30 +329,36 @@ def test_the_c_cache_is_freed_with_its_tokenizer(merger):
     assert not finalizer.alive
 
 
-# ---- counting pre-tokens in C for training (bpe_core.TextCounter over lm_bpe_count_gpt2) --------------------
-def counted(texts: list[str], special_tokens=("<|endoftext|>",)) -> tuple[bpe_core.PieceCounter, Counter]:
-    counter = bpe_core.PieceCounter(GPT2_PATTERN, bpe_core.GPT2_ASCII_PATTERN, False, special_tokens)
+# ---- counting pre-tokens in C for training (bpe_core.TextCounter over lm_bpe_count) -------------------------
+TWINS = {GPT2_PATTERN: bpe_core.GPT2_ASCII_PATTERN, GPT4_PATTERN: bpe_core.GPT4_ASCII_PATTERN}
+both_patterns = pytest.mark.parametrize("pattern", [GPT2_PATTERN, GPT4_PATTERN], ids=["gpt2", "gpt4"])
+
+
+def counted(texts: list[str], special_tokens=("<|endoftext|>",),
+            pattern: str = GPT2_PATTERN) -> tuple[bpe_core.PieceCounter, Counter]:
+    counter = bpe_core.PieceCounter(pattern, TWINS[pattern], False, special_tokens)
     counter(texts)
     return counter, counter.finish()
 
 
-def regex_counts(texts: list[str]) -> Counter:
+def regex_counts(texts: list[str], pattern: str = GPT2_PATTERN) -> Counter:
     counts = Counter()
     for text in texts:
         for segment in text.split("<|endoftext|>"):
-            counts.update(regex.findall(GPT2_PATTERN, segment))
+            counts.update(regex.findall(pattern, segment))
     return counts
 
 
-def test_counting_in_c_equals_regex_on_shakespeare_and_random_ascii(merger):
+@both_patterns
+def test_counting_in_c_equals_regex_on_shakespeare_and_random_ascii(merger, pattern):
     import random
 
     rng = random.Random(3)
     texts = [lm.load_corpus("shakespeare")[:200_000], "one<|endoftext|>two 's x" + "y" * 2000,
              *(ascii_text(rng, n) for n in (0, 1, 5, 50, 3_000) for _ in range(20))]
-    counter, counts = counted(texts)
+    counter, counts = counted(texts, pattern=pattern)
     assert counter.in_c is not None
-    assert counts == regex_counts(texts)
+    assert counts == regex_counts(texts, pattern)
     assert counter.finish() == counts  # finishing again adds nothing twice
 
 
@@ -322,13 +366,20 @@ def test_counting_in_c_equals_regex_on_shakespeare_and_random_ascii(merger):
 @given(st.lists(st.text(alphabet=ASCII_RUNS, max_size=60) | st.text(alphabet=st.characters(max_codepoint=127),
                                                                    max_size=60), max_size=4))
 def test_counting_any_ascii_texts_in_c_equals_regex(merger, texts):
-    assert counted(texts)[1] == regex_counts(texts)
+    for pattern in (GPT2_PATTERN, GPT4_PATTERN):
+        assert counted(texts, pattern=pattern)[1] == regex_counts(texts, pattern)
 
 
-def test_mixed_text_is_counted_block_by_block(merger, monkeypatch):
+@both_patterns
+def test_mixed_text_is_counted_and_encoded_block_by_block(merger, ranks, monkeypatch, pattern):
     monkeypatch.setattr(bpe_core, "BLOCK_CHARS", 1_000)
-    text = lm.load_corpus("shakespeare")[:30_000].replace("KING", "KÖNIG").replace(" the", " thé 😀")
-    assert counted([text])[1] == regex_counts([text])
+    text = lm.load_corpus("shakespeare")[:30_000]
+    text = text[:8_000].replace("KING", "KÖNIG").replace(" the", " thé 😀") + text[8_000:]  # then ASCII blocks
+    assert counted([text], pattern=pattern)[1] == regex_counts([text], pattern)
+    tok = ByteBPETokenizer.from_tiktoken_ranks(ranks, pattern)
+    blocks = list(bpe_core.ascii_blocks(text, TWINS[pattern]))
+    assert len(blocks) > 10 and any(block.isascii() for block in blocks) and "".join(blocks) == text
+    assert tok.encode(text, allowed_special="none") == piece_by_piece(text, ranks, pattern)
 
 
 def test_training_with_and_without_the_c_file_learns_the_same_merges(rebuilt, monkeypatch):

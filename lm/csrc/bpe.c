@@ -187,11 +187,17 @@ int lm_bpe_encode(const cache_t *t, const uint8_t *data, int n, int32_t *out) {
     return parts;
 }
 
-/* ---- whole ASCII texts under GPT-2's pattern (lm_bpe_text_gpt2) ----------------------------------------
+/* ---- whole ASCII texts under GPT-2's or GPT-4's pattern (lm_bpe_text) ------------------------------------
    The pre-tokens of GPT-2's pattern on ASCII text, where \p{L} is [A-Za-z], \p{N} is [0-9] and \s is the six
    characters \t \n \v \f \r and space (bpe_core.GPT2_ASCII_PATTERN, which the tests hold to the `regex` form):
 
      'd 'm 's 't 'll 've 're | ' '? letters | ' '? digits | ' '? others | spaces not before a non-space | spaces
+
+   or GPT-4's (cl100k's, bpe_core.GPT4_ASCII_PATTERN):
+
+     the same contractions in either case | one character that is not \r, \n, a letter or a digit, then letters
+     | 1 to 3 digits | ' '? others, then \r and \n | spaces to the end of the text | spaces up to their last \r or
+     \n | spaces not before a non-space | one space
 
    found by one scan, each looked up in a cache of the pre-tokens met so far (`cache_t`: bytes -> ids, emptied
    when `limit` are stored, as bpe_core.TokenCache is) and merged by lm_bpe_encode when new. */
@@ -205,8 +211,8 @@ static inline int class_of(uint8_t c) {
     return OTHER;
 }
 
-/* where the pre-token that starts at text[i] ends (i < n) */
-static int64_t pretoken_end(const uint8_t *s, int64_t i, int64_t n) {
+/* where GPT-2's pre-token that starts at text[i] ends (i < n) */
+static int64_t gpt2_end(const uint8_t *s, int64_t i, int64_t n) {
     uint8_t c = s[i];
     if (c == '\'' && i + 1 < n) { /* the contractions come before a run of others */
         uint8_t d = s[i + 1];
@@ -229,18 +235,60 @@ static int64_t pretoken_end(const uint8_t *s, int64_t i, int64_t n) {
     return (e == n || e - i == 1) ? e : e - 1;
 }
 
+static inline int64_t run_end(const uint8_t *s, int64_t e, int64_t n, int kind) {
+    while (e < n && class_of(s[e]) == kind) e++;
+    return e;
+}
+
+/* where GPT-4's pre-token that starts at text[i] ends (i < n) */
+static int64_t gpt4_end(const uint8_t *s, int64_t i, int64_t n) {
+    uint8_t c = s[i];
+    if (c == '\'' && i + 1 < n) { /* contractions, in either case */
+        uint8_t d = s[i + 1] | 32;
+        if (d == 's' || d == 'd' || d == 'm' || d == 't') return i + 2;
+        if (i + 2 < n) {
+            uint8_t e = s[i + 2] | 32;
+            if ((d == 'l' && e == 'l') || (d == 'v' && e == 'e') || (d == 'r' && e == 'e')) return i + 3;
+        }
+    }
+    int kind = class_of(c);
+    if (kind == LETTER) return run_end(s, i + 1, n, LETTER);
+    int next = i + 1 < n ? class_of(s[i + 1]) : 0;
+    if (kind != DIGIT && c != '\r' && c != '\n' && next == LETTER) return run_end(s, i + 2, n, LETTER);
+    if (kind == DIGIT) {
+        int64_t e = i + 1;
+        while (e < n && e < i + 3 && class_of(s[e]) == DIGIT) e++;
+        return e;
+    }
+    if (kind == OTHER || (c == ' ' && next == OTHER)) { /* ' '? others, then \r and \n */
+        int64_t e = run_end(s, i + 1, n, OTHER);
+        while (e < n && (s[e] == '\r' || s[e] == '\n')) e++;
+        return e;
+    }
+    int64_t e = run_end(s, i + 1, n, SPACE); /* a run of spaces */
+    if (e == n) return e;
+    for (int64_t k = e - 1; k >= i; k--)
+        if (s[k] == '\r' || s[k] == '\n') return k + 1; /* up to its last newline */
+    return e - i > 1 ? e - 1 : e; /* all but the last one, before a non-space; or that one alone */
+}
+
+typedef int64_t (*scan_t)(const uint8_t *s, int64_t i, int64_t n);
+
+static scan_t scan_of(int pattern) { return pattern == 4 ? gpt4_end : gpt2_end; }
+
 /* The ids of the ASCII text[start:n], pre-token by pre-token, into out (room for `room` ids); returns how many.
    *stop is n when the text is done; otherwise it is where the next pre-token begins, and *piece_end is -1 when
    out is full (the caller takes the ids and calls again from *stop), else the end of a pre-token this leaves to
    the caller (over LM_BPE_MAX bytes or over `room`, or a byte without a token), who encodes that one and calls
    again from its end.
    -1 when memory runs out. */
-int64_t lm_bpe_text_gpt2(const cache_t *t, cache_t *c, const uint8_t *text, int64_t start, int64_t n, int32_t *out,
-                         int64_t room, int64_t *stop, int64_t *piece_end) {
+int64_t lm_bpe_text(const cache_t *t, cache_t *c, const uint8_t *text, int64_t start, int64_t n, int32_t *out,
+                    int64_t room, int64_t *stop, int64_t *piece_end, int pattern) {
     int64_t written = 0;
     int32_t merged[LM_BPE_MAX];
+    scan_t end_of = scan_of(pattern);
     for (int64_t i = start; i < n;) {
-        int64_t end = pretoken_end(text, i, n), length = end - i;
+        int64_t end = end_of(text, i, n), length = end - i;
         if (written + length > room) { /* a pre-token has at most as many ids as bytes */
             *stop = i;
             *piece_end = written ? -1 : end; /* out is full, or this one pre-token could overflow all of it */
@@ -268,15 +316,16 @@ int64_t lm_bpe_text_gpt2(const cache_t *t, cache_t *c, const uint8_t *text, int6
     return written;
 }
 
-/* ---- counting the pre-tokens of ASCII texts under GPT-2's pattern (lm_bpe_count_gpt2), for training ---- */
+/* ---- counting the pre-tokens of ASCII texts under GPT-2's or GPT-4's pattern (lm_bpe_count), for training -- */
 
 /* An empty table of counts; NULL when memory runs out. Free it with lm_bpe_cache_free. */
 cache_t *lm_bpe_counts_new(void) { return lm_bpe_cache_new(INT64_MAX); }
 
-/* Adds the pre-tokens of the ASCII text[0:n] to the counts; -1 when memory runs out. */
-int lm_bpe_count_gpt2(cache_t *c, const uint8_t *text, int64_t n) {
+/* Adds the pre-tokens of the ASCII text[0:n] under `pattern` (2 or 4) to the counts; -1 when memory runs out. */
+int lm_bpe_count(cache_t *c, const uint8_t *text, int64_t n, int pattern) {
+    scan_t end_of = scan_of(pattern);
     for (int64_t i = 0; i < n;) {
-        int64_t end = pretoken_end(text, i, n), length = end - i;
+        int64_t end = end_of(text, i, n), length = end - i;
         uint64_t h = hash_of(text + i, length);
         entry_t *e = cache_find(c, text + i, length, h);
         if (!e && !(e = cache_add(c, text + i, length, h))) return -1;

@@ -223,6 +223,8 @@ NATIVE_MAX = 1024  # bytes; the C merging takes pre-tokens up to this long (LM_B
 NATIVE_FLAGS = ("-O2", "-shared", "-fPIC")
 TEXT_IDS = 1 << 20  # ids one call of the C text encoder may return (its buffer: 4 MiB)
 TEXT_MIN = 64  # characters; shorter texts take the Python path, whose call costs less (3 against 5 us for "hello")
+# The patterns whose pre-tokens bpe.c finds itself on ASCII text (its `pattern` argument), by their ASCII twins
+IN_C = {GPT2_ASCII_PATTERN: 2, GPT4_ASCII_PATTERN: 4}
 
 
 def _native_module():
@@ -258,14 +260,14 @@ def native_merging():
         library.lm_bpe_cache_new.restype = ctypes.c_void_p
         library.lm_bpe_cache_free.argtypes = [ctypes.c_void_p]
         library.lm_bpe_cache_free.restype = None
-        library.lm_bpe_text_gpt2.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int64,
-                                             ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
-                                             ctypes.c_void_p]
-        library.lm_bpe_text_gpt2.restype = ctypes.c_int64
+        library.lm_bpe_text.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                        ctypes.c_void_p, ctypes.c_int]
+        library.lm_bpe_text.restype = ctypes.c_int64
         library.lm_bpe_counts_new.argtypes = []
         library.lm_bpe_counts_new.restype = ctypes.c_void_p
-        library.lm_bpe_count_gpt2.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int64]
-        library.lm_bpe_count_gpt2.restype = ctypes.c_int
+        library.lm_bpe_count.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int64, ctypes.c_int]
+        library.lm_bpe_count.restype = ctypes.c_int
         library.lm_bpe_counts_size.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
         library.lm_bpe_counts_size.restype = ctypes.c_int64
         library.lm_bpe_counts_export.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p]
@@ -306,9 +308,9 @@ class NativeMerger:
 
 
 class TextEncoder:
-    """Whole ASCII texts under GPT-2's pattern in C (`lm_bpe_text_gpt2` in bpe.c): one scan finds the
-    pre-tokens (GPT2_ASCII_PATTERN's, with the same six whitespace characters), each is looked up in a
-    cache of its own (up to `limit` pre-tokens, emptied when full, as TokenCache is) and merged by `merger`'s
+    """Whole ASCII texts under GPT-2's or GPT-4's pattern in C (`lm_bpe_text` in bpe.c): one scan finds the
+    pre-tokens (GPT2_ASCII_PATTERN's or GPT4_ASCII_PATTERN's, with the same six whitespace characters), each
+    is looked up in a cache of its own (up to `limit` pre-tokens, emptied when full, as TokenCache is) and merged by `merger`'s
     table when new. A pre-token the C merging cannot take (longer than NATIVE_MAX bytes, or with a byte
     that has no token) comes back to Python's cache, `pieces`. One text at a time: ctypes lets go of the
     GIL during the call, so a second thread gets False and takes the Python path."""
@@ -318,12 +320,13 @@ class TextEncoder:
         if not handle:
             raise MemoryError("no memory for the C pre-token cache")
         self._finalizer = weakref.finalize(self, library.lm_bpe_cache_free, handle)
-        self._merger, self._run, self._cache = merger, library.lm_bpe_text_gpt2, ctypes.c_void_p(handle)
+        self._merger, self._run, self._cache = merger, library.lm_bpe_text, ctypes.c_void_p(handle)
         self._lock = threading.Lock()
 
-    def __call__(self, text: str, pieces: TokenCache, ids: list[int]) -> bool:
-        """Append the ids of the ASCII `text` to `ids`; False, with nothing appended, while another thread
-        is encoding with it."""
+    def __call__(self, text: str, pieces: TokenCache, ids: list[int], pattern: int = 2) -> bool:
+        """Append the ids of the ASCII `text` under `pattern` (2: GPT-2's, 4: GPT-4's; the pre-tokens' ids
+        do not depend on it, so one cache serves both) to `ids`; False, with nothing appended, while
+        another thread is encoding with it."""
         if not self._lock.acquire(blocking=False):
             return False
         try:
@@ -334,7 +337,7 @@ class TextEncoder:
             start = 0
             while True:
                 count = self._run(self._merger._table, self._cache, data, start, len(data), out.buffer_info()[0],
-                                  room, ctypes.byref(stop), ctypes.byref(end))
+                                  room, ctypes.byref(stop), ctypes.byref(end), pattern)
                 if count < 0:
                     raise MemoryError("no memory for the C pre-token cache")
                 ids += out[:count]
@@ -349,19 +352,20 @@ class TextEncoder:
 
 
 class TextCounter:
-    """Counts the pre-tokens of ASCII texts under GPT-2's pattern in C (`lm_bpe_count_gpt2` in bpe.c): the
-    scan TextEncoder makes, into a C table of pre-token bytes -> count; `counts()` hands them over."""
+    """Counts the pre-tokens of ASCII texts under GPT-2's or GPT-4's pattern (`pattern`: 2 or 4) in C
+    (`lm_bpe_count` in bpe.c): the scan TextEncoder makes, into a C table of pre-token bytes -> count;
+    `counts()` hands them over."""
 
-    def __init__(self, library):
+    def __init__(self, library, pattern: int = 2):
         handle = library.lm_bpe_counts_new()
         if not handle:
             raise MemoryError("no memory for the pre-token counts")
         self._finalizer = weakref.finalize(self, library.lm_bpe_cache_free, handle)
-        self._library, self._table = library, ctypes.c_void_p(handle)
+        self._library, self._table, self.pattern = library, ctypes.c_void_p(handle), pattern
 
     def __call__(self, text: str) -> None:
         """Count the pre-tokens of the ASCII `text`."""
-        if self._library.lm_bpe_count_gpt2(self._table, text.encode("ascii"), len(text)) < 0:
+        if self._library.lm_bpe_count(self._table, text.encode("ascii"), len(text), self.pattern) < 0:
             raise MemoryError("no memory for the pre-token counts")
 
     def counts(self) -> Counter:
@@ -431,8 +435,8 @@ class TokenCache(dict):
         return self._merger
 
     def text_encoder(self) -> TextEncoder | None:
-        """The C encoder of whole ASCII texts under GPT-2's pattern for these ranks, None where the C
-        merging cannot run."""
+        """The C encoder of whole ASCII texts under GPT-2's or GPT-4's pattern for these ranks, None where
+        the C merging cannot run."""
         if self._text is False:
             merger = self.merger()
             try:
@@ -467,23 +471,25 @@ def encode_text(text: str, split: Splitter, cache: TokenCache, specials: regex.P
 
 def encode_segment(text: str, split: Splitter, cache: TokenCache, ids: list[int]) -> None:
     """Append the ids of `text`, which holds no special token: its ASCII blocks through the C encoder
-    where the pattern is GPT-2's and the C merging runs (`TokenCache.text_encoder`), the rest piece by
-    piece (blocks cut where `split` would cut them too, so the pre-tokens are the same)."""
-    gpt2 = getattr(split, "ascii_pattern", None) == GPT2_ASCII_PATTERN and len(text) >= TEXT_MIN
-    encoder = cache.text_encoder() if gpt2 else None
+    where the pattern is GPT-2's or GPT-4's and the C merging runs (`TokenCache.text_encoder`), the rest
+    piece by piece (blocks cut where `split` would cut them too, so the pre-tokens are the same)."""
+    ascii_pattern = getattr(split, "ascii_pattern", None)
+    pattern = IN_C.get(ascii_pattern) if len(text) >= TEXT_MIN else None
+    encoder = cache.text_encoder() if pattern else None
     if encoder is None:
         encode_pieces(split(text), cache, ids)
         return
-    for block in gpt2_blocks(text):
-        if not (block.isascii() and encoder(block, cache, ids)):
+    for block in ascii_blocks(text, ascii_pattern):
+        if not (block.isascii() and encoder(block, cache, ids, pattern)):
             encode_pieces(split(block), cache, ids)
 
 
-def gpt2_blocks(text: str) -> Iterable[str]:
-    """`text` itself, or, when it is long and not all ASCII, its blocks of about BLOCK_CHARS, cut where GPT-2's
-    pattern cuts too (so each block's pre-tokens are the text's): the ASCII ones can go to C."""
+def ascii_blocks(text: str, ascii_pattern: str) -> Iterable[str]:
+    """`text` itself, or, when it is long and not all ASCII, its blocks of about BLOCK_CHARS, cut where the
+    pattern (GPT-2's or GPT-4's, named by its ASCII twin) cuts too (so each block's pre-tokens are the
+    text's): the ASCII ones can go to C."""
     if len(text) > BLOCK_CHARS and not text.isascii():
-        return cut_blocks(text, BLOCK_CHARS, cut_rule(GPT2_ASCII_PATTERN))
+        return cut_blocks(text, BLOCK_CHARS, cut_rule(ascii_pattern))
     return (text,)
 
 
@@ -496,11 +502,11 @@ class PieceCounter:
         self.split = Splitter(pattern, ascii_pattern, check)
         self.specials = special_regex(special_tokens)
         self.counts: Counter = Counter()
-        self.in_c: TextCounter | None = None  # GPT-2's pattern on ASCII text, where the C file runs
-        library = native_merging()[0] if ascii_pattern == GPT2_ASCII_PATTERN else None
+        self.in_c: TextCounter | None = None  # GPT-2's or GPT-4's pattern on ASCII text, where the C file runs
+        library = native_merging()[0] if ascii_pattern in IN_C else None
         if library is not None:
             try:
-                self.in_c = TextCounter(library)
+                self.in_c = TextCounter(library, IN_C[ascii_pattern])
             except MemoryError:
                 pass
 
@@ -508,7 +514,7 @@ class PieceCounter:
         split, update, in_c = self.split, self.counts.update, self.in_c
         for text in texts:
             for segment in (self.specials.split(text) if self.specials is not None else (text,)):
-                for block in (gpt2_blocks(segment) if in_c is not None else (segment,)):
+                for block in (ascii_blocks(segment, split.ascii_pattern) if in_c is not None else (segment,)):
                     if in_c is not None and block.isascii():
                         in_c(block)
                     else:
@@ -518,7 +524,7 @@ class PieceCounter:
         """The counts of every batch so far (those counted in C added in)."""
         if self.in_c is not None:
             self.counts.update(self.in_c.counts())
-            self.in_c = TextCounter(self.in_c._library)  # counted once: a second finish adds nothing twice
+            self.in_c = TextCounter(self.in_c._library, self.in_c.pattern)  # counted once: a second finish adds nothing twice
         return self.counts
 
 
