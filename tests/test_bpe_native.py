@@ -282,6 +282,21 @@ def test_any_ascii_text_encodes_as_tiktoken_under_gpt4_s_pattern(merger, ranks, 
     assert ids == gpt4_reference.encode_ordinary(text)
 
 
+@pytest.mark.parametrize("pattern", [GPT2_PATTERN, GPT4_PATTERN], ids=["gpt2", "gpt4"])
+def test_encode_iter_hands_the_text_between_cuts_to_the_c_encoder(merger, ranks, pattern):
+    tok = ByteBPETokenizer.from_tiktoken_ranks(ranks, pattern)
+    reference = tiktoken.Encoding(name="ref", pat_str=pattern, mergeable_ranks=ranks, special_tokens=GPT2_SPECIAL_TOKENS)
+    text = lm.load_corpus("shakespeare")[:200_000]
+    text = text[:50_000] + "<|endoftext|>" + text[50_000:120_000] + "\n<|endoftext|>\n\n" + text[120_000:]
+    for chunk_chars in (100, 4_000, 70_000):
+        tok = ByteBPETokenizer.from_tiktoken_ranks(ranks, pattern)
+        assert list(tok.encode_iter(text.splitlines(keepends=True), chunk_chars=chunk_chars)) == \
+            reference.encode(text, allowed_special="all")
+        assert isinstance(tok._cache._text, bpe_core.TextEncoder)
+        if chunk_chars > 100:  # few pre-tokens through Python's cache (texts under TEXT_MIN characters only)
+            assert len(tok._cache) < 300, len(tok._cache)
+
+
 def test_pretokens_too_long_for_c_and_special_tokens_between(merger, reference):
     """A pre-token over NATIVE_MAX bytes goes back to Python's bpe_heap, and the C scan goes on after it."""
     tok = ByteBPETokenizer.gpt2()

@@ -61,6 +61,7 @@ PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
 # The same patterns for ASCII text, in the standard `re` (see bpe_core): the same pieces, faster.
 ASCII_TWINS = {GPT2_PATTERN: GPT2_ASCII_PATTERN, GPT4_PATTERN: GPT4_ASCII_PATTERN}
 CACHE_SIZE = 100_000  # pre-tokens remembered by encode; the cache is emptied when it is full
+CUT_WINDOW = 4_096  # characters at the end of encode_iter's buffer searched for a cut (`find_cut`)
 # Parallel work: below this many characters one process is faster. Workers start in ~60 ms, and
 # the text travels to them through pipes while this process only feeds them: training on
 # Shakespeare (5 MB) took 0.79 s with two workers and 0.65 s in one process (bench/bpe_train.py),
@@ -571,7 +572,9 @@ class ByteBPETokenizer(EndOfTextSpecials, Tokenizer):
 
         The ids are exactly those of `encode("".join(lines))`: text is gathered until about
         `chunk_chars` characters, then encoded up to a point where the pre-tokenizer is sure to cut
-        whatever follows. For GPT-2's and GPT-4's patterns such a point lies before the last two
+        whatever follows. For GPT-2's and GPT-4's patterns that is, first, the last line break between
+        printable characters in the buffer's final CUT_WINDOW characters (`find_cut`), the text before it
+        encoded as `encode` would (whole ASCII texts in C); failing that, a point before the last two
         pre-tokens that hold a non-space character (a pre-token is decided by the text up to two
         characters after it, or up to the end of its whitespace run). Memory grows past
         `chunk_chars` only on a stretch without such a point: long whitespace, or any text
@@ -664,6 +667,10 @@ class ByteBPETokenizer(EndOfTextSpecials, Tokenizer):
         where that part ends (0 when no such point is known yet)."""
         matches = list(specials.finditer(buffer)) if specials is not None else []
         tail_start = matches[-1].end() if matches else 0
+        cut = self._last_cut(buffer, tail_start)
+        if cut > 0:  # GPT-2's or GPT-4's pattern: the text before it is encoded as encode does, C path included
+            self._encode_with_specials(buffer[:cut], specials, ids)
+            return cut
         pieces = self.pretokenize(buffer[tail_start:])
         pos, seen = len(buffer), 0
         for k in range(len(pieces) - 1, -1, -1):
@@ -681,6 +688,20 @@ class ByteBPETokenizer(EndOfTextSpecials, Tokenizer):
             self._encode_with_specials(buffer[: matches[-1].start()], specials, ids)
             return matches[-1].start()
         return 0
+
+    def _last_cut(self, buffer: str, start: int) -> int:
+        """The last place in the final CUT_WINDOW characters of `buffer`, at or after `start`, where
+        `find_cut` allows a cut under this tokenizer's pattern and no special token can reach across
+        (one could only start within `_max_special_len` of the end); -1 if there is none or the pattern
+        has no cut rule."""
+        rule = cut_rule(getattr(self.pretokenize, "ascii_pattern", None))
+        limit = len(buffer) - self._max_special_len
+        if rule is None or limit <= start:
+            return -1
+        cut, at = -1, find_cut(buffer, max(start, limit - CUT_WINDOW), rule)
+        while 0 <= at <= limit:
+            cut, at = at, find_cut(buffer, at + 1, rule)
+        return cut
 
     # ---- decode --------------------------------------------------------------------------------
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
