@@ -105,6 +105,13 @@ step one CUDA graph, `train_lm_whole_step_graph`) 37.4% / 39.4%: the GPU, not th
 lm keeps the residual stream in float32, as nanoGPT's autocast does: bfloat16 would round every layer's
 addition to 8 significant bits, a change to what the model computes, not to how fast.
 
+On 2026-12-06, another H100 SXM (stored as `levers_h100_2026_12_06`), two changes to the fused loss's pass that
+adds each chunk's head gradient to the float32 sum, each patched into lm/losses.py for the run: cuBLAS adding
+the product into the sum as it writes it (`torch.addmm(total, g.t(), h, out_dtype=torch.float32)`, wrapped in a
+`torch.library.custom_op` because torch 2.11's compiler fails on out_dtype) 35.0% at batch 16 against 36.7% for
+the shipped path on the same machine (35.5% / 37.3% beside the nanoGPT-style peer's 37.6% / 39.4%); four chunks'
+gradients kept in bfloat16 for one product 35.0% with 17.3 GB at the peak. Both slower; neither kept.
+
 Ends with one JSON line: {"bench", "unit": "MFU", "lm", "peer", "peer_name", "speedup"}; speedup > 1
 means lm reaches the higher MFU (= the higher tokens/s, since the work per token is the same).
 """
