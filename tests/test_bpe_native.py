@@ -386,15 +386,66 @@ def test_counting_any_ascii_texts_in_c_equals_regex(merger, texts):
 
 
 @both_patterns
-def test_mixed_text_is_counted_and_encoded_block_by_block(merger, ranks, monkeypatch, pattern):
-    monkeypatch.setattr(bpe_core, "BLOCK_CHARS", 1_000)
-    text = lm.load_corpus("shakespeare")[:30_000]
-    text = text[:8_000].replace("KING", "KÖNIG").replace(" the", " thé 😀") + text[8_000:]  # then ASCII blocks
+def test_mixed_text_is_counted_and_encoded_in_c(merger, ranks, pattern):
+    text = lm.load_corpus("shakespeare")[:60_000]
+    text = text[:30_000].replace("KING", "KÖNIG").replace(" the", " thé 😀").replace("'d", "’d") + text[30_000:]
     assert counted([text], pattern=pattern)[1] == regex_counts([text], pattern)
     tok = ByteBPETokenizer.from_tiktoken_ranks(ranks, pattern)
-    blocks = list(bpe_core.ascii_blocks(text, TWINS[pattern]))
-    assert len(blocks) > 10 and any(block.isascii() for block in blocks) and "".join(blocks) == text
-    assert tok.encode(text, allowed_special="none") == piece_by_piece(text, ranks, pattern)
+    reference = tiktoken.Encoding(name="ref", pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
+    assert tok.encode(text, allowed_special="none") == piece_by_piece(text, ranks, pattern) == \
+        reference.encode_ordinary(text)
+    assert len(tok._cache) == 0  # every pre-token through the C cache
+
+
+# Characters of each class past ASCII, for GPT-2's and GPT-4's patterns: letters, numbers (digits of other
+# scripts, superscripts, fractions, Roman numerals), White_Space, and others (quotes, dashes, symbols, emoji),
+# with the long s that GPT-4's case-insensitive contractions read as an s
+UNICODE_RUNS = ASCII_RUNS + "éÖßΩжあ日한ſǅ" + "²½٣३Ⅳ①" + "\x85\xa0\u1680\u2003\u2028\u2029\u202f\u3000" + "“”’—€©😀\u200b\u0301"
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(alphabet=UNICODE_RUNS, max_size=80) |
+       st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40))
+def test_any_unicode_text_encodes_in_c_as_regex_and_bpe(merger, ranks, text):
+    for pattern, number in ((GPT2_PATTERN, 2), (GPT4_PATTERN, 4)):
+        cache = bpe_core.TokenCache(ranks, 10**6)
+        ids = []
+        assert cache.text_encoder()(text, cache, ids, number)  # the C encoder itself, at any length
+        assert ids == piece_by_piece(text, ranks, pattern), (pattern, text)
+        assert counted([text], special_tokens=(), pattern=pattern)[1] == regex_counts([text], pattern)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(alphabet=UNICODE_RUNS, max_size=80))
+def test_unicode_text_encodes_as_tiktoken(merger, ranks, reference, gpt4_reference, text):
+    for pattern, want in ((GPT2_PATTERN, reference), (GPT4_PATTERN, gpt4_reference)):
+        tok = ByteBPETokenizer.from_tiktoken_ranks(ranks, pattern)
+        assert tok.encode(text * 2, allowed_special="none") == want.encode_ordinary(text * 2)
+
+
+@both_patterns
+def test_every_code_point_has_regex_s_class_in_c(merger, pattern):
+    """Each character doubled, then a space and a digit: how the pre-tokens fall shows its class."""
+    step = 1 if pattern == GPT2_PATTERN else 5
+    every = [chr(c) for c in range(0x80, 0x110000, step) if not 0xD800 <= c < 0xE000]
+    text = "".join(f"{c}{c} {c}1" for c in every)
+    assert counted([text], special_tokens=(), pattern=pattern)[1] == regex_counts([text], pattern)
+
+
+def test_gpt4_s_contractions_in_either_case_and_the_long_s(merger, ranks, gpt4_reference):
+    text = "".join(f"x'{c}{d}y " for c in "sdmtlvrSDMTLVRſé" for d in "slveLVEſ")
+    cache = bpe_core.TokenCache(ranks, 10**6)
+    ids = []
+    assert cache.text_encoder()(text, cache, ids, 4)
+    assert ids == piece_by_piece(text, ranks, GPT4_PATTERN) == gpt4_reference.encode_ordinary(text)
+    assert "'ſ" in regex.findall(GPT4_PATTERN, text)  # `regex` folds the long s to s, as tiktoken does
+    assert counted([text], special_tokens=(), pattern=GPT4_PATTERN)[1] == regex_counts([text], GPT4_PATTERN)
+
+
+def test_a_lone_surrogate_still_gets_the_python_path_s_error(merger, ranks):
+    tok = ByteBPETokenizer.from_tiktoken_ranks(ranks, GPT2_PATTERN)
+    with pytest.raises(lm.tokenizers.TokenizerError, match="surrogate"):
+        tok.encode("a long enough text, over sixty-four characters, to go to the C encoder \ud800 here")
 
 
 def test_training_with_and_without_the_c_file_learns_the_same_merges(rebuilt, monkeypatch):

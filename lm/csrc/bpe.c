@@ -187,29 +187,89 @@ int lm_bpe_encode(const cache_t *t, const uint8_t *data, int n, int32_t *out) {
     return parts;
 }
 
-/* ---- whole ASCII texts under GPT-2's or GPT-4's pattern (lm_bpe_text) ------------------------------------
-   The pre-tokens of GPT-2's pattern on ASCII text, where \p{L} is [A-Za-z], \p{N} is [0-9] and \s is the six
-   characters \t \n \v \f \r and space (bpe_core.GPT2_ASCII_PATTERN, which the tests hold to the `regex` form):
+/* ---- whole texts under GPT-2's or GPT-4's pattern (lm_bpe_text) --------------------------------------------
+   The pre-tokens of GPT-2's pattern (bpe_core's GPT2_PATTERN, which the tests hold this to):
 
-     'd 'm 's 't 'll 've 're | ' '? letters | ' '? digits | ' '? others | spaces not before a non-space | spaces
+     'd 'm 's 't 'll 've 're | ' '? letters | ' '? numbers | ' '? others | spaces not before a non-space | spaces
 
-   or GPT-4's (cl100k's, bpe_core.GPT4_ASCII_PATTERN):
+   or GPT-4's (cl100k's, GPT4_PATTERN):
 
-     the same contractions in either case | one character that is not \r, \n, a letter or a digit, then letters
-     | 1 to 3 digits | ' '? others, then \r and \n | spaces to the end of the text | spaces up to their last \r or
-     \n | spaces not before a non-space | one space
+     the same contractions in either case | one character that is not \r, \n, a letter or a number, then letters
+     | 1 to 3 numbers | ' '? others, then \r and \n | spaces to the end of the text | spaces up to their last \r
+     or \n | spaces not before a non-space | one space
 
-   found by one scan, each looked up in a cache of the pre-tokens met so far (`cache_t`: bytes -> ids, emptied
+   over UTF-8 text, where a letter is \p{L}, a number \p{N} and a space \s (Unicode's White_Space): the ASCII
+   ones are known here, the rest are looked up in ranges of code points that Python reads off the `regex`
+   module's own tables and hands over once (lm_bpe_set_classes) before the first text that is not ASCII.
+   Each pre-token is looked up in a cache of the pre-tokens met so far (`cache_t`: bytes -> ids, emptied
    when `limit` are stored, as bpe_core.TokenCache is) and merged by lm_bpe_encode when new. */
 
 enum { LETTER = 1, DIGIT = 2, SPACE = 3, OTHER = 4 };
 
-static inline int class_of(uint8_t c) {
+static uint32_t *class_first, *class_last; /* sorted, disjoint ranges of code points past ASCII */
+static uint8_t *class_kind;
+static int32_t class_count;
+
+/* Takes a copy of n ranges [first[k], last[k]] of code points past ASCII, each of one class (LETTER, DIGIT or
+   SPACE; a code point in none is OTHER), sorted and disjoint. Once per process; 0, or -1 when memory runs out. */
+int lm_bpe_set_classes(const uint32_t *first, const uint32_t *last, const uint8_t *kind, int32_t n) {
+    uint32_t *f = malloc(sizeof(uint32_t) * (size_t)(n + 1)), *l = malloc(sizeof(uint32_t) * (size_t)(n + 1));
+    uint8_t *k = malloc((size_t)(n + 1));
+    if (!f || !l || !k) {
+        free(f);
+        free(l);
+        free(k);
+        return -1;
+    }
+    memcpy(f, first, sizeof(uint32_t) * (size_t)n);
+    memcpy(l, last, sizeof(uint32_t) * (size_t)n);
+    memcpy(k, kind, (size_t)n);
+    class_first = f, class_last = l, class_kind = k, class_count = n;
+    return 0;
+}
+
+static int class_of_point(uint32_t point) {
+    int32_t low = 0, high = class_count - 1;
+    while (low <= high) {
+        int32_t middle = (low + high) / 2;
+        if (point < class_first[middle]) high = middle - 1;
+        else if (point > class_last[middle]) low = middle + 1;
+        else return class_kind[middle];
+    }
+    return OTHER;
+}
+
+static inline int ascii_class(uint8_t c) {
     if ((c | 32) >= 'a' && (c | 32) <= 'z') return LETTER;
     if (c >= '0' && c <= '9') return DIGIT;
     if (c == ' ' || (c >= '\t' && c <= '\r')) return SPACE;
     return OTHER;
 }
+
+/* The class of the character that starts at s[i] (i < n; the UTF-8 that Python's str.encode writes), and in
+   *length its length in bytes. */
+static inline int char_at(const uint8_t *s, int64_t i, int64_t n, int *length) {
+    uint8_t c = s[i];
+    if (c < 0x80) {
+        *length = 1;
+        return ascii_class(c);
+    }
+    int more = c >= 0xF0 ? 3 : c >= 0xE0 ? 2 : 1;
+    uint32_t point = c & (0x3F >> more);
+    if (i + more >= n) more = (int)(n - i - 1); /* (never, in valid UTF-8) */
+    for (int j = 1; j <= more; j++) point = (point << 6) | (s[i + j] & 0x3F);
+    *length = more + 1;
+    return class_of_point(point);
+}
+
+/* the end of the run of characters of class `kind` that starts at s[e] (or e, if none does) */
+static inline int64_t run_end(const uint8_t *s, int64_t e, int64_t n, int kind) {
+    int length;
+    while (e < n && char_at(s, e, n, &length) == kind) e += length;
+    return e;
+}
+
+static inline int newline(uint8_t c) { return c == '\r' || c == '\n'; }
 
 /* where GPT-2's pre-token that starts at text[i] ends (i < n) */
 static int64_t gpt2_end(const uint8_t *s, int64_t i, int64_t n) {
@@ -222,54 +282,51 @@ static int64_t gpt2_end(const uint8_t *s, int64_t i, int64_t n) {
             if ((d == 'l' && e == 'l') || (d == 'v' && e == 'e') || (d == 'r' && e == 'e')) return i + 3;
         }
     }
-    int64_t j = i;
-    int kind = class_of(c);
-    if (c == ' ' && i + 1 < n && class_of(s[i + 1]) != SPACE) kind = class_of(s[++j]); /* ' ?' and a run */
-    if (kind != SPACE) {
-        int64_t e = j + 1;
-        while (e < n && class_of(s[e]) == kind) e++;
-        return e;
+    int length, kind = char_at(s, i, n, &length);
+    if (c == ' ' && i + 1 < n) { /* ' ?' and a run */
+        int after, next = char_at(s, i + 1, n, &after);
+        if (next != SPACE) return run_end(s, i + 1 + after, n, next);
     }
-    int64_t e = i + 1; /* a run of spaces: all of it at the end of the text, else all but the last one */
-    while (e < n && class_of(s[e]) == SPACE) e++;
-    return (e == n || e - i == 1) ? e : e - 1;
-}
-
-static inline int64_t run_end(const uint8_t *s, int64_t e, int64_t n, int kind) {
-    while (e < n && class_of(s[e]) == kind) e++;
-    return e;
+    if (kind != SPACE) return run_end(s, i + length, n, kind);
+    int64_t last = i, e = i + length; /* a run of spaces: all of it at the end of the text, else all but the last */
+    while (e < n && char_at(s, e, n, &length) == SPACE) last = e, e += length;
+    return (e == n || last == i) ? e : last;
 }
 
 /* where GPT-4's pre-token that starts at text[i] ends (i < n) */
 static int64_t gpt4_end(const uint8_t *s, int64_t i, int64_t n) {
     uint8_t c = s[i];
-    if (c == '\'' && i + 1 < n) { /* contractions, in either case */
+    if (c == '\'' && i + 1 < n) { /* contractions, in either case (and U+017F, long s, is an s) */
         uint8_t d = s[i + 1] | 32;
         if (d == 's' || d == 'd' || d == 'm' || d == 't') return i + 2;
+        if (s[i + 1] == 0xC5 && i + 2 < n && s[i + 2] == 0xBF) return i + 3;
         if (i + 2 < n) {
             uint8_t e = s[i + 2] | 32;
             if ((d == 'l' && e == 'l') || (d == 'v' && e == 'e') || (d == 'r' && e == 'e')) return i + 3;
         }
     }
-    int kind = class_of(c);
-    if (kind == LETTER) return run_end(s, i + 1, n, LETTER);
-    int next = i + 1 < n ? class_of(s[i + 1]) : 0;
-    if (kind != DIGIT && c != '\r' && c != '\n' && next == LETTER) return run_end(s, i + 2, n, LETTER);
+    int length, after = 0, kind = char_at(s, i, n, &length);
+    if (kind == LETTER) return run_end(s, i + length, n, LETTER);
+    int next = i + length < n ? char_at(s, i + length, n, &after) : 0;
+    if (kind != DIGIT && !newline(c) && next == LETTER) return run_end(s, i + length + after, n, LETTER);
     if (kind == DIGIT) {
-        int64_t e = i + 1;
-        while (e < n && e < i + 3 && class_of(s[e]) == DIGIT) e++;
+        int64_t e = i + length;
+        for (int count = 1; count < 3 && e < n && char_at(s, e, n, &length) == DIGIT; count++) e += length;
         return e;
     }
     if (kind == OTHER || (c == ' ' && next == OTHER)) { /* ' '? others, then \r and \n */
-        int64_t e = run_end(s, i + 1, n, OTHER);
-        while (e < n && (s[e] == '\r' || s[e] == '\n')) e++;
+        int64_t e = run_end(s, kind == OTHER ? i + length : i + 1, n, OTHER);
+        while (e < n && newline(s[e])) e++;
         return e;
     }
-    int64_t e = run_end(s, i + 1, n, SPACE); /* a run of spaces */
+    int64_t last = i, e = i + length, line_end = newline(c) ? i + 1 : -1; /* a run of spaces */
+    while (e < n && char_at(s, e, n, &length) == SPACE) {
+        if (newline(s[e])) line_end = e + 1;
+        last = e, e += length;
+    }
     if (e == n) return e;
-    for (int64_t k = e - 1; k >= i; k--)
-        if (s[k] == '\r' || s[k] == '\n') return k + 1; /* up to its last newline */
-    return e - i > 1 ? e - 1 : e; /* all but the last one, before a non-space; or that one alone */
+    if (line_end >= 0) return line_end; /* up to its last newline */
+    return last > i ? last : e; /* all but the last one, before a non-space; or that one alone */
 }
 
 typedef int64_t (*scan_t)(const uint8_t *s, int64_t i, int64_t n);

@@ -24,9 +24,9 @@ the whole text are gathered in one C loop (`bpe_core.TokenCache`); training upda
 only where a merge happened, with each word held as a str of one character per token so that
 finding and replacing a pair runs in C; and pre-tokens are counted in several processes that do not
 import torch (`bpe_core`). Where a C compiler is found, new pre-tokens are merged in C (lm/csrc/bpe.c),
-and ASCII text under GPT-2's or GPT-4's pattern is encoded there whole: pre-tokens found by one scan,
-looked up in a C cache, merged when new (`bpe_core.TextEncoder`), about 2.4 times tiktoken's speed on
-Shakespeare under GPT-2's pattern and 3 times under GPT-4's.
+and text under GPT-2's or GPT-4's pattern is encoded there whole: pre-tokens found by one scan over its
+UTF-8 (with `regex`'s own Unicode classes), looked up in a C cache, merged when new (`bpe_core.TextEncoder`),
+about 2.4 times tiktoken's speed on Shakespeare under GPT-2's pattern and 3 times under GPT-4's.
 """
 
 from __future__ import annotations

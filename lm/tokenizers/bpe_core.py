@@ -223,7 +223,7 @@ NATIVE_MAX = 1024  # bytes; the C merging takes pre-tokens up to this long (LM_B
 NATIVE_FLAGS = ("-O2", "-shared", "-fPIC")
 TEXT_IDS = 1 << 20  # ids one call of the C text encoder may return (its buffer: 4 MiB)
 TEXT_MIN = 64  # characters; shorter texts take the Python path, whose call costs less (3 against 5 us for "hello")
-# The patterns whose pre-tokens bpe.c finds itself on ASCII text (its `pattern` argument), by their ASCII twins
+# The patterns whose pre-tokens bpe.c finds itself (its `pattern` argument), by their ASCII twins
 IN_C = {GPT2_ASCII_PATTERN: 2, GPT4_ASCII_PATTERN: 4}
 
 
@@ -264,6 +264,8 @@ def native_merging():
                                         ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                                         ctypes.c_void_p, ctypes.c_int]
         library.lm_bpe_text.restype = ctypes.c_int64
+        library.lm_bpe_set_classes.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32]
+        library.lm_bpe_set_classes.restype = ctypes.c_int
         library.lm_bpe_counts_new.argtypes = []
         library.lm_bpe_counts_new.restype = ctypes.c_void_p
         library.lm_bpe_count.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int64, ctypes.c_int]
@@ -307,10 +309,41 @@ class NativeMerger:
         return tuple(out[:count]) if count >= 0 else None
 
 
+UNICODE_CLASSES = regex.compile(r"(\p{L}+)|(\p{N}+)|(\s+)")  # bpe.c's LETTER, DIGIT and SPACE: 1, 2, 3
+_classes_lock = threading.Lock()
+_classes_given: set[int] = set()  # id()s of the libraries that have the classes
+
+
+def give_unicode_classes(library) -> None:
+    r"""Hand bpe.c the ranges of code points past ASCII that `regex` counts as letters (\p{L}), numbers
+    (\p{N}) and spaces (\s), read off `regex` itself, so that the C scan and the patterns agree on every
+    character. Once per process (about 0.1 s), before the first text that is not ASCII goes to C."""
+    with _classes_lock:
+        if id(library) in _classes_given:
+            return
+        gap = 0xE000 - 0xD800  # the surrogates, which no str that encodes to UTF-8 holds
+        every = "".join(map(chr, range(0x80, 0xD800))) + "".join(map(chr, range(0xE000, 0x110000)))
+        first, last, kind = array("I"), array("I"), array("B")
+
+        def point(k: int) -> int:
+            return 0x80 + k + (gap if k >= 0xD800 - 0x80 else 0)
+
+        for match in UNICODE_CLASSES.finditer(every):
+            start, end = match.span()
+            if start < 0xD800 - 0x80 < end:  # (no class runs across the gap; split it if one did)
+                first.append(point(start)), last.append(0xD7FF), kind.append(match.lastindex)
+                start = 0xD800 - 0x80
+            first.append(point(start)), last.append(point(end - 1)), kind.append(match.lastindex)
+        if library.lm_bpe_set_classes(first.buffer_info()[0], last.buffer_info()[0], kind.buffer_info()[0],
+                                      len(first)) < 0:
+            raise MemoryError("no memory for the Unicode classes")
+        _classes_given.add(id(library))
+
+
 class TextEncoder:
-    """Whole ASCII texts under GPT-2's or GPT-4's pattern in C (`lm_bpe_text` in bpe.c): one scan finds the
-    pre-tokens (GPT2_ASCII_PATTERN's or GPT4_ASCII_PATTERN's, with the same six whitespace characters), each
-    is looked up in a cache of its own (up to `limit` pre-tokens, emptied when full, as TokenCache is) and merged by `merger`'s
+    """Whole texts under GPT-2's or GPT-4's pattern in C (`lm_bpe_text` in bpe.c): one scan over their UTF-8
+    finds the pre-tokens (those of GPT2_PATTERN or GPT4_PATTERN, with `regex`'s Unicode classes:
+    `give_unicode_classes`), each is looked up in a cache of its own (up to `limit` pre-tokens, emptied when full, as TokenCache is) and merged by `merger`'s
     table when new. A pre-token the C merging cannot take (longer than NATIVE_MAX bytes, or with a byte
     that has no token) comes back to Python's cache, `pieces`. One text at a time: ctypes lets go of the
     GIL during the call, so a second thread gets False and takes the Python path."""
@@ -320,17 +353,24 @@ class TextEncoder:
         if not handle:
             raise MemoryError("no memory for the C pre-token cache")
         self._finalizer = weakref.finalize(self, library.lm_bpe_cache_free, handle)
-        self._merger, self._run, self._cache = merger, library.lm_bpe_text, ctypes.c_void_p(handle)
+        self._library, self._merger, self._run = library, merger, library.lm_bpe_text
+        self._cache = ctypes.c_void_p(handle)
         self._lock = threading.Lock()
 
     def __call__(self, text: str, pieces: TokenCache, ids: list[int], pattern: int = 2) -> bool:
-        """Append the ids of the ASCII `text` under `pattern` (2: GPT-2's, 4: GPT-4's; the pre-tokens' ids
-        do not depend on it, so one cache serves both) to `ids`; False, with nothing appended, while
-        another thread is encoding with it."""
+        """Append the ids of `text` under `pattern` (2: GPT-2's, 4: GPT-4's; the pre-tokens' ids do not
+        depend on it, so one cache serves both) to `ids`; False, with nothing appended, while another
+        thread is encoding with it, or when the text holds a lone surrogate (not UTF-8: the Python path
+        then says so)."""
         if not self._lock.acquire(blocking=False):
             return False
         try:
-            data = text.encode("ascii")
+            try:
+                data = text.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+            if len(data) != len(text):
+                give_unicode_classes(self._library)
             room = min(len(data), TEXT_IDS)  # ids a call may return: a long text takes several calls
             out = array("i", bytes(4 * room))
             stop, end = ctypes.c_int64(), ctypes.c_int64()
@@ -345,14 +385,14 @@ class TextEncoder:
                     return True
                 start = stop.value
                 if end.value >= 0:  # bpe_heap, or the error for a byte without a token
-                    ids += pieces[text[stop.value : end.value]]
+                    ids += pieces[data[stop.value : end.value].decode("utf-8")]
                     start = end.value
         finally:
             self._lock.release()
 
 
 class TextCounter:
-    """Counts the pre-tokens of ASCII texts under GPT-2's or GPT-4's pattern (`pattern`: 2 or 4) in C
+    """Counts the pre-tokens of texts under GPT-2's or GPT-4's pattern (`pattern`: 2 or 4) in C
     (`lm_bpe_count` in bpe.c): the scan TextEncoder makes, into a C table of pre-token bytes -> count;
     `counts()` hands them over."""
 
@@ -364,8 +404,11 @@ class TextCounter:
         self._library, self._table, self.pattern = library, ctypes.c_void_p(handle), pattern
 
     def __call__(self, text: str) -> None:
-        """Count the pre-tokens of the ASCII `text`."""
-        if self._library.lm_bpe_count(self._table, text.encode("ascii"), len(text), self.pattern) < 0:
+        """Count the pre-tokens of `text` (UnicodeEncodeError for a lone surrogate)."""
+        data = text.encode("utf-8")
+        if len(data) != len(text):
+            give_unicode_classes(self._library)
+        if self._library.lm_bpe_count(self._table, data, len(data), self.pattern) < 0:
             raise MemoryError("no memory for the pre-token counts")
 
     def counts(self) -> Counter:
@@ -375,8 +418,11 @@ class TextCounter:
         data = ctypes.create_string_buffer(max(size.value, 1))
         offsets, counts = array("q", bytes(8 * (n + 1))), array("q", bytes(8 * n))
         self._library.lm_bpe_counts_export(self._table, data, offsets.buffer_info()[0], counts.buffer_info()[0])
-        text = data.raw[: size.value].decode("ascii")
-        return Counter(dict(zip(map(text.__getitem__, map(slice, offsets[:-1], offsets[1:])), counts)))
+        raw = data.raw[: size.value]
+        if raw.isascii():
+            text = raw.decode("ascii")  # one str for all, sliced: the usual case, and faster
+            return Counter(dict(zip(map(text.__getitem__, map(slice, offsets[:-1], offsets[1:])), counts)))
+        return Counter({raw[a:b].decode("utf-8"): count for a, b, count in zip(offsets[:-1], offsets[1:], counts)})
 
 
 def native_merger(ranks: Mapping[bytes, int]) -> NativeMerger | None:
@@ -435,7 +481,7 @@ class TokenCache(dict):
         return self._merger
 
     def text_encoder(self) -> TextEncoder | None:
-        """The C encoder of whole ASCII texts under GPT-2's or GPT-4's pattern for these ranks, None where
+        """The C encoder of whole texts under GPT-2's or GPT-4's pattern for these ranks, None where
         the C merging cannot run."""
         if self._text is False:
             merger = self.merger()
@@ -470,27 +516,13 @@ def encode_text(text: str, split: Splitter, cache: TokenCache, specials: regex.P
 
 
 def encode_segment(text: str, split: Splitter, cache: TokenCache, ids: list[int]) -> None:
-    """Append the ids of `text`, which holds no special token: its ASCII blocks through the C encoder
-    where the pattern is GPT-2's or GPT-4's and the C merging runs (`TokenCache.text_encoder`), the rest
-    piece by piece (blocks cut where `split` would cut them too, so the pre-tokens are the same)."""
-    ascii_pattern = getattr(split, "ascii_pattern", None)
-    pattern = IN_C.get(ascii_pattern) if len(text) >= TEXT_MIN else None
+    """Append the ids of `text`, which holds no special token: whole through the C encoder where the pattern is
+    GPT-2's or GPT-4's, the C merging runs (`TokenCache.text_encoder`) and the text is TEXT_MIN characters or
+    more; otherwise, or while another thread uses the encoder, piece by piece."""
+    pattern = IN_C.get(getattr(split, "ascii_pattern", None)) if len(text) >= TEXT_MIN else None
     encoder = cache.text_encoder() if pattern else None
-    if encoder is None:
+    if encoder is None or not encoder(text, cache, ids, pattern):
         encode_pieces(split(text), cache, ids)
-        return
-    for block in ascii_blocks(text, ascii_pattern):
-        if not (block.isascii() and encoder(block, cache, ids, pattern)):
-            encode_pieces(split(block), cache, ids)
-
-
-def ascii_blocks(text: str, ascii_pattern: str) -> Iterable[str]:
-    """`text` itself, or, when it is long and not all ASCII, its blocks of about BLOCK_CHARS, cut where the
-    pattern (GPT-2's or GPT-4's, named by its ASCII twin) cuts too (so each block's pre-tokens are the
-    text's): the ASCII ones can go to C."""
-    if len(text) > BLOCK_CHARS and not text.isascii():
-        return cut_blocks(text, BLOCK_CHARS, cut_rule(ascii_pattern))
-    return (text,)
 
 
 # ---- the work a process does: count pre-tokens, or encode texts ------------------------------------
@@ -502,7 +534,7 @@ class PieceCounter:
         self.split = Splitter(pattern, ascii_pattern, check)
         self.specials = special_regex(special_tokens)
         self.counts: Counter = Counter()
-        self.in_c: TextCounter | None = None  # GPT-2's or GPT-4's pattern on ASCII text, where the C file runs
+        self.in_c: TextCounter | None = None  # GPT-2's or GPT-4's pattern, where the C file runs
         library = native_merging()[0] if ascii_pattern in IN_C else None
         if library is not None:
             try:
@@ -514,11 +546,13 @@ class PieceCounter:
         split, update, in_c = self.split, self.counts.update, self.in_c
         for text in texts:
             for segment in (self.specials.split(text) if self.specials is not None else (text,)):
-                for block in (ascii_blocks(segment, split.ascii_pattern) if in_c is not None else (segment,)):
-                    if in_c is not None and block.isascii():
-                        in_c(block)
-                    else:
-                        update(split(block))
+                if in_c is None:
+                    update(split(segment))
+                    continue
+                try:
+                    in_c(segment)
+                except UnicodeEncodeError:  # a lone surrogate: the Python path says what to do
+                    update(split(segment))
 
     def finish(self) -> Counter:
         """The counts of every batch so far (those counted in C added in)."""
