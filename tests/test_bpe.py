@@ -333,6 +333,19 @@ def test_disallowed_special_raises_naming_the_token(overlapping):
     assert overlapping.encode("plain", allowed_special="none", disallowed_special="all")
 
 
+def test_special_token_settings_worked_out_once_still_apply_to_each_text(overlapping):
+    s = overlapping.special_tokens
+    for _ in range(2):  # the second time from the settings remembered for ("none", "all") and the frozenset
+        with pytest.raises(TokenizerError, match="disallowed"):
+            overlapping.encode("a<|end|>b", allowed_special="none", disallowed_special="all")
+        assert overlapping.encode("plain", allowed_special="none", disallowed_special="all")
+        only_end = overlapping.encode("x<|end|>y<|endoftext|>", allowed_special=frozenset({"<|end|>"}))
+        assert [i for i in only_end if i >= 297] == [s["<|end|>"]]
+        with pytest.raises(TokenizerError, match="'<\\|end\\|>'"):  # a set: not remembered, worked out each time
+            overlapping.encode("a<|end|>", allowed_special={"<|endoftext|>"}, disallowed_special={"<|end|>"})
+    assert {("none", "all"), (frozenset({"<|end|>"}), ())} <= overlapping._special_plans.keys()
+
+
 def test_unknown_special_name_lists_the_known_ones(overlapping):
     with pytest.raises(TokenizerError, match=r"\['<\|bos\|>'\].*\['<\|end', '<\|endoftext\|>', '<\|end\|>'\]"):
         overlapping.encode("hi", allowed_special={"<|bos|>"})

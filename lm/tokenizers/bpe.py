@@ -61,6 +61,7 @@ PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
 # The same patterns for ASCII text, in the standard `re` (see bpe_core): the same pieces, faster.
 ASCII_TWINS = {GPT2_PATTERN: GPT2_ASCII_PATTERN, GPT4_PATTERN: GPT4_ASCII_PATTERN}
 CACHE_SIZE = 100_000  # pre-tokens remembered by encode; the cache is emptied when it is full
+PAUSE_MIN = 10_000  # characters; encode pauses the garbage collector (`collector_paused`) for longer texts
 CUT_WINDOW = 4_096  # characters at the end of encode_iter's buffer searched for a cut (`find_cut`)
 # Parallel work: below this many characters one process is faster. Workers start in ~60 ms, and
 # the text travels to them through pipes while this process only feeds them: training on
@@ -405,6 +406,8 @@ class ByteBPETokenizer(EndOfTextSpecials, Tokenizer):
             self._id_bytes[i] = name.encode("utf-8")
         self._merges = [tuple(m) for m in merges] if merges is not None else None
         self._special_regexes: dict[frozenset, regex.Pattern | None] = {}
+        # (allowed_special, disallowed_special) as given, when hashable -> (allowed regex, disallowed regex)
+        self._special_plans: dict[tuple, tuple[regex.Pattern | None, regex.Pattern | None]] = {}
         self._max_special_len = max(map(len, special_tokens), default=0)
         self._cache = TokenCache(self._ranks, CACHE_SIZE)
 
@@ -529,6 +532,9 @@ class ByteBPETokenizer(EndOfTextSpecials, Tokenizer):
             raise TokenizerError(f"encode expects a str, got {type(text).__name__}.")
         allowed = self._allowed_regex(allowed_special, disallowed_special, text)
         ids: list[int] = []
+        if len(text) < PAUSE_MIN:  # a short text makes too few objects for a collection to matter
+            self._encode_with_specials(text, allowed, ids)
+            return ids
         with collector_paused():
             self._encode_with_specials(text, allowed, ids)
         return ids
@@ -556,8 +562,9 @@ class ByteBPETokenizer(EndOfTextSpecials, Tokenizer):
             processes = cpu_count() if sum(map(len, texts)) >= PARALLEL_MIN_CHARS else 1
         if processes == 1:
             return [self.encode(text, allowed_special, disallowed_special) for text in texts]
-        for text in texts:
-            self._check_disallowed(text, disallowed)
+        if disallowed:
+            for text in texts:
+                self._check_disallowed(text, self._special_regex(disallowed))
         args = (self._ranks, self.pattern, self.pretokenize.ascii_pattern, self.pretokenize.check,
                 {name: self._specials[name] for name in allowed}, CACHE_SIZE)
         try:
@@ -603,10 +610,21 @@ class ByteBPETokenizer(EndOfTextSpecials, Tokenizer):
         yield from self.encode("".join(pending), allowed_special, disallowed_special)
 
     def _allowed_regex(self, allowed_special, disallowed_special, text: str) -> regex.Pattern | None:
-        """The regex of the allowed special tokens; raises if `text` holds a disallowed one."""
-        allowed, disallowed = self._special_sets(allowed_special, disallowed_special)
-        self._check_disallowed(text, disallowed)
-        return self._special_regex(allowed)
+        """The regex of the allowed special tokens; raises if `text` holds a disallowed one. What the
+        arguments mean is worked out once for each pair of them ("all", "none", frozensets...)."""
+        key = (allowed_special, disallowed_special)
+        try:
+            plan = self._special_plans.get(key)
+        except TypeError:  # a set: not hashable, so worked out each time
+            plan, key = None, None
+        if plan is None:
+            allowed, disallowed = self._special_sets(allowed_special, disallowed_special)
+            plan = (self._special_regex(allowed), self._special_regex(disallowed) if disallowed else None)
+            if key is not None:
+                self._special_plans[key] = plan
+        if plan[1] is not None:
+            self._check_disallowed(text, plan[1])
+        return plan[0]
 
     def _special_sets(self, allowed_special, disallowed_special) -> tuple[set[str], set[str]]:
         """The names of the allowed and of the disallowed special tokens."""
@@ -617,13 +635,12 @@ class ByteBPETokenizer(EndOfTextSpecials, Tokenizer):
             disallowed = self._special_names(disallowed_special, "disallowed_special") - allowed
         return allowed, disallowed
 
-    def _check_disallowed(self, text: str, disallowed: set[str]) -> None:
-        if disallowed:
-            found = self._special_regex(disallowed).search(text)
-            if found:
-                raise TokenizerError(f"the text contains the special token {found.group()!r}, which is disallowed; "
-                                     f"pass allowed_special={{{found.group()!r}}} (or 'all') to encode it as a "
-                                     f"special token, or leave it out of disallowed_special to encode it as text.")
+    def _check_disallowed(self, text: str, disallowed: regex.Pattern) -> None:
+        found = disallowed.search(text)
+        if found:
+            raise TokenizerError(f"the text contains the special token {found.group()!r}, which is disallowed; "
+                                 f"pass allowed_special={{{found.group()!r}}} (or 'all') to encode it as a "
+                                 f"special token, or leave it out of disallowed_special to encode it as text.")
 
     def _special_names(self, names, argument: str) -> set[str]:
         if names == "all":
