@@ -16,6 +16,10 @@ tokenizer), so the cache only helps with words repeated inside the text, as in r
 Rounds alternate between the libraries; the fastest round of each counts.
 
     .venv/bin/python bench/encode_throughput.py [--rounds 3] [--pattern gpt4] [--corpus pydoc] [--paragraphs]
+    .venv/bin/python bench/encode_throughput.py --decode
+
+`--decode` times the way back instead: the corpus's ids (one list) to text, `decode` against tiktoken's, in MB/s
+of the text; since 2026-12-06 a list of ids is decoded in C (`bpe_core.NativeDecoder`).
 
 `--paragraphs` encodes the corpus as its paragraphs (split at blank lines; Shakespeare has 39,685, 127 characters
 on average), one `encode` / `encode_ordinary` call each, as a dataset of short documents is encoded: there the cost
@@ -81,12 +85,29 @@ def hf_gpt2(ours: ByteBPETokenizer):
     return tokenizer
 
 
+def decode_rounds(text: str, megabytes: float, ids: list[int], reference, tok, args) -> None:
+    """`--decode`: the ids back to the text, lm against tiktoken, the fastest of --rounds each."""
+    rates = {"lm": [], "tiktoken": []}
+    for _ in range(args.rounds):
+        for name, decode in (("lm", tok.decode), ("tiktoken", reference.decode)):
+            start = time.perf_counter()
+            back = decode(ids)
+            rates[name].append(megabytes / (time.perf_counter() - start))
+            assert back == text, f"{name} does not give the text back"
+    print(f"{megabytes:.2f} MB of {args.corpus}, {len(ids):,} ids decoded in one call, the same text from both")
+    for name, values in rates.items():
+        print(f"{name:14s} {max(values):7.2f} MB/s  (rounds: {[round(v, 1) for v in values]})")
+    report(f"decode_{args.corpus}", "MB/s", max(rates["lm"]), max(rates["tiktoken"]), "tiktoken (1 thread)",
+           higher_is_better=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (default: 3)")
     parser.add_argument("--corpus", choices=["shakespeare", "pydoc"], default="shakespeare",
                         help="lm's corpus to encode (default: shakespeare)")
     parser.add_argument("--paragraphs", action="store_true", help="one call per paragraph instead of one in all")
+    parser.add_argument("--decode", action="store_true", help="time decoding the corpus's ids instead")
     parser.add_argument("--pattern", choices=["gpt2", "gpt4"], default="gpt2",
                         help="the pre-tokenizer's pattern, GPT-2's ranks either way (default: gpt2)")
     args = parser.parse_args()
@@ -105,6 +126,10 @@ def main() -> None:
     except ImportError:
         hf = None
 
+    if args.decode:
+        decode_rounds(text, megabytes, expected[0] if len(parts) == 1 else sum(expected, []), reference, fresh(),
+                      args)
+        return
     encoders = {
         "lm": lambda tok: [tok.encode(part, allowed_special="none") for part in parts],
         "tiktoken": lambda tok: [reference.encode_ordinary(part) for part in parts],

@@ -297,6 +297,22 @@ def test_encode_iter_hands_the_text_between_cuts_to_the_c_encoder(merger, ranks,
             assert len(tok._cache) < 300, len(tok._cache)
 
 
+def test_decoding_in_c_gives_python_s_bytes_and_errors(merger, ranks, reference):
+    tok = ByteBPETokenizer.from_tiktoken_ranks(ranks, GPT2_PATTERN, {"<|endoftext|>": 50256, "<|pad|>": 50300})
+    text = lm.load_corpus("shakespeare")[:100_000] + "<|endoftext|> naïve 日本語 😀<|pad|>"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text and tok.decode_bytes(ids) == reference.decode_bytes(ids[:-1]) + b"<|pad|>"
+    assert isinstance(tok._decoder._made, bpe_core.NativeDecoder)  # the list went through C
+    assert tok.decode_bytes([int(i) for i in ids[:63]]) == reference.decode_bytes(ids[:63])  # short: Python's
+    assert tok.decode_bytes(tuple(ids)) == tok.decode_bytes(ids)  # not a list: Python's, the same bytes
+    assert tok.decode([float(i) for i in ids[:100]]) == tok.decode(ids[:100])  # floats: Python's int()
+    for bad, message in ((50_301, "out of range"), (-1, "out of range"), (2**40, "out of range"),
+                         (50_257, "not assigned")):  # 50,257-50,299: between the ordinary and the special ids
+        with pytest.raises(lm.tokenizers.TokenizerError, match=message):
+            tok.decode(ids[:100] + [bad] + ids[:100])
+    assert copy.deepcopy(tok).decode(ids) == text == pickle.loads(pickle.dumps(tok)).decode(ids)
+
+
 def test_pretokens_too_long_for_c_and_special_tokens_between(merger, reference):
     """A pre-token over NATIVE_MAX bytes goes back to Python's bpe_heap, and the C scan goes on after it."""
     tok = ByteBPETokenizer.gpt2()

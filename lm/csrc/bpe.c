@@ -412,3 +412,60 @@ void lm_bpe_counts_export(const cache_t *c, uint8_t *bytes, int64_t *offsets, in
         offsets[++k] = at;
     }
 }
+
+/* ---- decoding: ids to their bytes (lm_bpe_decode) ---------------------------------------------------------- */
+
+typedef struct {
+    uint8_t *bytes;  /* every token's bytes, one after the other */
+    int64_t *starts; /* token k is bytes[starts[k] : starts[k] + lengths[k]] */
+    int32_t *lengths; /* -1: an id with no token */
+    int64_t n;
+} vocab_t;
+
+void lm_bpe_vocab_free(vocab_t *v) {
+    if (!v) return;
+    free(v->bytes);
+    free(v->starts);
+    free(v->lengths);
+    free(v);
+}
+
+/* A copy of n tokens: token k is bytes[starts[k] : starts[k] + lengths[k]], or none where lengths[k] is -1.
+   NULL when memory runs out. */
+vocab_t *lm_bpe_vocab_new(const uint8_t *bytes, int64_t size, const int64_t *starts, const int32_t *lengths,
+                          int64_t n) {
+    vocab_t *v = calloc(1, sizeof(vocab_t));
+    if (!v) return NULL;
+    v->bytes = malloc((size_t)(size > 0 ? size : 1));
+    v->starts = malloc(sizeof(int64_t) * (size_t)(n > 0 ? n : 1));
+    v->lengths = malloc(sizeof(int32_t) * (size_t)(n > 0 ? n : 1));
+    if (!v->bytes || !v->starts || !v->lengths) {
+        lm_bpe_vocab_free(v);
+        return NULL;
+    }
+    memcpy(v->bytes, bytes, (size_t)size);
+    memcpy(v->starts, starts, sizeof(int64_t) * (size_t)n);
+    memcpy(v->lengths, lengths, sizeof(int32_t) * (size_t)n);
+    v->n = n;
+    return v;
+}
+
+/* How many bytes ids[0:n] decode to; -1 when one is out of range or has no token (the caller says which). */
+int64_t lm_bpe_decoded_size(const vocab_t *v, const int32_t *ids, int64_t n) {
+    int64_t size = 0;
+    for (int64_t k = 0; k < n; k++) {
+        int32_t id = ids[k];
+        if (id < 0 || id >= v->n || v->lengths[id] < 0) return -1;
+        size += v->lengths[id];
+    }
+    return size;
+}
+
+/* The bytes of ids[0:n] into out, which has room for lm_bpe_decoded_size's count. */
+void lm_bpe_decode(const vocab_t *v, const int32_t *ids, int64_t n, uint8_t *out) {
+    for (int64_t k = 0; k < n; k++) {
+        int32_t length = v->lengths[ids[k]];
+        memcpy(out, v->bytes + v->starts[ids[k]], (size_t)length);
+        out += length;
+    }
+}

@@ -47,8 +47,9 @@ import regex
 from .base import (ENDOFTEXT, MAX_SPECIAL_LENGTH, MAX_SPECIAL_TOKENS, MAX_VOCAB_SIZE, TOKENIZERS,
                    EndOfTextSpecials, Tokenizer, TokenizerError, check_kind, check_size, short_repr)
 from .bpe_core import (BYTES, GPT2_ASCII_PATTERN, GPT4_ASCII_PATTERN, LONG_PRETOKEN, NO_RANK,  # noqa: F401
-                       Splitter, TokenCache, WorkerError, bpe, bpe_heap, cpu_count, cut_blocks, cut_rule,
-                       encode_pieces, encode_text, find_cut, run_parallel, special_regex, surrogate_message)
+                       LazyDecoder, Splitter, TokenCache, WorkerError, bpe, bpe_heap, cpu_count, cut_blocks,
+                       cut_rule, encode_pieces, encode_text, find_cut, run_parallel, special_regex,
+                       surrogate_message)
 from .gpt2_ranks import GPT2_PATTERN, GPT2_SPECIAL_TOKENS, load_gpt2_ranks
 
 # GPT-4's pre-tokenizer (tiktoken's cl100k_base): case-insensitive contractions, numbers in groups
@@ -61,6 +62,7 @@ PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
 # The same patterns for ASCII text, in the standard `re` (see bpe_core): the same pieces, faster.
 ASCII_TWINS = {GPT2_PATTERN: GPT2_ASCII_PATTERN, GPT4_PATTERN: GPT4_ASCII_PATTERN}
 CACHE_SIZE = 100_000  # pre-tokens remembered by encode; the cache is emptied when it is full
+DECODE_IN_C = 64  # ids; decode_bytes hands longer lists to C (shorter ones cost less in Python)
 PAUSE_MIN = 10_000  # characters; encode pauses the garbage collector (`collector_paused`) for longer texts
 CUT_WINDOW = 4_096  # characters at the end of encode_iter's buffer searched for a cut (`find_cut`)
 # Parallel work: below this many characters one process is faster. Workers start in ~60 ms, and
@@ -408,6 +410,7 @@ class ByteBPETokenizer(EndOfTextSpecials, Tokenizer):
         self._special_regexes: dict[frozenset, regex.Pattern | None] = {}
         # (allowed_special, disallowed_special) as given, when hashable -> (allowed regex, disallowed regex)
         self._special_plans: dict[tuple, tuple[regex.Pattern | None, regex.Pattern | None]] = {}
+        self._decoder = LazyDecoder()  # the C decoding, made on the first long decode
         self._max_special_len = max(map(len, special_tokens), default=0)
         self._cache = TokenCache(self._ranks, CACHE_SIZE)
 
@@ -722,7 +725,12 @@ class ByteBPETokenizer(EndOfTextSpecials, Tokenizer):
 
     # ---- decode --------------------------------------------------------------------------------
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
-        """Ids to the raw bytes they stand for (special tokens as their UTF-8 names)."""
+        """Ids to the raw bytes they stand for (special tokens as their UTF-8 names). A list of ints goes
+        to C where the C file runs (`bpe_core.NativeDecoder`), anything else, or a bad id, to Python."""
+        if type(ids) is list and len(ids) >= DECODE_IN_C:
+            decoded = self._decoder(self._id_bytes, ids)
+            if decoded is not None:
+                return decoded
         ids = self._check_ids(ids)
         table = self._id_bytes
         try:

@@ -274,6 +274,15 @@ def native_merging():
         library.lm_bpe_counts_size.restype = ctypes.c_int64
         library.lm_bpe_counts_export.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p]
         library.lm_bpe_counts_export.restype = None
+        library.lm_bpe_vocab_new.argtypes = [ctypes.c_char_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                                             ctypes.c_int64]
+        library.lm_bpe_vocab_new.restype = ctypes.c_void_p
+        library.lm_bpe_vocab_free.argtypes = [ctypes.c_void_p]
+        library.lm_bpe_vocab_free.restype = None
+        library.lm_bpe_decoded_size.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+        library.lm_bpe_decoded_size.restype = ctypes.c_int64
+        library.lm_bpe_decode.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_char_p]
+        library.lm_bpe_decode.restype = None
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as error:
         return None, f"compiling bpe.c failed: {error}"
     # a check against `bpe`: a vocabulary of the bytes and a few merges, ties and unmergeable pairs
@@ -285,6 +294,63 @@ def native_merging():
         if merger(word) != tuple(ranks[t] for t in bpe(word, ranks)):
             return None, "the compiled merging disagrees with bpe() on a test word"
     return library, None
+
+
+class NativeDecoder:
+    """Decoding in C: a copy of `table` (id -> the token's bytes, None for an id with no token) that turns
+    an array of int32 ids into their bytes in two passes (the size, then the bytes), where
+    `b"".join(table[i] for i in ids)` spends most of its time on the many small bytes objects. Freed with
+    it. Calling it gives the bytes, or None when an id is out of range or has no token (the caller's
+    Python path then says which)."""
+
+    def __init__(self, library, table: Sequence[bytes | None]):
+        lengths = array("i", (-1 if token is None else len(token) for token in table))
+        starts = array("q", [0])
+        starts.extend(itertools.accumulate(max(length, 0) for length in lengths))
+        data = b"".join(token for token in table if token is not None)
+        handle = library.lm_bpe_vocab_new(data, len(data), starts.buffer_info()[0], lengths.buffer_info()[0],
+                                          len(table))
+        if not handle:
+            raise MemoryError("no memory for the C decoding table")
+        self._finalizer = weakref.finalize(self, library.lm_bpe_vocab_free, handle)
+        self._library, self._table = library, ctypes.c_void_p(handle)
+
+    def __call__(self, ids: array) -> bytes | None:
+        """The bytes of `ids` (an array of type "i"), or None if one of them has no token."""
+        address, n = ids.buffer_info()
+        size = self._library.lm_bpe_decoded_size(self._table, address, n)
+        if size < 0:
+            return None
+        out = ctypes.create_string_buffer(size)
+        self._library.lm_bpe_decode(self._table, address, n, out)
+        return out.raw
+
+
+class LazyDecoder:
+    """A NativeDecoder for one tokenizer's id table, made on the first call; a copy or a pickle of it starts
+    without one (the C table is remade where it is used)."""
+
+    def __init__(self):
+        self._made: NativeDecoder | None | bool = False
+
+    def __reduce__(self):
+        return type(self), ()
+
+    def __call__(self, table: Sequence[bytes | None], ids: list) -> bytes | None:
+        """The bytes of `ids` through C, or None where C cannot give them (no C compiler, ids that are not all
+        int32, or an id with no token: the caller's Python path then says which)."""
+        if self._made is False:
+            library = native_merging()[0]
+            try:
+                self._made = NativeDecoder(library, table) if library is not None else None
+            except MemoryError:
+                self._made = None
+        if self._made is None:
+            return None
+        try:
+            return self._made(array("i", ids))  # TypeError: not ints; OverflowError: past int32
+        except (TypeError, OverflowError):
+            return None
 
 
 class NativeMerger:
