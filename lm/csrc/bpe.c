@@ -333,7 +333,7 @@ typedef int64_t (*scan_t)(const uint8_t *s, int64_t i, int64_t n);
 
 static scan_t scan_of(int pattern) { return pattern == 4 ? gpt4_end : gpt2_end; }
 
-/* The ids of the ASCII text[start:n], pre-token by pre-token, into out (room for `room` ids); returns how many.
+/* The ids of the UTF-8 text[start:n] under `pattern` (2: GPT-2's, 4: GPT-4's), pre-token by pre-token, into out (room for `room` ids); returns how many.
    *stop is n when the text is done; otherwise it is where the next pre-token begins, and *piece_end is -1 when
    out is full (the caller takes the ids and calls again from *stop), else the end of a pre-token this leaves to
    the caller (over LM_BPE_MAX bytes or over `room`, or a byte without a token), who encodes that one and calls
@@ -373,12 +373,12 @@ int64_t lm_bpe_text(const cache_t *t, cache_t *c, const uint8_t *text, int64_t s
     return written;
 }
 
-/* ---- counting the pre-tokens of ASCII texts under GPT-2's or GPT-4's pattern (lm_bpe_count), for training -- */
+/* ---- counting the pre-tokens of texts under GPT-2's or GPT-4's pattern (lm_bpe_count), for training ------- */
 
 /* An empty table of counts; NULL when memory runs out. Free it with lm_bpe_cache_free. */
 cache_t *lm_bpe_counts_new(void) { return lm_bpe_cache_new(INT64_MAX); }
 
-/* Adds the pre-tokens of the ASCII text[0:n] under `pattern` (2 or 4) to the counts; -1 when memory runs out. */
+/* Adds the pre-tokens of the UTF-8 text[0:n] under `pattern` (2 or 4) to the counts; -1 when memory runs out. */
 int lm_bpe_count(cache_t *c, const uint8_t *text, int64_t n, int pattern) {
     scan_t end_of = scan_of(pattern);
     for (int64_t i = 0; i < n;) {
@@ -416,36 +416,31 @@ void lm_bpe_counts_export(const cache_t *c, uint8_t *bytes, int64_t *offsets, in
 /* ---- decoding: ids to their bytes (lm_bpe_decode) ---------------------------------------------------------- */
 
 typedef struct {
-    uint8_t *bytes;  /* every token's bytes, one after the other */
-    int64_t *starts; /* token k is bytes[starts[k] : starts[k] + lengths[k]] */
-    int32_t *lengths; /* -1: an id with no token */
+    uint8_t *bytes;   /* every token's bytes, one after the other */
+    int64_t *offsets; /* token k is bytes[offsets[k] : offsets[k + 1]]; empty for an id with no token */
     int64_t n;
 } vocab_t;
 
 void lm_bpe_vocab_free(vocab_t *v) {
     if (!v) return;
     free(v->bytes);
-    free(v->starts);
-    free(v->lengths);
+    free(v->offsets);
     free(v);
 }
 
-/* A copy of n tokens: token k is bytes[starts[k] : starts[k] + lengths[k]], or none where lengths[k] is -1.
-   NULL when memory runs out. */
-vocab_t *lm_bpe_vocab_new(const uint8_t *bytes, int64_t size, const int64_t *starts, const int32_t *lengths,
-                          int64_t n) {
+/* A copy of n tokens: token k is bytes[offsets[k] : offsets[k + 1]] (offsets holds n + 1 numbers), and an
+   empty one is an id with no token (a BPE token has at least one byte). NULL when memory runs out. */
+vocab_t *lm_bpe_vocab_new(const uint8_t *bytes, const int64_t *offsets, int64_t n) {
     vocab_t *v = calloc(1, sizeof(vocab_t));
     if (!v) return NULL;
-    v->bytes = malloc((size_t)(size > 0 ? size : 1));
-    v->starts = malloc(sizeof(int64_t) * (size_t)(n > 0 ? n : 1));
-    v->lengths = malloc(sizeof(int32_t) * (size_t)(n > 0 ? n : 1));
-    if (!v->bytes || !v->starts || !v->lengths) {
+    v->bytes = malloc((size_t)(offsets[n] > 0 ? offsets[n] : 1));
+    v->offsets = malloc(sizeof(int64_t) * (size_t)(n + 1));
+    if (!v->bytes || !v->offsets) {
         lm_bpe_vocab_free(v);
         return NULL;
     }
-    memcpy(v->bytes, bytes, (size_t)size);
-    memcpy(v->starts, starts, sizeof(int64_t) * (size_t)n);
-    memcpy(v->lengths, lengths, sizeof(int32_t) * (size_t)n);
+    memcpy(v->bytes, bytes, (size_t)offsets[n]);
+    memcpy(v->offsets, offsets, sizeof(int64_t) * (size_t)(n + 1));
     v->n = n;
     return v;
 }
@@ -455,8 +450,8 @@ int64_t lm_bpe_decoded_size(const vocab_t *v, const int32_t *ids, int64_t n) {
     int64_t size = 0;
     for (int64_t k = 0; k < n; k++) {
         int32_t id = ids[k];
-        if (id < 0 || id >= v->n || v->lengths[id] < 0) return -1;
-        size += v->lengths[id];
+        if (id < 0 || id >= v->n || v->offsets[id + 1] == v->offsets[id]) return -1;
+        size += v->offsets[id + 1] - v->offsets[id];
     }
     return size;
 }
@@ -464,8 +459,8 @@ int64_t lm_bpe_decoded_size(const vocab_t *v, const int32_t *ids, int64_t n) {
 /* The bytes of ids[0:n] into out, which has room for lm_bpe_decoded_size's count. */
 void lm_bpe_decode(const vocab_t *v, const int32_t *ids, int64_t n, uint8_t *out) {
     for (int64_t k = 0; k < n; k++) {
-        int32_t length = v->lengths[ids[k]];
-        memcpy(out, v->bytes + v->starts[ids[k]], (size_t)length);
+        int64_t start = v->offsets[ids[k]], length = v->offsets[ids[k] + 1] - start;
+        memcpy(out, v->bytes + start, (size_t)length);
         out += length;
     }
 }

@@ -566,8 +566,9 @@ class ByteBPETokenizer(EndOfTextSpecials, Tokenizer):
         if processes == 1:
             return [self.encode(text, allowed_special, disallowed_special) for text in texts]
         if disallowed:
+            found = self._special_regex(disallowed)
             for text in texts:
-                self._check_disallowed(text, self._special_regex(disallowed))
+                self._check_disallowed(text, found)
         args = (self._ranks, self.pattern, self.pretokenize.ascii_pattern, self.pretokenize.check,
                 {name: self._specials[name] for name in allowed}, CACHE_SIZE)
         try:
@@ -584,7 +585,7 @@ class ByteBPETokenizer(EndOfTextSpecials, Tokenizer):
         `chunk_chars` characters, then encoded up to a point where the pre-tokenizer is sure to cut
         whatever follows. For GPT-2's and GPT-4's patterns that is, first, the last line break between
         printable characters in the buffer's final CUT_WINDOW characters (`find_cut`), the text before it
-        encoded as `encode` would (whole ASCII texts in C); failing that, a point before the last two
+        encoded as `encode` would (whole, in C); failing that, a point before the last two
         pre-tokens that hold a non-space character (a pre-token is decided by the text up to two
         characters after it, or up to the end of its whitespace run). Memory grows past
         `chunk_chars` only on a stretch without such a point: long whitespace, or any text

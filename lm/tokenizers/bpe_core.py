@@ -274,8 +274,7 @@ def native_merging():
         library.lm_bpe_counts_size.restype = ctypes.c_int64
         library.lm_bpe_counts_export.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p]
         library.lm_bpe_counts_export.restype = None
-        library.lm_bpe_vocab_new.argtypes = [ctypes.c_char_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                                             ctypes.c_int64]
+        library.lm_bpe_vocab_new.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_int64]
         library.lm_bpe_vocab_new.restype = ctypes.c_void_p
         library.lm_bpe_vocab_free.argtypes = [ctypes.c_void_p]
         library.lm_bpe_vocab_free.restype = None
@@ -304,12 +303,10 @@ class NativeDecoder:
     Python path then says which)."""
 
     def __init__(self, library, table: Sequence[bytes | None]):
-        lengths = array("i", (-1 if token is None else len(token) for token in table))
-        starts = array("q", [0])
-        starts.extend(itertools.accumulate(max(length, 0) for length in lengths))
-        data = b"".join(token for token in table if token is not None)
-        handle = library.lm_bpe_vocab_new(data, len(data), starts.buffer_info()[0], lengths.buffer_info()[0],
-                                          len(table))
+        tokens = [token or b"" for token in table]  # no token: an empty one (a real token has a byte or more)
+        offsets = array("q", [0])
+        offsets.extend(itertools.accumulate(map(len, tokens)))
+        handle = library.lm_bpe_vocab_new(b"".join(tokens), offsets.buffer_info()[0], len(tokens))
         if not handle:
             raise MemoryError("no memory for the C decoding table")
         self._finalizer = weakref.finalize(self, library.lm_bpe_vocab_free, handle)
@@ -387,19 +384,10 @@ def give_unicode_classes(library) -> None:
     with _classes_lock:
         if id(library) in _classes_given:
             return
-        gap = 0xE000 - 0xD800  # the surrogates, which no str that encodes to UTF-8 holds
-        every = "".join(map(chr, range(0x80, 0xD800))) + "".join(map(chr, range(0xE000, 0x110000)))
         first, last, kind = array("I"), array("I"), array("B")
-
-        def point(k: int) -> int:
-            return 0x80 + k + (gap if k >= 0xD800 - 0x80 else 0)
-
-        for match in UNICODE_CLASSES.finditer(every):
-            start, end = match.span()
-            if start < 0xD800 - 0x80 < end:  # (no class runs across the gap; split it if one did)
-                first.append(point(start)), last.append(0xD7FF), kind.append(match.lastindex)
-                start = 0xD800 - 0x80
-            first.append(point(start)), last.append(point(end - 1)), kind.append(match.lastindex)
+        for low, high in ((0x80, 0xD800), (0xE000, 0x110000)):  # around the surrogates, which UTF-8 never holds
+            for match in UNICODE_CLASSES.finditer("".join(map(chr, range(low, high)))):
+                first.append(low + match.start()), last.append(low + match.end() - 1), kind.append(match.lastindex)
         if library.lm_bpe_set_classes(first.buffer_info()[0], last.buffer_info()[0], kind.buffer_info()[0],
                                       len(first)) < 0:
             raise MemoryError("no memory for the Unicode classes")
@@ -491,9 +479,6 @@ class TextCounter:
         offsets, counts = array("q", bytes(8 * (n + 1))), array("q", bytes(8 * n))
         self._library.lm_bpe_counts_export(self._table, data, offsets.buffer_info()[0], counts.buffer_info()[0])
         raw = data.raw[: size.value]
-        if raw.isascii():
-            text = raw.decode("ascii")  # one str for all, sliced: the usual case, and faster
-            return Counter(dict(zip(map(text.__getitem__, map(slice, offsets[:-1], offsets[1:])), counts)))
         return Counter({raw[a:b].decode("utf-8"): count for a, b, count in zip(offsets[:-1], offsets[1:], counts)})
 
 
@@ -630,7 +615,8 @@ class PieceCounter:
         """The counts of every batch so far (those counted in C added in)."""
         if self.in_c is not None:
             self.counts.update(self.in_c.counts())
-            self.in_c = TextCounter(self.in_c._library, self.in_c.pattern)  # counted once: a second finish adds nothing twice
+            # counted once: a second finish adds nothing twice
+            self.in_c = TextCounter(self.in_c._library, self.in_c.pattern)
         return self.counts
 
 
