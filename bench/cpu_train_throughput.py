@@ -49,6 +49,15 @@ lm's kernels save stays the same in milliseconds):
 
     LM_CPU_KERNELS=avx2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 python bench/cpu_train_throughput.py
 
+Why AVX2 stays below 1.2 (torch.profiler over a step of each side, 2026-12-06, the Xeon held to AVX2): both run
+the same 74 matrix products (2048 x 384 x 1536 at about 193 GFLOP/s over the two cores, AVX2's two FMA units
+at their full rate: nothing left to win there), 711 ms of lm's 860 ms profiled step and 651-709 ms of
+transformers' 890-990 across four profiles. lm's other work was 149 ms (attention 62, in its C kernel; bias and
+GELU 31; LayerNorm 11; AdamW 8; the norms for clipping 4.5), transformers' 180-320. Unprofiled, lm 814-837 ms
+a step against 900-925. With lm's other work at nothing the ratio would be about 1.27; 1.2 needs it at about
+40 ms, and causal attention's own products (7.3 GFLOP a step, forward and backward) take 38 ms at that rate.
+With AVX-512 the products take half as long, and the same saving in milliseconds gives 1.2-1.3.
+
 Ends with one JSON line: {"bench", "unit", "lm", "peer", "peer_name", "speedup"}; speedup > 1
 means lm trains faster.
 """

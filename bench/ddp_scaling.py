@@ -7,7 +7,13 @@ from `TrainHistory.step_time`; MFU = tokens/s per GPU x FLOPs per token / 989e12
 bf16), FLOPs per token = 6 N + 12 L H Q T (N without position tables and vocabulary padding).
 
     python bench/ddp_scaling.py --nproc 2 4 8 --batch 16 --steps 30 --warmup 10 --parallel ddp fsdp
-    python bench/ddp_scaling.py --model 13b --nproc 8 --batch 2 --parallel fsdp
+    python bench/ddp_scaling.py --model 13b --nproc 8 --batch 2 --parallel fsdp --fsdp_units block
+    python bench/ddp_scaling.py --nproc 1 --parallel fsdp --fsdp_units model block   # FSDP's own cost, 1 GPU
+
+`--fsdp_units` (`TrainConfig.fsdp_units`, see `lm.distributed.wrap`): what FSDP gathers at a time, the whole
+model or each block; each value is a run of its own, labelled fsdp-model, fsdp-block ("auto": fsdp). With
+`--nproc 1`, FSDP runs in one process (lm itself trains one process without it): no communication, so the
+run measures what FSDP's hooks, casts and sharded optimizer cost against the plain 1-GPU run.
 
 --model gpt2-124m (default): preset "gpt2-124m", vocabulary padded to 50,304.
 --model 13b: the RSCaLM recipe (RoPE, RMSNorm, SwiGLU, no biases, tied head, vocabulary 32,000) at
@@ -68,13 +74,16 @@ def worker(args) -> None:
     from lm import distributed
 
     parallel = args.parallel[0]
+    if parallel == "fsdp" and distributed.env_info().world_size == 1:  # --nproc 1: FSDP's cost alone
+        distributed.DistInfo.enabled = property(lambda self: True)
     torch.backends.cuda.matmul.allow_tf32 = True
     device = distributed.local_device("cuda")
     torch.cuda.set_device(device)
     torch.manual_seed(0)
     config = model_config(args.model)
     info = distributed.env_info()
-    result = {"nproc": info.world_size, "parallel": parallel, "batch_per_gpu": args.batch, "model": args.model,
+    label = parallel if parallel == "ddp" or args.fsdp_units[0] == "auto" else f"fsdp-{args.fsdp_units[0]}"
+    result = {"nproc": info.world_size, "parallel": label, "batch_per_gpu": args.batch, "model": args.model,
               "params": lm.count_params(config)}
     try:
         with torch.device(device):  # built and initialised on the GPU: 13B float32 weights are 51 GB to
@@ -84,7 +93,7 @@ def worker(args) -> None:
         steps = args.warmup + args.steps
         train = lm.TrainConfig(max_steps=steps, batch_size=args.batch, seq_len=1024, lr=6e-4, warmup_steps=10,
                                eval_interval=steps, eval_iters=1, precision="bf16", compile=True,
-                               parallel=parallel, progress=False)
+                               parallel=parallel, fsdp_units=args.fsdp_units[0], progress=False)
         history = lm.train(model, data, data[:100_000], train)
     except torch.OutOfMemoryError as err:  # the model does not fit this way: record it and how far it got
         result.update(fits=False, error=str(err).splitlines()[0],
@@ -102,12 +111,13 @@ def worker(args) -> None:
     distributed.shutdown()
 
 
-def launch(nproc: int, parallel: str, args) -> dict:
+def launch(nproc: int, parallel: str, args, units: str = "auto") -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                __file__, "--worker", "--result", str(result), "--batch", str(args.batch), "--model", args.model,
-               "--steps", str(args.steps), "--warmup", str(args.warmup), "--parallel", parallel]
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--parallel", parallel,
+               "--fsdp_units", units]
         env = {**os.environ, "PYTHONPATH": str(ROOT), "NCCL_NVLS_ENABLE": "0",
                "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
         start = time.perf_counter()
@@ -127,6 +137,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (default: 10)")
     parser.add_argument("--parallel", nargs="+", default=["ddp"], choices=("ddp", "fsdp"),
                         help="strategies for the scaled runs (default: ddp)")
+    parser.add_argument("--fsdp_units", nargs="+", default=["auto"], choices=("auto", "model", "block"),
+                        help="FSDP's units, a run each (default: auto)")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per run (default: 1800)")
     parser.add_argument("--out", default=str(ROOT / "lm" / "assets" / "ddp_scaling.json"),
                         help="where the figures go (default: lm/assets/ddp_scaling.json)")
@@ -141,7 +153,8 @@ def main() -> None:
     from _report import report
 
     one = launch(1, "ddp", args)
-    runs = [one] + [launch(n, p, args) for n in args.nproc for p in args.parallel]
+    runs = [one] + [launch(n, p, args, u) for n in args.nproc for p in args.parallel
+                    for u in (args.fsdp_units if p == "fsdp" else ["auto"])]
     for run in runs[1:]:
         if run.get("fits") and one.get("fits"):
             run["efficiency"] = run["tokens_per_second"] / (run["nproc"] * one["tokens_per_second"])
@@ -157,10 +170,10 @@ def main() -> None:
                  + (f", efficiency {run['efficiency']:.1%}" if "efficiency" in run else "")) if run.get("fits") \
             else f"does not fit ({run['error'][:80]})"
         print(f"{run['nproc']} GPU(s) {run['parallel']:4}: {shown}; peak {run['peak_memory_gib']:.1f} GiB per GPU")
-    best = scaled[args.parallel[0]]
+    best = next(r for r in runs[1:] if r["nproc"] == top)
     if best.get("fits") and one.get("fits"):
         report("ddp_scaling", "tokens/s", best["tokens_per_second"], top * one["tokens_per_second"],
-               f"ideal linear scaling of 1 GPU x {top} ({args.parallel[0]})", higher_is_better=True)
+               f"ideal linear scaling of 1 GPU x {top} ({best['parallel']})", higher_is_better=True)
     else:  # a model one GPU cannot hold: the scaled run's own figure, and no ratio
         print(json.dumps({"bench": f"ddp_scaling_{args.model}", "unit": "tokens/s",
                           "lm": best.get("tokens_per_second"), "peer": None,

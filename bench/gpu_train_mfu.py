@@ -111,6 +111,10 @@ the product into the sum as it writes it (`torch.addmm(total, g.t(), h, out_dtyp
 `torch.library.custom_op` because torch 2.11's compiler fails on out_dtype) 35.0% at batch 16 against 36.7% for
 the shipped path on the same machine (35.5% / 37.3% beside the nanoGPT-style peer's 37.6% / 39.4%); four chunks'
 gradients kept in bfloat16 for one product 35.0% with 17.3 GB at the peak. Both slower; neither kept.
+Later that day, a third H100: `--lever gemm-autotune` (inductor's `max_autotune_gemm` alone: Triton's product
+templates tried against cuBLAS, with the elementwise work after a product fused into its template, the one way
+torch 2.11 offers to move GELU and the residual sums into the products) had not finished compiling after 370 s on
+the machine's 16 cores, so it never timed a step; the shipped path gave 37.5% at batch 16 just before it.
 
 Ends with one JSON line: {"bench", "unit": "MFU", "lm", "peer", "peer_name", "speedup"}; speedup > 1
 means lm reaches the higher MFU (= the higher tokens/s, since the work per token is the same).
@@ -393,6 +397,7 @@ LEVERS = {
     "clip-apart": _clip_apart,                   # clip_grad_norm_'s own pass, not folded into the fused AdamW
     "cpp-wrapper": _inductor(cpp_wrapper=True),  # inductor launches its kernels from C++, not Python
     "combo-kernels": _inductor(combo_kernels=True),  # inductor joins independent small kernels into one launch
+    "gemm-autotune": _inductor(max_autotune_gemm=True),  # Triton product templates tried, elementwise work fused in
     "bf16-residual": _bf16_residual,             # the residual stream in bfloat16 (float32 under plain autocast)
     "whole-step-graph": dict,                    # the whole step as one CUDA graph (train_lm_whole_step_graph)
 }

@@ -30,7 +30,7 @@ from .version import __version__
 from .config import ALIASES, ConfigError, ConfigWarning, ModelConfig, canonical_settings
 from .corpora import DOCUMENT_SPLITS
 from .data import SAMPLING
-from .distributed import PARALLEL
+from .distributed import FSDP_UNITS, PARALLEL
 from .presets import PRESETS
 from .tokenizers.prep import PREP_TOKENIZERS, VOCAB_DEFAULTS, prep_tokenize
 from .finetuning import FinetuneConfig
@@ -131,6 +131,9 @@ def add_training_flags(group, config_class) -> None:
     group.add_argument("--sampling", choices=SAMPLING, help="random windows (examples), or epoch: each once per "
                                                             f"pass (default: {default_sampling})")
     group.add_argument("--parallel", choices=PARALLEL, help="under torchrun: ddp or fsdp (default: ddp)")
+    group.add_argument("--fsdp_units", choices=FSDP_UNITS,
+                       help="under fsdp, what is gathered at a time: the whole model (fastest) or each block (least "
+                            "memory); auto: the whole model up to 1e9 parameters (default: auto)")
     group.add_argument("--tensorboard", action="store_true", help="also log to out_dir/tensorboard")
     group.add_argument("--seed", type=int, help=f"seed for weights and batches (default: {d['seed']})")
     group.add_argument("--no_progress", action="store_true", help="hide the progress bar")
@@ -400,7 +403,7 @@ MODEL_FLAGS = ("n_layer", "n_head", "d_model", "block_size", "dropout", "pos", "
                "window", "ffn")
 TRAIN_FLAGS = ("batch_size", "seq_len", "grad_accum_steps", "max_steps", "epochs", "warmup_steps", "lr", "min_lr",
                "weight_decay", "grad_clip", "eval_interval", "eval_iters", "patience", "min_delta", "precision",
-               "ema_decay", "sampling", "parallel", "seed")
+               "ema_decay", "sampling", "parallel", "fsdp_units", "seed")
 
 
 def _is_int(value) -> bool:

@@ -127,6 +127,8 @@ class TrainConfig:
     sampling: str = "auto"  # "random" windows, or "epoch": every window once per epoch; "auto": epoch when
     # training by epochs, else random
     parallel: str = "ddp"  # under torchrun: "ddp" (a copy per process) or "fsdp" (sharded)
+    fsdp_units: str = "auto"  # under FSDP, what is gathered at a time: "model" (fastest), "block" (least
+    # memory), "auto": the whole model up to 1e9 parameters (lm.distributed.wrap)
     seed: int = 1337
     out_dir: str | None = None  # where last.pt, best.pt and metrics.csv go; None writes nothing
     tensorboard: bool = False  # also log to out_dir/tensorboard (needs the tensorboard package)
@@ -198,6 +200,8 @@ class TrainConfig:
             raise TrainingError(f"sampling={self.sampling!r} is not one of {('auto',) + SAMPLING}.")
         if self.parallel not in distributed.PARALLEL:
             raise TrainingError(f"parallel={self.parallel!r} is not one of {distributed.PARALLEL}.")
+        if self.fsdp_units not in distributed.FSDP_UNITS:
+            raise TrainingError(f"fsdp_units={self.fsdp_units!r} is not one of {distributed.FSDP_UNITS}.")
 
     @property
     def final_lr(self) -> float:
@@ -449,7 +453,8 @@ class Trainer:
         self.ema = EMA(model, config.ema_decay) if config.ema_decay else None
         self.wrapped = model
         if self.dist.enabled:
-            self.wrapped = distributed.wrap(model, config.parallel, self.device, config.precision)
+            self.wrapped = distributed.wrap(model, config.parallel, self.device, config.precision,
+                                            units=config.fsdp_units)
         self.fsdp = self.dist.enabled and config.parallel == "fsdp"
         if self.fsdp and self.ema is not None:
             raise TrainingError("ema_decay with parallel='fsdp' is not supported; use parallel='ddp' or no EMA.")

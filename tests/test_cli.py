@@ -291,7 +291,8 @@ EVERY_TRAIN_SETTING = {  # none at its default
     "max_steps": 7, "batch_size": 3, "memory_budget": 2**30, "grad_accum_steps": 2, "seq_len": 12, "lr": 2e-3,
     "min_lr": 1e-4, "warmup_steps": 5, "weight_decay": 0.05, "beta1": 0.8, "beta2": 0.9, "grad_clip": 0.5,
     "eval_interval": 3, "eval_iters": 4, "patience": 2, "min_delta": 0.01, "precision": "bf16", "ema_decay": 0.99,
-    "compile": True, "sampling": "epoch", "parallel": "fsdp", "seed": 5, "tensorboard": True, "progress": False,
+    "compile": True, "sampling": "epoch", "parallel": "fsdp", "fsdp_units": "block", "seed": 5, "tensorboard": True,
+    "progress": False,
 }
 
 

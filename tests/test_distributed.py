@@ -36,10 +36,12 @@ def single():
     return dist_worker.run(batch_size=8)
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp", "fsdp-block"])
 def test_two_processes_match_one(tmp_path, single, parallel):
+    """DDP; FSDP with the (tiny) model one unit, as "auto" has it; FSDP with a unit per block."""
     out = tmp_path / "history.json"
-    torchrun("tests/dist_worker.py", str(out), "4", parallel)  # 2 processes x batch 4
+    units = "block" if parallel == "fsdp-block" else "auto"
+    torchrun("tests/dist_worker.py", str(out), "4", parallel.split("-")[0], "-", "-", "fp32", units)  # 2 x batch 4
     both = json.loads(out.read_text())
     assert both["step"] == single.step
     assert both["loss"] == pytest.approx(single.loss, rel=1e-4)
@@ -93,7 +95,7 @@ def test_fsdp_wrap_prefetches_the_next_blocks():
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
         model = lm.GPT(lm.ModelConfig(vocab_size=16, block_size=8, n_layer=4, n_head=2, d_model=16))
-        distributed.wrap(model, "fsdp", torch.device("cpu"), precision="bf16", prefetch=2)
+        distributed.wrap(model, "fsdp", torch.device("cpu"), precision="bf16", prefetch=2, units="block")
         blocks = list(model.blocks)
         forward = [list(b._get_fsdp_state()._states_to_forward_prefetch) for b in blocks]
         backward = [list(b._get_fsdp_state()._states_to_backward_prefetch) for b in blocks]
@@ -107,6 +109,35 @@ def test_fsdp_wrap_prefetches_the_next_blocks():
         assert model.blocks[0].attn.qkv.weight.grad.dtype == torch.float32
     finally:
         dist.destroy_process_group()
+
+
+def test_fsdp_units_whole_model_up_to_a_size_then_per_block(monkeypatch):
+    """"auto" makes the whole model FSDP's one unit while it is small (the blocks get no FSDP state of their
+    own, so the compiled model stays one graph), a unit per block past WHOLE_MODEL_PARAMS; a bad value is named."""
+    import torch.distributed as dist
+
+    def wrapped(units):
+        model = lm.GPT(lm.ModelConfig(vocab_size=16, block_size=8, n_layer=2, n_head=2, d_model=16))
+        distributed.wrap(model, "fsdp", torch.device("cpu"), units=units)
+        return model
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + (os.getpid() + 7) % 1000))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        small = wrapped("auto")
+        assert small._get_fsdp_state() is not None
+        assert not any(hasattr(b, "_get_fsdp_state") for b in small.blocks)
+        assert distributed.fsdp_units(small) == "model"
+        monkeypatch.setattr(distributed, "WHOLE_MODEL_PARAMS", small.num_params() - 1)
+        assert distributed.fsdp_units(small) == "block"
+        assert all(b._get_fsdp_state() is not None for b in wrapped("auto").blocks)
+        assert not any(hasattr(b, "_get_fsdp_state") for b in wrapped("model").blocks)
+        with pytest.raises(ValueError, match="fsdp_units='layer'"):
+            wrapped("layer")
+    finally:
+        dist.destroy_process_group()
+    with pytest.raises(lm.TrainingError, match="fsdp_units='layer' is not one of"):
+        lm.TrainConfig(fsdp_units="layer")
 
 
 def test_cli_under_torchrun_matches_one_process(tmp_path):
