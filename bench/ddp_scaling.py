@@ -129,6 +129,8 @@ def launch(nproc: int, parallel: str, args, units: str = "auto") -> dict:
 
 
 def main() -> None:
+    from lm.distributed import FSDP_UNITS
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nproc", type=int, nargs="+", default=[2], help="GPUs for the scaled runs (default: 2)")
     parser.add_argument("--model", default="gpt2-124m", choices=("gpt2-124m", "13b"), help="see above")
@@ -137,7 +139,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (default: 10)")
     parser.add_argument("--parallel", nargs="+", default=["ddp"], choices=("ddp", "fsdp"),
                         help="strategies for the scaled runs (default: ddp)")
-    parser.add_argument("--fsdp_units", nargs="+", default=["auto"], choices=("auto", "model", "block"),
+    parser.add_argument("--fsdp_units", nargs="+", default=["auto"], choices=FSDP_UNITS,
                         help="FSDP's units, a run each (default: auto)")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per run (default: 1800)")
     parser.add_argument("--out", default=str(ROOT / "lm" / "assets" / "ddp_scaling.json"),

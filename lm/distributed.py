@@ -139,5 +139,5 @@ def fsdp_units(model: torch.nn.Module, units: str = "auto") -> str:
     if units not in FSDP_UNITS:
         raise ValueError(f"fsdp_units={units!r} is not one of {FSDP_UNITS}.")
     if units == "auto":
-        return "model" if sum(p.numel() for p in model.parameters()) <= WHOLE_MODEL_PARAMS else "block"
+        return "model" if model.num_params(non_embedding=False) <= WHOLE_MODEL_PARAMS else "block"
     return units
